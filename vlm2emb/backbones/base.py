@@ -1,0 +1,166 @@
+"""The backbone adapter protocol.
+
+An adapter is the only place that knows a VLM family's quirks: which transformers class
+to load, how an item (text and/or images) becomes a prompt with the family's image
+placeholders, which special tokens exist, which module is the language model (for
+attention switching and LoRA targets). Everything else in vlm2emb talks to backbones
+through this class, so adding a family means writing one subclass in one new file and
+adding one line to :mod:`vlm2emb.backbones.registry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+ATTENTION_MODES = ("causal", "bidirectional")
+
+
+class BackboneAdapter:
+    """Wraps a loaded transformers VLM and its processor behind one small interface.
+
+    Subclasses set the class attributes and override :meth:`render_prompt` (and, where the
+    family needs it, :meth:`load_model`, :meth:`language_model` or :meth:`forward`).
+
+    Attributes:
+        family: Registry name of the family (e.g. ``"qwen2_vl"``).
+        model_types: transformers ``config.model_type`` values this adapter serves.
+        lora_target_modules: Default LoRA targets: a regex over module names that matches
+            the language model's attention and MLP projections only (VLM2Vec tunes the LM,
+            not the vision tower).
+        attention_modes: Attention modes the family supports.
+    """
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    lora_target_modules: ClassVar[str | list[str]] = []
+    attention_modes: ClassVar[tuple[str, ...]] = ATTENTION_MODES
+    embed_token: ClassVar[str] = "<|embed|>"
+
+    def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
+        # The adapter holds no reference to the model: EmbeddingModel owns it (so that peft,
+        # DDP or DeepSpeed wrapping it stays visible) and passes it into each call.
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.padding_side = padding_side
+        self.attention = "causal"
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_model(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> nn.Module:
+        """Loads the bare backbone (no LM head) returning hidden states.
+
+        Uses ``AutoModel``, which for VLM families maps to the base model class; checkpoints
+        saved from the ``...ForConditionalGeneration`` class load into it through transformers'
+        prefix handling (the unused ``lm_head`` is dropped).
+        """
+        from transformers import AutoModel
+
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        return AutoModel.from_pretrained(str(path), **kwargs)
+
+    @classmethod
+    def load_processor(cls, path: str | Path, *, trust_remote_code: bool = False) -> Any:
+        """Loads the family's processor (tokenizer + image processor) from ``path``."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+    @classmethod
+    def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:
+        """Writes a tiny random checkpoint of this family into ``path`` (tests and demo)."""
+        raise NotImplementedError(f"backbone family {cls.family!r} has no tiny builder yet")
+
+    # ------------------------------------------------------------------ prompts
+    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
+        """Returns the prompt string for one item with the family's image placeholders."""
+        raise NotImplementedError
+
+    def special_token(self, kind: str) -> str:
+        """Returns the token string appended for ``eos`` or ``embed_token`` pooling."""
+        if kind == "eos":
+            token = self.tokenizer.eos_token
+            if token is None:
+                raise ValueError(f"{self.family}: the tokenizer defines no eos_token; use pooling='last'")
+            return token
+        raise KeyError(kind)
+
+    # ------------------------------------------------------------------ inputs
+    def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
+        """Tokenizes prompts and preprocesses images into one padded batch.
+
+        Args:
+            prompts: One prompt per item, already holding the family's image placeholders.
+            images: Per item, the list of RGB images in placeholder order.
+
+        Returns:
+            The processor's tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], pixel
+            tensors ...) as CPU tensors.
+        """
+        flat = [img for per_item in images for img in per_item]
+        self.tokenizer.padding_side = self.padding_side
+        out = self.processor(
+            text=list(prompts),
+            images=flat or None,
+            padding=True,
+            return_tensors="pt",
+        )
+        return dict(out)
+
+    # ------------------------------------------------------------------ forward
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder of ``model`` whose attention mode is switched (and where LoRA goes)."""
+        return model.language_model
+
+    def forward(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the backbone once and returns ``(hidden [B, L, H], attention_mask [B, L])``."""
+        out = model(**inputs, use_cache=False, return_dict=True)
+        return out.last_hidden_state, inputs["attention_mask"]
+
+    def set_attention(self, model: nn.Module, mode: str) -> None:
+        """Switches the language model between causal and bidirectional attention.
+
+        Two things must change: the config flag read by transformers' mask builder
+        (``is_causal=False`` makes it build a bidirectional padding mask), and each attention
+        module's ``is_causal`` attribute, because when no mask is materialised (no padding)
+        SDPA falls back to the module flag and would silently stay causal.
+        """
+        if mode not in self.attention_modes:
+            raise ValueError(
+                f"attention={mode!r} is not supported by backbone {self.family!r}; "
+                f"choose one of {', '.join(self.attention_modes)}"
+            )
+        causal = mode == "causal"
+        lm = self.language_model(model)
+        lm.config.is_causal = causal
+        for module in lm.modules():
+            if hasattr(module, "is_causal") and not isinstance(module, type(lm)):
+                module.is_causal = causal
+        self.attention = mode
+
+    @staticmethod
+    def hidden_size(model: nn.Module) -> int:
+        """Width of the language model's hidden states (the embedding dimension)."""
+        cfg = model.config
+        text_cfg = getattr(cfg, "text_config", cfg)
+        return int(text_cfg.hidden_size)

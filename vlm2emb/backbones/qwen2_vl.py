@@ -1,0 +1,106 @@
+"""Qwen2-VL family (``model_type`` ``qwen2_vl``), e.g. ``Qwen/Qwen2-VL-2B-Instruct``.
+
+Prompt format follows VLM2Vec's Qwen2-VL setup: no chat template, each image as
+``<|vision_start|><|image_pad|><|vision_end|>`` in front of the text, the instruction
+before the text. The processor expands each ``<|image_pad|>`` to the image's number of
+merged patches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from vlm2emb.backbones.base import BackboneAdapter
+from vlm2emb.backbones.registry import register_backbone
+
+_LM_PROJ = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@register_backbone
+class Qwen2VLAdapter(BackboneAdapter):
+    """Adapter for Qwen2-VL checkpoints."""
+
+    family: ClassVar[str] = "qwen2_vl"
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
+    lora_target_modules: ClassVar[str] = _LM_PROJ
+    image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
+
+    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
+        parts = [self.image_placeholder * num_images]
+        if instruction:
+            parts.append(instruction.strip() + "\n")
+        if text:
+            parts.append(text)
+        return "".join(parts)
+
+    @classmethod
+    def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:
+        import torch
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        from vlm2emb.testing import quiet_transformers, tiny_tokenizer
+
+        quiet_transformers()
+        specials = [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            cls.embed_token,
+        ]
+        tok = tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        # Patch 4 px, 2x2 merge: a 32x32 image becomes 64 patches -> 16 LM tokens.
+        pixel_kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
+        pixel_kw |= {"min_pixels": 16 * 16, "max_pixels": 64 * 64}
+        processor = Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**pixel_kw),
+            tokenizer=tok,
+            video_processor=Qwen2VLVideoProcessor(**pixel_kw),
+        )
+        ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+        config = Qwen2VLConfig(
+            text_config={
+                "vocab_size": len(tok),
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 1024,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": [2, 3, 3],
+                    "rope_theta": 10000.0,
+                },
+                "bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": ids["<|endoftext|>"],
+                "pad_token_id": ids["<|endoftext|>"],
+            },
+            vision_config={
+                "depth": 2,
+                "embed_dim": 32,
+                "hidden_size": 64,
+                "num_heads": 4,
+                "mlp_ratio": 2,
+                "patch_size": 4,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "in_channels": 3,
+            },
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        return path

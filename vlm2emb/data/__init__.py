@@ -1,0 +1,1 @@
+"""Data: the canonical schema, sources, media decoding, collation and the demo set."""

@@ -1,0 +1,538 @@
+"""EmbeddingModel: a VLM backbone + prompt rendering + pooling, with encode() and save/load.
+
+The same class serves inference (``encode``) and training (``forward`` on collated
+batches), so a trained model is used exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
+from vlm2emb.pooling import POOLING_METHODS, pool
+
+CONFIG_NAME = "vlm2emb_config.json"
+ADAPTER_DIR = "adapter"
+FORMAT_VERSION = 1
+TINY_PREFIX = "tiny:"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class EmbeddingConfig:
+    """How a backbone becomes an embedder; saved as ``vlm2emb_config.json``.
+
+    Attributes:
+        family: Backbone family (registry name).
+        pooling: One of ``last``, ``eos``, ``embed_token``, ``mean``.
+        normalize: L2-normalise embeddings.
+        attention: ``causal`` or ``bidirectional``.
+        padding_side: ``right`` or ``left``; embeddings do not depend on it.
+        query_instruction: Default instruction for :meth:`EmbeddingModel.encode_queries`.
+        target_instruction: Default instruction for :meth:`EmbeddingModel.encode_targets`.
+        temperature: The training temperature (kept so similarity scores can be scaled).
+        base_model: Where the backbone originally came from (for model cards and exports).
+        format_version: Layout version of the saved directory.
+    """
+
+    family: str
+    pooling: str = "last"
+    normalize: bool = True
+    attention: str = "causal"
+    padding_side: str = "right"
+    query_instruction: str | None = None
+    target_instruction: str | None = None
+    temperature: float = 0.02
+    base_model: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def validate(self) -> None:
+        if self.pooling not in POOLING_METHODS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLING_METHODS)}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(
+                f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION_MODES)}"
+            )
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def as_item(x: Any) -> dict[str, Any]:
+    """Normalises an input to ``{"text": str | None, "images": [refs]}``.
+
+    Accepts a string (text), a ``PIL.Image.Image``, or a dict with ``text`` and/or
+    ``image`` / ``images``.
+
+    Raises:
+        ValueError: For other types, unknown keys, or an empty item.
+    """
+    from PIL import Image
+
+    if isinstance(x, str):
+        return {"text": x, "images": []}
+    if isinstance(x, Image.Image):
+        return {"text": None, "images": [x]}
+    if not isinstance(x, dict):
+        raise ValueError(f"an item must be a str, a PIL image or a dict, got {type(x).__name__}")
+    unknown = set(x) - {"text", "image", "images", "video"}
+    if unknown:
+        raise ValueError(f"unknown item key(s) {sorted(unknown)}; an item has text, image or images")
+    if x.get("video") is not None:
+        raise ValueError("video items are not supported yet (planned in the data pipeline issue)")
+    images = list(x.get("images") or [])
+    if x.get("image") is not None:
+        images.insert(0, x["image"])
+    text = x.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"item text must be a string, got {type(text).__name__}")
+    if not text and not images:
+        raise ValueError("an item needs text or at least one image")
+    return {"text": text, "images": images}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Maps ``"bf16"``/``"bfloat16"``/... or a torch dtype to a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "org/name"; anything absolute, relative-dotted or deeper is a local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+class EmbeddingModel(nn.Module):
+    """A vision-language model used as an embedding model.
+
+    Build one with :meth:`from_pretrained`; embed with :meth:`encode`. Training code calls
+    :meth:`collate` on CPU workers and :meth:`forward` on the device.
+
+    Example:
+        >>> from vlm2emb import EmbeddingModel
+        >>> model = EmbeddingModel.from_pretrained("tiny:qwen2_vl")  # doctest: +SKIP
+        >>> emb = model.encode(["a handwritten digit seven"])  # [1, d]  # doctest: +SKIP
+    """
+
+    def __init__(self, backbone: nn.Module, adapter: BackboneAdapter, config: EmbeddingConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.backbone = backbone
+        self.adapter = adapter
+        self.config = config
+        self.adapter.padding_side = config.padding_side
+        self.adapter.set_attention(backbone, config.attention)
+        self.base_dir: Path | None = None  # relative image paths in encode() resolve here
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        attention: str | None = None,
+        padding_side: str | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+        merge_lora: bool = True,
+        seed: int = 0,
+    ) -> EmbeddingModel:
+        """Loads a raw VLM checkpoint or a saved vlm2emb model.
+
+        Args:
+            name_or_path: A local directory, a hub id (needs network), or ``tiny:FAMILY``
+                for a tiny random model built offline (tests and the demo).
+            pooling: Overrides the saved pooling (default ``last`` for a raw VLM).
+            normalize: Overrides the saved normalisation (default True).
+            attention: ``causal`` or ``bidirectional`` (default: saved, else causal).
+            padding_side: ``right`` or ``left`` (default: saved, else right).
+            torch_dtype: Weight dtype (``"bf16"``, ``torch.float32``, ...).
+            attn_implementation: transformers attention backend (``sdpa``, ``eager``, ...).
+            device: Device to move the model to.
+            trust_remote_code: Allow custom modelling code shipped with the checkpoint.
+            merge_lora: Merge a saved LoRA adapter into the weights (faster inference).
+                With False the adapter stays a separate trainable peft module.
+            seed: Seed for ``tiny:`` models.
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            FileNotFoundError: A local path does not exist.
+            KeyError: The checkpoint's model type has no registered adapter.
+        """
+        from vlm2emb.backbones.registry import get_adapter_class
+        from vlm2emb.testing import quiet_transformers
+
+        quiet_transformers()
+        name = str(name_or_path)
+        if name.startswith(TINY_PREFIX):
+            family = name[len(TINY_PREFIX) :]
+            get_adapter_class(family)  # fail early with the list of families
+            from vlm2emb.testing import tiny_backbone
+
+            with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
+                tiny_backbone(family, tmp, seed=seed)
+                model = cls._load_dir(
+                    tmp,
+                    overrides={
+                        "pooling": pooling,
+                        "normalize": normalize,
+                        "attention": attention,
+                        "padding_side": padding_side,
+                    },
+                    dtype=resolve_dtype(torch_dtype),
+                    attn_implementation=attn_implementation,
+                    trust_remote_code=False,
+                    merge_lora=merge_lora,
+                    base_model=name,
+                )
+        else:
+            path = Path(name).expanduser()
+            if not path.exists() and _looks_like_local_path(name):
+                raise FileNotFoundError(f"model path not found: {name}")
+            model = cls._load_dir(
+                str(path) if path.exists() else name,
+                overrides={
+                    "pooling": pooling,
+                    "normalize": normalize,
+                    "attention": attention,
+                    "padding_side": padding_side,
+                },
+                dtype=resolve_dtype(torch_dtype),
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                merge_lora=merge_lora,
+                base_model=name,
+            )
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    @classmethod
+    def _load_dir(
+        cls,
+        path: str,
+        *,
+        overrides: dict[str, Any],
+        dtype: torch.dtype | None,
+        attn_implementation: str | None,
+        trust_remote_code: bool,
+        merge_lora: bool,
+        base_model: str,
+    ) -> EmbeddingModel:
+        from vlm2emb.backbones.registry import get_adapter_class
+
+        saved: dict[str, Any] = {}
+        cfg_file = Path(path) / CONFIG_NAME
+        if cfg_file.is_file():
+            try:
+                saved = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{cfg_file}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+        if "family" in saved:
+            family = saved["family"]
+        else:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            family = hf_config.model_type
+        adapter_cls = get_adapter_class(family)
+        backbone = adapter_cls.load_model(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+        adapter_dir = Path(path) / ADAPTER_DIR
+        if adapter_dir.is_dir():
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=not merge_lora)
+            if merge_lora:
+                backbone = backbone.merge_and_unload()
+        processor = adapter_cls.load_processor(path, trust_remote_code=trust_remote_code)
+        config = EmbeddingConfig.from_dict({**saved, "family": adapter_cls.family})
+        if config.base_model is None:
+            config.base_model = base_model
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, value)
+        adapter = adapter_cls(processor, padding_side=config.padding_side)
+        model = cls(backbone, adapter, config)
+        model._ensure_pool_token()
+        return model
+
+    def _ensure_pool_token(self) -> None:
+        """For ``embed_token`` pooling, adds the pooling token to the vocabulary if missing."""
+        if self.config.pooling != "embed_token":
+            return
+        tok = self.adapter.tokenizer
+        token = self.adapter.embed_token
+        if token in tok.get_vocab():
+            return
+        tok.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        new_id = tok.convert_tokens_to_ids(token)
+        emb = self.backbone.get_input_embeddings()
+        if new_id >= emb.weight.shape[0]:
+            # Checkpoints often carry spare embedding rows; only grow when there is none.
+            self.backbone.resize_token_embeddings(new_id + 1, mean_resizing=True)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the embeddings this model returns."""
+        return self.adapter.hidden_size(self.backbone)
+
+    @property
+    def processor(self) -> Any:
+        return self.adapter.processor
+
+    # ------------------------------------------------------------------ inputs
+    def collate(
+        self,
+        items: Sequence[Any],
+        instructions: str | Sequence[str | None] | None = None,
+        *,
+        base_dir: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Turns items into one padded backbone batch (CPU tensors).
+
+        Args:
+            items: Strings, PIL images or item dicts (see :func:`as_item`).
+            instructions: One instruction for all items, or one per item (None = none).
+            base_dir: Folder that relative image paths resolve against.
+
+        Returns:
+            The backbone's input tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], ...).
+        """
+        from vlm2emb.data.media import load_image
+
+        if instructions is None or isinstance(instructions, str):
+            instructions = [instructions] * len(items)
+        if len(instructions) != len(items):
+            raise ValueError(f"got {len(instructions)} instructions for {len(items)} items")
+        suffix = ""
+        if self.config.pooling == "eos":
+            suffix = self.adapter.special_token("eos")
+        elif self.config.pooling == "embed_token":
+            suffix = self.adapter.embed_token
+        prompts: list[str] = []
+        images: list[list[Any]] = []
+        for raw, instruction in zip(items, instructions):
+            item = as_item(raw)
+            imgs = [
+                load_image(ref, base_dir=base_dir if base_dir is not None else self.base_dir)
+                for ref in item["images"]
+            ]
+            prompts.append(self.adapter.render_prompt(item["text"], len(imgs), instruction) + suffix)
+            images.append(imgs)
+        return self.adapter.build_inputs(prompts, images)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Embeds one collated batch.
+
+        Args:
+            inputs: Output of :meth:`collate` (moved to the model's device here if needed).
+
+        Returns:
+            [B, d] float32 embeddings (L2-normalised if ``config.normalize``), with grad when
+            grad is enabled.
+        """
+        device = self.device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
+        emb = pool(hidden, mask, self.config.pooling).float()  # [B, H]
+        if self.config.normalize:
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+        return emb
+
+    # ------------------------------------------------------------------ encode
+    @torch.inference_mode()
+    def encode(
+        self,
+        items: Any | Sequence[Any],
+        instruction: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """Embeds items.
+
+        An item's embedding does not depend on the other items in its batch: padding is
+        masked and pooling finds real tokens through the mask.
+
+        Args:
+            items: One item or a list of items: str, ``PIL.Image.Image``, or a dict with
+                ``text`` and/or ``image`` / ``images`` (paths, bytes or PIL images).
+            instruction: Instruction rendered into every item's prompt (None = none).
+            batch_size: Items per forward pass.
+            show_progress_bar: Show a tqdm bar.
+
+        Returns:
+            [n, d] float32 tensor on CPU, in input order.
+        """
+        single = not isinstance(items, (list, tuple))
+        batch_items = [items] if single else list(items)
+        if not batch_items:
+            return torch.empty(0, self.embedding_dim)
+        # Longest first: similar lengths share a batch (less padding) and an OOM shows up early.
+        order = sorted(range(len(batch_items)), key=lambda i: -_cost(batch_items[i]))
+        was_training = self.training
+        self.eval()
+        chunks: list[torch.Tensor] = []
+        starts = range(0, len(order), batch_size)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encode", unit="batch")
+        try:
+            for start in starts:
+                idx = order[start : start + batch_size]
+                inputs = self.collate([batch_items[i] for i in idx], instruction)
+                chunks.append(self(inputs).cpu())
+        finally:
+            self.train(was_training)
+        emb = torch.cat(chunks)  # [n, d] in sorted order
+        out = torch.empty_like(emb)
+        out[torch.tensor(order)] = emb
+        return out[0] if single else out
+
+    def encode_queries(self, items: Any, instruction: str | None = None, **kwargs: Any) -> torch.Tensor:
+        """:meth:`encode` with the model's default query instruction unless one is given."""
+        return self.encode(items, instruction=instruction or self.config.query_instruction, **kwargs)
+
+    def encode_targets(self, items: Any, instruction: str | None = None, **kwargs: Any) -> torch.Tensor:
+        """:meth:`encode` with the model's default target instruction unless one is given."""
+        return self.encode(items, instruction=instruction or self.config.target_instruction, **kwargs)
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix [n, m] between two embedding sets [n, d] and [m, d]."""
+        a = torch.nn.functional.normalize(a.float(), dim=-1)
+        b = torch.nn.functional.normalize(b.float(), dim=-1)
+        return a @ b.T
+
+    # ------------------------------------------------------------------ LoRA
+    def apply_lora(
+        self,
+        r: int = 16,
+        alpha: int = 64,
+        dropout: float = 0.05,
+        target_modules: str | list[str] | None = None,
+        use_dora: bool = False,
+    ) -> None:
+        """Wraps the backbone with a peft LoRA adapter (only adapter weights train).
+
+        Defaults follow VLM2Vec: r 16, alpha 64, over the language model's attention and MLP
+        projections (the family adapter's ``lora_target_modules``).
+        """
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules or self.adapter.lora_target_modules,
+            use_dora=use_dora,
+        )
+        self.backbone = get_peft_model(self.backbone, cfg)
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_dir: str | os.PathLike[str], *, merge_lora: bool = False) -> Path:
+        """Writes weights (safetensors), the processor and ``vlm2emb_config.json``.
+
+        The directory is also a plain transformers checkpoint of the backbone. With a LoRA
+        adapter and ``merge_lora=False``, the base weights are written unmerged and the
+        adapter goes to ``adapter/`` (peft layout); :meth:`from_pretrained` re-attaches it.
+
+        Args:
+            save_dir: Output directory (created if missing).
+            merge_lora: Write merged weights instead of base + adapter.
+
+        Returns:
+            The output directory.
+        """
+        out = Path(save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.has_lora and not merge_lora:
+            base = self.backbone.get_base_model()
+            base.save_pretrained(out, state_dict=_strip_lora(base.state_dict()))
+            self.backbone.save_pretrained(str(out / ADAPTER_DIR))
+        elif self.has_lora:
+            import copy
+
+            merged = copy.deepcopy(self.backbone).merge_and_unload()
+            merged.save_pretrained(out)
+        else:
+            self.backbone.save_pretrained(out)
+        self.adapter.processor.save_pretrained(out)
+        (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return out
+
+
+def _strip_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base-model weights from a LoRA-injected state dict, under the original names."""
+    clean: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if "lora_" in key:
+            continue
+        clean[key.replace(".base_layer.", ".")] = value
+    return clean
+
+
+def _cost(item: Any) -> float:
+    """Rough length of an item, for length-sorted batching in encode()."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, dict):
+        n_img = len(item.get("images") or []) + (item.get("image") is not None)
+        return len(item.get("text") or "") + 1000.0 * n_img
+    return 1000.0
+
+
+def iter_batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    """Consecutive slices of ``seq`` of at most ``size`` elements."""
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]

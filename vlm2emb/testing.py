@@ -1,0 +1,104 @@
+"""Tiny offline backbones for tests, the demo and examples.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained in a few
+milliseconds on a small built-in corpus, the image processor is the family's real one with
+small patch sizes, and the model is the family's real transformers class with a tiny random
+config. :func:`tiny_backbone` writes all of it in the same layout as a downloaded
+checkpoint, so :meth:`vlm2emb.EmbeddingModel.from_pretrained` loads it through the normal
+code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# A small corpus written for this project: digit vocabulary (the demo), the instruction
+# phrasing used by recipes, and everyday English so that BPE merges cover common words.
+# Byte-level BPE can still encode any string, merges only make it shorter.
+_CORPUS = """
+zero one two three four five six seven eight nine
+a handwritten digit zero. a handwritten digit one. a handwritten digit two.
+a handwritten digit three. a handwritten digit four. a handwritten digit five.
+a handwritten digit six. a handwritten digit seven. a handwritten digit eight.
+a handwritten digit nine. an image of the number.
+Represent the given image for classification.
+Represent the given image with the following question.
+Represent the given text for retrieving a matching image.
+Find the image that matches the caption. Retrieve the caption of the image.
+Find a photo of a cat sitting on the red chair next to the window.
+The quick brown fox jumps over the lazy dog while the children watch from the garden.
+A person is riding a bicycle down a busy street in the city at night.
+What color is the car parked in front of the house? The answer is blue.
+This document describes the results of the experiment and the table below lists them.
+Two people are playing football on a green field under a clear sky.
+A plate of food with rice, vegetables and chicken on a wooden table.
+query positive negative instruction dataset text image images video
+"""
+
+
+def tiny_tokenizer(
+    special_tokens: Sequence[str], *, vocab_size: int = 640, eos_token: str, pad_token: str
+) -> Any:
+    """Trains a byte-level BPE tokenizer offline and wraps it as a transformers tokenizer.
+
+    Args:
+        special_tokens: Family special tokens (they get the lowest ids, in order).
+        vocab_size: Target vocabulary size, special tokens included.
+        eos_token: The end-of-sequence token (one of ``special_tokens``).
+        pad_token: The padding token (one of ``special_tokens``).
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` that round-trips any text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for line in _CORPUS.splitlines() if line.strip()]
+    tok.train_from_iterator(lines * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)],
+    )
+
+
+def tiny_backbone(family: str, path: str | Path, *, seed: int = 0) -> Path:
+    """Writes a tiny random checkpoint of ``family`` (model + processor) into ``path``.
+
+    Args:
+        family: A registered backbone family, e.g. ``"qwen2_vl"``.
+        path: Output directory (created if missing).
+        seed: Seed for the random weights; the same seed gives the same checkpoint.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> from vlm2emb.testing import tiny_backbone
+        >>> d = tiny_backbone("qwen2_vl", "/tmp/tiny-qwen2-vl")  # doctest: +SKIP
+    """
+    from vlm2emb.backbones.registry import get_adapter_class
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return get_adapter_class(family).build_tiny(out, seed=seed)
+
+
+def quiet_transformers() -> None:
+    """Silences transformers' load reports and progress bars (tiny models trigger many)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,297 @@
+"""Typed recipe configuration: dataclasses filled from YAML plus ``key=value`` overrides.
+
+Every key a recipe may hold is a dataclass field below (docs/recipes.md lists them all).
+Unknown keys are an error that names the key and lists the valid ones, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message names the key or file at fault."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings (VLM2Vec defaults: r 16, alpha 64 over the LM projections)."""
+
+    r: int = 16
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None = the backbone family's default
+    use_dora: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone to load and how it embeds."""
+
+    name_or_path: str = "tiny:qwen2_vl"
+    pooling: str = "last"
+    normalize: bool = True
+    attention: str = "causal"
+    padding_side: str = "right"
+    dtype: str = "fp32"  # weight dtype; mixed precision is train.precision
+    attn_implementation: str | None = None
+    lora: LoraConfig | None = None  # YAML: false/true or a mapping of LoraConfig keys
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data (canonical JSONL/Parquet schema, see docs/data.md)."""
+
+    train: list[str] = field(default_factory=list)  # paths, or demo:digits/train
+    eval: list[str] = field(default_factory=list)
+    query_instruction: str | None = None  # used when a row has no "instruction"
+    target_instruction: str | None = None
+    media_root: str | None = None  # relative media paths resolve here instead of the file's folder
+    verify_images: bool = True  # open every image header before training starts
+    max_negatives: int | None = None  # cap hard negatives per row (None = all)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings."""
+
+    max_steps: int = 100
+    batch_size: int = 32  # the global contrastive batch (all processes together)
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    temperature: float = 0.02
+    symmetric_loss: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    max_grad_norm: float = 1.0
+    save_steps: int = 0  # 0 = only final/
+    log_steps: int = 10
+    eval_batch_size: int = 64
+    eval_before: bool = True  # evaluate the untrained model too (before/after table)
+
+
+@dataclass
+class RecipeConfig:
+    """A whole training recipe."""
+
+    output_dir: str = "runs/demo"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Checks values that the types alone do not constrain."""
+        from vlm2emb.backbones.base import ATTENTION_MODES
+        from vlm2emb.pooling import POOLING_METHODS
+
+        checks = [
+            ("model.pooling", self.model.pooling, POOLING_METHODS),
+            ("model.attention", self.model.attention, ATTENTION_MODES),
+            ("model.padding_side", self.model.padding_side, ("left", "right")),
+            ("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")),
+            ("train.precision", self.train.precision, ("fp32", "bf16", "fp16")),
+            ("train.lr_scheduler", self.train.lr_scheduler, ("linear", "cosine", "constant")),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        positives = [
+            ("train.max_steps", self.train.max_steps),
+            ("train.batch_size", self.train.batch_size),
+            ("train.temperature", self.train.temperature),
+            ("train.eval_batch_size", self.train.eval_batch_size),
+        ]
+        for key, value in positives:
+            if value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        if self.train.batch_size < 2:
+            raise ConfigError("train.batch_size: contrastive training needs at least 2 examples per batch")
+        if not 0 <= self.train.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {self.train.warmup_ratio}")
+        if self.train.save_steps < 0:
+            raise ConfigError(f"train.save_steps: must be >= 0, got {self.train.save_steps}")
+        if not self.data.train:
+            raise ConfigError("data.train: no training data given (a path, a list of paths or demo:digits/train)")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Converts a YAML (or override-string) value to the field's declared type."""
+    inner, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    if dataclasses.is_dataclass(inner):
+        # A nested section given as true/false (model.lora: true) means defaults / off.
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+            on = value if isinstance(value, bool) else value.lower() == "true"
+            if not optional and not on:
+                raise ConfigError(f"{key}: cannot be disabled")
+            return inner() if on else None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(inner, value, key)
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if inner is float:
+        # PyYAML reads "1e-4" (no dot) as a string, so strings are parsed here too.
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if inner is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return str(value)
+    if typing.get_origin(inner) is list:
+        (elem,) = typing.get_args(inner)
+        if isinstance(value, str):
+            # Overrides pass lists as "a,b" or "[a, b]".
+            parsed = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(f"{key}[{i}]", elem, v) for i, v in enumerate(value)]
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {full!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(full, hints[key], value)
+    return cls(**kwargs)
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_to_dict(v) for v in obj]
+    return obj
+
+
+def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
+    """The recipe as plain data (what ``output_dir/recipe.yaml`` holds)."""
+    return _to_dict(cfg)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Applies one ``dotted.key=value`` override to raw recipe data in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {override!r} has an empty key")
+    # YAML parsing gives numbers, booleans, null and [lists]; typed coercion follows.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            # e.g. model.lora.r=8 with "lora: true" or absent: start a mapping.
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Loads a YAML recipe and applies ``key=value`` overrides.
+
+    Args:
+        path: The recipe file (None = all defaults).
+        overrides: Dotted ``key=value`` strings, applied in order.
+
+    Returns:
+        The validated :class:`RecipeConfig`.
+
+    Raises:
+        ConfigError: Missing or unreadable file, unknown key, bad value; the message names
+            the file or key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
+        data = loaded
+    # Normalise "lora: true" and similar before overrides descend into them.
+    for override in overrides:
+        _expand_bool_section(data, override)
+        apply_override(data, override)
+    cfg = _build(RecipeConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def _expand_bool_section(data: dict[str, Any], override: str) -> None:
+    # "model.lora.r=8" when the recipe says "lora: true" must keep LoRA on with r=8.
+    key = override.split("=", 1)[0].strip()
+    parts = key.split(".")
+    node: Any = data
+    for part in parts[:-1]:
+        if not isinstance(node, dict):
+            return
+        if node.get(part) is True:
+            node[part] = {}
+        node = node.get(part)
