@@ -113,10 +113,14 @@ class _RowChecker:
         if isinstance(raw, str):
             raw = {"text": raw}
         if not isinstance(raw, dict):
-            raise self.fail(lineno, f"{where} must be an object with text and/or image, got {type(raw).__name__}")
+            raise self.fail(
+                lineno, f"{where} must be an object with text and/or image, got {type(raw).__name__}"
+            )
         unknown = sorted(set(raw) - set(ITEM_KEYS))
         if unknown:
-            raise self.fail(lineno, f"{where} has unknown key(s) {unknown}; items hold {', '.join(ITEM_KEYS)}")
+            raise self.fail(
+                lineno, f"{where} has unknown key(s) {unknown}; items hold {', '.join(ITEM_KEYS)}"
+            )
         if raw.get("video") is not None:
             raise self.fail(lineno, f"{where}.video: video items are not supported yet")
         text = raw.get("text")
@@ -208,7 +212,9 @@ def load_train_examples(
                 raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
             unknown = sorted(set(rec) - set(TRAIN_KEYS))
             if unknown:
-                raise check.fail(lineno, f"unknown field(s) {unknown}; training rows hold {', '.join(TRAIN_KEYS)}")
+                raise check.fail(
+                    lineno, f"unknown field(s) {unknown}; training rows hold {', '.join(TRAIN_KEYS)}"
+                )
             for key in ("query", "positive"):
                 if rec.get(key) is None:
                     raise check.fail(lineno, f"missing field {key!r}")
@@ -267,7 +273,9 @@ def load_eval_examples(
                 raise check.fail(lineno, "'positive' must be a candidate index or a list of indices")
             bad = [p for p in pos_list if not 0 <= p < len(cands)]
             if bad:
-                raise check.fail(lineno, f"'positive' index {bad[0]} is out of range for {len(cands)} candidates")
+                raise check.fail(
+                    lineno, f"'positive' index {bad[0]} is out of range for {len(cands)} candidates"
+                )
             out.append(
                 EvalExample(
                     query=check.item(lineno, "query", rec["query"]),

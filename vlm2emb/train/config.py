@@ -124,7 +124,9 @@ class RecipeConfig:
         if self.train.save_steps < 0:
             raise ConfigError(f"train.save_steps: must be >= 0, got {self.train.save_steps}")
         if not self.data.train:
-            raise ConfigError("data.train: no training data given (a path, a list of paths or demo:digits/train)")
+            raise ConfigError(
+                "data.train: no training data given (a path, a list of paths or demo:digits/train)"
+            )
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""Command line: ``vlm2emb train | eval | demo-data`` (also ``python -m vlm2emb``).
+
+User errors (bad recipe key, missing file, malformed row) end with one line on stderr
+naming the key, file or line, and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm2emb",
+        description="Turn vision-language models into embedding models by contrastive fine-tuning.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_train = sub.add_parser(
+        "train",
+        help="train an embedding model from a YAML recipe",
+        description="Train from a YAML recipe. Writes OUTPUT_DIR/{final,checkpoints,metrics.jsonl,eval.json}.",
+        epilog="example: vlm2emb train recipes/demo.yaml train.max_steps=50 output_dir=runs/try",
+    )
+    p_train.add_argument("recipe", help="recipe YAML file (see docs/recipes.md)")
+    p_train.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=32"
+    )
+    p_train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p_train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p_eval = sub.add_parser(
+        "eval",
+        help="evaluate a model on local-candidate eval rows",
+        description="Rank each row's candidates for its query; report hit@k, ndcg@k, mrr per task.",
+    )
+    p_eval.add_argument(
+        "--model", required=True, help="EmbeddingModel directory, raw VLM directory or tiny:FAMILY"
+    )
+    p_eval.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
+    p_eval.add_argument("--out", help="write the JSON report here")
+    p_eval.add_argument("--batch-size", type=int, default=32)
+    p_eval.add_argument("--target-instruction", default=None, help="instruction for candidates")
+    p_eval.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
+    p_eval.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
+    p_eval.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p_demo = sub.add_parser(
+        "demo-data",
+        help="write the bundled digits demo data (images + JSONL) to a folder",
+        description="Write scikit-learn's digits as PNG images plus train.jsonl and eval.jsonl.",
+    )
+    p_demo.add_argument("out_dir")
+    p_demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vlm2emb.train.config import load_recipe
+    from vlm2emb.train.loop import train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm2emb.data.schema import load_eval_examples
+    from vlm2emb.eval import evaluate, format_report
+    from vlm2emb.model import EmbeddingModel
+
+    examples = load_eval_examples(args.data)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype, device=device)
+    report = evaluate(
+        model,
+        [ex.as_row() for ex in examples],
+        batch_size=args.batch_size,
+        target_instruction=args.target_instruction or model.config.target_instruction,
+    )
+    print(format_report(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from vlm2emb.data.demo import write_digits
+
+    out = write_digits(args.out_dir)
+    print(f"wrote {out / 'train.jsonl'}, {out / 'eval.jsonl'} and {out / 'images'}/")
+    return 0
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from vlm2emb.data.schema import DataError
+    from vlm2emb.train.config import ConfigError
+
+    return (ConfigError, DataError, FileNotFoundError, KeyError, ValueError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vlm2emb`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "demo-data": _cmd_demo_data}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("vlm2emb: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        first_line = (str(message).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, _user_error_types()):
+            print(f"vlm2emb: error: {first_line}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(
+            f"vlm2emb: internal error ({type(exc).__name__}): {first_line} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: typed recipes and the accelerate loop (imported only when training)."""
