@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=32"
     )
     p_train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p_train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p_train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p_eval = sub.add_parser(
         "eval",
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--target-instruction", default=None, help="instruction for candidates")
     p_eval.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
     p_eval.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
-    p_eval.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p_demo = sub.add_parser(
         "demo-data",
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Write scikit-learn's digits as PNG images plus train.jsonl and eval.jsonl.",
     )
     p_demo.add_argument("out_dir")
-    p_demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p_demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

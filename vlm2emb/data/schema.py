@@ -207,6 +207,7 @@ def load_train_examples(
     for spec in specs:
         path = _resolve_path(spec, work_dir)
         check = _RowChecker(path, media_root, verify_images)
+        n_before = len(out)
         for lineno, rec in _iter_records(path):
             if not isinstance(rec, dict):
                 raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
@@ -234,7 +235,7 @@ def load_train_examples(
                     source=f"{path}:{lineno}",
                 )
             )
-        if not out:
+        if len(out) == n_before:
             raise DataError(f"{path}: no training rows")
     return out
 

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny offline models and real images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Qwen2-VL checkpoint written like a downloaded one (built once)."""
+    from vlm2emb.testing import tiny_backbone
+
+    return tiny_backbone("qwen2_vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def digit_images() -> list[Image.Image]:
+    """Real images: scikit-learn's handwritten digits rendered at 32x32 RGB."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out = []
+    for pixels in digits.images[:12]:
+        gray = (255 - pixels * (255.0 / 16.0)).astype(np.uint8)
+        out.append(Image.fromarray(gray, mode="L").resize((32, 32)).convert("RGB"))
+    return out

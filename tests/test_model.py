@@ -1,0 +1,224 @@
+"""EmbeddingModel: batch invariance, padding sides, attention modes, save/load, inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlm2emb import EmbeddingModel
+from vlm2emb.model import CONFIG_NAME, as_item
+
+
+@pytest.fixture(scope="module")
+def mixed_items(digit_images):
+    # Different lengths and modalities so that a batch needs padding.
+    return [
+        "seven",
+        "a much longer caption about a handwritten digit that is clearly a three",
+        digit_images[0],
+        {"text": "which digit is this?", "image": digit_images[1]},
+        {"images": [digit_images[2], digit_images[3]], "text": "two images"},
+        {"text": "x"},
+    ]
+
+
+def _load(path, **kw) -> EmbeddingModel:
+    return EmbeddingModel.from_pretrained(path, **kw)
+
+
+@pytest.mark.parametrize("pooling", ["last", "eos", "embed_token", "mean"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_embedding_does_not_depend_on_batch_mates(tiny_qwen2_vl_dir, mixed_items, pooling, padding_side):
+    model = _load(tiny_qwen2_vl_dir, pooling=pooling, padding_side=padding_side)
+    batched = model.encode(mixed_items, batch_size=len(mixed_items))  # [n, d], padded together
+    alone = torch.stack([model.encode(item) for item in mixed_items])  # [n, d], no padding
+    assert batched.shape == (len(mixed_items), model.embedding_dim)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    # Shuffled batch mates, odd batch size: still the same vectors.
+    perm = [4, 1, 5, 0, 3, 2]
+    shuffled = model.encode([mixed_items[i] for i in perm], batch_size=4)
+    torch.testing.assert_close(shuffled, batched[perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_padding_side_does_not_change_embeddings(tiny_qwen2_vl_dir, mixed_items, pooling):
+    left = _load(tiny_qwen2_vl_dir, pooling=pooling, padding_side="left").encode(mixed_items)
+    right = _load(tiny_qwen2_vl_dir, pooling=pooling, padding_side="right").encode(mixed_items)
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
+
+
+def test_poolings_differ(tiny_qwen2_vl_dir, mixed_items):
+    embs = {p: _load(tiny_qwen2_vl_dir, pooling=p).encode(mixed_items) for p in ("last", "eos", "mean")}
+    assert not torch.allclose(embs["last"], embs["eos"], atol=1e-3)
+    assert not torch.allclose(embs["last"], embs["mean"], atol=1e-3)
+
+
+def _hidden(model: EmbeddingModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = model.collate(texts)
+    with torch.no_grad():
+        return model.adapter.forward(model.backbone, inputs)
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_bidirectional_attention_sees_later_tokens(tiny_qwen2_vl_dir, with_padding):
+    a, b = "one two three four", "one two three nine"  # differ only in the last word
+    extra = ["a much longer sentence that forces padding of the others"] if with_padding else []
+    for mode, should_change in (("causal", False), ("bidirectional", True)):
+        model = _load(tiny_qwen2_vl_dir, attention=mode)
+        h, mask = _hidden(model, [a, b, *extra])
+        assert torch.isfinite(h[mask.bool()]).all()
+        # Position 0 ("one") is identical in both inputs; only attention to the end can change it.
+        changed = not torch.allclose(h[0, 0], h[1, 0], atol=1e-6)
+        assert changed == should_change, mode
+
+
+def test_bidirectional_padding_never_changes_real_tokens(tiny_qwen2_vl_dir):
+    model = _load(tiny_qwen2_vl_dir, attention="bidirectional")
+    alone = model.encode(["one two three"])
+    padded = model.encode(["one two three", "a far longer text than the first one, to pad it"])[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=0)
+
+
+def test_unknown_attention_mode_is_rejected(tiny_qwen2_vl_dir):
+    with pytest.raises(ValueError, match="attention"):
+        _load(tiny_qwen2_vl_dir, attention="sideways")
+
+
+def test_normalization(tiny_qwen2_vl_dir, mixed_items):
+    normed = _load(tiny_qwen2_vl_dir).encode(mixed_items)
+    torch.testing.assert_close(normed.norm(dim=-1), torch.ones(len(mixed_items)))
+    raw = _load(tiny_qwen2_vl_dir, normalize=False).encode(mixed_items)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(mixed_items)), atol=1e-3)
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), normed, atol=1e-5, rtol=0)
+
+
+def test_instruction_changes_the_embedding(tiny_qwen2_vl_dir):
+    model = _load(tiny_qwen2_vl_dir)
+    plain = model.encode(["seven"])
+    instructed = model.encode(["seven"], instruction="Represent the given text.")
+    assert not torch.allclose(plain, instructed, atol=1e-4)
+    model.config.query_instruction = "Represent the given text."
+    torch.testing.assert_close(model.encode_queries(["seven"]), instructed)
+    torch.testing.assert_close(model.encode_targets(["seven"]), plain)
+
+
+def test_input_forms(tiny_qwen2_vl_dir, digit_images, tmp_path):
+    model = _load(tiny_qwen2_vl_dir)
+    path = tmp_path / "d.png"
+    digit_images[0].save(path)
+    from_pil = model.encode(digit_images[0])
+    assert from_pil.shape == (model.embedding_dim,)  # one item in, one vector out
+    torch.testing.assert_close(model.encode({"image": str(path)}), from_pil, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.encode({"image": path.read_bytes()}), from_pil, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.encode({"images": [digit_images[0]]}), from_pil)
+    assert model.encode([]).shape == (0, model.embedding_dim)
+    sim = model.similarity(model.encode(["a", "b"]), model.encode(["a"]))
+    assert sim.shape == (2, 1) and sim[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (3, "must be a str, a PIL image or a dict"),
+        ({"txt": "a"}, "unknown item key"),
+        ({}, "needs text or at least one image"),
+        ({"text": 5}, "text must be a string"),
+        ({"video": "clip.mp4"}, "video items are not supported yet"),
+    ],
+)
+def test_bad_items_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        as_item(bad)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        EmbeddingModel.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(KeyError, match="supported: qwen2_vl"):
+        EmbeddingModel.from_pretrained("tiny:not_a_family")
+
+
+def test_save_load_round_trip_is_exact(tiny_qwen2_vl_dir, mixed_items, tmp_path):
+    model = _load(tiny_qwen2_vl_dir, pooling="eos", attention="bidirectional")
+    model.config.query_instruction = "Find it."
+    with torch.no_grad():  # move away from the tiny init so the test sees trained-like weights
+        for p in model.backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    before = model.encode(mixed_items)
+    out = model.save_pretrained(tmp_path / "saved")
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", CONFIG_NAME, "tokenizer.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]  # never pickles
+    saved_cfg = json.loads((out / CONFIG_NAME).read_text())
+    assert saved_cfg["pooling"] == "eos" and saved_cfg["attention"] == "bidirectional"
+    reloaded = EmbeddingModel.from_pretrained(out)
+    assert reloaded.config.pooling == "eos" and reloaded.config.query_instruction == "Find it."
+    assert torch.equal(reloaded.encode(mixed_items), before)
+
+
+def test_saved_directory_loads_in_plain_transformers(tiny_qwen2_vl_dir, tmp_path):
+    from transformers import AutoModel
+
+    model = _load(tiny_qwen2_vl_dir)
+    out = model.save_pretrained(tmp_path / "saved")
+    plain = AutoModel.from_pretrained(out).eval()
+    inputs = model.collate(["one two three"])
+    with torch.no_grad():
+        ours, _ = model.adapter.forward(model.backbone, inputs)
+        theirs = plain(**inputs).last_hidden_state
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_lora_round_trip(tiny_qwen2_vl_dir, mixed_items, tmp_path):
+    model = _load(tiny_qwen2_vl_dir)
+    model.apply_lora(r=4, alpha=8, dropout=0.0)
+    assert model.has_lora
+    lora_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert lora_names and all("lora_" in n for n in lora_names)
+    assert all("language_model" in n for n in lora_names)  # the vision tower stays untouched
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter do something
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    before = model.encode(mixed_items)
+    base_only = _load(tiny_qwen2_vl_dir).encode(mixed_items)
+    assert not torch.allclose(before, base_only, atol=1e-4)
+
+    out = model.save_pretrained(tmp_path / "lora")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    torch.testing.assert_close(EmbeddingModel.from_pretrained(out).encode(mixed_items), before, atol=1e-5, rtol=0)
+    unmerged = EmbeddingModel.from_pretrained(out, merge_lora=False)
+    assert unmerged.has_lora
+    torch.testing.assert_close(unmerged.encode(mixed_items), before, atol=1e-6, rtol=0)
+
+    merged_dir = model.save_pretrained(tmp_path / "merged", merge_lora=True)
+    assert not (merged_dir / "adapter").exists()
+    torch.testing.assert_close(EmbeddingModel.from_pretrained(merged_dir).encode(mixed_items), before, atol=1e-5, rtol=0)
+    assert model.has_lora  # merging for the save left the live model's adapter alone
+
+
+def test_embed_token_is_added_when_missing(tiny_qwen2_vl_dir):
+    model = _load(tiny_qwen2_vl_dir)
+    rows_before = model.backbone.get_input_embeddings().weight.shape[0]
+    model.adapter.embed_token = "<|pool_here|>"
+    model.config.pooling = "embed_token"
+    model._ensure_pool_token()
+    tok = model.adapter.tokenizer
+    new_id = tok.convert_tokens_to_ids("<|pool_here|>")
+    assert new_id == rows_before  # appended after the old vocabulary
+    assert model.backbone.get_input_embeddings().weight.shape[0] == rows_before + 1
+    ids = model.collate(["seven"])["input_ids"][0]
+    assert ids[-1].item() == new_id  # pooled position holds the new token
+    assert torch.isfinite(model.encode(["seven"])).all()
+
+
+def test_bf16_weights_give_float32_embeddings(tiny_qwen2_vl_dir, mixed_items):
+    fp32 = _load(tiny_qwen2_vl_dir).encode(mixed_items)
+    bf16_model = _load(tiny_qwen2_vl_dir, torch_dtype="bf16")
+    assert bf16_model.dtype == torch.bfloat16
+    bf16 = bf16_model.encode(mixed_items)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    cos = torch.nn.functional.cosine_similarity(bf16, fp32)
+    assert cos.min() > 0.98  # same model up to bf16 rounding
