@@ -13,7 +13,9 @@ def test_top_level_import_is_light():
         "assert hasattr(vlm2emb, 'EmbeddingModel')\n"
         "print('deepspeed' in sys.modules, 'matplotlib' in sys.modules, 'vlm2emb.train.loop' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[0] == "", f"heavy modules imported by `import vlm2emb`: {out[0]}"
     # Touching EmbeddingModel loads transformers, still not the trainer or deepspeed.
     assert out[1] == "False False False"

@@ -188,14 +188,18 @@ def test_lora_round_trip(tiny_qwen2_vl_dir, mixed_items, tmp_path):
 
     out = model.save_pretrained(tmp_path / "lora")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    torch.testing.assert_close(EmbeddingModel.from_pretrained(out).encode(mixed_items), before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        EmbeddingModel.from_pretrained(out).encode(mixed_items), before, atol=1e-5, rtol=0
+    )
     unmerged = EmbeddingModel.from_pretrained(out, merge_lora=False)
     assert unmerged.has_lora
     torch.testing.assert_close(unmerged.encode(mixed_items), before, atol=1e-6, rtol=0)
 
     merged_dir = model.save_pretrained(tmp_path / "merged", merge_lora=True)
     assert not (merged_dir / "adapter").exists()
-    torch.testing.assert_close(EmbeddingModel.from_pretrained(merged_dir).encode(mixed_items), before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        EmbeddingModel.from_pretrained(merged_dir).encode(mixed_items), before, atol=1e-5, rtol=0
+    )
     assert model.has_lora  # merging for the save left the live model's adapter alone
 
 

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    ci_lines = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("python3 -m venv")]
+    ci_lines = [
+        line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("python3 -m venv")
+    ]
     assert len(ci_lines) == 1
     readme = (ROOT / "README.md").read_text()
     assert ci_lines[0] in readme

@@ -45,7 +45,7 @@ def test_outputs_are_written(demo_run):
 
 
 def test_training_beats_the_untrained_model(demo_run):
-    out, summary = demo_run
+    out, _ = demo_run
     before = json.loads((out / "eval_before.json").read_text())
     after = json.loads((out / "eval.json").read_text())
     assert set(after["tasks"]) == {"digits-i2t", "digits-t2i"}

@@ -1,0 +1,49 @@
+"""CUDA checks (run on a GPU machine; CPU-only machines skip them, see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm2emb import EmbeddingModel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def items(digit_images):
+    return [
+        "seven",
+        "a longer caption about the digit three",
+        digit_images[0],
+        {"text": "q", "image": digit_images[1]},
+    ]
+
+
+def test_cuda_matches_cpu_and_is_batch_invariant(tiny_qwen2_vl_dir, items):
+    cpu = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir).encode(items)
+    gpu_model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda")
+    gpu = gpu_model.encode(items)
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
+    alone = torch.stack([gpu_model.encode(x) for x in items])
+    torch.testing.assert_close(gpu, alone, atol=1e-5, rtol=0)
+
+
+def test_bf16_on_cuda_is_close_to_fp32(tiny_qwen2_vl_dir, items):
+    fp32 = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").encode(items)
+    bf16 = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda", torch_dtype="bf16").encode(items)
+    assert torch.nn.functional.cosine_similarity(bf16, fp32).min() > 0.98
+
+
+def test_training_step_on_cuda_updates_weights(tiny_qwen2_vl_dir, items):
+    from vlm2emb.losses import InfoNCELoss
+
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = InfoNCELoss()(model(model.collate(items[:2])), model(model.collate(items[2:])))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
