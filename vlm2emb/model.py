@@ -6,10 +6,11 @@ batches), so a trained model is used exactly as it was trained.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -196,45 +197,33 @@ class EmbeddingModel(nn.Module):
 
         quiet_transformers()
         name = str(name_or_path)
+        load = functools.partial(
+            cls._load_dir,
+            overrides={
+                "pooling": pooling,
+                "normalize": normalize,
+                "attention": attention,
+                "padding_side": padding_side,
+            },
+            dtype=resolve_dtype(torch_dtype),
+            attn_implementation=attn_implementation,
+            merge_lora=merge_lora,
+            base_model=name,
+        )
         if name.startswith(TINY_PREFIX):
             family = name[len(TINY_PREFIX) :]
             get_adapter_class(family)  # fail early with the list of families
             from vlm2emb.testing import tiny_backbone
 
+            # Built offline into a temporary folder: everything is in memory once loaded.
             with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
                 tiny_backbone(family, tmp, seed=seed)
-                model = cls._load_dir(
-                    tmp,
-                    overrides={
-                        "pooling": pooling,
-                        "normalize": normalize,
-                        "attention": attention,
-                        "padding_side": padding_side,
-                    },
-                    dtype=resolve_dtype(torch_dtype),
-                    attn_implementation=attn_implementation,
-                    trust_remote_code=False,
-                    merge_lora=merge_lora,
-                    base_model=name,
-                )
+                model = load(tmp, trust_remote_code=False)
         else:
             path = Path(name).expanduser()
             if not path.exists() and _looks_like_local_path(name):
                 raise FileNotFoundError(f"model path not found: {name}")
-            model = cls._load_dir(
-                str(path) if path.exists() else name,
-                overrides={
-                    "pooling": pooling,
-                    "normalize": normalize,
-                    "attention": attention,
-                    "padding_side": padding_side,
-                },
-                dtype=resolve_dtype(torch_dtype),
-                attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
-                merge_lora=merge_lora,
-                base_model=name,
-            )
+            model = load(str(path) if path.exists() else name, trust_remote_code=trust_remote_code)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -530,9 +519,3 @@ def _cost(item: Any) -> float:
         n_img = len(item.get("images") or []) + (item.get("image") is not None)
         return len(item.get("text") or "") + 1000.0 * n_img
     return 1000.0
-
-
-def iter_batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    """Consecutive slices of ``seq`` of at most ``size`` elements."""
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]

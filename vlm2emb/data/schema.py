@@ -182,6 +182,35 @@ def _resolve_path(spec: str, work_dir: str | Path | None) -> Path:
     return p
 
 
+def _rows(
+    specs: list[str],
+    kind: str,
+    allowed: tuple[str, ...],
+    required: tuple[str, ...],
+    media_root: str | Path | None,
+    verify_images: bool,
+    work_dir: str | Path | None,
+) -> Iterator[tuple[Path, _RowChecker, int, dict[str, Any]]]:
+    """Yields the object rows of every file, after the checks every row kind shares."""
+    for spec in specs:
+        path = _resolve_path(spec, work_dir)
+        check = _RowChecker(path, media_root, verify_images)
+        n_rows = 0
+        for lineno, rec in _iter_records(path):
+            if not isinstance(rec, dict):
+                raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
+            unknown = sorted(set(rec) - set(allowed))
+            if unknown:
+                raise check.fail(lineno, f"unknown field(s) {unknown}; {kind} rows hold {', '.join(allowed)}")
+            for key in required:
+                if rec.get(key) is None:
+                    raise check.fail(lineno, f"missing field {key!r}")
+            n_rows += 1
+            yield path, check, lineno, rec
+        if not n_rows:
+            raise DataError(f"{path}: no {kind} rows")
+
+
 def load_train_examples(
     specs: list[str],
     *,
@@ -204,39 +233,25 @@ def load_train_examples(
         DataError: One line naming file, line and reason.
     """
     out: list[TrainExample] = []
-    for spec in specs:
-        path = _resolve_path(spec, work_dir)
-        check = _RowChecker(path, media_root, verify_images)
-        n_before = len(out)
-        for lineno, rec in _iter_records(path):
-            if not isinstance(rec, dict):
-                raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
-            unknown = sorted(set(rec) - set(TRAIN_KEYS))
-            if unknown:
-                raise check.fail(
-                    lineno, f"unknown field(s) {unknown}; training rows hold {', '.join(TRAIN_KEYS)}"
-                )
-            for key in ("query", "positive"):
-                if rec.get(key) is None:
-                    raise check.fail(lineno, f"missing field {key!r}")
-            negs_raw = rec.get("negatives") or []
-            if not isinstance(negs_raw, list):
-                raise check.fail(lineno, "negatives must be a list of items")
-            if max_negatives is not None:
-                negs_raw = negs_raw[:max_negatives]
-            out.append(
-                TrainExample(
-                    query=check.item(lineno, "query", rec["query"]),
-                    positive=check.item(lineno, "positive", rec["positive"]),
-                    negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
-                    instruction=check.optional_str(rec, "instruction"),
-                    target_instruction=check.optional_str(rec, "target_instruction"),
-                    dataset=str(rec.get("dataset") or path.stem),
-                    source=f"{path}:{lineno}",
-                )
+    for path, check, lineno, rec in _rows(
+        specs, "training", TRAIN_KEYS, ("query", "positive"), media_root, verify_images, work_dir
+    ):
+        negs_raw = rec.get("negatives") or []
+        if not isinstance(negs_raw, list):
+            raise check.fail(lineno, "negatives must be a list of items")
+        if max_negatives is not None:
+            negs_raw = negs_raw[:max_negatives]
+        out.append(
+            TrainExample(
+                query=check.item(lineno, "query", rec["query"]),
+                positive=check.item(lineno, "positive", rec["positive"]),
+                negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
+                instruction=check.optional_str(rec, "instruction"),
+                target_instruction=check.optional_str(rec, "target_instruction"),
+                dataset=str(rec.get("dataset") or path.stem),
+                source=f"{path}:{lineno}",
             )
-        if len(out) == n_before:
-            raise DataError(f"{path}: no training rows")
+        )
     return out
 
 
@@ -253,40 +268,27 @@ def load_eval_examples(
         DataError: One line naming file, line and reason.
     """
     out: list[EvalExample] = []
-    for spec in specs:
-        path = _resolve_path(spec, work_dir)
-        check = _RowChecker(path, media_root, verify_images)
-        n_before = len(out)
-        for lineno, rec in _iter_records(path):
-            if not isinstance(rec, dict):
-                raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
-            unknown = sorted(set(rec) - set(EVAL_KEYS))
-            if unknown:
-                raise check.fail(lineno, f"unknown field(s) {unknown}; eval rows hold {', '.join(EVAL_KEYS)}")
-            if rec.get("query") is None:
-                raise check.fail(lineno, "missing field 'query'")
-            cands = rec.get("candidates")
-            if not isinstance(cands, list) or not cands:
-                raise check.fail(lineno, "'candidates' must be a non-empty list of items")
-            pos = rec.get("positive", 0)
-            pos_list = pos if isinstance(pos, list) else [pos]
-            if not pos_list or not all(isinstance(p, int) and not isinstance(p, bool) for p in pos_list):
-                raise check.fail(lineno, "'positive' must be a candidate index or a list of indices")
-            bad = [p for p in pos_list if not 0 <= p < len(cands)]
-            if bad:
-                raise check.fail(
-                    lineno, f"'positive' index {bad[0]} is out of range for {len(cands)} candidates"
-                )
-            out.append(
-                EvalExample(
-                    query=check.item(lineno, "query", rec["query"]),
-                    candidates=[check.item(lineno, f"candidates[{i}]", c) for i, c in enumerate(cands)],
-                    positive=pos_list,
-                    task=str(rec.get("task") or path.stem),
-                    instruction=check.optional_str(rec, "instruction"),
-                    source=f"{path}:{lineno}",
-                )
+    for path, check, lineno, rec in _rows(
+        specs, "evaluation", EVAL_KEYS, ("query",), media_root, verify_images, work_dir
+    ):
+        cands = rec.get("candidates")
+        if not isinstance(cands, list) or not cands:
+            raise check.fail(lineno, "'candidates' must be a non-empty list of items")
+        pos = rec.get("positive", 0)
+        pos_list = pos if isinstance(pos, list) else [pos]
+        if not pos_list or not all(isinstance(p, int) and not isinstance(p, bool) for p in pos_list):
+            raise check.fail(lineno, "'positive' must be a candidate index or a list of indices")
+        bad = [p for p in pos_list if not 0 <= p < len(cands)]
+        if bad:
+            raise check.fail(lineno, f"'positive' index {bad[0]} is out of range for {len(cands)} candidates")
+        out.append(
+            EvalExample(
+                query=check.item(lineno, "query", rec["query"]),
+                candidates=[check.item(lineno, f"candidates[{i}]", c) for i, c in enumerate(cands)],
+                positive=pos_list,
+                task=str(rec.get("task") or path.stem),
+                instruction=check.optional_str(rec, "instruction"),
+                source=f"{path}:{lineno}",
             )
-        if len(out) == n_before:
-            raise DataError(f"{path}: no evaluation rows")
+        )
     return out
