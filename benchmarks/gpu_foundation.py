@@ -35,11 +35,12 @@ def build_model(attn: str = "sdpa"):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    from vlm2emb._quiet import quiet_third_party
     from vlm2emb.backbones.qwen2_vl import Qwen2VLAdapter
     from vlm2emb.model import EmbeddingConfig, EmbeddingModel
-    from vlm2emb.testing import quiet_transformers, tiny_tokenizer
+    from vlm2emb.testing import tiny_tokenizer
 
-    quiet_transformers()
+    quiet_third_party()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
     specials += ["<|image_pad|>", "<|video_pad|>", "<|embed|>"]
     tok = tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -221,3 +221,38 @@ def test_demo_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (out / "train.jsonl").is_file()
     assert (out / "eval.jsonl").is_file()
     assert len(list((out / "images").glob("*.png"))) == 1797
+
+
+def test_overrides_may_follow_options_and_eval_uses_the_query_instruction(
+    tmp_path: Path, train_file: Path, eval_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", DEMO_RECIPE, "--no-progress", f"output_dir={out}", f"data.train={train_file}"]
+    argv += [f"data.eval={eval_file}", "train.max_steps=2", "train.batch_size=2", "train.eval_before=0"]
+    argv += ["data.query_instruction=Find: the answer."]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not (out / "eval_before.json").exists()  # eval_before=0 read as false
+    assert (out / "final" / "model.safetensors").is_file()
+    saved = json.loads((out / "final" / "vlm2emb_config.json").read_text())
+    assert saved["query_instruction"] == "Find: the answer."  # ": " kept as text
+    # `vlm2emb eval` on the trained model defaults to its query instruction: same numbers as
+    # the training run's own eval; another instruction changes the scores.
+    train_report = json.loads((out / "eval.json").read_text())
+    report_file = tmp_path / "r.json"
+    assert (
+        main(["eval", "--model", str(out / "final"), "--data", str(eval_file), "--out", str(report_file)])
+        == 0
+    )
+    assert json.loads(report_file.read_text()) == train_report
+    other = tmp_path / "other.json"
+    argv = ["eval", "--model", str(out / "final"), "--data", str(eval_file), "--out", str(other)]
+    assert main([*argv, "--query-instruction", "Something else entirely."]) == 0
+    assert (
+        json.loads(other.read_text())["tasks"]["toy-words"]["mrr"]
+        != train_report["tasks"]["toy-words"]["mrr"]
+    )
+    # A rerun into the same folder starts a fresh metrics log instead of appending.
+    rerun = ["train", DEMO_RECIPE, f"output_dir={out}", f"data.train={train_file}", "data.eval=[]"]
+    assert main([*rerun, "train.max_steps=2", "train.batch_size=2", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2]  # one run's single log step, no eval record

@@ -17,5 +17,5 @@ def test_top_level_import_is_light():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert out[0] == "", f"heavy modules imported by `import vlm2emb`: {out[0]}"
-    # Touching EmbeddingModel loads transformers, still not the trainer or deepspeed.
+    # Touching EmbeddingModel still loads neither the trainer nor deepspeed.
     assert out[1] == "False False False"

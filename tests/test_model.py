@@ -188,6 +188,8 @@ def test_lora_round_trip(tiny_qwen2_vl_dir, mixed_items, tmp_path):
 
     out = model.save_pretrained(tmp_path / "lora")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_qwen2_vl_dir)  # where the base came from
     torch.testing.assert_close(
         EmbeddingModel.from_pretrained(out).encode(mixed_items), before, atol=1e-5, rtol=0
     )

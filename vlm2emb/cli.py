@@ -47,7 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
     p_eval.add_argument("--out", help="write the JSON report here")
     p_eval.add_argument("--batch-size", type=int, default=32)
-    p_eval.add_argument("--target-instruction", default=None, help="instruction for candidates")
+    p_eval.add_argument(
+        "--query-instruction", default=None, help="instruction for queries without one (default: the model's)"
+    )
+    p_eval.add_argument(
+        "--target-instruction", default=None, help="instruction for candidates (default: the model's)"
+    )
+    p_eval.add_argument(
+        "--media-root", default=None, help="folder for relative image paths (default: the file's)"
+    )
     p_eval.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
     p_eval.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -78,12 +86,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlm2emb.eval import evaluate, format_report
     from vlm2emb.model import EmbeddingModel
 
-    examples = load_eval_examples(args.data)
+    examples = load_eval_examples(args.data, media_root=args.media_root)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype, device=device)
+    query_instruction = args.query_instruction or model.config.query_instruction
     report = evaluate(
         model,
-        [ex.as_row() for ex in examples],
+        [ex.as_row(default_instruction=query_instruction) for ex in examples],
         batch_size=args.batch_size,
         target_instruction=args.target_instruction or model.config.target_instruction,
     )
@@ -113,7 +122,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vlm2emb`` console script."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    # parse_known_args lets overrides follow options (`train r.yaml --no-progress a=1`),
+    # which a plain nargs="*" positional after an option would reject.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR

@@ -48,7 +48,8 @@ class EmbeddingConfig:
         padding_side: ``right`` or ``left``; embeddings do not depend on it.
         query_instruction: Default instruction for :meth:`EmbeddingModel.encode_queries`.
         target_instruction: Default instruction for :meth:`EmbeddingModel.encode_targets`.
-        temperature: The training temperature (kept so similarity scores can be scaled).
+        temperature: The training temperature (recorded with the model: scores divided by
+            it are the logits the model was trained on).
         base_model: Where the backbone originally came from (for model cards and exports).
         format_version: Layout version of the saved directory.
     """
@@ -113,12 +114,13 @@ def as_item(x: Any) -> dict[str, Any]:
     return {"text": text, "images": images}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """Maps ``"bf16"``/``"bfloat16"``/... or a torch dtype to a torch dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """Maps ``"bf16"``/``"bfloat16"``/... or a torch dtype to a torch dtype.
+
+    ``"auto"`` is passed through: transformers then keeps the checkpoint's stored dtype.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    if dtype == "auto":
-        return None
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
@@ -192,10 +194,10 @@ class EmbeddingModel(nn.Module):
             FileNotFoundError: A local path does not exist.
             KeyError: The checkpoint's model type has no registered adapter.
         """
+        from vlm2emb._quiet import quiet_third_party
         from vlm2emb.backbones.registry import get_adapter_class
-        from vlm2emb.testing import quiet_transformers
 
-        quiet_transformers()
+        quiet_third_party()
         name = str(name_or_path)
         load = functools.partial(
             cls._load_dir,
@@ -234,7 +236,7 @@ class EmbeddingModel(nn.Module):
         path: str,
         *,
         overrides: dict[str, Any],
-        dtype: torch.dtype | None,
+        dtype: torch.dtype | str | None,
         attn_implementation: str | None,
         trust_remote_code: bool,
         merge_lora: bool,
@@ -488,6 +490,10 @@ class EmbeddingModel(nn.Module):
         if self.has_lora and not merge_lora:
             base = self.backbone.get_base_model()
             base.save_pretrained(out, state_dict=_strip_lora(base.state_dict()))
+            for peft_cfg in self.backbone.peft_config.values():
+                # The adapter's base is the directory it is saved next to (a tiny model's
+                # build folder, for one, is gone after loading).
+                peft_cfg.base_model_name_or_path = self.config.base_model
             self.backbone.save_pretrained(str(out / ADAPTER_DIR))
         elif self.has_lora:
             import copy

@@ -94,11 +94,3 @@ def tiny_backbone(family: str, path: str | Path, *, seed: int = 0) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     return get_adapter_class(family).build_tiny(out, seed=seed)
-
-
-def quiet_transformers() -> None:
-    """Silences transformers' load reports and progress bars (tiny models trigger many)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()

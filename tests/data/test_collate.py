@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
+from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler, false_negative_groups
 from vlm2emb.data.schema import TrainExample
 from vlm2emb.model import EmbeddingModel
 
@@ -208,3 +208,31 @@ def test_collator_error_names_rows(model: EmbeddingModel, tmp_path: Path) -> Non
     ]
     with pytest.raises(ValueError, match=r"a\.jsonl:1, a\.jsonl:2.*broken\.png"):
         ContrastiveCollator(model)(examples)
+
+
+def test_rows_sharing_a_query_share_a_false_negative_group(model: EmbeddingModel) -> None:
+    # The same caption asks for two different images of one digit: each image is a right
+    # answer for both queries, so neither may be scored as the other's negative.
+    rows = [
+        ex({"text": "seven"}, {"text": "img a"}),
+        ex({"text": "seven"}, {"text": "img b"}),
+        ex({"text": "one"}, {"text": "img c"}),
+    ]
+    keys = ContrastiveCollator(model)(rows)["positive_keys"].tolist()
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_false_negative_groups_follow_chains() -> None:
+    # Row 0 and 1 share a query, 1 and 2 share a positive: all three are one group.
+    groups = false_negative_groups(query_keys=[10, 10, 30, 40], positive_keys=[5, 6, 6, 7])
+    assert groups == [5, 5, 5, 7]  # named by the smallest positive key in each group
+    assert false_negative_groups([1, 2, 3], [9, 8, 7]) == [9, 8, 7]  # no links: unchanged
+
+
+def test_hard_negative_equal_to_another_rows_positive_joins_its_group(model: EmbeddingModel) -> None:
+    rows = [
+        ex({"text": "q1"}, {"text": "seven"}, [{"text": "one"}]),
+        ex({"text": "q2"}, {"text": "one"}),
+    ]
+    batch = ContrastiveCollator(model)(rows)
+    assert batch["negative_keys"][0, 0].item() == batch["positive_keys"][1].item()

@@ -175,6 +175,21 @@ def test_override_value_keeps_equals_signs() -> None:
 def test_bool_override() -> None:
     assert load("model.normalize=false").model.normalize is False
     assert load("model.normalize=yes").model.normalize is True
+    # YAML reads "=1" / "=0" as integers; they still mean true / false here.
+    assert load("train.eval_before=0").train.eval_before is False
+    assert load("train.eval_before=1").train.eval_before is True
+    with pytest.raises(ConfigError, match=r"train\.eval_before: expected true or false, got 2"):
+        load("train.eval_before=2")
+
+
+def test_override_text_with_colon_stays_text() -> None:
+    assert load("data.query_instruction=Find: the image.").data.query_instruction == "Find: the image."
+
+
+def test_lora_target_modules_regex_string() -> None:
+    cfg = load(r"model.lora.target_modules=.*language_model.*\.(q_proj|v_proj)")
+    assert cfg.model.lora.target_modules == r".*language_model.*\.(q_proj|v_proj)"
+    assert load("model.dtype=auto").model.dtype == "auto"
 
 
 @pytest.mark.parametrize(
@@ -212,6 +227,12 @@ def test_wrong_types_name_the_key(override: str, key: str, expected: str) -> Non
         (("train.save_steps=-5",), r"train\.save_steps: must be >= 0, got -5"),
         (("train.warmup_ratio=1",), r"train\.warmup_ratio"),
         (("train.temperature=0",), r"train\.temperature: must be > 0"),
+        (("train.log_steps=0",), r"train\.log_steps: must be > 0"),
+        (("data.max_negatives=-1",), r"data\.max_negatives: must be >= 0"),
+        (("data.num_workers=-2",), r"data\.num_workers: must be >= 0"),
+        (("model.lora.r=0",), r"model\.lora\.r: must be > 0"),
+        (("model.lora.dropout=1.5",), r"model\.lora\.dropout: must be in \[0, 1\)"),
+        (("model.dtype=int8",), r"model\.dtype: 'int8' is not one of"),
     ],
 )
 def test_validate_errors(overrides: tuple[str, ...], match: str) -> None:

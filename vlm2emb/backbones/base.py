@@ -60,7 +60,7 @@ class BackboneAdapter:
         cls,
         path: str | Path,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
     ) -> nn.Module:

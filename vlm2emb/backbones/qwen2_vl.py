@@ -41,9 +41,10 @@ class Qwen2VLAdapter(BackboneAdapter):
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-        from vlm2emb.testing import quiet_transformers, tiny_tokenizer
+        from vlm2emb._quiet import quiet_third_party
+        from vlm2emb.testing import tiny_tokenizer
 
-        quiet_transformers()
+        quiet_third_party()
         specials = [
             "<|endoftext|>",
             "<|im_start|>",

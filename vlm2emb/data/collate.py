@@ -76,8 +76,8 @@ class ContrastiveCollator:
         ``query``, ``positive``: backbone inputs for B items each.
         ``negatives``: backbone inputs for the flattened hard negatives, or None.
         ``negative_mask``: [B, K] bool, False where a row has fewer than K negatives.
-        ``positive_keys`` [B], ``negative_keys`` [B, K]: content ids, so that an in-batch
-        candidate equal to a query's positive is masked instead of counted as negative.
+        ``positive_keys`` [B], ``negative_keys`` [B, K]: ids that the loss uses to mask
+        in-batch false negatives (see :func:`false_negative_groups`).
     """
 
     def __init__(
@@ -96,13 +96,17 @@ class ContrastiveCollator:
 
         q_instr = [ex.instruction or self.query_instruction for ex in examples]
         t_instr = [ex.target_instruction or self.target_instruction for ex in examples]
+        # Keys include the instruction: the same text under another instruction embeds differently.
+        pos_content = content_keys([[ex.positive, t] for ex, t in zip(examples, t_instr)])  # [B]
+        query_content = content_keys([[ex.query, i] for ex, i in zip(examples, q_instr)])  # [B]
+        groups = false_negative_groups(query_content.tolist(), pos_content.tolist())
         batch: dict[str, Any] = {
             "query": self._collate([ex.query for ex in examples], q_instr, examples),
             "positive": self._collate([ex.positive for ex in examples], t_instr, examples),
-            # Keys include the instruction: the same text under another instruction embeds differently.
-            "positive_keys": content_keys([[ex.positive, t] for ex, t in zip(examples, t_instr)]),
+            "positive_keys": torch.tensor(groups, dtype=torch.int64),
             "negatives": None,
         }
+        group_of_content = dict(zip(pos_content.tolist(), groups))
         k = max(len(ex.negatives) for ex in examples)
         if k:
             flat, flat_instr, keys = [], [], []
@@ -114,7 +118,10 @@ class ContrastiveCollator:
                     flat_instr.append(t)
                     keys.append([neg, t])
             key_tensor = torch.full((len(examples), k), -1, dtype=torch.int64)
-            key_tensor[mask] = content_keys(keys)
+            # A hard negative equal to some row's positive belongs to that row's group.
+            key_tensor[mask] = torch.tensor(
+                [group_of_content.get(key, key) for key in content_keys(keys).tolist()], dtype=torch.int64
+            )
             batch["negatives"] = self._collate(flat, flat_instr, examples)
             batch["negative_mask"] = mask
             batch["negative_keys"] = key_tensor
@@ -128,3 +135,42 @@ class ContrastiveCollator:
         except (OSError, ValueError) as exc:
             sources = ", ".join(ex.source for ex in examples[:3])
             raise ValueError(f"cannot build a batch from rows {sources}...: {exc}") from exc
+
+
+def false_negative_groups(query_keys: list[int], positive_keys: list[int]) -> list[int]:
+    """Groups rows whose positives are interchangeable, for false-negative masking.
+
+    Two rows belong together when they share a positive (the same caption for two images)
+    or a query (the same caption asking for two different images): then row j's positive is
+    a correct answer for row i's query too, and must not be scored as its negative. Groups
+    are the connected components of those links; each is named by the smallest positive
+    content key in it, so every process that sees the same rows derives the same ids.
+
+    Args:
+        query_keys: [B] content ids of the queries.
+        positive_keys: [B] content ids of the positives.
+
+    Returns:
+        [B] group ids; the loss masks candidate j for query i when their ids are equal.
+    """
+    n = len(positive_keys)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for keys in (query_keys, positive_keys):
+        first: dict[int, int] = {}
+        for i, key in enumerate(keys):
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    name: dict[int, int] = {}
+    for i in range(n):
+        root = find(i)
+        name[root] = min(name.get(root, positive_keys[i]), positive_keys[i])
+    return [name[find(i)] for i in range(n)]

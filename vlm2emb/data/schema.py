@@ -55,14 +55,18 @@ class EvalExample:
     instruction: str | None = None
     source: str = ""
 
-    def as_row(self) -> dict[str, Any]:
-        """The mapping :func:`vlm2emb.eval.evaluate` consumes."""
+    def as_row(self, default_instruction: str | None = None) -> dict[str, Any]:
+        """The mapping :func:`vlm2emb.eval.evaluate` consumes.
+
+        Args:
+            default_instruction: Query instruction for rows that have none of their own.
+        """
         return {
             "query": self.query,
             "candidates": self.candidates,
             "positive": self.positive,
             "task": self.task,
-            "instruction": self.instruction,
+            "instruction": self.instruction or default_instruction,
         }
 
 
@@ -77,10 +81,14 @@ def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
                 try:
                     yield lineno, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                    raise DataError(
+                        f"{path}:{lineno}: malformed JSON ({exc.msg}); data files hold one JSON object per line"
+                    ) from None
     elif suffix == ".parquet":
         from datasets import Dataset
+        from datasets.utils.logging import disable_progress_bar
 
+        disable_progress_bar()
         ds = Dataset.from_parquet(str(path))
         for i, rec in enumerate(ds, start=1):
             yield i, _drop_nulls(rec)

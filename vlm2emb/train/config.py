@@ -28,7 +28,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 64
     dropout: float = 0.05
-    target_modules: list[str] | None = None  # None = the backbone family's default
+    # None = the backbone family's default. A string is a regex matched against whole
+    # module names; a list names module-name suffixes (peft's two forms).
+    target_modules: str | list[str] | None = None
     use_dora: bool = False
 
 
@@ -41,7 +43,7 @@ class ModelConfig:
     normalize: bool = True
     attention: str = "causal"
     padding_side: str = "right"
-    dtype: str = "fp32"  # weight dtype; mixed precision is train.precision
+    dtype: str = "fp32"  # weight dtype (auto = as stored); mixed precision is train.precision
     attn_implementation: str | None = None
     lora: LoraConfig | None = None  # YAML: false/true or a mapping of LoraConfig keys
     gradient_checkpointing: bool = False
@@ -101,7 +103,11 @@ class RecipeConfig:
             ("model.pooling", self.model.pooling, POOLING_METHODS),
             ("model.attention", self.model.attention, ATTENTION_MODES),
             ("model.padding_side", self.model.padding_side, ("left", "right")),
-            ("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")),
+            (
+                "model.dtype",
+                self.model.dtype,
+                ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16", "auto"),
+            ),
             ("train.precision", self.train.precision, ("fp32", "bf16", "fp16")),
             ("train.lr_scheduler", self.train.lr_scheduler, ("linear", "cosine", "constant")),
         ]
@@ -113,7 +119,16 @@ class RecipeConfig:
             ("train.batch_size", self.train.batch_size),
             ("train.temperature", self.train.temperature),
             ("train.eval_batch_size", self.train.eval_batch_size),
+            ("train.log_steps", self.train.log_steps),
         ]
+        if self.model.lora is not None:
+            positives += [("model.lora.r", self.model.lora.r), ("model.lora.alpha", self.model.lora.alpha)]
+            if not 0 <= self.model.lora.dropout < 1:
+                raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.model.lora.dropout}")
+        if self.data.max_negatives is not None and self.data.max_negatives < 0:
+            raise ConfigError(f"data.max_negatives: must be >= 0, got {self.data.max_negatives}")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.data.num_workers}")
         for key, value in positives:
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -137,8 +152,10 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
         if len(args) == 1:
-            return args[0], True
+            return args[0], optional
+        return Union[tuple(args)], optional  # noqa: UP007 - a runtime-built union
     return tp, False
 
 
@@ -159,9 +176,16 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(inner, value, key)
+    if typing.get_origin(inner) in (Union, types.UnionType):
+        # str | list[str]: a list stays a list, anything else is the string form.
+        if isinstance(value, list):
+            return _coerce(key, list[str], value)
+        return _coerce(key, str, value)
     if inner is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # YAML reads an override "=1" as int
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -236,6 +260,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict):
+        # "Find: the image" is a sentence, not a mapping; nested keys use dotted names.
         value = raw
     parts = key.split(".")
     node = data

@@ -84,7 +84,8 @@ def _count_tokens(batch: dict[str, Any]) -> int:
 def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, Any]:
     from vlm2emb.eval import evaluate
 
-    rows = [ex.as_row() for ex in examples]
+    # Same prompts as training: rows without their own instruction get the recipe's default.
+    rows = [ex.as_row(default_instruction=cfg.data.query_instruction) for ex in examples]
     return evaluate(
         model,
         rows,
@@ -113,6 +114,14 @@ def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
     from vlm2emb.model import EmbeddingModel
 
     accelerator = make_accelerator(cfg)
+    if accelerator.num_processes > 1:
+        # The loss would only see this process's slice as negatives: refuse rather than
+        # silently train a different objective. Cross-device negatives and GradCache come
+        # with the scale-out work (docs/index.md, status).
+        raise ValueError(
+            f"multi-process training ({accelerator.num_processes} processes) is not supported yet; "
+            "launch a single process"
+        )
     is_main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +212,8 @@ def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
             flush=True,
         )
 
-    metrics_file = (out / "metrics.jsonl").open("a") if is_main else None
+    # A new run starts a new log: appending would mix two runs' curves in one file.
+    metrics_file = (out / "metrics.jsonl").open("w") if is_main else None
     bar = tqdm(
         total=cfg.train.max_steps, desc="train", disable=not (progress and is_main), dynamic_ncols=True
     )
