@@ -136,7 +136,7 @@ def test_bad_items_are_rejected(bad, message):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model path not found"):
         EmbeddingModel.from_pretrained(str(tmp_path / "nope"))
-    with pytest.raises(KeyError, match="supported: qwen2_vl"):
+    with pytest.raises(KeyError, match=r"supported: .*qwen2_vl"):
         EmbeddingModel.from_pretrained("tiny:not_a_family")
 
 

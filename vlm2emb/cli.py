@@ -1,4 +1,4 @@
-"""Command line: ``vlm2emb train | eval | demo-data`` (also ``python -m vlm2emb``).
+"""Command line: ``vlm2emb train | eval | demo-data | doctor`` (also ``python -m vlm2emb``).
 
 User errors (bad recipe key, missing file, malformed row) end with one line on stderr
 naming the key, file or line, and exit status 2; ``--debug`` shows the traceback instead.
@@ -67,6 +67,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument("out_dir")
     p_demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p_doctor = sub.add_parser(
+        "doctor",
+        help="self-test a backbone: attention mode, padding invariance, LoRA targets, prompt",
+        description=(
+            "Load MODEL and check that the attention mode is really the one asked for, that an "
+            "embedding does not depend on padding or batch mates, and that outputs are finite; "
+            "report parameter counts, the LoRA modules the family's default targets match, and "
+            "the prompt rendered for a text + image item. Exit status 1 if a check fails."
+        ),
+        epilog="example: vlm2emb doctor tiny:qwen2_vl --attention bidirectional",
+    )
+    p_doctor.add_argument("model", help="EmbeddingModel directory, raw VLM directory, hub id or tiny:FAMILY")
+    p_doctor.add_argument("--attention", choices=["causal", "bidirectional"], default=None)
+    p_doctor.add_argument(
+        "--pooling", default=None, help="last | eos | embed_token | mean (default: the model's)"
+    )
+    p_doctor.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
+    p_doctor.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
+    p_doctor.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    p_doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -112,11 +133,32 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm2emb.doctor import run_doctor
+    from vlm2emb.model import EmbeddingModel
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = EmbeddingModel.from_pretrained(
+        args.model,
+        attention=args.attention,
+        pooling=args.pooling,
+        torch_dtype=args.dtype,
+        device=device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    report = run_doctor(model, args.model)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from vlm2emb.data.schema import DataError
     from vlm2emb.train.config import ConfigError
+    from vlm2emb.train.loop import TrainingError
 
-    return (ConfigError, DataError, FileNotFoundError, KeyError, ValueError, OSError)
+    return (ConfigError, DataError, TrainingError, FileNotFoundError, KeyError, ValueError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "demo-data": _cmd_demo_data}
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "demo-data": _cmd_demo_data, "doctor": _cmd_doctor}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -406,6 +406,73 @@ class InfoNCELoss(nn.Module):
         kwargs.setdefault("reduction", self.reduction)
         return info_nce_loss(query, positive, negatives, temperature=self._temperature(), **kwargs)
 
+    def gathered(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        negatives: Tensor | None = None,
+        *,
+        positive_keys: Tensor | None = None,
+        negative_keys: Tensor | None = None,
+        negative_mask: Tensor | None = None,
+        temperature: float | Tensor | None = None,
+    ) -> Tensor:
+        """The loss of this process's queries against the targets of all processes.
+
+        Local query, positive and negative embeddings are gathered across processes with
+        :func:`vlm2emb.distributed.gather_with_grad`; each query is scored against every
+        process's positives and hard negatives, and the symmetric term scores each local
+        positive against every process's queries. The result is the mean over local
+        queries, so with DDP/DeepSpeed gradient averaging N processes at B/N rows each give
+        the gradients of one process at B rows. Logits per process are [b, B(1 + K)], never
+        [B, B]. Outside distributed runs this equals :meth:`forward`.
+
+        Args:
+            query: [b, d] local query embeddings (b equal on every process).
+            positive: [b, d] local positive embeddings.
+            negatives: [b, K, d] local hard negatives (K equal on every process) or None.
+            positive_keys: [B] false-negative ids of the GLOBAL batch, rank order.
+            negative_keys: [B, K] ids of the global batch's hard negatives.
+            negative_mask: [B, K] bool, the global batch's real-negative mask.
+            temperature: Overrides this module's temperature (a model that owns a learnable
+                temperature passes it here).
+
+        Returns:
+            The scalar loss.
+        """
+        from vlm2emb.distributed import gather_with_grad, rank_and_world
+
+        rank, _ = rank_and_world()
+        offset = rank * query.shape[0]
+        all_pos = gather_with_grad(positive)  # [B, d]
+        all_neg = gather_with_grad(negatives) if negatives is not None else None  # [B, K, d]
+        if temperature is None:
+            temperature = self._temperature()
+        loss = info_nce_loss(
+            query,
+            all_pos,
+            all_neg,
+            temperature=temperature,
+            positive_keys=positive_keys,
+            negative_keys=negative_keys,
+            negative_mask=negative_mask,
+            query_offset=offset,
+            reduction=self.reduction,
+        )
+        if self.symmetric:
+            # Target -> query: local positives retrieve their query among ALL queries
+            # (hard negatives are not candidates in this direction).
+            reverse = info_nce_loss(
+                positive,
+                gather_with_grad(query),
+                temperature=temperature,
+                positive_keys=positive_keys,
+                query_offset=offset,
+                reduction=self.reduction,
+            )
+            loss = 0.5 * (loss + reverse)
+        return loss
+
     def extra_repr(self) -> str:
         kind = "learnable" if self.learnable_temperature else "fixed"
         return (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -152,6 +153,10 @@ class EmbeddingModel(nn.Module):
         self.adapter.padding_side = config.padding_side
         self.adapter.set_attention(backbone, config.attention)
         self.base_dir: Path | None = None  # relative image paths in encode() resolve here
+        # Set by enable_learnable_temperature(); a model parameter so that DDP and DeepSpeed
+        # (ZeRO-3 only materialises parameters inside forward) treat it like any weight.
+        self.logit_scale: nn.Parameter | None = None
+        self.max_logit_scale = 100.0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -175,9 +180,11 @@ class EmbeddingModel(nn.Module):
         Args:
             name_or_path: A local directory, a hub id (needs network), or ``tiny:FAMILY``
                 for a tiny random model built offline (tests and the demo).
-            pooling: Overrides the saved pooling (default ``last`` for a raw VLM).
+            pooling: Overrides the saved pooling. Default: the saved value, else ``mean``
+                when the attention is bidirectional and ``last`` when it is causal.
             normalize: Overrides the saved normalisation (default True).
-            attention: ``causal`` or ``bidirectional`` (default: saved, else causal).
+            attention: ``causal`` or ``bidirectional`` (default: the saved value, else the
+                family's ``default_attention``: causal for AR VLMs).
             padding_side: ``right`` or ``left`` (default: saved, else right).
             torch_dtype: Weight dtype (``"bf16"``, ``torch.float32``, ...).
             attn_implementation: transformers attention backend (``sdpa``, ``eager``, ...).
@@ -276,6 +283,14 @@ class EmbeddingModel(nn.Module):
         for key, value in overrides.items():
             if value is not None:
                 setattr(config, key, value)
+        # Neither the call nor a saved config chose: attention follows the family
+        # (diffusion and prefix-LM backbones see the whole sequence), and pooling follows
+        # the attention: mean for bidirectional (every token saw the whole input), last for
+        # causal (only the last token did).
+        if overrides.get("attention") is None and "attention" not in saved:
+            config.attention = adapter_cls.default_attention
+        if overrides.get("pooling") is None and "pooling" not in saved:
+            config.pooling = "mean" if config.attention == "bidirectional" else "last"
         adapter = adapter_cls(processor, padding_side=config.padding_side)
         model = cls(backbone, adapter, config)
         model._ensure_pool_token()
@@ -356,21 +371,68 @@ class EmbeddingModel(nn.Module):
         return self.adapter.build_inputs(prompts, images)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Embeds one collated batch.
+    def enable_learnable_temperature(self, temperature: float, max_scale: float = 100.0) -> None:
+        """Adds a learnable logit scale ``log(1 / temperature)``, clamped to ``max_scale`` (CLIP)."""
+        value = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32, device=self.device)
+        self.logit_scale = nn.Parameter(value)
+        self.max_logit_scale = float(max_scale)
+
+    def learned_temperature(self) -> torch.Tensor:
+        """[] the current temperature ``1 / clamp(exp(logit_scale), max=max_scale)``."""
+        if self.logit_scale is None:
+            raise ValueError("this model has no learnable temperature (enable_learnable_temperature)")
+        return 1.0 / self.logit_scale.float().exp().clamp(max=self.max_logit_scale)
+
+    def forward(
+        self,
+        inputs: dict[str, Any] | Sequence[dict[str, Any]],
+        with_temperature: bool = False,
+        rng_states: Sequence[Any] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor] | tuple[Any, torch.Tensor]:
+        """Embeds one collated batch, or several in one call.
+
+        Several batches in one call matter under DDP: the query, positive and negative
+        passes of a training step must be one forward of the wrapped module, because DDP
+        prepares its gradient reduction once per forward.
 
         Args:
-            inputs: Output of :meth:`collate` (moved to the model's device here if needed).
+            inputs: Output of :meth:`collate` (moved to the model's device here if needed),
+                or a list of such batches.
 
         Returns:
             [B, d] float32 embeddings (L2-normalised if ``config.normalize``), with grad when
-            grad is enabled.
+            grad is enabled; a list of those for a list of batches. With
+            ``with_temperature``, a pair ``(embeddings, learned temperature [])``.
+            rng_states: For a list of batches, one :class:`vlm2emb.gradcache.RngState` per
+                batch: each batch runs under activation checkpointing with that random
+                state (GradCache's one-backward form; see :mod:`vlm2emb.gradcache`).
         """
+        if rng_states is not None:
+            from torch.utils.checkpoint import checkpoint
+
+            out = []
+            for x, state in zip(inputs, rng_states, strict=True):
+                with state.replay():
+                    out.append(checkpoint(self._embed, x, use_reentrant=False))
+        elif isinstance(inputs, (list, tuple)):
+            out = [self._embed(x) for x in inputs]
+        else:
+            out = self._embed(inputs)
+        if with_temperature:
+            return out, self.learned_temperature()
+        return out
+
+    def _embed(self, inputs: dict[str, Any]) -> torch.Tensor:
         device = self.device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        keepalive = self.adapter.vision_keepalive(
+            self.backbone, inputs, self.dtype
+        )  # before the LM, as images run
         hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
+        if keepalive is not None:
+            hidden = hidden + 0.0 * keepalive.to(hidden.dtype)
         emb = pool(hidden, mask, self.config.pooling).float()  # [B, H]
         if self.config.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
@@ -471,7 +533,13 @@ class EmbeddingModel(nn.Module):
         return hasattr(self.backbone, "peft_config")
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_dir: str | os.PathLike[str], *, merge_lora: bool = False) -> Path:
+    def save_pretrained(
+        self,
+        save_dir: str | os.PathLike[str],
+        *,
+        merge_lora: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Writes weights (safetensors), the processor and ``vlm2emb_config.json``.
 
         The directory is also a plain transformers checkpoint of the backbone. With a LoRA
@@ -481,27 +549,46 @@ class EmbeddingModel(nn.Module):
         Args:
             save_dir: Output directory (created if missing).
             merge_lora: Write merged weights instead of base + adapter.
+            state_dict: This model's full state dict, when the live parameters are not
+                (DeepSpeed ZeRO-3 partitions them; the trainer gathers them first).
 
         Returns:
             The output directory.
         """
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
+        backbone_state = None
+        if state_dict is not None:
+            backbone_state = {
+                k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")
+            }
+            if "logit_scale" in state_dict:
+                scale = state_dict["logit_scale"].float().exp().clamp(max=self.max_logit_scale)
+                self.config.temperature = float(1.0 / scale)
+        elif self.logit_scale is not None:
+            self.config.temperature = float(self.learned_temperature())
         if self.has_lora and not merge_lora:
             base = self.backbone.get_base_model()
-            base.save_pretrained(out, state_dict=_strip_lora(base.state_dict()))
+            if backbone_state is None:
+                base_state = base.state_dict()
+            else:  # PeftModel keys carry a "base_model.model." prefix over the base model's
+                prefix = "base_model.model."
+                base_state = {k[len(prefix) :]: v for k, v in backbone_state.items() if k.startswith(prefix)}
+            base.save_pretrained(out, state_dict=_strip_lora(base_state))
             for peft_cfg in self.backbone.peft_config.values():
                 # The adapter's base is the directory it is saved next to (a tiny model's
                 # build folder, for one, is gone after loading).
                 peft_cfg.base_model_name_or_path = self.config.base_model
-            self.backbone.save_pretrained(str(out / ADAPTER_DIR))
+            self.backbone.save_pretrained(str(out / ADAPTER_DIR), state_dict=backbone_state)
         elif self.has_lora:
+            if backbone_state is not None:
+                raise ValueError("merge_lora with a gathered state dict is not supported; save unmerged")
             import copy
 
             merged = copy.deepcopy(self.backbone).merge_and_unload()
             merged.save_pretrained(out)
         else:
-            self.backbone.save_pretrained(out)
+            self.backbone.save_pretrained(out, state_dict=backbone_state)
         self.adapter.processor.save_pretrained(out)
         (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return out

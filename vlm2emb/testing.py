@@ -39,7 +39,13 @@ query positive negative instruction dataset text image images video
 
 
 def tiny_tokenizer(
-    special_tokens: Sequence[str], *, vocab_size: int = 640, eos_token: str, pad_token: str
+    special_tokens: Sequence[str],
+    *,
+    vocab_size: int = 640,
+    eos_token: str,
+    pad_token: str,
+    bos_token: str | None = None,
+    extra_special_tokens: dict[str, str] | None = None,
 ) -> Any:
     """Trains a byte-level BPE tokenizer offline and wraps it as a transformers tokenizer.
 
@@ -48,6 +54,11 @@ def tiny_tokenizer(
         vocab_size: Target vocabulary size, special tokens included.
         eos_token: The end-of-sequence token (one of ``special_tokens``).
         pad_token: The padding token (one of ``special_tokens``).
+        bos_token: The beginning-of-sequence token, if the family has one (it is not added
+            to encodings automatically; prompts that need it write it).
+        extra_special_tokens: Named family tokens that processors read as tokenizer
+            attributes, e.g. ``{"image_token": "<image_soft_token>"}`` gives
+            ``tokenizer.image_token`` and ``tokenizer.image_token_id`` (saved with it).
 
     Returns:
         A ``PreTrainedTokenizerFast`` that round-trips any text.
@@ -66,12 +77,44 @@ def tiny_tokenizer(
     )
     lines = [line for line in _CORPUS.splitlines() if line.strip()]
     tok.train_from_iterator(lines * 4, trainer)
+    named = {"eos_token": eos_token, "pad_token": pad_token}
+    if bos_token is not None:
+        named["bos_token"] = bos_token
+    if extra_special_tokens:
+        named["extra_special_tokens"] = dict(extra_special_tokens)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token=eos_token,
-        pad_token=pad_token,
-        additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)],
+        additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token, bos_token)],
+        **named,
     )
+
+
+def save_tiny_checkpoint(model_cls: Any, config: Any, processor: Any, path: Path, *, seed: int = 0) -> Path:
+    """Instantiates ``model_cls(config)`` with seeded random weights and saves it with the processor.
+
+    Shared by the families' ``build_tiny``: the model is the family's real
+    ``...ForConditionalGeneration`` class (what a hub download holds), so loading the folder
+    exercises the same prefix handling as a real checkpoint.
+
+    Args:
+        model_cls: The transformers model class to instantiate.
+        config: Its (tiny) config.
+        processor: The family's processor (tokenizer + image processor).
+        path: Output directory.
+        seed: Seed for the random weights.
+
+    Returns:
+        ``path``.
+    """
+    import torch
+
+    from vlm2emb._quiet import quiet_third_party
+
+    quiet_third_party()
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
 
 
 def tiny_backbone(family: str, path: str | Path, *, seed: int = 0) -> Path:

@@ -116,10 +116,11 @@ def test_collator_output_without_negatives(model: EmbeddingModel, image_path: st
         ex({"text": "what is this"}, {"text": "a handwritten digit seven"}),
     ]
     batch = ContrastiveCollator(model)(examples)
-    assert set(batch) == {"query", "positive", "positive_keys", "negatives"}
-    assert batch["negatives"] is None
+    assert batch["negatives"] == []
+    assert batch["negative_keys"] is None and batch["negative_mask"] is None
     for side in ("query", "positive"):
-        inputs = batch[side]
+        assert len(batch[side]) == 1  # no GradCache: one chunk holds the whole batch
+        inputs = batch[side][0]
         assert inputs["input_ids"].shape[0] == 3
         assert inputs["attention_mask"].shape == inputs["input_ids"].shape
         # One image on each side: its pixels and grid come along.
@@ -133,7 +134,7 @@ def test_collator_output_without_negatives(model: EmbeddingModel, image_path: st
     assert keys[0] != keys[1]
     # The batch embeds.
     with torch.no_grad():
-        emb = model(batch["query"])
+        emb = model(batch["query"][0])
     assert emb.shape == (3, model.embedding_dim)
     assert torch.isfinite(emb).all()
 
@@ -154,8 +155,8 @@ def test_collator_ragged_negatives(model: EmbeddingModel) -> None:
     assert (keys[~mask] == -1).all()
     assert (keys[mask] >= 0).all()
     # Negatives are flattened in row order: 3 + 0 + 1.
-    assert batch["negatives"]["input_ids"].shape[0] == 4
-    texts = decode_rows(model, batch["negatives"])
+    assert batch["negatives"][0]["input_ids"].shape[0] == 4
+    texts = decode_rows(model, batch["negatives"][0])
     assert [t.split("\n")[-1] for t in texts] == ["n00", "n01", "p1", "n20"]
     assert all(t.startswith("Find it.\n") for t in texts)
     # A negative equal to another row's positive (same text, same instruction) has its key.
@@ -187,14 +188,14 @@ def test_row_instruction_overrides_default_query_instruction(model: EmbeddingMod
         ex({"text": "a handwritten digit three"}, {"text": "p"}),
     ]
     batch = ContrastiveCollator(model, query_instruction=default)(examples)
-    q0, q1 = decode_rows(model, batch["query"])
+    q0, q1 = decode_rows(model, batch["query"][0])
     assert own in q0
     assert default not in q0
     assert q0.endswith("a handwritten digit two")
     assert default in q1
     assert q1.endswith("a handwritten digit three")
     # Query instructions never leak into the positives.
-    for text in decode_rows(model, batch["positive"]):
+    for text in decode_rows(model, batch["positive"][0]):
         assert own not in text
         assert default not in text
 
@@ -236,3 +237,21 @@ def test_hard_negative_equal_to_another_rows_positive_joins_its_group(model: Emb
     ]
     batch = ContrastiveCollator(model)(rows)
     assert batch["negative_keys"][0, 0].item() == batch["positive_keys"][1].item()
+
+
+def test_collator_slices_the_global_batch_and_chunks(model: EmbeddingModel) -> None:
+    rows = [ex({"text": f"q{i}"}, {"text": f"p{i % 3}"}, [{"text": f"n{i}"}] * (i % 2)) for i in range(6)]
+    full = ContrastiveCollator(model)(rows)
+    for rank in (0, 1):
+        part = ContrastiveCollator(model, rank=rank, world_size=2, chunk_size=2)(rows)
+        # Keys and negative layout describe the GLOBAL batch on every process.
+        assert torch.equal(part["positive_keys"], full["positive_keys"])
+        assert torch.equal(part["negative_mask"], full["negative_mask"])
+        assert torch.equal(part["local_negative_mask"], full["negative_mask"][3 * rank : 3 * rank + 3])
+        # Local rows only, in chunks of at most 2.
+        assert [c["input_ids"].shape[0] for c in part["query"]] == [2, 1]
+        texts = [t for c in part["query"] for t in decode_rows(model, c)]
+        assert texts == [f"q{i}" for i in range(3 * rank, 3 * rank + 3)]
+        # Multi-process: every row is filled to K negatives so all processes embed alike.
+        assert part["negatives_padded"] is True
+        assert sum(c["input_ids"].shape[0] for c in part["negatives"]) == 3 * 1

@@ -136,3 +136,24 @@ def test_same_seed_gives_the_same_weights(tmp_path, tiny_qwen2_vl_dir):
     original = _state(tiny_qwen2_vl_dir)
     trained = _state(tmp_path / "a" / "final")
     assert [k for k in original if not torch.equal(original[k], trained[k])]  # full fine-tuning moved weights
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_qwen2_vl_dir):
+    from vlm2emb.train.loop import TrainingError
+
+    data = _text_data(tmp_path, with_negatives=False)
+    # cosine / 1e-40 overflows float32: every loss is NaN.
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.name_or_path={tiny_qwen2_vl_dir}",
+        f"data.train={data}",
+    ]
+    overrides += [
+        "train.batch_size=4",
+        "train.max_steps=10",
+        "train.temperature=1e-40",
+        "train.max_bad_steps=3",
+    ]
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row \\(last at step 3\\)"):
+        train(load_recipe(None, overrides), progress=False)
+    assert not (tmp_path / "run" / "final").exists()  # nothing written from a broken run

@@ -10,6 +10,18 @@ from vlm2emb.backbones.base import BackboneAdapter
 # new file under vlm2emb/backbones/ plus one line here; modules import lazily on lookup.
 _FAMILY_MODULES: dict[str, str] = {
     "qwen2_vl": "vlm2emb.backbones.qwen2_vl",
+    "diffusion_gemma": "vlm2emb.backbones.diffusion_gemma",
+    "masked_diffusion": "vlm2emb.backbones.masked_diffusion",
+    "qwen2_5_vl": "vlm2emb.backbones.qwen2_5_vl",
+    "qwen3_vl": "vlm2emb.backbones.qwen3_vl",
+    "llava": "vlm2emb.backbones.llava",
+    "llava_next": "vlm2emb.backbones.llava_next",
+    "llava_onevision": "vlm2emb.backbones.llava_onevision",
+    "idefics3": "vlm2emb.backbones.idefics3",
+    "smolvlm": "vlm2emb.backbones.smolvlm",
+    "paligemma": "vlm2emb.backbones.paligemma",
+    "gemma3": "vlm2emb.backbones.gemma3",
+    "internvl": "vlm2emb.backbones.internvl",
 }
 
 _ADAPTERS: dict[str, type[BackboneAdapter]] = {}

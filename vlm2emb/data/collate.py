@@ -70,14 +70,25 @@ class GlobalBatchSampler:
 
 
 class ContrastiveCollator:
-    """Turns training examples into query / positive / negative backbone batches.
+    """Turns a global batch of training examples into this process's backbone batches.
+
+    It receives the whole global batch (every process sees the same one) so that the
+    false-negative ids and the hard-negative layout are computed over the global batch, and
+    builds backbone inputs only for this process's rows ``[rank * b, (rank + 1) * b)``.
+    Inputs come in chunks of at most ``chunk_size`` items (GradCache re-runs them one chunk
+    at a time; 0 = one chunk).
 
     The output holds CPU tensors:
-        ``query``, ``positive``: backbone inputs for B items each.
-        ``negatives``: backbone inputs for the flattened hard negatives, or None.
-        ``negative_mask``: [B, K] bool, False where a row has fewer than K negatives.
-        ``positive_keys`` [B], ``negative_keys`` [B, K]: ids that the loss uses to mask
-        in-batch false negatives (see :func:`false_negative_groups`).
+        ``query``, ``positive``: lists of backbone-input chunks covering the b local items.
+        ``negatives``: chunks of the local rows' hard negatives, flattened in row order
+        (empty list when the batch has none).
+        ``positive_keys`` [B]: false-negative group ids of the global batch (see
+        :func:`false_negative_groups`).
+        ``negative_keys``, ``negative_mask`` [B, K]: ids and real-negative mask of the
+        global batch's hard negatives (K = most negatives of any global row), or None.
+        ``local_negative_mask`` [b, K]: this process's rows of ``negative_mask``.
+        ``negatives_padded``: True when ``negatives`` holds all b * K slots (multi-process
+        runs), padding included; else only the real negatives.
     """
 
     def __init__(
@@ -86,46 +97,83 @@ class ContrastiveCollator:
         *,
         query_instruction: str | None = None,
         target_instruction: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        chunk_size: int = 0,
     ) -> None:
         self.model = model
         self.query_instruction = query_instruction
         self.target_instruction = target_instruction
+        self.rank = rank
+        self.world_size = world_size
+        self.chunk_size = chunk_size
 
     def __call__(self, examples: Sequence[TrainExample]) -> dict[str, Any]:
         from vlm2emb.losses import content_keys
 
+        if len(examples) % self.world_size:
+            raise ValueError(
+                f"a global batch of {len(examples)} rows does not split over {self.world_size} processes"
+            )
         q_instr = [ex.instruction or self.query_instruction for ex in examples]
         t_instr = [ex.target_instruction or self.target_instruction for ex in examples]
         # Keys include the instruction: the same text under another instruction embeds differently.
         pos_content = content_keys([[ex.positive, t] for ex, t in zip(examples, t_instr)])  # [B]
         query_content = content_keys([[ex.query, i] for ex, i in zip(examples, q_instr)])  # [B]
         groups = false_negative_groups(query_content.tolist(), pos_content.tolist())
+        b = len(examples) // self.world_size
+        lo, hi = self.rank * b, (self.rank + 1) * b
+        local = examples[lo:hi]
         batch: dict[str, Any] = {
-            "query": self._collate([ex.query for ex in examples], q_instr, examples),
-            "positive": self._collate([ex.positive for ex in examples], t_instr, examples),
+            "query": self._chunks([ex.query for ex in local], q_instr[lo:hi], local),
+            "positive": self._chunks([ex.positive for ex in local], t_instr[lo:hi], local),
             "positive_keys": torch.tensor(groups, dtype=torch.int64),
-            "negatives": None,
+            "negatives": [],
+            "negative_keys": None,
+            "negative_mask": None,
+            "local_negative_mask": None,
+            "negatives_padded": False,
         }
-        group_of_content = dict(zip(pos_content.tolist(), groups))
         k = max(len(ex.negatives) for ex in examples)
         if k:
-            flat, flat_instr, keys = [], [], []
+            group_of_content = dict(zip(pos_content.tolist(), groups))
             mask = torch.zeros(len(examples), k, dtype=torch.bool)
+            keys_flat: list[Any] = []
             for row, (ex, t) in enumerate(zip(examples, t_instr)):
                 mask[row, : len(ex.negatives)] = True
-                for neg in ex.negatives:
-                    flat.append(neg)
-                    flat_instr.append(t)
-                    keys.append([neg, t])
+                keys_flat.extend([neg, t] for neg in ex.negatives)
             key_tensor = torch.full((len(examples), k), -1, dtype=torch.int64)
             # A hard negative equal to some row's positive belongs to that row's group.
             key_tensor[mask] = torch.tensor(
-                [group_of_content.get(key, key) for key in content_keys(keys).tolist()], dtype=torch.int64
+                [group_of_content.get(key, key) for key in content_keys(keys_flat).tolist()],
+                dtype=torch.int64,
             )
-            batch["negatives"] = self._collate(flat, flat_instr, examples)
-            batch["negative_mask"] = mask
+            if self.world_size > 1:
+                # Every process must run the backbone equally often (ZeRO-3 gathers weights
+                # collectively per forward): fill each row to K negatives with its own
+                # positive as a stand-in, embedded but masked out of the loss.
+                flat = [
+                    neg for ex in local for neg in [*ex.negatives, *[ex.positive] * (k - len(ex.negatives))]
+                ]
+                flat_instr = [t for t in t_instr[lo:hi] for _ in range(k)]
+                batch["negatives_padded"] = True
+            else:
+                flat = [neg for ex in local for neg in ex.negatives]
+                flat_instr = [t for ex, t in zip(local, t_instr[lo:hi]) for _ in ex.negatives]
+            batch["negatives"] = self._chunks(flat, flat_instr, local) if flat else []
             batch["negative_keys"] = key_tensor
+            batch["negative_mask"] = mask
+            batch["local_negative_mask"] = mask[lo:hi]
         return batch
+
+    def _chunks(
+        self, items: list[Any], instructions: list[str | None], examples: Sequence[TrainExample]
+    ) -> list[dict[str, Any]]:
+        size = self.chunk_size or len(items)
+        return [
+            self._collate(items[i : i + size], instructions[i : i + size], examples)
+            for i in range(0, len(items), size)
+        ]
 
     def _collate(
         self, items: list[Any], instructions: list[str | None], examples: Sequence[TrainExample]

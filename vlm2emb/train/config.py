@@ -39,14 +39,15 @@ class ModelConfig:
     """Which backbone to load and how it embeds."""
 
     name_or_path: str = "tiny:qwen2_vl"
-    pooling: str = "last"
+    pooling: str | None = None  # None = the family's default (mean if bidirectional, else last)
     normalize: bool = True
-    attention: str = "causal"
+    attention: str | None = None  # None = the family's default (causal for AR, bidirectional for diffusion)
     padding_side: str = "right"
     dtype: str = "fp32"  # weight dtype (auto = as stored); mixed precision is train.precision
     attn_implementation: str | None = None
     lora: LoraConfig | None = None  # YAML: false/true or a mapping of LoraConfig keys
     gradient_checkpointing: bool = False
+    freeze_vision: bool = False  # full fine-tune of the language model only (LoRA never touches vision)
     trust_remote_code: bool = False
 
 
@@ -75,10 +76,16 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     lr_scheduler: str = "linear"  # linear | cosine | constant
     temperature: float = 0.02
+    learnable_temperature: bool = False  # CLIP-style logit scale, clamped to max_logit_scale
+    max_logit_scale: float = 100.0
     symmetric_loss: bool = False
+    gradcache_chunk_size: int = 0  # 0 = off; else items per forward chunk (GradCache)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     max_grad_norm: float = 1.0
     save_steps: int = 0  # 0 = only final/
+    save_total_limit: int | None = None  # keep only the newest N checkpoints (None = all)
+    resume_from: str | None = None  # auto = newest complete checkpoint in output_dir, or a path
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each is skipped)
     log_steps: int = 10
     eval_batch_size: int = 64
     eval_before: bool = True  # evaluate the untrained model too (before/after table)
@@ -112,6 +119,8 @@ class RecipeConfig:
             ("train.lr_scheduler", self.train.lr_scheduler, ("linear", "cosine", "constant")),
         ]
         for key, value, allowed in checks:
+            if value is None and key in ("model.pooling", "model.attention"):
+                continue  # chosen by the backbone family
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
         positives = [
@@ -120,6 +129,8 @@ class RecipeConfig:
             ("train.temperature", self.train.temperature),
             ("train.eval_batch_size", self.train.eval_batch_size),
             ("train.log_steps", self.train.log_steps),
+            ("train.max_bad_steps", self.train.max_bad_steps),
+            ("train.max_logit_scale", self.train.max_logit_scale),
         ]
         if self.model.lora is not None:
             positives += [("model.lora.r", self.model.lora.r), ("model.lora.alpha", self.model.lora.alpha)]
@@ -127,6 +138,17 @@ class RecipeConfig:
                 raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.model.lora.dropout}")
         if self.data.max_negatives is not None and self.data.max_negatives < 0:
             raise ConfigError(f"data.max_negatives: must be >= 0, got {self.data.max_negatives}")
+        if self.train.gradcache_chunk_size < 0:
+            raise ConfigError(
+                f"train.gradcache_chunk_size: must be >= 0, got {self.train.gradcache_chunk_size}"
+            )
+        if self.train.save_total_limit is not None and self.train.save_total_limit < 1:
+            raise ConfigError(f"train.save_total_limit: must be >= 1, got {self.train.save_total_limit}")
+        if self.train.learnable_temperature and 1.0 / self.train.temperature > self.train.max_logit_scale:
+            raise ConfigError(
+                f"train.temperature: 1/{self.train.temperature} exceeds train.max_logit_scale "
+                f"{self.train.max_logit_scale} for a learnable temperature"
+            )
         if self.data.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.data.num_workers}")
         for key, value in positives:

@@ -1,19 +1,26 @@
-"""The contrastive training loop (accelerate), checkpoints and the final evaluation.
+"""The contrastive training loop: 1..N processes (DDP or DeepSpeed ZeRO), GradCache, resume.
 
 Outputs under ``output_dir``:
     recipe.yaml            the resolved recipe (every key, defaults included)
     metrics.jsonl          one JSON record per log step and per evaluation
-    checkpoints/step-N/    EmbeddingModel directories every ``train.save_steps``
+    checkpoints/step-N/    EmbeddingModel directory + ``state/`` (optimizer, scheduler, RNG)
+                           + trainer_state.json, every ``train.save_steps``
     final/                 the trained EmbeddingModel
     eval_before.json       the untrained model's report (when data.eval and eval_before)
     eval.json              the trained model's report (when data.eval is set)
+
+``train.batch_size`` is the global contrastive batch: every process draws the same global
+batch (its order depends on the seed alone), embeds its slice, and the loss gathers the
+embeddings of all processes, so the run computes the same thing on any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +30,12 @@ import torch
 import yaml
 
 from vlm2emb.train.config import RecipeConfig, recipe_to_dict
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (non-finite losses, non-finite weights)."""
 
 
 def _lr_lambda(cfg: RecipeConfig):
@@ -43,42 +56,74 @@ def _lr_lambda(cfg: RecipeConfig):
     return factor
 
 
-def make_accelerator(cfg: RecipeConfig) -> Any:
-    """Builds the accelerate ``Accelerator`` for this recipe's precision.
+def uses_deepspeed() -> bool:
+    """True when ``accelerate launch`` was given a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
-    Without CUDA accelerate must be told to use the CPU explicitly, otherwise it may pick
-    an unusable backend.
+
+def make_accelerator(cfg: RecipeConfig) -> Any:
+    """Builds the accelerate ``Accelerator`` for this recipe and launcher.
+
+    Precision is the recipe's (``train.precision``), whatever the launch config says, so a
+    recipe computes the same thing under every launcher. Without CUDA: DDP needs
+    ``cpu=True`` (gloo); DeepSpeed needs an explicit gloo process group instead, because
+    ``cpu=True`` would silently turn it into plain DDP.
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # A VLM batch without images leaves the vision tower unused; DDP must not wait for it.
+    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if torch.cuda.is_available():
+        return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
+    if uses_deepspeed():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
+    return Accelerator(mixed_precision=precision, cpu=True, kwargs_handlers=handlers)
 
 
-def _save_atomic(model: Any, target: Path, extra: dict[str, Any] | None = None) -> None:
-    """Writes an EmbeddingModel directory under a temporary name, then renames it.
+def _configure_deepspeed(accelerator: Any, cfg: RecipeConfig, local_batch: int) -> None:
+    # The recipe decides batch size and clipping; the launch config only the ZeRO layout.
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = local_batch
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = local_batch * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else 0.0
+    ds["zero_allow_untested_optimizer"] = True
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # Checkpoints and final/ are ordinary safetensors: gather the partitions on save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
-    A run killed while saving leaves a ``.tmp-*`` folder, never a half-written checkpoint
-    under the real name.
+
+def find_checkpoint(output_dir: Path, resume_from: str) -> Path:
+    """Resolves ``train.resume_from``: ``auto`` = newest complete checkpoint, or a path.
+
+    A checkpoint directory only ever appears complete (it is renamed into place), so any
+    ``step-N`` directory is usable; half-written ones keep their ``.tmp-`` name.
     """
-    tmp = target.parent / f".tmp-{target.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if extra is not None:
-        (tmp / "trainer_state.json").write_text(json.dumps(extra, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    if resume_from != "auto":
+        path = Path(resume_from)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"train.resume_from: {path} is not a vlm2emb checkpoint")
+        return path
+    steps = [
+        (int(m.group(1)), p)
+        for p in (output_dir / "checkpoints").glob("step-*")
+        if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()
+    ]
+    if not steps:
+        raise FileNotFoundError(f"train.resume_from=auto: no checkpoint in {output_dir / 'checkpoints'}")
+    return max(steps)[1]
 
 
 def _count_tokens(batch: dict[str, Any]) -> int:
-    total = 0
-    for key in ("query", "positive", "negatives"):
-        part = batch.get(key)
-        if part is not None:
-            total += int(part["attention_mask"].sum())
-    return total
+    return sum(
+        int(chunk["attention_mask"].sum())
+        for key in ("query", "positive", "negatives")
+        for chunk in batch[key]
+    )
 
 
 def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, Any]:
@@ -87,232 +132,425 @@ def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, A
     # Same prompts as training: rows without their own instruction get the recipe's default.
     rows = [ex.as_row(default_instruction=cfg.data.query_instruction) for ex in examples]
     return evaluate(
-        model,
-        rows,
-        batch_size=cfg.train.eval_batch_size,
-        target_instruction=cfg.data.target_instruction,
+        model, rows, batch_size=cfg.train.eval_batch_size, target_instruction=cfg.data.target_instruction
     )
+
+
+class _Trainer:
+    """Holds the state of one run; ``run()`` does the work."""
+
+    def __init__(self, cfg: RecipeConfig, progress: bool) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.output_dir)
+        self.accelerator = make_accelerator(cfg)
+        self.is_main = self.accelerator.is_main_process
+        self.deepspeed = uses_deepspeed()
+
+    # ------------------------------------------------------------------ setup
+    def _load_data(self) -> None:
+        from vlm2emb.data.schema import load_eval_examples, load_train_examples
+
+        cfg = self.cfg
+        # Only the main process writes demo data; the others read it after the barrier.
+        if not self.is_main:
+            self.accelerator.wait_for_everyone()
+        self.train_examples = load_train_examples(
+            cfg.data.train,
+            media_root=cfg.data.media_root,
+            verify_images=cfg.data.verify_images,
+            max_negatives=cfg.data.max_negatives,
+            work_dir=self.out,
+        )
+        self.eval_examples = (
+            load_eval_examples(
+                cfg.data.eval,
+                media_root=cfg.data.media_root,
+                verify_images=cfg.data.verify_images,
+                work_dir=self.out,
+            )
+            if cfg.data.eval
+            else []
+        )
+        if self.is_main:
+            self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _plain_model_init(self):
+        """Builds and loads models whole, even under a ZeRO-3 launch config.
+
+        accelerate registers its DeepSpeed config with transformers, which then constructs
+        every ZeRO-3 model inside ``deepspeed.zero.Init`` (a collective per layer): building
+        the tiny model on the main process alone would hang, and partitioned parameters
+        would break the embedding setup (attention switch, pooling token). ZeRO-3 still
+        partitions the model in ``accelerator.prepare``. For models too large for one
+        process's memory this is the limit to lift (docs/distributed.md).
+        """
+        if not self.deepspeed:
+            yield
+            return
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+    def _load_model(self) -> Any:
+        with self._plain_model_init():
+            return self._load_model_whole()
+
+    def _load_model_whole(self) -> Any:
+        from vlm2emb.model import EmbeddingModel
+
+        cfg = self.cfg
+        name = cfg.model.name_or_path
+        if name.startswith("tiny:") and self.accelerator.num_processes > 1:
+            # transformers writes checkpoints on rank 0 only once a process group exists, so
+            # the main process builds the tiny model once and every process loads that copy.
+            from vlm2emb.testing import tiny_backbone
+
+            name = str(self.out / "tiny-backbone")
+            if self.is_main:
+                tiny_backbone(cfg.model.name_or_path.removeprefix("tiny:"), name, seed=cfg.seed)
+            self.accelerator.wait_for_everyone()
+        model = EmbeddingModel.from_pretrained(
+            name,
+            pooling=cfg.model.pooling,
+            normalize=cfg.model.normalize,
+            attention=cfg.model.attention,
+            padding_side=cfg.model.padding_side,
+            torch_dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            seed=cfg.seed,
+        )
+        model.config.base_model = cfg.model.name_or_path
+        model.config.query_instruction = cfg.data.query_instruction
+        model.config.target_instruction = cfg.data.target_instruction
+        model.config.temperature = cfg.train.temperature
+        if cfg.model.freeze_vision:
+            tower = model.adapter.vision_tower(model.backbone)
+            if tower is None:
+                raise ValueError(f"model.freeze_vision: backbone {model.config.family!r} has no vision tower")
+            tower.requires_grad_(False)
+        if cfg.model.lora is not None:
+            lora = cfg.model.lora
+            model.apply_lora(
+                r=lora.r,
+                alpha=lora.alpha,
+                dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                use_dora=lora.use_dora,
+            )
+        if cfg.model.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            if cfg.model.lora is not None:
+                # Frozen embeddings would give checkpointed blocks inputs without grad.
+                model.backbone.enable_input_require_grads()
+        if cfg.train.learnable_temperature:
+            model.enable_learnable_temperature(cfg.train.temperature, cfg.train.max_logit_scale)
+        # Same modules on every process in every step (see BackboneAdapter.keep_vision_alive).
+        model.adapter.always_run_vision = self.accelerator.num_processes > 1
+        return model.to(self.accelerator.device)
+
+    # ------------------------------------------------------------------ saving
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict on the main process (collective under ZeRO-3)."""
+        state = self.accelerator.get_state_dict(self.prepared)
+        if not self.is_main:
+            return None
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingError(f"refusing to save non-finite weights (first: {bad[0]})")
+        return state
+
+    def _save(self, target: Path, step: int, *, with_state: bool) -> None:
+        """Writes an EmbeddingModel directory (+ training state) atomically under ``target``.
+
+        Every process writes into ``.tmp-NAME`` (DeepSpeed saves one optimizer shard per
+        process), then the main process renames it: a run killed at any moment leaves
+        either the complete directory or a temporary one, never a partial ``target``.
+        """
+        acc = self.accelerator
+        tmp = target.parent / f".tmp-{target.name}"
+        if self.is_main:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        if with_state:
+            acc.save_state(str(tmp / "state"))
+        state = self._full_state()
+        if self.is_main:
+            acc.unwrap_model(self.prepared).save_pretrained(tmp, state_dict=state)
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.cfg.train.save_total_limit
+        if limit is None:
+            return
+        found = sorted(
+            (int(m.group(1)), p)
+            for p in (self.out / "checkpoints").glob("step-*")
+            if (m := _STEP_DIR.match(p.name))
+        )
+        for _, path in found[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ steps
+    def _sync_context(self, sync: bool):
+        if sync or self.deepspeed:  # DeepSpeed steps never run more than one backward
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.prepared)
+
+    def _backward(self, loss: torch.Tensor, sync: bool) -> None:
+        if self.deepspeed:
+            # accelerate's DeepSpeed backward also steps the optimizer; GradCache calls
+            # backward once per chunk, so talk to the engine directly.
+            # One backward per optimizer step (GradCache uses its single-backward form here);
+            # accelerate's own DeepSpeed backward would also step, so call the engine.
+            self.prepared.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
+    def _optimizer_step(self) -> None:
+        if self.deepspeed:
+            self.prepared.step()  # clipping (ds gradient_clipping), optimizer, zero_grad
+        else:
+            if self.cfg.train.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _skip_step(self) -> None:
+        if self.deepspeed:
+            self.prepared.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
+        from vlm2emb.distributed import all_true
+        from vlm2emb.eval import format_report
+        from vlm2emb.gradcache import ContrastiveStep
+        from vlm2emb.losses import InfoNCELoss
+
+        cfg, acc = self.cfg, self.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        if cfg.train.batch_size % world:
+            raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
+        local_batch = cfg.train.batch_size // world
+        resume_dir = find_checkpoint(self.out, cfg.train.resume_from) if cfg.train.resume_from else None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))
+        set_seed(cfg.seed)
+
+        self._load_data()  # a bad row stops the run before a large model is loaded
+        start_step = json.loads((resume_dir / "trainer_state.json").read_text())["step"] if resume_dir else 0
+        sampler = GlobalBatchSampler(
+            len(self.train_examples), cfg.train.batch_size, cfg.seed, start_step=start_step
+        )
+        model = self._load_model()
+
+        report_before = None
+        if self.eval_examples and cfg.train.eval_before and resume_dir is None:
+            report_before = _evaluate(model, self.eval_examples, cfg)
+            if self.is_main:
+                (self.out / "eval_before.json").write_text(json.dumps(report_before, indent=2) + "\n")
+                print("Before training:\n" + format_report(report_before), flush=True)
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in self.params)
+        n_total = sum(p.numel() for p in model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+        )
+        # Our own scheduler, stepped by us: accelerate would hand a LambdaLR to DeepSpeed as
+        # a no-op wrapper. Registered so checkpoints hold its state.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        acc.register_for_checkpointing(self.scheduler)
+        if self.deepspeed:
+            _configure_deepspeed(acc, cfg, local_batch)
+            stage = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+            if stage == 3 and cfg.train.gradcache_chunk_size:
+                raise ValueError(
+                    "train.gradcache_chunk_size: GradCache under DeepSpeed ZeRO-3 is not supported yet "
+                    "(use zero2.yaml, DDP, or train.gradcache_chunk_size=0)"
+                )
+        self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
+        if resume_dir is not None:
+            acc.load_state(str(resume_dir / "state"))
+            if self.is_main:
+                print(f"Resumed from {resume_dir} at step {start_step}", flush=True)
+
+        loss_fn = InfoNCELoss(temperature=cfg.train.temperature, symmetric=cfg.train.symmetric_loss)
+        collator = ContrastiveCollator(
+            model,
+            query_instruction=cfg.data.query_instruction,
+            target_instruction=cfg.data.target_instruction,
+            rank=rank,
+            world_size=world,
+            chunk_size=cfg.train.gradcache_chunk_size,
+        )
+        loader = torch.utils.data.DataLoader(
+            self.train_examples, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers
+        )
+        step_fn = ContrastiveStep(
+            self.prepared,
+            loss_fn,
+            gradcache=cfg.train.gradcache_chunk_size > 0,
+            device=acc.device,
+            learnable_temperature=cfg.train.learnable_temperature,
+            single_backward=self.deepspeed,
+        )
+        if self.is_main:
+            print(
+                f"Training {cfg.model.name_or_path}: {n_trainable:,} of {n_total:,} parameters trainable, "
+                f"{len(self.train_examples)} rows, global batch {cfg.train.batch_size} over {world} process(es)"
+                f"{', GradCache chunks of ' + str(cfg.train.gradcache_chunk_size) if cfg.train.gradcache_chunk_size else ''}"
+                f", steps {start_step + 1}..{cfg.train.max_steps}",
+                flush=True,
+            )
+
+        # A new run starts a new log; a resumed run continues it.
+        metrics_file = (self.out / "metrics.jsonl").open("a" if resume_dir else "w") if self.is_main else None
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=start_step,
+            desc="train",
+            disable=not (self.progress and self.is_main),
+            dynamic_ncols=True,
+        )
+        self.prepared.train()
+        start = time.perf_counter()
+        window_start, window_samples, window_tokens = start, 0, 0
+        running = torch.zeros((), device=acc.device)  # summed on device, read once per log window
+        running_n, bad_in_row, skipped = 0, 0, 0
+        last_loss = float("nan")
+        data_iter = iter(loader)
+        for step in range(start_step + 1, cfg.train.max_steps + 1):
+            batch = next(data_iter)
+            window_samples += cfg.train.batch_size
+            window_tokens += _count_tokens(batch)
+            with acc.autocast():
+                loss = step_fn.forward_loss(batch)
+            # Every process must take the same decision, or collectives would hang.
+            if all_true(bool(torch.isfinite(loss.detach())), acc.device):
+                with acc.autocast():  # GradCache re-runs forwards in here
+                    step_fn.backward(loss, self._backward, self._sync_context)
+                self._optimizer_step()
+                running += loss.detach()
+                running_n += 1
+                bad_in_row = 0
+            else:
+                step_fn.discard()
+                self._skip_step()
+                bad_in_row += 1
+                skipped += 1
+                if self.is_main:
+                    print(f"step {step}: non-finite loss, step skipped ({bad_in_row} in a row)", flush=True)
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    raise TrainingError(
+                        f"stopping: {bad_in_row} non-finite losses in a row (last at step {step}); "
+                        "lower train.learning_rate, check the data, or raise train.max_bad_steps"
+                    )
+            bar.update(1)
+
+            if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
+                now = time.perf_counter()
+                # Each process holds the mean over its own queries; the global batch's loss
+                # is their mean (one collective per log window, on every process).
+                total = acc.reduce(running.clone(), reduction="mean") if world > 1 else running
+                last_loss = float(total) / running_n if running_n else float("nan")
+                record = {
+                    "step": step,
+                    "loss": round(last_loss, 6),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "samples_per_s": round(window_samples / (now - window_start), 3),
+                    "tokens_per_s": round(window_tokens * world / (now - window_start), 1),
+                    "elapsed_s": round(now - start, 2),
+                }
+                if cfg.train.learnable_temperature:
+                    record["temperature"] = round(
+                        float(acc.unwrap_model(self.prepared).learned_temperature()), 6
+                    )
+                if skipped:
+                    record["skipped_steps"] = skipped
+                bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=record["samples_per_s"])
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                running.zero_()
+                running_n = 0
+                window_start, window_samples, window_tokens = now, 0, 0
+
+            if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < cfg.train.max_steps:
+                self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
+        bar.close()
+        train_seconds = time.perf_counter() - start
+
+        self._save(self.out / "final", cfg.train.max_steps, with_state=False)
+        if self.is_main:
+            print(
+                f"Trained to step {cfg.train.max_steps} in {train_seconds:.1f}s; saved {self.out / 'final'}",
+                flush=True,
+            )
+
+        report_after = None
+        if self.eval_examples:
+            # Every process evaluates (ZeRO-3 forwards are collective); the main one reports.
+            report_after = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
+            if self.is_main:
+                (self.out / "eval.json").write_text(json.dumps(report_after, indent=2) + "\n")
+                if metrics_file is not None:
+                    metrics_file.write(
+                        json.dumps({"step": cfg.train.max_steps, "eval": report_after["average"]}) + "\n"
+                    )
+                print("After training:\n" + format_report(report_after), flush=True)
+                if report_before is not None:
+                    print(_before_after(report_before, report_after), flush=True)
+        if metrics_file is not None:
+            metrics_file.close()
+        acc.wait_for_everyone()
+        return {
+            "output_dir": str(self.out),
+            "steps": cfg.train.max_steps,
+            "final_loss": last_loss,
+            "train_seconds": train_seconds,
+            "eval_before": report_before,
+            "eval": report_after,
+        }
 
 
 def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs a whole recipe: load data and model, train, save, evaluate.
 
+    Works single-process and under ``accelerate launch`` (DDP or DeepSpeed ZeRO-2/3).
+
     Args:
         cfg: The validated recipe.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (main process only).
 
     Returns:
-        A summary: ``{"output_dir", "steps", "final_loss", "eval_before", "eval"}``.
+        A summary: ``{"output_dir", "steps", "final_loss", "train_seconds", "eval_before", "eval"}``.
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
-    from vlm2emb.data.schema import load_eval_examples, load_train_examples
-    from vlm2emb.eval import format_report
-    from vlm2emb.losses import InfoNCELoss
-    from vlm2emb.model import EmbeddingModel
-
-    accelerator = make_accelerator(cfg)
-    if accelerator.num_processes > 1:
-        # The loss would only see this process's slice as negatives: refuse rather than
-        # silently train a different objective. Cross-device negatives and GradCache come
-        # with the scale-out work (docs/index.md, status).
-        raise ValueError(
-            f"multi-process training ({accelerator.num_processes} processes) is not supported yet; "
-            "launch a single process"
-        )
-    is_main = accelerator.is_main_process
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))
-    set_seed(cfg.seed)
-
-    # Data first: a bad row should stop the run before a large model is loaded.
-    train_examples = load_train_examples(
-        cfg.data.train,
-        media_root=cfg.data.media_root,
-        verify_images=cfg.data.verify_images,
-        max_negatives=cfg.data.max_negatives,
-        work_dir=out,
-    )
-    eval_examples = (
-        load_eval_examples(
-            cfg.data.eval, media_root=cfg.data.media_root, verify_images=cfg.data.verify_images, work_dir=out
-        )
-        if cfg.data.eval
-        else []
-    )
-    sampler = GlobalBatchSampler(
-        len(train_examples),
-        cfg.train.batch_size,
-        cfg.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
-
-    model = EmbeddingModel.from_pretrained(
-        cfg.model.name_or_path,
-        pooling=cfg.model.pooling,
-        normalize=cfg.model.normalize,
-        attention=cfg.model.attention,
-        padding_side=cfg.model.padding_side,
-        torch_dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        seed=cfg.seed,
-    )
-    model.config.query_instruction = cfg.data.query_instruction
-    model.config.target_instruction = cfg.data.target_instruction
-    model.config.temperature = cfg.train.temperature
-    if cfg.model.lora is not None:
-        lora = cfg.model.lora
-        model.apply_lora(
-            r=lora.r,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            use_dora=lora.use_dora,
-        )
-    if cfg.model.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.lora is not None:
-            # Frozen embeddings would give checkpointed blocks inputs without grad.
-            model.backbone.enable_input_require_grads()
-    model.to(accelerator.device)
-
-    report_before = None
-    if eval_examples and cfg.train.eval_before:
-        report_before = _evaluate(model, eval_examples, cfg)
-        if is_main:
-            (out / "eval_before.json").write_text(json.dumps(report_before, indent=2) + "\n")
-            print("Before training:\n" + format_report(report_before), flush=True)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    loss_fn = InfoNCELoss(temperature=cfg.train.temperature, symmetric=cfg.train.symmetric_loss)
-    collator = ContrastiveCollator(
-        model, query_instruction=cfg.data.query_instruction, target_instruction=cfg.data.target_instruction
-    )
-    loader = torch.utils.data.DataLoader(
-        train_examples,
-        batch_sampler=sampler,
-        collate_fn=collator,
-        num_workers=cfg.data.num_workers,
-    )
-    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if is_main:
-        print(
-            f"Training {cfg.model.name_or_path}: {n_trainable:,} of {n_total:,} parameters trainable, "
-            f"{len(train_examples)} rows, batch {cfg.train.batch_size}, {cfg.train.max_steps} steps",
-            flush=True,
-        )
-
-    # A new run starts a new log: appending would mix two runs' curves in one file.
-    metrics_file = (out / "metrics.jsonl").open("w") if is_main else None
-    bar = tqdm(
-        total=cfg.train.max_steps, desc="train", disable=not (progress and is_main), dynamic_ncols=True
-    )
-    prepared.train()
-    start = time.perf_counter()
-    window_start, window_samples, window_tokens = start, 0, 0
-    running = torch.zeros((), device=accelerator.device)  # summed on device: no per-step host sync
-    running_n = 0
-    last_loss = float("nan")
-    data_iter = iter(loader)
-    for step in range(1, cfg.train.max_steps + 1):
-        batch = next(data_iter)
-        window_samples += len(batch["positive_keys"])
-        window_tokens += _count_tokens(batch)
-        with accelerator.autocast():
-            q = prepared(batch["query"])  # [B, d]
-            p = prepared(batch["positive"])  # [B, d]
-            negs = None
-            if batch["negatives"] is not None:
-                flat = prepared(batch["negatives"])  # [N_real, d]
-                mask = batch["negative_mask"].to(flat.device)  # [B, K]
-                negs = flat.new_zeros(*mask.shape, flat.shape[-1])  # [B, K, d]
-                negs[mask] = flat
-            loss = loss_fn(
-                q,
-                p,
-                negs,
-                positive_keys=batch["positive_keys"].to(q.device),
-                negative_keys=batch["negative_keys"].to(q.device) if negs is not None else None,
-                negative_mask=mask if negs is not None else None,
-            )
-        accelerator.backward(loss)
-        if cfg.train.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += loss.detach()
-        running_n += 1
-        bar.update(1)
-
-        if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
-            now = time.perf_counter()
-            last_loss = float(running) / running_n  # the one host sync per log window
-            record = {
-                "step": step,
-                "loss": round(last_loss, 6),
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": round(window_samples * accelerator.num_processes / (now - window_start), 3),
-                "tokens_per_s": round(window_tokens * accelerator.num_processes / (now - window_start), 1),
-                "elapsed_s": round(now - start, 2),
-            }
-            bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=record["samples_per_s"])
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            running.zero_()
-            running_n = 0
-            window_start, window_samples, window_tokens = now, 0, 0
-
-        if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < cfg.train.max_steps:
-            accelerator.wait_for_everyone()
-            if is_main:
-                ckpt_dir = out / "checkpoints"
-                ckpt_dir.mkdir(exist_ok=True)
-                _save_atomic(accelerator.unwrap_model(prepared), ckpt_dir / f"step-{step}", {"step": step})
-    bar.close()
-    train_seconds = time.perf_counter() - start
-
-    accelerator.wait_for_everyone()
-    final_model = accelerator.unwrap_model(prepared)
-    if is_main:
-        _save_atomic(final_model, out / "final", {"step": cfg.train.max_steps})
-        print(
-            f"Trained {cfg.train.max_steps} steps in {train_seconds:.1f}s; saved {out / 'final'}", flush=True
-        )
-
-    report_after = None
-    if eval_examples:
-        report_after = _evaluate(final_model, eval_examples, cfg)
-        if is_main:
-            (out / "eval.json").write_text(json.dumps(report_after, indent=2) + "\n")
-            if metrics_file is not None:
-                metrics_file.write(
-                    json.dumps({"step": cfg.train.max_steps, "eval": report_after["average"]}) + "\n"
-                )
-            print("After training:\n" + format_report(report_after), flush=True)
-            if report_before is not None:
-                print(_before_after(report_before, report_after), flush=True)
-    if metrics_file is not None:
-        metrics_file.close()
-    return {
-        "output_dir": str(out),
-        "steps": cfg.train.max_steps,
-        "final_loss": last_loss,
-        "train_seconds": train_seconds,
-        "eval_before": report_before,
-        "eval": report_after,
-    }
+    return _Trainer(cfg, progress).run()
 
 
 def _before_after(before: dict[str, Any], after: dict[str, Any]) -> str:

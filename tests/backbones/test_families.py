@@ -1,0 +1,423 @@
+"""The same checks for every autoregressive VLM family, on tiny offline checkpoints.
+
+Each family's tiny model is built and loaded once per module (the ``tiny`` fixture is
+module-scoped and parametrised, so pytest groups the tests by family). Tests switch pooling,
+padding side and attention on that one model and restore them afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm2emb import EmbeddingModel
+from vlm2emb.backbones import get_adapter_class
+from vlm2emb.losses import InfoNCELoss
+from vlm2emb.model import CONFIG_NAME
+
+_SMOLVLM = pytest.param(
+    "smolvlm",
+    marks=pytest.mark.skipif(
+        importlib.util.find_spec("num2words") is None, reason="SmolVLM's processor needs num2words"
+    ),
+)
+FAMILIES = [
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    _SMOLVLM,
+    "paligemma",
+    "gemma3",
+    "internvl",
+]
+
+# Image tokens the tiny processors write for one 32x32 image alone, and per image when an
+# item holds two. They differ only for LLaVA-OneVision: a single image is tiled (anyres),
+# each image of a multi-image item is encoded whole (16 features + 1 newline).
+IMAGE_TOKENS: dict[str, tuple[int, int]] = {
+    "qwen2_vl": (16, 16),
+    "qwen2_5_vl": (16, 16),
+    "qwen3_vl": (16, 16),
+    "llava": (16, 16),
+    "llava_next": (36, 36),  # base 16 + one 16-feature tile + 4 row newlines
+    "llava_onevision": (36, 17),
+    "idefics3": (16, 16),
+    "smolvlm": (16, 16),
+    "paligemma": (16, 16),
+    "gemma3": (16, 16),
+    "internvl": (16, 16),
+}
+POOLINGS = ("last", "eos", "embed_token", "mean")
+LM_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@dataclass
+class Tiny:
+    family: str
+    path: Path
+    model: EmbeddingModel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The models are tiny: thread start-up costs more than the matmuls, and on a shared
+    # 2-core machine two threads per process make these tests many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Returns a builder that writes each family's tiny checkpoint once per session."""
+    from vlm2emb.testing import tiny_backbone
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny_backbone(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request: pytest.FixtureRequest, tiny_dir: Callable[[str], Path]) -> Tiny:
+    path = tiny_dir(request.param)
+    model = EmbeddingModel.from_pretrained(path, pooling="last", attention="causal", padding_side="right")
+    return Tiny(request.param, path, model)
+
+
+@pytest.fixture
+def model(tiny: Tiny) -> Iterator[EmbeddingModel]:
+    """The family's shared model, put back to last pooling, causal attention, right padding."""
+    yield tiny.model
+    _configure(tiny.model, pooling="last", attention="causal", padding_side="right")
+
+
+def _configure(
+    model: EmbeddingModel,
+    *,
+    pooling: str | None = None,
+    attention: str | None = None,
+    padding_side: str | None = None,
+) -> None:
+    if pooling is not None:
+        model.config.pooling = pooling
+        model._ensure_pool_token()
+    if attention is not None:
+        model.config.attention = attention
+        model.adapter.set_attention(model.backbone, attention)
+    if padding_side is not None:
+        model.config.padding_side = padding_side
+        model.adapter.padding_side = padding_side
+
+
+@pytest.fixture(scope="module")
+def items(digit_images):
+    # Text only, image only, text + image, two images: a batch of these needs padding.
+    return [
+        "seven",
+        "a much longer caption about a handwritten digit that is clearly a three",
+        digit_images[0],
+        {"text": "which digit is this?", "image": digit_images[1]},
+        {"images": [digit_images[2], digit_images[3]], "text": "two images"},
+        {"text": "x"},
+    ]
+
+
+def _hidden(model: EmbeddingModel, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = model.collate(batch)
+    with torch.no_grad():
+        return model.adapter.forward(model.backbone, inputs)
+
+
+def _image_token_id(model: EmbeddingModel) -> int:
+    cfg = model.backbone.config
+    for name in ("image_token_id", "image_token_index"):
+        if getattr(cfg, name, None) is not None:
+            return int(getattr(cfg, name))
+    raise AssertionError("config names no image token")
+
+
+def _lm_prefix(model: EmbeddingModel) -> str:
+    lm = model.adapter.language_model(model.backbone)
+    return next(name for name, module in model.backbone.named_modules() if module is lm)
+
+
+# --------------------------------------------------------------------------- structure
+def test_registry_and_tiny_layout(tiny):
+    adapter_cls = get_adapter_class(tiny.family)
+    assert type(tiny.model.adapter) is adapter_cls
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny.path)
+    assert get_adapter_class(cfg.model_type) is adapter_cls  # found by model_type as well
+    assert cfg.architectures[0].endswith("ForConditionalGeneration")  # saved like a hub download
+    names = {p.name for p in tiny.path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+
+
+def test_default_lora_targets_are_every_decoder_projection_and_nothing_else(model):
+    pattern = re.compile(model.adapter.lora_target_modules)
+    matched = [n for n, _ in model.backbone.named_modules() if pattern.fullmatch(n)]
+    assert matched, "the LoRA regex matches nothing"
+    prefix = _lm_prefix(model) + ".layers."
+    assert all(n.startswith(prefix) for n in matched), [n for n in matched if not n.startswith(prefix)]
+    n_layers = len(model.adapter.language_model(model.backbone).layers)
+    per_layer: dict[int, set[str]] = {}
+    for name in matched:
+        layer, kind = name[len(prefix) :].split(".")[0], name.rsplit(".", 1)[1]
+        per_layer.setdefault(int(layer), set()).add(kind)
+    assert per_layer == dict.fromkeys(range(n_layers), LM_KINDS)
+
+
+def test_image_placeholders_expand_to_the_family_token_count(tiny, model, digit_images):
+    single, per_image_in_pair = IMAGE_TOKENS[tiny.family]
+    image_id = _image_token_id(model)
+    one = model.collate([{"text": "caption", "image": digit_images[0]}])
+    assert int((one["input_ids"] == image_id).sum()) == single
+    two = model.collate([{"text": "caption", "images": digit_images[:2]}])
+    assert int((two["input_ids"] == image_id).sum()) == 2 * per_image_in_pair
+    prompt = model.adapter.render_prompt("caption", 1, "Find it.")
+    assert "Find it." in prompt and prompt.index("Find it.") < prompt.index("caption")
+
+
+# --------------------------------------------------------------------------- encoding
+def test_every_pooling_encodes_text_images_and_mixed_items(model, items):
+    embs = {}
+    for pooling in POOLINGS:
+        _configure(model, pooling=pooling)
+        emb = model.encode(items, batch_size=len(items))
+        assert emb.shape == (len(items), model.embedding_dim)
+        assert torch.isfinite(emb).all(), pooling
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(items)))
+        embs[pooling] = emb
+    # Different poolings read different positions: if they agreed, pooling would be ignored.
+    assert not torch.allclose(embs["last"], embs["mean"], atol=1e-3)
+    assert not torch.allclose(embs["last"], embs["embed_token"], atol=1e-3)
+    # Text-only, image-only and mixed items get distinct embeddings.
+    assert torch.cdist(embs["last"], embs["last"]).fill_diagonal_(1.0).min() > 1e-4
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_embedding_does_not_depend_on_batch_mates(model, items, padding_side):
+    _configure(model, padding_side=padding_side)
+    for pooling, attention in (("eos", "causal"), ("last", "causal"), ("mean", "bidirectional")):
+        _configure(model, pooling=pooling, attention=attention)
+        batched = model.encode(items, batch_size=len(items))  # padded together
+        alone = torch.stack([model.encode(item) for item in items])  # no padding at all
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0, msg=f"{pooling}, {attention}")
+    perm = [4, 1, 5, 0, 3, 2]
+    shuffled = model.encode([items[i] for i in perm], batch_size=4)
+    torch.testing.assert_close(shuffled, batched[perm], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- attention
+def test_attention_modes_switch_the_decoder_and_its_sdpa_modules(model):
+    lm = model.adapter.language_model(model.backbone)
+    assert lm.config._attn_implementation == "sdpa"  # the path that can silently stay causal
+    for mode in ("bidirectional", "causal"):
+        _configure(model, attention=mode)
+        flags = {m.is_causal for m in lm.modules() if hasattr(m, "is_causal") and m is not lm}
+        assert flags == {mode == "causal"}, mode
+        assert lm.config.is_causal == (mode == "causal")
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_only_bidirectional_attention_sees_later_tokens(model, digit_images, with_image):
+    image = {"image": digit_images[0]} if with_image else {}
+    a = {"text": "one two three four", **image}
+    b = {"text": "one two three four five six seven eight nine", **image}
+    # b extends a's text: the prompts share a prefix, so position 0 holds the same token.
+    filler = "a much longer sentence that forces padding of the two others, really much longer"
+    for mode in ("causal", "bidirectional"):
+        _configure(model, attention=mode)
+        # Alone: no padding, so transformers may skip the mask and rely on SDPA's is_causal.
+        h_a, mask_a = _hidden(model, [a])
+        h_b, mask_b = _hidden(model, [b])
+        assert mask_a.all() and mask_b.all()
+        ids_a, ids_b = model.collate([a])["input_ids"][0], model.collate([b])["input_ids"][0]
+        n = int(torch.cumprod(ids_a == ids_b[: len(ids_a)], 0).sum())  # shared prefix length
+        assert n >= 2
+        changed_alone = not torch.allclose(h_a[0, 0], h_b[0, 0], atol=1e-6)
+        # Batched with padding: the mask is materialised.
+        h, mask = _hidden(model, [a, b, filler])
+        assert not mask.all()
+        assert torch.isfinite(h[mask.bool()]).all(), mode
+        rows = [h[i][mask[i].bool()] for i in range(2)]
+        changed_padded = not torch.allclose(rows[0][0], rows[1][0], atol=1e-6)
+        assert changed_alone == changed_padded == (mode == "bidirectional"), mode
+        if mode == "causal":  # on the tokens a and b share, causal states agree exactly
+            torch.testing.assert_close(h_a[0, :n], h_b[0, :n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padding_never_changes_real_tokens(model, digit_images, attention, padding_side):
+    _configure(model, attention=attention, padding_side=padding_side)
+    item = {"text": "one two three", "image": digit_images[0]}
+    alone, _ = _hidden(model, [item])
+    filler = "a far longer text than the first one, to pad it well beyond its length " * 3
+    h, mask = _hidden(model, [item, filler])
+    assert not mask[0].all()
+    real = h[0][mask[0].bool()]
+    torch.testing.assert_close(real, alone[0], atol=1e-5, rtol=0)
+    assert torch.isfinite(h[mask.bool()]).all()
+
+
+# --------------------------------------------------------------------------- training
+def test_lora_step_trains_only_the_adapter(tiny, items):
+    torch.manual_seed(0)
+    model = EmbeddingModel.from_pretrained(tiny.path, pooling="last")
+    model.apply_lora(r=4, alpha=8, dropout=0.0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    prefix = _lm_prefix(tiny.model)  # the decoder's name in the unwrapped backbone
+    assert all(f"{prefix}.layers." in n for n in trainable)  # the vision tower stays frozen
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model.train()
+    queries, targets = items[:3], items[3:]
+    loss = InfoNCELoss(temperature=0.05)(model(model.collate(queries)), model(model.collate(targets)))
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0
+    )
+    optimizer.step()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= trainable  # frozen weights did not move
+    # LoRA B starts at zero, so only B moves in the first step, and it moves in every
+    # adapted projection: all targets lie on the forward path of the embedding.
+    lora_b = {n for n in trainable if "lora_B" in n}
+    assert changed == lora_b
+
+
+def test_lora_adapter_saves_and_reloads(tiny, items, tmp_path):
+    model = EmbeddingModel.from_pretrained(tiny.path, pooling="mean", attention="bidirectional")
+    model.apply_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter change the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    before = model.encode(items)
+    out = model.save_pretrained(tmp_path / "lora")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    reloaded = EmbeddingModel.from_pretrained(out)
+    assert (reloaded.config.pooling, reloaded.config.attention) == ("mean", "bidirectional")
+    torch.testing.assert_close(reloaded.encode(items), before, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_is_exact(tiny, model, items, tmp_path):
+    from transformers import AutoModel
+
+    _configure(model, pooling="eos", attention="bidirectional")
+    before = model.encode(items)
+    out = model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((out / CONFIG_NAME).read_text())
+    assert (saved["family"], saved["pooling"], saved["attention"]) == (tiny.family, "eos", "bidirectional")
+    reloaded = EmbeddingModel.from_pretrained(out)
+    ours, theirs = model.backbone.state_dict(), reloaded.backbone.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # bit-identical weights
+    # Same weights, same inputs; CPU GEMM kernels may still differ in the last bit with the
+    # memory alignment of the loaded tensors, hence a tolerance of a few float32 ulps.
+    torch.testing.assert_close(reloaded.encode(items), before, atol=1e-6, rtol=0)
+
+    # The folder is a plain transformers checkpoint of the backbone: same hidden states once
+    # the plain model gets the same attention mode (transformers' own modules default to
+    # causal whatever the saved config says).
+    plain = AutoModel.from_pretrained(out).eval()
+    model.adapter.set_attention(plain, "bidirectional")
+    inputs = model.collate([{"text": "one two three", "image": items[2]}])
+    with torch.no_grad():
+        ours, _ = model.adapter.forward(model.backbone, inputs)
+        theirs = plain(**inputs, use_cache=False).last_hidden_state
+    torch.testing.assert_close(ours, theirs)
+
+
+# --------------------------------------------------------------------------- defaults
+def test_default_pooling_follows_the_attention(tiny_dir, tmp_path):
+    causal_dir, prefix_lm_dir = tiny_dir("llava"), tiny_dir("paligemma")
+    raw = EmbeddingModel.from_pretrained(causal_dir)
+    assert (raw.config.attention, raw.config.pooling) == ("causal", "last")
+    bidir = EmbeddingModel.from_pretrained(causal_dir, attention="bidirectional")
+    assert bidir.config.pooling == "mean"
+    explicit = EmbeddingModel.from_pretrained(causal_dir, attention="bidirectional", pooling="last")
+    assert explicit.config.pooling == "last"
+    # PaliGemma is a prefix-LM: its native attention over the prompt is bidirectional.
+    pali = EmbeddingModel.from_pretrained(prefix_lm_dir)
+    assert (pali.config.attention, pali.config.pooling) == ("bidirectional", "mean")
+    # A saved model keeps what it was saved with, even where the family default differs.
+    pali.config.pooling = "last"
+    out = pali.save_pretrained(tmp_path / "pali")
+    again = EmbeddingModel.from_pretrained(out)
+    assert (again.config.attention, again.config.pooling) == ("bidirectional", "last")
+
+
+# --------------------------------------------------------------------------- family specifics
+def test_gemma3_bidirectional_sliding_layers_use_a_symmetric_window(tiny_dir, digit_images):
+    model = EmbeddingModel.from_pretrained(tiny_dir("gemma3"), attention="bidirectional")
+    # token_type_ids would route Gemma 3 to its image-block masks, which pair a bidirectional
+    # mask with a one-sided window; the adapter sends them only for causal attention.
+    image_item = [{"text": "x", "image": digit_images[0]}]
+    assert "token_type_ids" not in model.collate(image_item)
+    _configure(model, attention="causal")
+    assert "token_type_ids" in model.collate(image_item)
+    _configure(model, attention="bidirectional")
+    window = model.backbone.config.text_config.sliding_window  # 8 in the tiny model; layer 0 slides
+    inputs = model.collate(["one two three four five six seven eight nine " * 3])
+    ids = inputs["input_ids"]
+    assert ids.shape[1] > 3 * window
+
+    def layers(changed_at: int) -> tuple[torch.Tensor, ...]:
+        edited = ids.clone()
+        edited[0, changed_at] = ids[0, changed_at + 1]  # a different token in that one place
+        with torch.no_grad():
+            return model.backbone(
+                input_ids=edited, attention_mask=inputs["attention_mask"], output_hidden_states=True
+            ).hidden_states
+
+    base, near, far = layers(ids.shape[1] - 2), layers(2), layers(2 * window)
+    sliding, last = 1, -1  # outputs of the sliding layer 0 and of the final (global) layer
+    # Position 0 sees a later token inside the window in the sliding layer...
+    assert not torch.allclose(base[sliding][0, 0], near[sliding][0, 0], atol=1e-6)
+    # ...but not one beyond it: the window is |i - j| <= w, not "everything after i".
+    torch.testing.assert_close(base[sliding][0, 0], far[sliding][0, 0], atol=1e-6, rtol=0)
+    # The global layer sees the whole sequence in both directions.
+    assert not torch.allclose(base[last][0, 0], far[last][0, 0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- recipes
+_REPO = Path(__file__).resolve().parents[2]
+FAMILY_RECIPES = sorted(p for p in (_REPO / "recipes").glob("*/*.yaml") if p.parent.name != "accelerate")
+
+
+@pytest.mark.parametrize("recipe", FAMILY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_family_recipes_load_and_start_with_their_launch_command(recipe):
+    from vlm2emb.train.config import load_recipe
+
+    cfg = load_recipe(recipe)
+    cfg.validate()
+    lines = recipe.read_text().splitlines()
+    assert lines[0].startswith("#"), "a recipe starts with its comment block"
+    header = "\n".join(
+        line for line in lines[: next(i for i, x in enumerate(lines) if not x.startswith("#"))]
+    )
+    relative = recipe.relative_to(_REPO).as_posix()
+    assert f"vlm2emb train {relative}" in header  # the exact command, with this file's path

@@ -1,0 +1,98 @@
+"""GradCache gives the gradients of the plain step (single process; multi-process runs are
+checked end to end in tests/train/test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm2emb import EmbeddingModel
+from vlm2emb.data.collate import ContrastiveCollator
+from vlm2emb.data.schema import TrainExample
+from vlm2emb.gradcache import ContrastiveStep
+from vlm2emb.losses import InfoNCELoss
+
+
+@pytest.fixture
+def model(tiny_qwen2_vl_dir) -> EmbeddingModel:
+    return EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir).train()
+
+
+@pytest.fixture(scope="module")
+def rows(digit_images, tmp_path_factory) -> list[TrainExample]:
+    folder = tmp_path_factory.mktemp("gc-images")
+    paths = []
+    for i, img in enumerate(digit_images[:6]):
+        paths.append(str(folder / f"{i}.png"))
+        img.save(paths[-1])
+    out = []
+    for i in range(6):
+        negatives = [{"text": f"a handwritten digit {(i + 1 + j) % 10}"} for j in range(i % 3)]  # ragged
+        out.append(
+            TrainExample(
+                query={"images": [paths[i]], "text": None},
+                positive={"text": f"a handwritten digit {i % 4}"},  # rows 0 and 4 share a positive
+                negatives=negatives,
+                instruction="Represent the given image.",
+                source=f"t:{i}",
+            )
+        )
+    return out
+
+
+def _grads(model, batch, *, gradcache, single_backward=False, learnable=False, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    step = ContrastiveStep(
+        model,
+        InfoNCELoss(temperature=0.05, symmetric=True),
+        gradcache=gradcache,
+        device=torch.device("cpu"),
+        learnable_temperature=learnable,
+        single_backward=single_backward,
+    )
+    loss = step.forward_loss(batch)
+    step.backward(loss, lambda tensor, _sync: tensor.backward())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def _assert_same(a, b, atol=1e-5):
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_equals_the_full_batch_step(model, rows, single_backward):
+    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
+    chunked = ContrastiveCollator(model, chunk_size=2)(rows)
+    assert len(chunked["query"]) == 3 and len(chunked["negatives"]) == 3  # 6 negatives in chunks of 2
+    _assert_same(_grads(model, chunked, gradcache=True, single_backward=single_backward), plain)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_replays_dropout(model, rows, single_backward):
+    for module in model.backbone.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3  # randomness in every attention layer
+    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    # Plain step over the same chunks draws the same random numbers in the same order.
+    plain = _grads(model, batch, gradcache=False, seed=3)
+    other_seed = _grads(model, batch, gradcache=False, seed=4)
+    assert other_seed[0] != pytest.approx(plain[0], abs=1e-6)  # dropout really is active
+    _assert_same(_grads(model, batch, gradcache=True, single_backward=single_backward, seed=3), plain)
+
+
+def test_gradcache_with_learnable_temperature(model, rows):
+    model.enable_learnable_temperature(0.05)
+    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False, learnable=True)
+    assert "logit_scale" in plain[1] and plain[1]["logit_scale"].abs() > 0
+    for single_backward in (False, True):
+        batch = ContrastiveCollator(model, chunk_size=4)(rows)
+        _assert_same(
+            _grads(model, batch, gradcache=True, single_backward=single_backward, learnable=True), plain
+        )

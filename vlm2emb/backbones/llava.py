@@ -1,0 +1,104 @@
+"""LLaVA family (``model_type`` ``llava``), e.g. ``llava-hf/llava-1.5-7b-hf``.
+
+Prompt: one ``<image>`` per image on its own line, then the instruction and the text (the
+plain form VLM2Vec uses for LLaVA-style models; no chat template). The processor expands
+each ``<image>`` to one token per selected vision feature: with the ``default`` feature
+select strategy the CLIP ``[CLS]`` feature is dropped, which the processor accounts for
+through ``num_additional_image_tokens=1``.
+
+The LLaVA-NeXT and LLaVA-OneVision adapters subclass :class:`LlavaAdapter`: they share the
+prompt format and the LoRA targets, and differ in image tiling (see their modules).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vlm2emb.backbones.base import BackboneAdapter
+from vlm2emb.backbones.registry import register_backbone
+
+# The decoder is ``language_model`` (a LlamaModel / Qwen2Model ...) inside the base model;
+# the CLIP/SigLIP tower lives under ``vision_tower`` and the projector under
+# ``multi_modal_projector`` (linear_1/linear_2), so neither can match this pattern.
+LM_PROJ = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", BackboneAdapter.embed_token]
+
+
+def tiny_llama_text_config(tok: Any) -> dict[str, Any]:
+    """A 2-layer, 64-wide Llama decoder config for the tiny LLaVA-style builders."""
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "bos_token_id": tok.convert_tokens_to_ids("<s>"),
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+@register_backbone
+class LlavaAdapter(BackboneAdapter):
+    """Adapter for LLaVA-1.5 style checkpoints (CLIP tower + MLP projector + decoder)."""
+
+    family: ClassVar[str] = "llava"
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+    lora_target_modules: ClassVar[str] = LM_PROJ
+    image_placeholder: ClassVar[str] = "<image>\n"
+
+    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
+        parts = [self.image_placeholder * num_images]
+        if instruction:
+            parts.append(instruction.strip() + "\n")
+        if text:
+            parts.append(text)
+        return "".join(parts)
+
+    @classmethod
+    def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:
+        from transformers import (
+            CLIPImageProcessor,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+
+        from vlm2emb.testing import save_tiny_checkpoint, tiny_tokenizer
+
+        tok = tiny_tokenizer(LLAVA_SPECIALS, eos_token="</s>", pad_token="<pad>")
+        # 16x16 px images, patch 4: 16 patches + CLS; the "default" strategy drops CLS,
+        # so each image becomes 16 LM tokens.
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=4,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+        config = LlavaConfig(
+            vision_config={
+                "model_type": "clip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 16,
+                "patch_size": 4,
+                "projection_dim": 32,
+            },
+            text_config=tiny_llama_text_config(tok),
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+            image_seq_length=16,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )
+        return save_tiny_checkpoint(LlavaForConditionalGeneration, config, processor, path, seed=seed)

@@ -1,0 +1,72 @@
+"""Collectives for contrastive training across processes.
+
+Contrastive losses need every process's targets as negatives for every other process's
+queries. :func:`gather_with_grad` concatenates a tensor from all processes while keeping
+the gradient path exact: in the backward pass each process receives the sum, over all
+processes' losses, of the gradient with respect to its own slice. Together with a loss that
+is the mean over local queries and the gradient averaging of DDP / DeepSpeed, N processes at
+batch B/N compute the same gradients as one process at batch B (open_clip calls this
+"local loss + gather with grad").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one process is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size), (0, 1) outside distributed runs."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:  # local [b, ...] -> [world * b, ...]
+        world = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.rows = local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # grad [world * b, ...]
+        # Every process's loss depends on every slice: sum the gradients from all processes
+        # (all_reduce; gloo has no reduce_scatter) and keep this process's rows.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``local`` from all processes in rank order, differentiably.
+
+    Every process must pass a tensor of the same shape.
+
+    Args:
+        local: [b, ...] this process's rows.
+
+    Returns:
+        [world * b, ...]; the identity outside distributed runs.
+    """
+    if not is_distributed():
+        return local
+    return _GatherWithGrad.apply(local)
+
+
+def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` holds on every process (one tiny all-reduce)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([0 if flag else 1], device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item()) == 0

@@ -1,0 +1,212 @@
+"""One contrastive training step, plain or with GradCache (cached embedding gradients).
+
+GradCache (Gao et al. 2021) decouples the contrastive batch size from activation memory:
+
+1. embed every chunk of queries, positives and negatives without building a graph;
+2. compute the loss on the whole (gathered) batch from those embeddings, treated as leaf
+   tensors, and backpropagate it to the embeddings only: this yields d loss / d embedding;
+3. re-embed each chunk with a graph and backpropagate ``sum(embedding * cached_grad)``,
+   which by the chain rule adds exactly that chunk's share of d loss / d parameters.
+
+Only one chunk's activations are alive at a time. The re-forward replays the RNG state of
+the first forward, so dropout masks match and the gradients equal the plain step's.
+
+Step 3 comes in two forms:
+
+- per-chunk backward (single process, DDP): each chunk is re-embedded and backpropagated
+  on its own; DDP skips gradient synchronisation for all but the last chunk
+  (``sync_context``). Cost: two forwards and one backward, about 4/3 of a plain step.
+- one backward (DeepSpeed): ZeRO's gradient bookkeeping expects one backward per optimizer
+  step, so all chunks are re-embedded in one forward call under activation checkpointing
+  (``torch.utils.checkpoint``: nothing but the chunk inputs is kept) and one backward of
+  the summed surrogate recomputes them one at a time. Same gradients and memory profile,
+  at the price of one more forward (about 5/3 of a plain step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm2emb.losses import InfoNCELoss
+
+BackwardFn = Callable[[torch.Tensor, bool], None]
+SyncContext = Callable[[bool], contextlib.AbstractContextManager[Any]]
+
+
+class RngState:
+    """The CPU (and current CUDA device) random state at one moment, for replay."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda_device = device if device.type == "cuda" else None
+        self.cuda = torch.cuda.get_rng_state(device) if self.cuda_device is not None else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Runs the block with the captured state; the state outside is left untouched."""
+        devices = [self.cuda_device] if self.cuda_device is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+            yield
+
+
+def _scatter_negatives(
+    flat: torch.Tensor | None, local_mask: torch.Tensor | None, padded: bool
+) -> torch.Tensor | None:
+    """Negatives in row order -> [b, K, d].
+
+    ``flat`` holds either only the real negatives ([n_real, d], placed by ``local_mask``
+    [b, K]) or, when ``padded``, all b * K slots ([b * K, d]).
+    """
+    if local_mask is None:
+        return None
+    b, k = local_mask.shape
+    if flat is None:  # this process's rows have no real negatives, other processes' do
+        return torch.zeros(b, k, 1)  # never read: all masked, only the shape matters
+    if padded:
+        return flat.view(b, k, flat.shape[-1])
+    out = flat.new_zeros(b, k, flat.shape[-1])
+    out[local_mask.to(flat.device)] = flat
+    return out
+
+
+class ContrastiveStep:
+    """Computes the loss of one collated batch and backpropagates it.
+
+    Split in two so the caller can inspect the loss (skip a non-finite step on every
+    process) before any gradient is produced.
+
+    Args:
+        model: The (possibly DDP- or DeepSpeed-wrapped) EmbeddingModel.
+        loss_fn: The InfoNCE module; its ``gathered`` method spans all processes.
+        gradcache: Use cached embedding gradients (chunks come from the collator).
+        device: Where embeddings live.
+        learnable_temperature: The model owns a learnable temperature (forward returns it).
+        single_backward: Re-embed all chunks in one checkpointed forward and backpropagate
+            once (needed under DeepSpeed), instead of one backward per chunk.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: InfoNCELoss,
+        *,
+        gradcache: bool,
+        device: torch.device,
+        learnable_temperature: bool = False,
+        single_backward: bool = False,
+    ) -> None:
+        self.single_backward = single_backward
+        self.model = model
+        self.loss_fn = loss_fn
+        self.gradcache = gradcache
+        self.device = device
+        self.learnable_temperature = learnable_temperature
+        self._pending: dict[str, Any] | None = None
+
+    def _loss(self, batch: dict[str, Any], q: torch.Tensor, p: torch.Tensor, flat_neg, temperature):
+        negs = _scatter_negatives(
+            flat_neg, batch.get("local_negative_mask"), batch.get("negatives_padded", False)
+        )
+        keys = batch.get("negative_keys")
+        mask = batch.get("negative_mask")
+        return self.loss_fn.gathered(
+            q,
+            p,
+            negs,
+            positive_keys=batch["positive_keys"].to(q.device),
+            negative_keys=keys.to(q.device) if keys is not None else None,
+            negative_mask=mask.to(q.device) if mask is not None else None,
+            temperature=temperature,
+        )
+
+    def forward_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Phase 1: the loss (a graph to the parameters, or to cached embeddings)."""
+        chunks: list[dict[str, Any]] = [*batch["query"], *batch["positive"], *batch["negatives"]]
+        nq, np_ = len(batch["query"]), len(batch["positive"])
+        if not self.gradcache:
+            out = self.model(chunks, with_temperature=self.learnable_temperature)
+            embs, temperature = out if self.learnable_temperature else (out, None)
+            self._pending = None
+            return self._loss(batch, *self._split(embs, nq, np_), temperature)
+        states: list[RngState] = []
+        embs = []
+        with torch.no_grad():
+            for chunk in chunks:
+                states.append(RngState(self.device))
+                embs.append(self.model([chunk])[0])
+            temperature = self.model([], with_temperature=True)[1] if self.learnable_temperature else None
+        leaves = [e.detach().requires_grad_() for e in embs]
+        t_leaf = temperature.detach().requires_grad_() if temperature is not None else None
+        loss = self._loss(batch, *self._split(leaves, nq, np_), t_leaf)
+        self._pending = {"chunks": chunks, "states": states, "leaves": leaves, "t_leaf": t_leaf}
+        return loss
+
+    def discard(self) -> None:
+        """Drops the cached state of a step that will not be backpropagated."""
+        self._pending = None
+
+    @staticmethod
+    def _split(embs: Sequence[torch.Tensor], nq: int, np_: int):
+        q = torch.cat(list(embs[:nq]))  # [b, d]
+        p = torch.cat(list(embs[nq : nq + np_]))  # [b, d]
+        rest = list(embs[nq + np_ :])
+        flat = torch.cat(rest) if rest else None  # [n_real_negatives, d]
+        return q, p, flat
+
+    def backward(
+        self, loss: torch.Tensor, backward: BackwardFn, sync_context: SyncContext | None = None
+    ) -> None:
+        """Phase 2: gradients into the parameters (synchronised once, at the end).
+
+        Args:
+            loss: The loss from :meth:`forward_loss`.
+            backward: ``backward(tensor, sync)`` backpropagates ``tensor``; ``sync`` is True
+                only for the last backward of the step.
+            sync_context: ``sync_context(sync)`` wraps each re-forward and its backward
+                (DDP's ``no_sync`` must cover the forward too). Default: no context.
+        """
+        if sync_context is None:
+
+            def sync_context(_sync: bool) -> contextlib.AbstractContextManager[Any]:
+                return contextlib.nullcontext()
+
+        if self._pending is None:
+            backward(loss, True)
+            return
+        pending, self._pending = self._pending, None
+        # d loss / d embeddings only: no parameter is in this graph (the gather's backward
+        # is a collective, so every process runs it).
+        loss.backward()
+        work = [
+            (chunk, state, leaf.grad)
+            for chunk, state, leaf in zip(pending["chunks"], pending["states"], pending["leaves"])
+        ]
+        t_leaf = pending["t_leaf"]
+        if self.single_backward:
+            out = self.model(
+                pending["chunks"], with_temperature=t_leaf is not None, rng_states=pending["states"]
+            )
+            embs, temperature = out if t_leaf is not None else (out, None)
+            surrogate = sum((emb * grad).sum() for emb, (_, _, grad) in zip(embs, work))
+            if temperature is not None:
+                surrogate = surrogate + temperature * t_leaf.grad
+            backward(surrogate, True)
+            return
+        for i, (chunk, state, grad) in enumerate(work):
+            last = i == len(work) - 1 and t_leaf is None
+            with sync_context(last):
+                with state.replay():
+                    emb = self.model([chunk])[0]  # [n, d], with a graph this time
+                backward((emb * grad).sum(), last)
+        if t_leaf is not None:
+            with sync_context(True):
+                temperature = self.model([], with_temperature=True)[1]
+                backward(temperature * t_leaf.grad, True)
