@@ -1,7 +1,8 @@
 """Step time and peak memory against batch size, with and without GradCache.
 
     python benchmarks/gradcache.py --device cpu --out gradcache_cpu.json
-    python benchmarks/gradcache.py --device cuda --model qwen2_vl_2b --batch-sizes 32,128,512 --out gc_gpu.json
+    python benchmarks/gradcache.py --device cuda --model qwen2_vl_2b --lora --image-size 448 \
+        --batch-sizes 64,256,1024 --chunk 32 --max-plain-batch 256 --out gc_gpu.json
 
 Each (batch size, mode) runs in a fresh subprocess so that peak memory is its own: peak
 resident memory (ru_maxrss) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. A step is
@@ -98,6 +99,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16,64,256,1024")
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--image-size", type=int, default=0, help="resize images to this square size (0 = as is)"
+    )
+    parser.add_argument("--lora", action="store_true", help="train LoRA r16 adapters instead of all weights")
+    parser.add_argument(
+        "--max-plain-batch", type=int, default=1 << 30, help="skip plain steps above this batch"
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "BATCH:MODE", child process
     args = parser.parse_args()
@@ -108,8 +116,11 @@ def main() -> None:
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for mode in ("plain", "gradcache"):
+            if mode == "plain" and batch > args.max_plain_batch:
+                continue
             cmd = [sys.executable, __file__, "--one", f"{batch}:{mode}", "--device", args.device]
             cmd += ["--model", args.model, "--chunk", str(args.chunk), "--steps", str(args.steps)]
+            cmd += ["--image-size", str(args.image_size)] + (["--lora"] if args.lora else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]

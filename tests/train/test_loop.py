@@ -157,3 +157,23 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_qwen2_vl
     with pytest.raises(TrainingError, match="3 non-finite losses in a row \\(last at step 3\\)"):
         train(load_recipe(None, overrides), progress=False)
     assert not (tmp_path / "run" / "final").exists()  # nothing written from a broken run
+
+
+def test_freeze_vision_and_learnable_temperature(tmp_path, tiny_qwen2_vl_dir):
+    data = _text_data(tmp_path, with_negatives=False)
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.name_or_path={tiny_qwen2_vl_dir}",
+        f"data.train={data}",
+    ]
+    overrides += ["train.batch_size=4", "train.max_steps=3", "train.learning_rate=1e-2", "train.log_steps=1"]
+    overrides += ["model.freeze_vision=true", "train.learnable_temperature=true", "train.temperature=0.05"]
+    train(load_recipe(None, overrides), progress=False)
+    before, after = _state(tiny_qwen2_vl_dir), _state(tmp_path / "run" / "final")
+    vision = [k for k in before if k.startswith("visual.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # frozen
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("language_model."))
+    saved = json.loads((tmp_path / "run" / "final" / "vlm2emb_config.json").read_text())
+    assert saved["temperature"] != pytest.approx(0.05, abs=1e-6)  # learned and saved
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["temperature"] == pytest.approx(saved["temperature"], rel=1e-4)
