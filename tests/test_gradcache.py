@@ -96,3 +96,18 @@ def test_gradcache_with_learnable_temperature(model, rows):
         _assert_same(
             _grads(model, batch, gradcache=True, single_backward=single_backward, learnable=True), plain
         )
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_with_lora_and_gradient_checkpointing(model, rows, single_backward):
+    model.apply_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # LoRA B starts at zero; give the adapters a nonzero effect
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.backbone.enable_input_require_grads()
+    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
+    assert plain[1] and all("lora_" in name for name in plain[1])  # only adapters get gradients
+    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    _assert_same(_grads(model, batch, gradcache=True, single_backward=single_backward), plain)

@@ -228,3 +228,25 @@ def test_bf16_weights_give_float32_embeddings(tiny_qwen2_vl_dir, mixed_items):
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     cos = torch.nn.functional.cosine_similarity(bf16, fp32)
     assert cos.min() > 0.98  # same model up to bf16 rounding
+
+
+def test_always_run_vision_adds_a_dropped_blank_image_row(tiny_qwen2_vl_dir):
+    from vlm2emb.model import DUMMY_ROWS
+
+    model = _load(tiny_qwen2_vl_dir)
+    texts = ["one two three", "a longer text about a handwritten digit"]
+    plain = model.encode(texts)
+    model.adapter.always_run_vision = True  # what multi-process training sets
+    inputs = model.collate(texts)
+    # The text-only batch now runs the image path too (same modules on every process)...
+    assert inputs[DUMMY_ROWS] == 1 and "pixel_values" in inputs
+    assert inputs["input_ids"].shape[0] == 3
+    # ...and the extra row is dropped without changing the real rows.
+    torch.testing.assert_close(model.encode(texts), plain, atol=1e-5, rtol=0)
+    assert DUMMY_ROWS not in model.collate([{"text": "x", "image": model_image()}])
+
+
+def model_image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (0, 0, 0))

@@ -26,6 +26,7 @@ CONFIG_NAME = "vlm2emb_config.json"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 TINY_PREFIX = "tiny:"
+DUMMY_ROWS = "vlm2emb_dummy_rows"  # collate() -> forward(): trailing rows to drop
 
 _DTYPES = {
     "float32": torch.float32,
@@ -368,7 +369,24 @@ class EmbeddingModel(nn.Module):
             ]
             prompts.append(self.adapter.render_prompt(item["text"], len(imgs), instruction) + suffix)
             images.append(imgs)
-        return self.adapter.build_inputs(prompts, images)
+        dummy = 0
+        if getattr(self.adapter, "always_run_vision", False) and not any(images):
+            # Multi-process training: every process must run the same modules in the same
+            # order (ZeRO-3 gathers each module's weights collectively), so a batch without
+            # images gets one blank-image row. It runs the family's own image path and its
+            # embedding is dropped in forward(); the other rows do not depend on it.
+            from PIL import Image
+
+            try:
+                prompts.append(self.adapter.render_prompt(None, 1, None) + suffix)
+                images.append([Image.new("RGB", (32, 32), (255, 255, 255))])
+                dummy = 1
+            except ValueError:  # a text-only backbone has no image path to keep in step
+                pass
+        out = self.adapter.build_inputs(prompts, images)
+        if dummy:
+            out[DUMMY_ROWS] = dummy
+        return out
 
     # ------------------------------------------------------------------ forward
     def enable_learnable_temperature(self, temperature: float, max_scale: float = 100.0) -> None:
@@ -423,19 +441,18 @@ class EmbeddingModel(nn.Module):
         return out
 
     def _embed(self, inputs: dict[str, Any]) -> torch.Tensor:
+        dummy_rows = int(inputs.get(DUMMY_ROWS, 0))
+        inputs = {k: v for k, v in inputs.items() if k != DUMMY_ROWS}
         device = self.device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        keepalive = self.adapter.vision_keepalive(
-            self.backbone, inputs, self.dtype
-        )  # before the LM, as images run
         hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
-        if keepalive is not None:
-            hidden = hidden + 0.0 * keepalive.to(hidden.dtype)
         emb = pool(hidden, mask, self.config.pooling).float()  # [B, H]
         if self.config.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
+        if dummy_rows:
+            emb = emb[:-dummy_rows]  # the blank image row added by collate()
         return emb
 
     # ------------------------------------------------------------------ encode

@@ -69,8 +69,9 @@ def single(tmp_path_factory) -> Path:
         ("zero3", ()),
         ("ddp", ("train.gradcache_chunk_size=3",)),
         ("zero2", ("train.gradcache_chunk_size=3",)),
+        ("zero3", ("train.gradcache_chunk_size=3",)),
     ],
-    ids=["ddp", "zero2", "zero3", "ddp-gradcache", "zero2-gradcache"],
+    ids=["ddp", "zero2", "zero3", "ddp-gradcache", "zero2-gradcache", "zero3-gradcache"],
 )
 def test_two_processes_match_one(single, tmp_path, config, extra):
     out = tmp_path / config
@@ -82,13 +83,6 @@ def test_two_processes_match_one(single, tmp_path, config, extra):
     assert ref.keys() == got.keys()
     worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
     assert worst < 2e-5, worst
-
-
-def test_gradcache_under_zero3_is_refused_clearly(tmp_path):
-    cmd = _launch_cmd("zero3", tmp_path / "z3gc", "train.gradcache_chunk_size=3")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    assert proc.returncode != 0
-    assert "GradCache under DeepSpeed ZeRO-3 is not supported yet" in proc.stderr
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):

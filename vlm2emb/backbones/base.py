@@ -59,8 +59,9 @@ class BackboneAdapter:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
         self.attention = "causal"
-        self.always_run_vision = False  # set for ZeRO-3 / DDP training, see keep_vision_alive
-        self._dummy_vision: dict[str, Any] | None = None
+        # Set for multi-process training: see EmbeddingModel.collate (a batch without images
+        # gets one blank image row so every process runs the same modules).
+        self.always_run_vision = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -148,40 +149,6 @@ class BackboneAdapter:
                 return module
         return None
 
-    def vision_keepalive(
-        self, model: nn.Module, inputs: dict[str, Any], dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """Runs the vision tower on a blank image when a batch has no image (if enabled).
-
-        Under DeepSpeed ZeRO-3 every process must run the same modules in the same order
-        (each module's forward gathers its partitioned weights collectively); a process
-        whose batch happens to hold no image would skip the vision tower and hang the
-        others. With ``always_run_vision`` set, such a batch runs the tower on one blank
-        image first (where an image batch runs it too) and the caller adds ``0 *`` the
-        returned sum to its hidden states: values are unchanged and every vision weight
-        takes part in every step (which also spares DDP unused-parameter bookkeeping).
-
-        Returns:
-            A scalar [] to add times zero, or None when nothing had to run.
-        """
-        if not getattr(self, "always_run_vision", False) or not hasattr(model, "get_image_features"):
-            return None
-        if getattr(self, "_dummy_vision", None) is None:
-            from PIL import Image
-
-            blank = Image.new("RGB", (32, 32), (255, 255, 255))
-            out = self.build_inputs([self.render_prompt(None, 1, None)], [[blank]])
-            text_keys = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
-            self._dummy_vision = {k: v for k, v in out.items() if k not in text_keys}
-        if any(key in inputs for key in self._dummy_vision):
-            return None  # the batch has images: the tower runs anyway
-        device = inputs["input_ids"].device
-        dummy = {
-            k: v.to(device, dtype if v.is_floating_point() else v.dtype)
-            for k, v in self._dummy_vision.items()
-        }
-        return _sum_floats(model.get_image_features(**dummy))
-
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the backbone once and returns ``(hidden [B, L, H], attention_mask [B, L])``."""
         out = model(**inputs, use_cache=False, return_dict=True)
@@ -214,20 +181,3 @@ class BackboneAdapter:
         cfg = model.config
         text_cfg = getattr(cfg, "text_config", cfg)
         return int(text_cfg.hidden_size)
-
-
-def _sum_floats(obj: Any) -> torch.Tensor:
-    """Sum of every floating tensor inside a model output, tuple, list or dict."""
-    if isinstance(obj, torch.Tensor):
-        return obj.float().sum() if obj.is_floating_point() else torch.zeros(())
-    if isinstance(obj, dict) or hasattr(obj, "values"):
-        parts = [_sum_floats(v) for v in obj.values()]
-    elif isinstance(obj, (list, tuple)):
-        parts = [_sum_floats(v) for v in obj]
-    else:
-        return torch.zeros(())
-    parts = [p for p in parts if p.dim() == 0]
-    total = torch.zeros(())
-    for p in parts:
-        total = total.to(p.device) + p
-    return total

@@ -9,7 +9,7 @@ merged patches.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vlm2emb.backbones.base import BackboneAdapter
 from vlm2emb.backbones.registry import register_backbone
@@ -25,6 +25,25 @@ class Qwen2VLAdapter(BackboneAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     lora_target_modules: ClassVar[str] = _LM_PROJ
     image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
+    # Special tokens of the Qwen-VL tokenizers that the tiny builders (this family and its
+    # Qwen2.5-VL / Qwen3-VL subclasses) reproduce.
+    tiny_specials: ClassVar[tuple[str, ...]] = (
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    )
+
+    @classmethod
+    def _tiny_tokenizer(cls) -> tuple[list[str], Any]:
+        """The offline tokenizer shared by the Qwen-VL tiny builders, and its special tokens."""
+        from vlm2emb.testing import tiny_tokenizer
+
+        specials = [*cls.tiny_specials, cls.embed_token]
+        return specials, tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
     def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
         parts = [self.image_placeholder * num_images]
@@ -42,20 +61,9 @@ class Qwen2VLAdapter(BackboneAdapter):
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
         from vlm2emb._quiet import quiet_third_party
-        from vlm2emb.testing import tiny_tokenizer
 
         quiet_third_party()
-        specials = [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-            cls.embed_token,
-        ]
-        tok = tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        specials, tok = cls._tiny_tokenizer()
         # Patch 4 px, 2x2 merge: a 32x32 image becomes 64 patches -> 16 LM tokens.
         pixel_kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
         pixel_kw |= {"min_pixels": 16 * 16, "max_pixels": 64 * 64}

@@ -29,19 +29,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-        from vlm2emb.testing import save_tiny_checkpoint, tiny_tokenizer
+        from vlm2emb.testing import save_tiny_checkpoint
 
-        specials = [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-            cls.embed_token,
-        ]
-        tok = tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        specials, tok = cls._tiny_tokenizer()
         # Patch 4 px, 2x2 merge: a 32x32 image is 8x8 patches -> 16 LM tokens.
         pixel_kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
         image_processor = Qwen2VLImageProcessor(**pixel_kw, min_pixels=16 * 16, max_pixels=64 * 64)

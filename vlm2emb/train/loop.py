@@ -253,7 +253,7 @@ class _Trainer:
                 model.backbone.enable_input_require_grads()
         if cfg.train.learnable_temperature:
             model.enable_learnable_temperature(cfg.train.temperature, cfg.train.max_logit_scale)
-        # Same modules on every process in every step (see BackboneAdapter.keep_vision_alive).
+        # Same modules on every process in every step (see EmbeddingModel.collate).
         model.adapter.always_run_vision = self.accelerator.num_processes > 1
         return model.to(self.accelerator.device)
 
@@ -387,12 +387,6 @@ class _Trainer:
         acc.register_for_checkpointing(self.scheduler)
         if self.deepspeed:
             _configure_deepspeed(acc, cfg, local_batch)
-            stage = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
-            if stage == 3 and cfg.train.gradcache_chunk_size:
-                raise ValueError(
-                    "train.gradcache_chunk_size: GradCache under DeepSpeed ZeRO-3 is not supported yet "
-                    "(use zero2.yaml, DDP, or train.gradcache_chunk_size=0)"
-                )
         self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
         if resume_dir is not None:
             acc.load_state(str(resume_dir / "state"))
