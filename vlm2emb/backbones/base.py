@@ -49,6 +49,7 @@ class BackboneAdapter:
     # VLMs (they are trained to see the whole sequence). from_pretrained reads it.
     default_attention: ClassVar[str] = "causal"
     embed_token: ClassVar[str] = "<|embed|>"
+    image_placeholder: ClassVar[str] = ""  # the prompt text standing for one image ("" = no images)
 
     def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
         # The adapter holds no reference to the model: EmbeddingModel owns it (so that peft,
@@ -102,8 +103,20 @@ class BackboneAdapter:
 
     # ------------------------------------------------------------------ prompts
     def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
-        """Returns the prompt string for one item with the family's image placeholders."""
-        raise NotImplementedError
+        """Returns the prompt string for one item with the family's image placeholders.
+
+        The default layout follows VLM2Vec (no chat template): one ``image_placeholder`` per
+        image, then the instruction and a newline, then the text. Families with another
+        convention override this.
+        """
+        if num_images and not self.image_placeholder:
+            raise ValueError(f"backbone {self.family!r} takes no images")
+        parts = [self.image_placeholder * num_images]
+        if instruction:
+            parts.append(instruction.strip() + "\n")
+        if text:
+            parts.append(text)
+        return "".join(parts)
 
     def special_token(self, kind: str) -> str:
         """Returns the token string appended for ``eos`` or ``embed_token`` pooling."""

@@ -67,14 +67,6 @@ class DiffusionGemmaAdapter(BackboneAdapter):
         # The Gemma 4 processor expands each image token to <boi> + soft tokens + <eoi>.
         return self.processor.image_token
 
-    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
-        parts = [self.image_placeholder * num_images]
-        if instruction:
-            parts.append(instruction.strip() + "\n")
-        if text:
-            parts.append(text)
-        return "".join(parts)
-
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
         """Tokenizes and preprocesses one batch.
 

@@ -43,14 +43,6 @@ class Gemma3Adapter(BackboneAdapter):
     lora_target_modules: ClassVar[str] = _LM_PROJ
     image_placeholder: ClassVar[str] = "<start_of_image>"
 
-    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
-        parts = [self.image_placeholder * num_images]
-        if instruction:
-            parts.append(instruction.strip() + "\n")
-        if text:
-            parts.append(text)
-        return "".join(parts)
-
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
         """Processor call with images nested per item; ``token_type_ids`` only when causal."""
         self.tokenizer.padding_side = self.padding_side

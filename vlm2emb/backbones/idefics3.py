@@ -81,14 +81,6 @@ class Idefics3Adapter(BackboneAdapter):
     lora_target_modules: ClassVar[str] = TEXT_MODEL_PROJ
     image_placeholder: ClassVar[str] = "<image>"
 
-    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
-        parts = [self.image_placeholder * num_images]
-        if instruction:
-            parts.append(instruction.strip() + "\n")
-        if text:
-            parts.append(text)
-        return "".join(parts)
-
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.text_model
 

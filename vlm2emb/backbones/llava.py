@@ -52,14 +52,6 @@ class LlavaAdapter(BackboneAdapter):
     lora_target_modules: ClassVar[str] = LM_PROJ
     image_placeholder: ClassVar[str] = "<image>\n"
 
-    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
-        parts = [self.image_placeholder * num_images]
-        if instruction:
-            parts.append(instruction.strip() + "\n")
-        if text:
-            parts.append(text)
-        return "".join(parts)
-
     @classmethod
     def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:
         from transformers import (

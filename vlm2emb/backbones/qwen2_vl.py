@@ -45,14 +45,6 @@ class Qwen2VLAdapter(BackboneAdapter):
         specials = [*cls.tiny_specials, cls.embed_token]
         return specials, tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
-    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
-        parts = [self.image_placeholder * num_images]
-        if instruction:
-            parts.append(instruction.strip() + "\n")
-        if text:
-            parts.append(text)
-        return "".join(parts)
-
     @classmethod
     def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:
         import torch
