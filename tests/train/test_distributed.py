@@ -27,7 +27,8 @@ COMMON = ["train.batch_size=16", "train.max_steps=3", "train.log_steps=1", "data
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # CPU processes over gloo everywhere: two ranks cannot share one GPU under NCCL.
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
     return env
 
 
