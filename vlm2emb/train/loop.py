@@ -482,7 +482,7 @@ class _Trainer:
                 }
                 if cfg.train.learnable_temperature:
                     record["temperature"] = round(
-                        float(acc.unwrap_model(self.prepared).learned_temperature()), 6
+                        float(acc.unwrap_model(self.prepared).learned_temperature().detach()), 6
                     )
                 if skipped:
                     record["skipped_steps"] = skipped
