@@ -38,12 +38,9 @@ def build_model(attn: str = "sdpa"):
     from vlm2emb._quiet import quiet_third_party
     from vlm2emb.backbones.qwen2_vl import Qwen2VLAdapter
     from vlm2emb.model import EmbeddingConfig, EmbeddingModel
-    from vlm2emb.testing import tiny_tokenizer
 
     quiet_third_party()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
-    specials += ["<|image_pad|>", "<|video_pad|>", "<|embed|>"]
-    tok = tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok = Qwen2VLAdapter._tiny_tokenizer()  # ids stay inside the real vocabulary size
     # VLM2Vec's image bounds: 28*28*4 .. 28*28*1280 pixels.
     pix = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
     pix |= {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 1280}
@@ -52,7 +49,6 @@ def build_model(attn: str = "sdpa"):
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(**pix),
     )
-    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     config = Qwen2VLConfig(
         text_config={
             "vocab_size": 151936,
@@ -78,10 +74,7 @@ def build_model(attn: str = "sdpa"):
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
         },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **Qwen2VLAdapter._tiny_vision_token_ids(tok),
     )
     config._attn_implementation = attn
     with torch.device("cuda"):

@@ -43,6 +43,19 @@ def tiny_llama_text_config(tok: Any) -> dict[str, Any]:
     }
 
 
+# A 2-layer, 32-wide CLIP vision tower on 16 px images (patch 4), shared by the LLaVA tiny builders.
+TINY_CLIP_VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 16,
+    "patch_size": 4,
+    "projection_dim": 32,
+}
+
+
 @register_backbone
 class LlavaAdapter(BackboneAdapter):
     """Adapter for LLaVA-1.5 style checkpoints (CLIP tower + MLP projector + decoder)."""
@@ -77,16 +90,7 @@ class LlavaAdapter(BackboneAdapter):
             num_additional_image_tokens=1,
         )
         config = LlavaConfig(
-            vision_config={
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "image_size": 16,
-                "patch_size": 4,
-                "projection_dim": 32,
-            },
+            vision_config=dict(TINY_CLIP_VISION),
             text_config=tiny_llama_text_config(tok),
             image_token_index=tok.convert_tokens_to_ids("<image>"),
             image_seq_length=16,

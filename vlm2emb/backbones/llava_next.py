@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from vlm2emb.backbones.llava import LLAVA_SPECIALS, LlavaAdapter, tiny_llama_text_config
+from vlm2emb.backbones.llava import LLAVA_SPECIALS, TINY_CLIP_VISION, LlavaAdapter, tiny_llama_text_config
 from vlm2emb.backbones.registry import register_backbone
 
 
@@ -49,16 +49,7 @@ class LlavaNextAdapter(LlavaAdapter):
             num_additional_image_tokens=1,
         )
         config = LlavaNextConfig(
-            vision_config={
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "image_size": 16,
-                "patch_size": 4,
-                "projection_dim": 32,
-            },
+            vision_config=dict(TINY_CLIP_VISION),
             text_config=tiny_llama_text_config(tok),
             image_token_index=tok.convert_tokens_to_ids("<image>"),
             image_grid_pinpoints=pinpoints,

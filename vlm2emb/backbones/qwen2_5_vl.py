@@ -29,35 +29,15 @@ class Qwen2_5VLAdapter(Qwen2VLAdapter):
 
         from vlm2emb.testing import save_tiny_checkpoint
 
-        specials, tok = cls._tiny_tokenizer()
-        # Patch 4 px, 2x2 merge: a 32x32 image is 8x8 patches -> 16 LM tokens.
-        pixel_kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
-        pixel_kw |= {"min_pixels": 16 * 16, "max_pixels": 64 * 64}
+        tok = cls._tiny_tokenizer()
+        pixel_kw = cls.tiny_pixels | {"min_pixels": 16 * 16, "max_pixels": 64 * 64}
         processor = Qwen2_5_VLProcessor(
             image_processor=Qwen2VLImageProcessor(**pixel_kw),
             tokenizer=tok,
             video_processor=Qwen2VLVideoProcessor(**pixel_kw),
         )
-        ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-        eos = ids["<|endoftext|>"]
         config = Qwen2_5_VLConfig(
-            text_config={
-                "vocab_size": len(tok),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 1024,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "mrope_section": [2, 3, 3],
-                    "rope_theta": 10000.0,
-                },
-                "bos_token_id": eos,
-                "eos_token_id": eos,
-                "pad_token_id": eos,
-            },
+            text_config=cls._tiny_text_config(tok),
             vision_config={
                 "depth": 2,
                 "hidden_size": 32,
@@ -72,10 +52,7 @@ class Qwen2_5VLAdapter(Qwen2VLAdapter):
                 "window_size": 16,
                 "fullatt_block_indexes": [1],
             },
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=True,
+            **cls._tiny_vision_token_ids(tok),
         )
         return save_tiny_checkpoint(Qwen2_5_VLForConditionalGeneration, config, processor, path, seed=seed)

@@ -37,52 +37,64 @@ class Qwen2VLAdapter(BackboneAdapter):
         "<|video_pad|>",
     )
 
+    # Patch 4 px, 2x2 merge: a 32x32 image is 8x8 patches -> 16 LM tokens.
+    tiny_pixels: ClassVar[dict[str, int]] = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
+
     @classmethod
-    def _tiny_tokenizer(cls) -> tuple[list[str], Any]:
-        """The offline tokenizer shared by the Qwen-VL tiny builders, and its special tokens."""
+    def _tiny_tokenizer(cls) -> Any:
+        """The offline tokenizer shared by the Qwen-VL tiny builders."""
         from vlm2emb.testing import tiny_tokenizer
 
         specials = [*cls.tiny_specials, cls.embed_token]
-        return specials, tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        return tiny_tokenizer(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+    @staticmethod
+    def _tiny_text_config(tok: Any, **overrides: Any) -> dict[str, Any]:
+        """The 64-wide, 2-layer decoder config shared by the Qwen-VL tiny builders."""
+        eos = tok.convert_tokens_to_ids("<|endoftext|>")
+        config: dict[str, Any] = {
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+        }
+        return config | overrides
+
+    @staticmethod
+    def _tiny_vision_token_ids(tok: Any) -> dict[str, int]:
+        """The image/video placeholder ids a Qwen-VL config names."""
+        ids = {
+            "image_token_id": "<|image_pad|>",
+            "video_token_id": "<|video_pad|>",
+            "vision_start_token_id": "<|vision_start|>",
+            "vision_end_token_id": "<|vision_end|>",
+        }
+        return {key: tok.convert_tokens_to_ids(token) for key, token in ids.items()}
 
     @classmethod
     def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:
-        import torch
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-        from vlm2emb._quiet import quiet_third_party
+        from vlm2emb.testing import save_tiny_checkpoint
 
-        quiet_third_party()
-        specials, tok = cls._tiny_tokenizer()
-        # Patch 4 px, 2x2 merge: a 32x32 image becomes 64 patches -> 16 LM tokens.
-        pixel_kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
-        pixel_kw |= {"min_pixels": 16 * 16, "max_pixels": 64 * 64}
+        tok = cls._tiny_tokenizer()
+        pixel_kw = cls.tiny_pixels | {"min_pixels": 16 * 16, "max_pixels": 64 * 64}
         processor = Qwen2VLProcessor(
             image_processor=Qwen2VLImageProcessor(**pixel_kw),
             tokenizer=tok,
             video_processor=Qwen2VLVideoProcessor(**pixel_kw),
         )
-        ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
         config = Qwen2VLConfig(
-            text_config={
-                "vocab_size": len(tok),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 1024,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "mrope_section": [2, 3, 3],
-                    "rope_theta": 10000.0,
-                },
-                "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": ids["<|endoftext|>"],
-                "pad_token_id": ids["<|endoftext|>"],
-            },
+            text_config=cls._tiny_text_config(tok),
             vision_config={
                 "depth": 2,
                 "embed_dim": 32,
@@ -94,14 +106,7 @@ class Qwen2VLAdapter(BackboneAdapter):
                 "temporal_patch_size": 2,
                 "in_channels": 3,
             },
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=True,
+            **cls._tiny_vision_token_ids(tok),
         )
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-        return path
+        return save_tiny_checkpoint(Qwen2VLForConditionalGeneration, config, processor, path, seed=seed)

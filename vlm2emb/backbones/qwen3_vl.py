@@ -31,9 +31,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
         from vlm2emb.testing import save_tiny_checkpoint
 
-        specials, tok = cls._tiny_tokenizer()
-        # Patch 4 px, 2x2 merge: a 32x32 image is 8x8 patches -> 16 LM tokens.
-        pixel_kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
+        tok = cls._tiny_tokenizer()
+        pixel_kw = cls.tiny_pixels
         image_processor = Qwen2VLImageProcessor(**pixel_kw, min_pixels=16 * 16, max_pixels=64 * 64)
         video_processor = Qwen3VLVideoProcessor(
             **pixel_kw, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
@@ -41,28 +40,17 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         processor = Qwen3VLProcessor(
             image_processor=image_processor, tokenizer=tok, video_processor=video_processor
         )
-        ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-        eos = ids["<|endoftext|>"]
         config = Qwen3VLConfig(
-            text_config={
-                "vocab_size": len(tok),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 16,
-                "max_position_embeddings": 1024,
-                "rope_parameters": {
+            text_config=cls._tiny_text_config(
+                tok,
+                head_dim=16,
+                rope_parameters={
                     "rope_type": "default",
                     "mrope_section": [2, 3, 3],
                     "mrope_interleaved": True,
                     "rope_theta": 10000.0,
                 },
-                "bos_token_id": eos,
-                "eos_token_id": eos,
-                "pad_token_id": eos,
-            },
+            ),
             vision_config={
                 "depth": 2,
                 "hidden_size": 32,
@@ -77,10 +65,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 # Vision layer 0's merged features are added to decoder layer 0 (DeepStack).
                 "deepstack_visual_indexes": [0],
             },
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=True,
+            **cls._tiny_vision_token_ids(tok),
         )
         return save_tiny_checkpoint(Qwen3VLForConditionalGeneration, config, processor, path, seed=seed)
