@@ -6,21 +6,25 @@ batches), so a trained model is used exactly as it was trained.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
 from vlm2emb.pooling import POOLING_METHODS, pool
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 CONFIG_NAME = "vlm2emb_config.json"
 ADAPTER_DIR = "adapter"
@@ -463,11 +467,17 @@ class EmbeddingModel(nn.Module):
         instruction: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool = False,
+        prefetch: int = 2,
     ) -> torch.Tensor:
         """Embeds items.
 
         An item's embedding does not depend on the other items in its batch: padding is
         masked and pooling finds real tokens through the mask.
+
+        Items are sorted by a cheap length estimate (similar lengths share a batch, so less
+        padding), and the next ``prefetch`` batches are decoded and tokenised in a worker
+        thread while the model runs the current one (image decoding, the tokenizer and torch
+        kernels all release the GIL).
 
         Args:
             items: One item or a list of items: str, ``PIL.Image.Image``, or a dict with
@@ -475,6 +485,8 @@ class EmbeddingModel(nn.Module):
             instruction: Instruction rendered into every item's prompt (None = none).
             batch_size: Items per forward pass.
             show_progress_bar: Show a tqdm bar.
+            prefetch: Batches prepared ahead in a worker thread (0 = prepare in the caller's
+                thread, one at a time).
 
         Returns:
             [n, d] float32 tensor on CPU, in input order.
@@ -488,18 +500,25 @@ class EmbeddingModel(nn.Module):
         was_training = self.training
         self.eval()
         chunks: list[torch.Tensor] = []
-        starts = range(0, len(order), batch_size)
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+        def prepare(idx: list[int]) -> dict[str, Any]:
+            return self.collate([batch_items[i] for i in idx], instruction)
+
+        progress = None
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="encode", unit="batch")
+            progress = tqdm(total=len(batches), desc="encode", unit="batch")
         try:
-            for start in starts:
-                idx = order[start : start + batch_size]
-                inputs = self.collate([batch_items[i] for i in idx], instruction)
+            for inputs in _prefetched(prepare, batches, prefetch):
                 chunks.append(self(inputs).cpu())
+                if progress is not None:
+                    progress.update()
         finally:
             self.train(was_training)
+            if progress is not None:
+                progress.close()
         emb = torch.cat(chunks)  # [n, d] in sorted order
         out = torch.empty_like(emb)
         out[torch.tensor(order)] = emb
@@ -619,6 +638,32 @@ def _strip_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         clean[key.replace(".base_layer.", ".")] = value
     return clean
+
+
+def _prefetched(fn: Callable[[T], R], args: Sequence[T], depth: int) -> Iterator[R]:
+    """Yields ``fn(a)`` for each ``a`` in order, computing up to ``depth`` results ahead in a thread.
+
+    An exception raised by ``fn`` surfaces at the position of its argument; batches queued
+    behind it are cancelled.
+    """
+    if depth <= 0 or len(args) <= 1:
+        yield from (fn(a) for a in args)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm2emb-prefetch")
+    queue: collections.deque[Any] = collections.deque()
+    try:
+        for a in args:
+            queue.append(pool.submit(fn, a))
+            if len(queue) > depth:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+    finally:
+        for future in queue:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 def _cost(item: Any) -> float:

@@ -443,7 +443,7 @@ class _Trainer:
             window_samples += cfg.train.batch_size
             window_tokens += _count_tokens(batch)
             with acc.autocast():
-                loss = step_fn.forward_loss(batch)
+                loss = step_fn.forward_loss(batch, self._sync_context)
             # Every process must take the same decision, or collectives would hang.
             if all_true(bool(torch.isfinite(loss.detach())), acc.device):
                 with acc.autocast():  # GradCache re-runs forwards in here

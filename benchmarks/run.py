@@ -1,0 +1,726 @@
+"""Side-by-side benchmark harness: vlm2emb vs sentence-transformers vs a naive VLM2Vec-style loop.
+
+    python benchmarks/run.py --suite cpu --out results_cpu.json
+    python benchmarks/run.py --suite gpu --out results_gpu.json      # needs CUDA
+    python benchmarks/run.py --suite cpu --quick --out smoke.json    # a 1-minute check
+
+Every comparison runs in one process on the same model directory, the same items and the
+same batches, interleaved (A B A B ... with the order flipped every round) so that a slow
+moment of the machine hits all contenders alike; a table row reports the median of the
+rounds and the ratio of medians.
+
+What is measured:
+
+- **encode**: items/s of ``EmbeddingModel.encode`` (length-sorted batches, collation of the
+  next batches in a worker thread) against sentence-transformers' ``encode`` on the same
+  local directory (text items: sentence-transformers formats images through a chat
+  template, so its image prompts would differ from ours and the work would not be equal),
+  and against a naive loop that embeds the items in the given order with no sorting and
+  no prefetching (how VLM2Vec's evaluation embeds). Embeddings are checked to agree first.
+- **train**: samples/s and real tokens/s of one contrastive step (forward, InfoNCE,
+  backward, AdamW) on mixed-length pairs. vlm2emb uses its length-grouped batches; the
+  naive baseline takes the same examples in random batches padded to the longest (VLM2Vec's
+  collator, last-token pooling). Collation is done before timing (data loader workers do it
+  in real training), so the step time is the model's. Padding efficiency = real tokens /
+  computed tokens (batch x padded length, queries and targets).
+- **gradcache**: the GradCache step against the plain step on the same batches.
+- **st-train**: vlm2emb's plain and GradCache steps against sentence-transformers'
+  MultipleNegativesRankingLoss and CachedMultipleNegativesRankingLoss (its GradCache) on the
+  same text pairs and batches, with the same chunk size.
+- **memory**: peak memory per training mode, each in a fresh subprocess on CPU (peak
+  resident set) or from ``torch.cuda.max_memory_allocated`` on GPU.
+- **mfu** (GPU suite): model FLOP utilisation, with the FLOP count written out in the JSON.
+
+Text is real English of mixed length without a download: docstrings of the Python standard
+library (query: a function's name and summary line; target: its whole docstring). Images are
+scikit-learn's handwritten digits (real scans), upscaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import json
+import platform
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+H100_BF16_PEAK = 989e12
+
+
+# ---------------------------------------------------------------------------------- suites
+@dataclass
+class Suite:
+    """Sizes of one benchmark suite."""
+
+    name: str
+    device: str
+    dtype: str  # weight dtype for encode; training uses fp32 weights (+ bf16 autocast on GPU)
+    encode_items: int
+    encode_batch: int
+    train_batch: int
+    train_steps: int  # steps per round and mode
+    gradcache_chunk: int
+    rounds: int
+    max_target_words: int
+    image_fraction: float
+    image_size: int
+    full_finetune: bool = True
+    lora: bool = False
+    modes: list[str] = field(default_factory=lambda: ["encode", "train", "gradcache", "st", "memory"])
+
+
+SUITES = {
+    "cpu": Suite(
+        name="cpu",
+        device="cpu",
+        dtype="fp32",
+        encode_items=768,
+        encode_batch=32,
+        train_batch=64,
+        train_steps=3,
+        gradcache_chunk=32,
+        rounds=5,
+        max_target_words=200,
+        image_fraction=0.25,
+        image_size=56,
+    ),
+    "gpu": Suite(
+        name="gpu",
+        device="cuda",
+        dtype="bf16",
+        encode_items=512,
+        encode_batch=32,
+        train_batch=32,
+        train_steps=3,
+        gradcache_chunk=16,
+        rounds=3,
+        max_target_words=190,  # about 256 tokens, VLM2Vec's text bound
+        image_fraction=0.5,
+        image_size=1000,  # under VLM2Vec's 28*28*1280-pixel bound (about 1003x1003)
+        lora=True,
+    ),
+}
+
+
+def quick(suite: Suite) -> Suite:
+    """A fast smoke version of a suite (numbers are not meaningful)."""
+    return Suite(
+        **{
+            **asdict(suite),
+            "encode_items": 64,
+            "encode_batch": 16,
+            "train_batch": 16,
+            "train_steps": 1,
+            "gradcache_chunk": 8,
+            "rounds": 2,
+            "max_target_words": 40,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------- data
+_STDLIB = [
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "codecs",
+    "collections",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "http.client",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "locale",
+    "logging",
+    "lzma",
+    "math",
+    "mimetypes",
+    "operator",
+    "os",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "selectors",
+    "shlex",
+    "shutil",
+    "signal",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "tokenize",
+    "traceback",
+    "types",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "uuid",
+    "weakref",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zlib",
+]
+
+
+def text_pairs(max_words: int) -> list[tuple[str, str]]:
+    """(query, target) pairs from standard-library docstrings, sorted for determinism."""
+    seen: set[str] = set()
+    pairs = []
+    for mod_name in _STDLIB:
+        with contextlib.suppress(Exception):
+            mod = importlib.import_module(mod_name)
+            for name, obj in sorted(vars(mod).items()):
+                if name.startswith("_") or not callable(obj):
+                    continue
+                doc = inspect.getdoc(obj) or ""
+                words = re.sub(r"\s+", " ", doc).strip().split(" ")
+                if len(words) < 6 or doc in seen:
+                    continue
+                seen.add(doc)
+                summary = " ".join(words[: min(len(words), 16)]).split(". ")[0]
+                pairs.append((f"{mod_name}.{name}: {summary}", " ".join(words[:max_words])))
+    return pairs
+
+
+def digit_images(n: int, size: int, seed: int = 0) -> list[tuple[Any, int]]:
+    """``n`` (PIL image, label) pairs of scikit-learn's 8x8 digit scans upscaled to ``size``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.choice(len(digits.images), size=n, replace=True):
+        arr = (digits.images[i] * (255.0 / 16.0)).astype("uint8")
+        img = Image.fromarray(arr).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        out.append((img, int(digits.target[i])))
+    return out
+
+
+_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def training_rows(suite: Suite, n: int, seed: int = 0, images: bool = True) -> list[Any]:
+    """``n`` TrainExamples: docstring pairs, a share of them digit-image queries."""
+    from vlm2emb.data.schema import TrainExample
+
+    rng = random.Random(seed)
+    pairs = text_pairs(suite.max_target_words)
+    rng.shuffle(pairs)
+    n_img = int(n * suite.image_fraction) if images else 0
+    imgs = digit_images(n_img, suite.image_size, seed)
+    rows = []
+    for i in range(n):
+        if i < n_img:
+            img, label = imgs[i]
+            rows.append(
+                TrainExample(
+                    query={"text": "Which digit is written here?", "images": [img]},
+                    positive={"text": f"a handwritten digit {_NAMES[label]}", "images": []},
+                    source=f"digits:{i}",
+                )
+            )
+        else:
+            q, t = pairs[i % len(pairs)]
+            rows.append(
+                TrainExample(
+                    query={"text": q, "images": []}, positive={"text": t, "images": []}, source=f"doc:{i}"
+                )
+            )
+    rng.shuffle(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- timing
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each function over ``rounds`` rounds, alternating the order."""
+    for fn in fns.values():  # warm-up (allocator, kernel caches, lazy imports)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = _now(device)
+            fns[name]()
+            times[name].append(_now(device) - t0)
+    return times
+
+
+def _summary(times: dict[str, list[float]], work: dict[str, float], unit: str, ref: str) -> dict[str, Any]:
+    """Median seconds, throughput (work / median) and speed ratio against ``ref`` per contender."""
+    out: dict[str, Any] = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {
+            "median_s": round(med, 4),
+            "all_s": [round(t, 4) for t in ts],
+            unit: round(work[name] / med, 2),
+            "speedup_vs_" + ref: round(statistics.median(times[ref]) / med, 3),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------- models
+def build_model_dir(suite: Suite, work: Path) -> Path:
+    """A local backbone directory both libraries load: tiny Qwen2-VL (cpu) or the 2B architecture."""
+    if suite.name == "gpu":
+        sys.path.insert(0, str(HERE))
+        from gpu_foundation import build_model
+
+        path = work / "qwen2_vl_2b_random"
+        if not (path / "config.json").exists():
+            model = build_model()
+            model.backbone.to(torch.bfloat16).save_pretrained(path)
+            model.adapter.processor.save_pretrained(path)
+            del model
+            torch.cuda.empty_cache()
+        return path
+    from vlm2emb.testing import tiny_backbone
+
+    path = work / "tiny_qwen2_vl"
+    if not (path / "config.json").exists():
+        tiny_backbone("qwen2_vl", path)
+    return path
+
+
+def load_vlm2emb(path: Path, suite: Suite, dtype: str) -> Any:
+    from vlm2emb import EmbeddingModel
+
+    return EmbeddingModel.from_pretrained(str(path), device=suite.device, torch_dtype=dtype, pooling="last")
+
+
+def load_st(path: Path, suite: Suite, dtype: str) -> Any:
+    """sentence-transformers on the same directory: last-token pooling + normalisation, as ours."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    module = Transformer(
+        str(path), model_kwargs={"dtype": torch_dtype}, processor_kwargs={"padding_side": "right"}
+    )
+    pooling = Pooling(module.get_embedding_dimension(), "lasttoken")
+    return SentenceTransformer(modules=[module, pooling, Normalize()], device=suite.device)
+
+
+# ---------------------------------------------------------------------------------- encode
+def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
+    model = load_vlm2emb(path, suite, suite.dtype)
+    rows = training_rows(suite, suite.encode_items, seed=1)
+    texts = [ex.positive["text"] if i % 2 else ex.query["text"] for i, ex in enumerate(rows)]
+    texts = [t for t in texts if t]
+    mixed = [ex.query for ex in rows]  # image+text and text items
+    bs = suite.encode_batch
+
+    def naive(items: list[Any]) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(items), bs):
+                out.append(model(model.collate(items[s : s + bs])).cpu())
+        return torch.cat(out)
+
+    result: dict[str, Any] = {"batch_size": bs}
+    st = load_st(path, suite, suite.dtype)
+    ours = model.encode(texts[:16], batch_size=bs)
+    theirs = torch.as_tensor(st.encode(texts[:16], batch_size=bs, convert_to_numpy=True)).float()
+    result["text_max_abs_diff_vs_st"] = float((ours - theirs).abs().max())
+    times = interleaved(
+        {
+            "vlm2emb": lambda: model.encode(texts, batch_size=bs),
+            "sentence-transformers": lambda: st.encode(texts, batch_size=bs),
+            "naive": lambda: naive(texts),
+        },
+        suite.rounds,
+        suite.device,
+    )
+    result["text"] = {"items": len(texts)} | _summary(
+        times, dict.fromkeys(times, len(texts)), "items_per_s", "sentence-transformers"
+    )
+    st = None  # free it before the next comparison
+    times = interleaved(
+        {"vlm2emb": lambda: model.encode(mixed, batch_size=bs), "naive": lambda: naive(mixed)},
+        suite.rounds,
+        suite.device,
+    )
+    result["mixed"] = {"items": len(mixed), "image_fraction": suite.image_fraction} | _summary(
+        times, dict.fromkeys(times, len(mixed)), "items_per_s", "naive"
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------- train
+def _batches_grouped(rows: list[Any], batch: int, seed: int) -> list[list[Any]]:
+    """vlm2emb's length-grouped global batches over ``rows`` (the library's sampler)."""
+    from vlm2emb.data.collate import GlobalBatchSampler
+
+    try:
+        sampler = GlobalBatchSampler(
+            len(rows), batch, seed, lengths=[_row_cost(r) for r in rows], group_by_length=True
+        )
+    except TypeError:  # PROVISIONAL until the data branch's sampler lands
+        order = sorted(range(len(rows)), key=lambda i: _row_cost(rows[i]))
+        out = [[rows[i] for i in order[s : s + batch]] for s in range(0, len(order) - batch + 1, batch)]
+        random.Random(seed).shuffle(out)
+        return out
+    return [[rows[i] for i in sampler.global_batch(s)] for s in range(len(rows) // batch)]
+
+
+def _batches_random(rows: list[Any], batch: int, seed: int) -> list[list[Any]]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [[rows[i] for i in order[s : s + batch]] for s in range(0, len(order) - batch + 1, batch)]
+
+
+def _row_cost(ex: Any) -> int:
+    return len(ex.query["text"] or "") + len(ex.positive["text"] or "") + 1000 * len(ex.query["images"])
+
+
+def _tokens(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real tokens, computed tokens) of a collated training batch."""
+    real = computed = 0
+    for chunk in [*batch["query"], *batch["positive"], *batch["negatives"]]:
+        mask = chunk["attention_mask"]
+        real += int(mask.sum())
+        computed += mask.numel()
+    return real, computed
+
+
+class _Stepper:
+    """One vlm2emb training step on pre-collated batches, cycling through them."""
+
+    def __init__(self, model: Any, batches: list[dict[str, Any]], chunk: int, suite: Suite) -> None:
+        from vlm2emb.gradcache import ContrastiveStep
+        from vlm2emb.losses import InfoNCELoss
+
+        self.model, self.batches, self.suite = model, batches, suite
+        self.step = ContrastiveStep(
+            model, InfoNCELoss(temperature=0.05), gradcache=chunk > 0, device=torch.device(suite.device)
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-6)
+        self.i = 0
+
+    def __call__(self) -> None:
+        for _ in range(self.suite.train_steps):
+            batch = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            with torch.autocast(self.suite.device, dtype=torch.bfloat16, enabled=self.suite.device == "cuda"):
+                loss = self.step.forward_loss(batch)
+                self.step.backward(loss, lambda t, _sync: t.backward())
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+def _train_model(path: Path, suite: Suite) -> Any:
+    model = load_vlm2emb(path, suite, "fp32")
+    if suite.lora:
+        model.apply_lora(r=16, alpha=64, dropout=0.0)
+    return model.train()
+
+
+def bench_train(suite: Suite, path: Path) -> dict[str, Any]:
+    from vlm2emb.data.collate import ContrastiveCollator
+
+    n_batches = 4
+    rows = training_rows(suite, suite.train_batch * n_batches, seed=2)
+    model = _train_model(path, suite)
+    torch.manual_seed(0)
+    result: dict[str, Any] = {"batch_size": suite.train_batch, "steps_per_round": suite.train_steps}
+    collated = {}
+    for name, make in (("vlm2emb", _batches_grouped), ("naive", _batches_random)):
+        collate = ContrastiveCollator(model, chunk_size=0)
+        collated[name] = [collate(b) for b in make(rows, suite.train_batch, seed=0)]
+        real, computed = map(sum, zip(*(_tokens(b) for b in collated[name])))
+        result[f"padding_efficiency_{name}"] = round(real / computed, 3)
+        result[f"real_tokens_per_batch_{name}"] = real / len(collated[name])
+    steppers = {name: _Stepper(model, batches, 0, suite) for name, batches in collated.items()}
+    times = interleaved(steppers, suite.rounds, suite.device)
+    samples = suite.train_batch * suite.train_steps
+    result["step"] = _summary(times, dict.fromkeys(times, samples), "samples_per_s", "naive")
+    for name in times:
+        med = statistics.median(times[name])
+        result["step"][name]["real_tokens_per_s"] = round(
+            result[f"real_tokens_per_batch_{name}"] * suite.train_steps / med, 1
+        )
+    return result
+
+
+def bench_gradcache(suite: Suite, path: Path) -> dict[str, Any]:
+    from vlm2emb.data.collate import ContrastiveCollator
+
+    rows = training_rows(suite, suite.train_batch * 4, seed=3)
+    model = _train_model(path, suite)
+    grouped = _batches_grouped(rows, suite.train_batch, seed=0)
+    plain = [ContrastiveCollator(model, chunk_size=0)(b) for b in grouped]
+    cached = [ContrastiveCollator(model, chunk_size=suite.gradcache_chunk)(b) for b in grouped]
+    times = interleaved(
+        {"plain": _Stepper(model, plain, 0, suite), "gradcache": _Stepper(model, cached, 1, suite)},
+        suite.rounds,
+        suite.device,
+    )
+    samples = suite.train_batch * suite.train_steps
+    out = {"batch_size": suite.train_batch, "chunk": suite.gradcache_chunk}
+    out |= _summary(times, dict.fromkeys(times, samples), "samples_per_s", "plain")
+    out["overhead"] = round(statistics.median(times["gradcache"]) / statistics.median(times["plain"]), 3)
+    return out
+
+
+def bench_st_train(suite: Suite, path: Path) -> dict[str, Any]:
+    """vlm2emb vs sentence-transformers training steps on the same text pairs and batches."""
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    from vlm2emb.data.collate import ContrastiveCollator
+
+    rows = training_rows(suite, suite.train_batch * 4, seed=4, images=False)
+    batches = _batches_grouped(rows, suite.train_batch, seed=0)
+    ours = _train_model(path, suite)
+    st = load_st(path, suite, "fp32")
+    st.train()
+    scale = 1.0 / 0.05
+    st_losses = {
+        "st-mnrl": MultipleNegativesRankingLoss(st, scale=scale),
+        "st-cached-mnrl": CachedMultipleNegativesRankingLoss(
+            st, scale=scale, mini_batch_size=suite.gradcache_chunk
+        ),
+    }
+    st_features = [
+        [st.preprocess([ex.query["text"] for ex in b]), st.preprocess([ex.positive["text"] for ex in b])]
+        for b in batches
+    ]
+    st_opt = torch.optim.AdamW(st.parameters(), lr=1e-6)
+
+    def st_step(loss_fn: Any) -> Callable[[], None]:
+        state = {"i": 0}
+
+        def run() -> None:
+            for _ in range(suite.train_steps):
+                feats = st_features[state["i"] % len(st_features)]
+                state["i"] += 1
+                feats = [
+                    {k: v.to(suite.device) if hasattr(v, "to") else v for k, v in f.items()} for f in feats
+                ]
+                with torch.autocast(suite.device, dtype=torch.bfloat16, enabled=suite.device == "cuda"):
+                    loss = loss_fn(feats, None)
+                loss.backward()
+                st_opt.step()
+                st_opt.zero_grad(set_to_none=True)
+
+        return run
+
+    fns = {
+        "vlm2emb": _Stepper(ours, [ContrastiveCollator(ours, chunk_size=0)(b) for b in batches], 0, suite),
+        "vlm2emb-gradcache": _Stepper(
+            ours, [ContrastiveCollator(ours, chunk_size=suite.gradcache_chunk)(b) for b in batches], 1, suite
+        ),
+        **{name: st_step(fn) for name, fn in st_losses.items()},
+    }
+    times = interleaved(fns, suite.rounds, suite.device)
+    samples = suite.train_batch * suite.train_steps
+    out: dict[str, Any] = {"batch_size": suite.train_batch, "chunk": suite.gradcache_chunk}
+    out |= _summary(times, dict.fromkeys(times, samples), "samples_per_s", "st-mnrl")
+    out["gradcache_vs_st_cached"] = round(
+        statistics.median(times["st-cached-mnrl"]) / statistics.median(times["vlm2emb-gradcache"]), 3
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- memory
+def _memory_worker(suite: Suite, path: Path, mode: str) -> dict[str, Any]:
+    """Peak memory of two training steps of one mode (run in its own process)."""
+    from vlm2emb.data.collate import ContrastiveCollator
+
+    rows = training_rows(suite, suite.train_batch * 2, seed=5)
+    model = _train_model(path, suite)
+    chunk = suite.gradcache_chunk if mode == "gradcache" else 0
+    make = _batches_random if mode == "naive" else _batches_grouped
+    batches = [ContrastiveCollator(model, chunk_size=chunk)(b) for b in make(rows, suite.train_batch, 0)]
+    stepper = _Stepper(model, batches, chunk, suite)
+    if suite.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stepper()
+    stepper()
+    if suite.device == "cuda":
+        return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def bench_memory(suite: Suite, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for mode in ("vlm2emb", "gradcache", "naive"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--suite",
+            suite.name,
+            "--memory-worker",
+            mode,
+            "--work",
+            str(args.work),
+        ]
+        if args.quick:
+            cmd.append("--quick")
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"memory worker {mode} failed:\n{proc.stderr[-2000:]}")
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ---------------------------------------------------------------------------------- report
+def table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| measurement | contender | throughput | median s | ratio |", "|---|---|---|---|---|"]
+
+    def add(section: str, data: dict[str, Any], unit: str) -> None:
+        for name, v in data.items():
+            if not isinstance(v, dict) or unit not in v:
+                continue
+            ratio = next((f"{v[k]:.2f}x vs {k[11:]}" for k in v if k.startswith("speedup_vs_")), "")
+            lines.append(f"| {section} | {name} | {v[unit]:,} {unit} | {v['median_s']} | {ratio} |")
+
+    enc = results.get("encode", {})
+    if enc:
+        add("encode text", enc["text"], "items_per_s")
+        add("encode image+text", enc["mixed"], "items_per_s")
+    if "train" in results:
+        add("train step (mixed length)", results["train"]["step"], "samples_per_s")
+    if "gradcache" in results:
+        add("GradCache vs plain", results["gradcache"], "samples_per_s")
+    if "st" in results:
+        add("train step (text) vs sentence-transformers", results["st"], "samples_per_s")
+    extra = []
+    if "train" in results:
+        t = results["train"]
+        extra.append(
+            f"padding efficiency: vlm2emb {t['padding_efficiency_vlm2emb']}, naive {t['padding_efficiency_naive']}"
+        )
+    if "gradcache" in results:
+        extra.append(f"GradCache overhead: {results['gradcache']['overhead']}x the plain step")
+    if "memory" in results:
+        extra.append("peak memory: " + json.dumps(results["memory"]))
+    return "\n".join([*lines, "", *extra])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness runs")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated subset of encode,train,gradcache,st,memory"
+    )
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "vlm2emb-bench"))
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from vlm2emb._quiet import quiet_third_party
+
+    quiet_third_party()
+    suite = quick(SUITES[args.suite]) if args.quick else SUITES[args.suite]
+    if args.rounds:
+        suite.rounds = args.rounds
+    if suite.device == "cuda" and not torch.cuda.is_available():
+        parser.error("the gpu suite needs CUDA")
+    args.work = Path(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = build_model_dir(suite, args.work)
+    if args.memory_worker:
+        print(json.dumps(_memory_worker(suite, path, args.memory_worker)))
+        return 0
+
+    import sentence_transformers
+    import transformers
+
+    results: dict[str, Any] = {
+        "suite": asdict(suite),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": torch.cuda.get_device_name() if suite.device == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+    }
+    modes = args.only.split(",") if args.only else suite.modes
+    runners = {
+        "encode": lambda: bench_encode(suite, path),
+        "train": lambda: bench_train(suite, path),
+        "gradcache": lambda: bench_gradcache(suite, path),
+        "st": lambda: bench_st_train(suite, path),
+        "memory": lambda: bench_memory(suite, path, args),
+    }
+    for mode in modes:
+        t0 = time.perf_counter()
+        results[mode] = runners[mode]()
+        print(f"[{mode}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
