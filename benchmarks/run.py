@@ -599,12 +599,44 @@ def _memory_worker(suite: Suite, path: Path, mode: str) -> dict[str, Any]:
     batches = [ContrastiveCollator(model, chunk_size=chunk)(b) for b in make(rows, suite.train_batch, 0)]
     stepper = _Stepper(model, batches, chunk, suite)
     if suite.device == "cuda":
+        stepper()  # optimizer state exists from here on, as in a running job
         torch.cuda.reset_peak_memory_stats()
-    stepper()
-    stepper()
-    if suite.device == "cuda":
+        stepper()
         return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    stepper()
+    base = _rss_mib()
+    peak = _RssPeak()
+    with peak:
+        stepper()
+    return {"peak_rss_mib": round(peak.value, 1), "step_growth_mib": round(peak.value - base, 1)}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class _RssPeak:
+    """Highest resident set size seen while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self) -> _RssPeak:
+        import threading
+
+        self.value = _rss_mib()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.002):
+                self.value = max(self.value, _rss_mib())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.value = max(self.value, _rss_mib())
 
 
 def bench_memory(suite: Suite, path: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -250,3 +250,20 @@ def model_image():
     from PIL import Image
 
     return Image.new("RGB", (32, 32), (0, 0, 0))
+
+
+def test_prefetched_encode_equals_the_sequential_one(tiny_qwen2_vl_dir, mixed_items):
+    model = _load(tiny_qwen2_vl_dir)
+    items = mixed_items * 3
+    sequential = model.encode(items, batch_size=2, prefetch=0)
+    prefetched = model.encode(items, batch_size=2, prefetch=3)
+    assert torch.equal(sequential, prefetched)
+
+
+def test_a_bad_item_in_a_prefetched_batch_raises_its_own_error(tiny_qwen2_vl_dir, tmp_path):
+    model = _load(tiny_qwen2_vl_dir)
+    # Longer texts sort first, so the broken image is in the last batch, prepared ahead.
+    items = [f"caption {i} " + "word " * 300 for i in range(9)] + [{"image": str(tmp_path / "missing.png")}]
+    with pytest.raises(Exception, match=r"missing\.png"):
+        model.encode(items, batch_size=2, prefetch=2)
+    assert model.encode("still works").shape == (model.embedding_dim,)  # usable afterwards

@@ -421,3 +421,37 @@ def test_family_recipes_load_and_start_with_their_launch_command(recipe):
     )
     relative = recipe.relative_to(_REPO).as_posix()
     assert f"vlm2emb train {relative}" in header  # the exact command, with this file's path
+
+
+# Families whose image-free batches skip the processor (BackboneAdapter.tokenize_text_directly).
+TOKENIZE_TEXT_DIRECTLY = {
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+}
+
+
+def test_text_only_batches_tokenize_like_the_processor(tiny, model):
+    """The tokenizer-only path for image-free batches gives the processor's ids and mask and
+    the same embeddings as the processor's full output; families that keep the processor
+    (PaliGemma's needs an image, InternVL's adds tokens) are not opted in."""
+    assert type(model.adapter).tokenize_text_directly == (tiny.family in TOKENIZE_TEXT_DIRECTLY)
+    prompts = [
+        model.adapter.render_prompt(t, 0, "Find the caption.") for t in ("a cat", "two dogs run by a lake")
+    ]
+    built = model.adapter.build_inputs(prompts, [[], []])
+    if tiny.family not in TOKENIZE_TEXT_DIRECTLY:
+        assert "input_ids" in built and built["attention_mask"].shape[0] == 2
+        return
+    model.adapter.tokenizer.padding_side = model.adapter.padding_side
+    full = dict(model.adapter.processor(text=prompts, padding=True, return_tensors="pt"))
+    assert torch.equal(built["input_ids"], full["input_ids"])
+    assert torch.equal(built["attention_mask"], full["attention_mask"])
+    assert set(built) <= set(full)
+    with torch.no_grad():
+        torch.testing.assert_close(model(built), model(full), rtol=0, atol=1e-6)

@@ -50,6 +50,11 @@ class BackboneAdapter:
     default_attention: ClassVar[str] = "causal"
     embed_token: ClassVar[str] = "<|embed|>"
     image_placeholder: ClassVar[str] = ""  # the prompt text standing for one image ("" = no images)
+    # A batch without images skips the processor and goes to the tokenizer alone: the same
+    # ids and mask at less cost (some processors also build a per-token modality map with
+    # NumPy, which text needs not). Opt-in per family; tests check the ids and embeddings
+    # equal the processor's for every family that sets it.
+    tokenize_text_directly: ClassVar[bool] = False
 
     def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
         # The adapter holds no reference to the model: EmbeddingModel owns it (so that peft,
@@ -141,6 +146,8 @@ class BackboneAdapter:
         """
         flat = [img for per_item in images for img in per_item]
         self.tokenizer.padding_side = self.padding_side
+        if not flat and self.tokenize_text_directly:
+            return self.tokenize_text(prompts)
         out = self.processor(
             text=list(prompts),
             images=flat or None,
@@ -148,6 +155,11 @@ class BackboneAdapter:
             return_tensors="pt",
         )
         return dict(out)
+
+    def tokenize_text(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """The tokenizer alone on image-free prompts: ``input_ids`` and ``attention_mask`` [B, L]."""
+        self.tokenizer.padding_side = self.padding_side
+        return dict(self.tokenizer(list(prompts), padding=True, return_tensors="pt"))
 
     # ------------------------------------------------------------------ forward
     def language_model(self, model: nn.Module) -> nn.Module:

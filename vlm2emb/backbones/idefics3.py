@@ -77,6 +77,7 @@ class Idefics3Adapter(BackboneAdapter):
     """Adapter for Idefics3 checkpoints (SigLIP-style encoder + pixel-shuffle connector + Llama)."""
 
     family: ClassVar[str] = "idefics3"
+    tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("idefics3",)
     lora_target_modules: ClassVar[str] = TEXT_MODEL_PROJ
     image_placeholder: ClassVar[str] = "<image>"

@@ -61,6 +61,7 @@ class LlavaAdapter(BackboneAdapter):
     """Adapter for LLaVA-1.5 style checkpoints (CLIP tower + MLP projector + decoder)."""
 
     family: ClassVar[str] = "llava"
+    tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
     lora_target_modules: ClassVar[str] = LM_PROJ
     image_placeholder: ClassVar[str] = "<image>\n"

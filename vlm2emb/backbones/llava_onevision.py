@@ -33,6 +33,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
         """Like the base, but hands the images over nested per item (see the module docstring)."""
+        if self.tokenize_text_directly and not any(images):
+            return self.tokenize_text(prompts)
         self.tokenizer.padding_side = self.padding_side
         nested = [list(per_item) for per_item in images]
         has_images = any(nested)

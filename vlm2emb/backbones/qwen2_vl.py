@@ -22,6 +22,7 @@ class Qwen2VLAdapter(BackboneAdapter):
     """Adapter for Qwen2-VL checkpoints."""
 
     family: ClassVar[str] = "qwen2_vl"
+    tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     lora_target_modules: ClassVar[str] = _LM_PROJ
     image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"

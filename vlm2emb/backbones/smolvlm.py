@@ -31,6 +31,8 @@ class SmolVLMAdapter(Idefics3Adapter):
 
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
         """Processor call with the images nested per item (see the module docstring)."""
+        if self.tokenize_text_directly and not any(images):
+            return self.tokenize_text(prompts)
         self.tokenizer.padding_side = self.padding_side
         nested = [list(per_item) for per_item in images]
         out = self.processor(
