@@ -153,8 +153,9 @@ class ContrastiveStep:
             embs, temperature = out if self.learnable_temperature else (out, None)
             self._pending = None
             return self._loss(batch, *self._split(embs, nq, np_), temperature)
-        # The one-backward form re-runs every chunk inside one checkpointed forward, so it
-        # keeps no graph; the per-chunk form keeps the last chunk's (see the module doc).
+        # The per-chunk form keeps the last chunk's graph (see the module doc). The one-backward
+        # form does not: the kept graph would be alive while the others are re-embedded, which
+        # doubles the activation peak to save two chunk forwards (its re-run and recompute).
         keep = not self.single_backward and len(chunks) > 1
         states: list[RngState] = []
         embs = []

@@ -315,8 +315,6 @@ class _Trainer:
 
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
         if self.deepspeed:
-            # accelerate's DeepSpeed backward also steps the optimizer; GradCache calls
-            # backward once per chunk, so talk to the engine directly.
             # One backward per optimizer step (GradCache uses its single-backward form here);
             # accelerate's own DeepSpeed backward would also step, so call the engine.
             self.prepared.backward(loss)
