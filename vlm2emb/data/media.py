@@ -51,6 +51,17 @@ class MediaOptions:
     pdf_dpi: int = 144
 
 
+def media_options(data: Any) -> MediaOptions:
+    """The :class:`MediaOptions` of a recipe's ``data`` section."""
+    return MediaOptions(
+        min_pixels=data.min_pixels,
+        max_pixels=data.max_pixels,
+        max_image_pixels=data.max_image_pixels,
+        video_frames=data.video_frames,
+        pdf_dpi=data.pdf_dpi,
+    )
+
+
 @dataclass(frozen=True)
 class VideoRef:
     """A video: a video file (decoded with PyAV) or a folder of frame images.
@@ -344,17 +355,23 @@ def load_visuals(ref: Any, options: MediaOptions | None = None) -> list[Image.Im
     return [load_image(ref, options=options)]
 
 
-def decode_item(item: dict[str, Any], options: MediaOptions | None = None) -> dict[str, Any]:
+def decode_item(item: Any, options: MediaOptions | None = None) -> dict[str, Any]:
     """A validated item with every media reference decoded to RGB PIL images.
 
     Args:
-        item: ``{"text": ..., "images": [refs]}`` as :mod:`vlm2emb.data.schema` builds it.
+        item: ``{"text": ..., "images": [refs]}`` as :mod:`vlm2emb.data.schema` builds it
+            (``image`` and ``video`` keys, a bare string or a PIL image are accepted too).
         options: Pixel bounds, limits, frames per video.
 
     Returns:
         ``{"text": ..., "images": [PIL images]}``, which ``EmbeddingModel.collate`` accepts.
     """
+    if isinstance(item, (str, Image.Image)):
+        item = {"text": item} if isinstance(item, str) else {"images": [item]}
+    refs = ([item["image"]] if item.get("image") is not None else []) + list(item.get("images") or [])
+    if item.get("video") is not None:
+        refs.append(item["video"] if isinstance(item["video"], VideoRef) else VideoRef(str(item["video"])))
     images: list[Image.Image] = []
-    for ref in item.get("images") or []:
+    for ref in refs:
         images.extend(load_visuals(ref, options))
     return {"text": item.get("text"), "images": images}
