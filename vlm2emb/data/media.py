@@ -158,11 +158,10 @@ def _open(src: Any, name: str, max_image_pixels: int | None) -> Image.Image:
     saved = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
-            # Our own size check below replaces PIL's warning; PIL's hard error (at twice its
-            # limit) is lifted only when the configured limit is larger or off.
+            # Our own size check below (from the header, before any pixel is decoded)
+            # replaces PIL's global limit, so the configured one applies either way.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if max_image_pixels is None or max_image_pixels > saved:
-                Image.MAX_IMAGE_PIXELS = None
+            Image.MAX_IMAGE_PIXELS = None
             img = Image.open(src)
             check_pixels(img.size, name, max_image_pixels)
             img.load()
