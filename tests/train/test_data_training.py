@@ -135,6 +135,27 @@ def test_mmeb_train_rows_train_without_conversion(tmp_path, tiny_qwen2_vl_dir, d
     assert len(_losses(tmp_path)) == 2
 
 
+def test_streaming_training_run(tmp_path, tiny_qwen2_vl_dir):
+    rows = [
+        {"query": f"number {i}", "positive": f"n{i}", "dataset": "a" if i % 2 else "b"} for i in range(12)
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"broken\n')
+    summary = _run(
+        tmp_path,
+        tiny_qwen2_vl_dir,
+        [path],
+        "data.streaming=true",
+        "data.shuffle_buffer=4",
+        "data.homogeneous=true",
+        "data.on_bad_example=skip",
+        "train.max_steps=3",
+    )
+    assert math.isfinite(summary["final_loss"]) and len(_losses(tmp_path)) == 3
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped"] == 1 and report["reasons"] == {"malformed_json": 1}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -146,11 +167,15 @@ def test_mmeb_train_rows_train_without_conversion(tmp_path, tiny_qwen2_vl_dir, d
         ("data.weights=[0]", "data.weights: must be >= 0 and not all 0"),
         ("data.max_rows=[1, 2]", "data.max_rows: give one value or one per data.train entry"),
         ("data.mega_batch=0", "data.mega_batch: must be > 0"),
+        (
+            "data.streaming=true data.group_by_length=true",
+            "data.group_by_length: not available with data.streaming",
+        ),
     ],
 )
 def test_bad_data_keys_are_config_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_recipe(None, ["data.train=x.jsonl", override])
+        load_recipe(None, ["data.train=x.jsonl", *override.split()])
 
 
 def test_min_pixels_above_max_pixels_is_an_error() -> None:

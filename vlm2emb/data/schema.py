@@ -17,7 +17,7 @@ as one :class:`DataError` line naming the file, the line (row) and the reason.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,61 +240,96 @@ def _raise(message: str) -> None:
     raise MediaError(message)
 
 
-def _load(
-    specs: list[str],
+def iter_source(
+    index: int,
+    spec: str,
     kind: str,
     build: Callable[[_RowChecker, int, dict[str, Any], int, Source], Any],
     *,
-    media_root: str | Path | None,
-    verify_images: bool,
-    options: MediaOptions | None,
-    work_dir: str | Path | None,
-    on_bad_example: str,
-    report: DataReport | None,
-    max_rows: list[int] | None,
-    allow_empty: bool,
-) -> list[Any]:
-    """Reads every source; ``build`` turns an object row into an example or raises DataError."""
+    media_root: str | Path | None = None,
+    verify_images: bool = True,
+    options: MediaOptions | None = None,
+    work_dir: str | Path | None = None,
+    on_bad_example: str = "error",
+    report: DataReport | None = None,
+    cap: int | None = None,
+    allow_empty: bool = False,
+) -> Iterator[Any]:
+    """Yields the examples of one source lazily, applying the bad-row policy.
+
+    Args:
+        index: Position of the source in ``data.train`` (stored as ``origin``).
+        spec: The source (see :func:`vlm2emb.data.sources.resolve_source`).
+        kind: ``training`` or ``evaluation``, for messages.
+        build: Turns an object row into an example, or raises :class:`DataError`.
+        cap: Stop after this many good rows (None = all).
+        Other arguments: see :func:`load_train_examples`.
+    """
     from vlm2emb.data.check import DataReport
     from vlm2emb.data.sources import iter_records, resolve_source
 
     if on_bad_example not in ("error", "skip"):
         raise ValueError(f"data.on_bad_example: {on_bad_example!r} is not one of error, skip")
     report = report if report is not None else DataReport()
-    opts = options or MediaOptions()
+    source = resolve_source(spec, work_dir)
+    check = _RowChecker(source, media_root, verify_images, options or MediaOptions())
+    n_rows = n_used = 0
+    for lineno, rec, problem in iter_records(source):
+        if cap is not None and n_used >= cap:
+            break
+        n_rows += 1
+        report.rows += 1
+        try:
+            if problem is not None:
+                raise check.fail(lineno, problem, "malformed_json")
+            if not isinstance(rec, dict):
+                raise check.fail(
+                    lineno, f"a row must be a JSON object, got {type(rec).__name__}", "not_an_object"
+                )
+            example = build(check, lineno, rec, index, source)
+        except DataError as err:
+            if on_bad_example == "error":
+                raise
+            report.add_bad(err)
+            continue
+        n_used += 1
+        report.used += 1
+        yield example
+    if not n_rows and not allow_empty:
+        raise DataError(f"{source.name}: no {kind} rows", "empty_file")
+
+
+def _load(
+    specs: list[str],
+    kind: str,
+    build: Callable[[_RowChecker, int, dict[str, Any], int, Source], Any],
+    *,
+    max_rows: list[int] | None,
+    allow_empty: bool,
+    report: DataReport | None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Reads every source into a list (see :func:`iter_source`)."""
+    from vlm2emb.data.check import DataReport
+
+    report = report if report is not None else DataReport()
     out: list[Any] = []
     for index, spec in enumerate(specs):
-        source = resolve_source(spec, work_dir)
-        check = _RowChecker(source, media_root, verify_images, opts)
-        cap = _cap(max_rows, index)
-        n_rows = n_used = 0
-        for lineno, rec, problem in iter_records(source):
-            if cap is not None and n_used >= cap:
-                break
-            n_rows += 1
-            report.rows += 1
-            try:
-                if problem is not None:
-                    raise check.fail(lineno, problem, "malformed_json")
-                if not isinstance(rec, dict):
-                    raise check.fail(
-                        lineno, f"a row must be a JSON object, got {type(rec).__name__}", "not_an_object"
-                    )
-                example = build(check, lineno, rec, index, source)
-            except DataError as err:
-                if on_bad_example == "error":
-                    raise
-                report.add_bad(err)
-                continue
-            out.append(example)
-            n_used += 1
-            report.used += 1
-        if not n_rows and not allow_empty:
-            raise DataError(f"{source.name}: no {kind} rows", "empty_file")
-    if not out and not allow_empty:
-        raise DataError(
-            f"no usable {kind} rows: all {report.rows} rows were bad (first: {report.examples[0]})"
+        out.extend(
+            iter_source(
+                index,
+                spec,
+                kind,
+                build,
+                cap=_cap(max_rows, index),
+                allow_empty=allow_empty,
+                report=report,
+                **kwargs,
+            )
         )
+    if not out and not allow_empty:
+        first = f" (first: {report.examples[0]})" if report.examples else ""
+        raise DataError(f"no usable {kind} rows: all {report.rows} rows were bad{first}")
     return out
 
 
@@ -322,6 +357,47 @@ def _check_fields(
     for key in required:
         if rec.get(key) is None:
             raise check.fail(lineno, f"missing field {key!r}", "missing_field")
+
+
+def train_row_builder(
+    data_format: str = "auto", max_negatives: int | None = None
+) -> Callable[[_RowChecker, int, dict[str, Any], int, Source], TrainExample]:
+    """The function that validates one training row (canonical or MMEB layout).
+
+    Raises:
+        ValueError: Unknown ``data_format``.
+    """
+    from vlm2emb.data.sources import DATA_FORMATS, convert_mmeb, is_mmeb
+
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data.format: {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
+
+    def build(
+        check: _RowChecker, lineno: int, rec: dict[str, Any], index: int, source: Source
+    ) -> TrainExample:
+        if data_format == "mmeb" or (data_format == "auto" and is_mmeb(rec)):
+            try:
+                rec = convert_mmeb(rec)
+            except ValueError as exc:
+                raise check.fail(lineno, f"MMEB row: {exc}", "invalid") from None
+        _check_fields(check, lineno, rec, "training", TRAIN_KEYS, ("query", "positive"))
+        negs_raw = rec.get("negatives") or []
+        if not isinstance(negs_raw, list):
+            raise check.fail(lineno, "negatives must be a list of items", "wrong_type")
+        if max_negatives is not None:
+            negs_raw = negs_raw[:max_negatives]
+        return TrainExample(
+            query=check.item(lineno, "query", rec["query"]),
+            positive=check.item(lineno, "positive", rec["positive"]),
+            negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
+            instruction=check.optional_str(rec, "instruction"),
+            target_instruction=check.optional_str(rec, "target_instruction"),
+            dataset=str(rec.get("dataset") or source.stem),
+            source=f"{source.name}:{lineno}",
+            origin=index,
+        )
+
+    return build
 
 
 def load_train_examples(
@@ -361,36 +437,7 @@ def load_train_examples(
     Raises:
         DataError: One line naming file, line and reason.
     """
-    from vlm2emb.data.sources import DATA_FORMATS, convert_mmeb, is_mmeb
-
-    if data_format not in DATA_FORMATS:
-        raise ValueError(f"data.format: {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
-
-    def build(
-        check: _RowChecker, lineno: int, rec: dict[str, Any], index: int, source: Source
-    ) -> TrainExample:
-        if data_format == "mmeb" or (data_format == "auto" and is_mmeb(rec)):
-            try:
-                rec = convert_mmeb(rec)
-            except ValueError as exc:
-                raise check.fail(lineno, f"MMEB row: {exc}", "invalid") from None
-        _check_fields(check, lineno, rec, "training", TRAIN_KEYS, ("query", "positive"))
-        negs_raw = rec.get("negatives") or []
-        if not isinstance(negs_raw, list):
-            raise check.fail(lineno, "negatives must be a list of items", "wrong_type")
-        if max_negatives is not None:
-            negs_raw = negs_raw[:max_negatives]
-        return TrainExample(
-            query=check.item(lineno, "query", rec["query"]),
-            positive=check.item(lineno, "positive", rec["positive"]),
-            negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
-            instruction=check.optional_str(rec, "instruction"),
-            target_instruction=check.optional_str(rec, "target_instruction"),
-            dataset=str(rec.get("dataset") or source.stem),
-            source=f"{source.name}:{lineno}",
-            origin=index,
-        )
-
+    build = train_row_builder(data_format, max_negatives)
     return _load(
         specs,
         "training",

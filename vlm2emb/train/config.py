@@ -76,6 +76,8 @@ class DataConfig:
     max_image_pixels: int | None = 89_478_485  # refuse larger images undecoded (decompression bombs)
     video_frames: int = 8  # frames sampled uniformly per video (VLM2Vec: 8)
     pdf_dpi: int = 144  # resolution PDF pages render at
+    streaming: bool = False  # read data.train lazily (corpora larger than memory)
+    shuffle_buffer: int = 10_000  # rows held for shuffling when streaming
 
 
 @dataclass
@@ -198,6 +200,7 @@ def _validate_data_config(data: DataConfig) -> None:
         ("data.video_frames", data.video_frames),
         ("data.pdf_dpi", data.pdf_dpi),
         ("data.mega_batch", data.mega_batch),
+        ("data.shuffle_buffer", data.shuffle_buffer),
     ):
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -205,6 +208,9 @@ def _validate_data_config(data: DataConfig) -> None:
         raise ConfigError(
             f"data.min_pixels: {data.min_pixels} is larger than data.max_pixels {data.max_pixels}"
         )
+    if data.streaming and (data.group_by_length or data.dedup_positives):
+        key = "data.group_by_length" if data.group_by_length else "data.dedup_positives"
+        raise ConfigError(f"{key}: not available with data.streaming (it needs the whole epoch in memory)")
     n = len(data.train)
     if data.weights:
         if len(data.weights) != n:

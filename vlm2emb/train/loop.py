@@ -160,7 +160,7 @@ class _Trainer:
         if not self.is_main:
             self.accelerator.wait_for_everyone()
         self.train_examples = load_train_examples(
-            cfg.data.train,
+            [] if cfg.data.streaming else cfg.data.train,  # streaming reads data.train lazily later
             media_root=cfg.data.media_root,
             verify_images=cfg.data.verify_images,
             max_negatives=cfg.data.max_negatives,
@@ -170,7 +170,9 @@ class _Trainer:
             report=report,
             max_rows=cfg.data.max_rows,
             options=self.media,
+            allow_empty=cfg.data.streaming,
         )
+        self.report = report
         self.eval_examples = (
             load_eval_examples(
                 cfg.data.eval,
@@ -383,9 +385,11 @@ class _Trainer:
 
         self._load_data()  # a bad row stops the run before a large model is loaded
         start_step = json.loads((resume_dir / "trainer_state.json").read_text())["step"] if resume_dir else 0
-        sampler = sampler_for(
-            self.train_examples, cfg.data, cfg.train.batch_size, cfg.seed, start_step=start_step
-        )
+        sampler = None  # streaming draws its own batches (vlm2emb.data.streaming)
+        if not cfg.data.streaming:
+            sampler = sampler_for(
+                self.train_examples, cfg.data, cfg.train.batch_size, cfg.seed, start_step=start_step
+            )
         model = self._load_model()
 
         report_before = None
@@ -423,9 +427,22 @@ class _Trainer:
             chunk_size=cfg.train.gradcache_chunk_size,
             media=self.media,
         )
-        loader = torch.utils.data.DataLoader(
-            self.train_examples, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers
-        )
+        if cfg.data.streaming:
+            from vlm2emb.data.streaming import streaming_for
+
+            loader = torch.utils.data.DataLoader(
+                streaming_for(cfg, start_step, self.media, self.report, self.out),
+                batch_size=None,
+                collate_fn=collator,
+                num_workers=cfg.data.num_workers,
+            )
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.train_examples,
+                batch_sampler=sampler,
+                collate_fn=collator,
+                num_workers=cfg.data.num_workers,
+            )
         step_fn = ContrastiveStep(
             self.prepared,
             loss_fn,
@@ -437,7 +454,7 @@ class _Trainer:
         if self.is_main:
             print(
                 f"Training {cfg.model.name_or_path}: {n_trainable:,} of {n_total:,} parameters trainable, "
-                f"{len(self.train_examples)} rows, global batch {cfg.train.batch_size} over {world} process(es)"
+                f"{len(self.train_examples) or 'streamed'} rows, global batch {cfg.train.batch_size} over {world} process(es)"
                 f"{', GradCache chunks of ' + str(cfg.train.gradcache_chunk_size) if cfg.train.gradcache_chunk_size else ''}"
                 f", steps {start_step + 1}..{cfg.train.max_steps}",
                 flush=True,
@@ -519,6 +536,8 @@ class _Trainer:
                 self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
         bar.close()
         train_seconds = time.perf_counter() - start
+        if cfg.data.streaming and cfg.data.on_bad_example == "skip" and self.is_main:
+            self.report.write(self.out / "data_report.json")  # the rows streamed so far
 
         self._save(self.out / "final", cfg.train.max_steps, with_state=False)
         if self.is_main:
