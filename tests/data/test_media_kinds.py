@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlm2emb.data.media import (
@@ -203,3 +204,16 @@ def test_collator_decodes_video_pdf_and_several_images_for_the_model(
     assert query["image_grid_thw"].shape[0] == 6
     emb = model.encode([decode_item(ex.query, media) for ex in examples])
     assert emb.shape[0] == 3 and bool(emb.isfinite().all())
+
+
+def test_encode_accepts_video_and_pdf_items(tmp_path: Path, tiny_qwen2_vl_dir) -> None:
+    from vlm2emb import EmbeddingModel
+
+    clip = write_video(tmp_path / "clip.mp4")
+    pdf = write_pdf(tmp_path / "doc.pdf")
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir)
+    batch = model.collate([{"video": str(clip), "text": "a clip"}, {"pdf": str(pdf), "page": 1}])
+    assert batch["image_grid_thw"].shape[0] == 8 + 1  # 8 frames (default) + one page
+    emb = model.encode([{"video": str(clip)}, {"pdf": str(pdf), "page": 1}, "text"])
+    assert emb.shape[0] == 3 and bool(emb.isfinite().all())
+    assert not torch.allclose(emb[0], emb[1])

@@ -107,6 +107,8 @@ def load_image(
     elif isinstance(ref, (bytes, bytearray)):
         img = _open(io.BytesIO(ref), "<bytes>", opts.max_image_pixels)
     elif isinstance(ref, PdfPageRef):
+        if not Path(ref.path).is_absolute() and base_dir is not None:
+            ref = PdfPageRef(str(Path(base_dir) / ref.path), ref.page)
         img = render_pdf_page(ref.path, ref.page, dpi=opts.pdf_dpi, max_image_pixels=opts.max_image_pixels)
     elif isinstance(ref, (str, Path)):
         path = Path(ref)
