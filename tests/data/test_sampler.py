@@ -99,3 +99,16 @@ def test_sampler_for_reads_the_data_section() -> None:
     for batch in _batches(sampler, 12):
         assert len({examples[i].dataset for i in batch}) == 1
     assert length_estimate(examples[8]) == 2 + 0 + 0  # 8 chars of query text / 4, short positives
+
+
+def test_dedup_epochs_of_different_lengths_follow_each_other() -> None:
+    # Many copies of few positives: the rows left waiting at an epoch's end vary by epoch.
+    keys = [0] * 9 + [1] * 5 + [2] * 3 + [3] * 2 + [4, 5]
+    sampler = GlobalBatchSampler(len(keys), 3, seed=0, dedup_keys=keys)
+    lengths = [len(sampler.epoch_plan(e)) for e in range(6)]
+    steps = [sampler.global_batch(s) for s in range(sum(lengths))]
+    expected = [b for e in range(6) for b in sampler.epoch_plan(e)]
+    assert steps == expected
+    assert all(len({keys[i] for i in b}) == 3 for b in steps)
+    resumed = GlobalBatchSampler(len(keys), 3, seed=0, dedup_keys=keys, start_step=lengths[0] + 1)
+    assert next(iter(resumed)) == expected[lengths[0] + 1]

@@ -88,6 +88,7 @@ class GlobalBatchSampler:
         self.dedup_keys = list(dedup_keys) if dedup_keys is not None else None
         self._simple = datasets is None and not self.weights and lengths is None and dedup_keys is None
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._epoch_lengths: list[int] = []  # batches per epoch, filled as epochs are planned
         if self.weights is not None:
             n_sources = max(self.sources) + 1
             if len(self.weights) != n_sources:
@@ -186,12 +187,20 @@ class GlobalBatchSampler:
     # ------------------------------------------------------------------ access
     def global_batch(self, step: int) -> list[int]:
         """Indices of global batch ``step`` (0-based)."""
-        epoch, within = divmod(step, self.batches_per_epoch)
         if self._simple:
+            epoch, within = divmod(step, self.batches_per_epoch)
             gen = torch.Generator().manual_seed(self.seed + epoch)
             perm = torch.randperm(self.num_examples, generator=gen)
             return perm[within * self.batch_size : (within + 1) * self.batch_size].tolist()
-        return list(self.epoch_plan(epoch)[within])
+        # Epochs may differ in length (dedup leaves a varying remainder): walk their lengths.
+        epoch, within = 0, step
+        while True:
+            if epoch == len(self._epoch_lengths):
+                self._epoch_lengths.append(len(self.epoch_plan(epoch)))
+            if within < self._epoch_lengths[epoch]:
+                return list(self.epoch_plan(epoch)[within])
+            within -= self._epoch_lengths[epoch]
+            epoch += 1
 
     def __iter__(self) -> Iterator[list[int]]:
         local = self.batch_size // self.world_size
