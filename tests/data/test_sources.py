@@ -69,9 +69,13 @@ def test_plain_folder_is_not_a_source(tmp_path: Path) -> None:
 
 
 def test_hub_specs_resolve_without_network() -> None:
-    src = resolve_source("hf:TIGER-Lab/MMEB-train:diverse")
-    assert (src.kind, src.split, src.stem) == ("hub", "diverse", "MMEB-train")
+    src = resolve_source("hf:owner/name:validation")
+    assert (src.kind, src.config, src.split, src.stem) == ("hub", None, "validation", "name")
+    src = resolve_source("hf:TIGER-Lab/MMEB-train:ImageNet_1K:diverse_instruction")
+    assert (src.config, src.split, src.stem) == ("ImageNet_1K", "diverse_instruction", "ImageNet_1K")
     assert resolve_source("hf:owner/name").split == "train"
+    with pytest.raises(DataError, match="expected hf:OWNER/NAME"):
+        resolve_source("hf:owner/name:a:b:c")
 
 
 MMEB_ROWS = [

@@ -6,8 +6,8 @@ A *source* is one entry of ``data.train`` / ``data.eval``:
 - ``path.parquet``: one row per record;
 - a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` folder gives its
   ``train`` split, or ``folder:SPLIT``);
-- ``hf:OWNER/NAME`` or ``hf:OWNER/NAME:SPLIT``: ``datasets.load_dataset`` (needs network
-  or the local hub cache; default split ``train``);
+- ``hf:OWNER/NAME``, ``hf:OWNER/NAME:SPLIT`` or ``hf:OWNER/NAME:CONFIG:SPLIT``:
+  ``datasets.load_dataset`` (needs network or the local hub cache; default split ``train``);
 - ``demo:digits/train`` (see :mod:`vlm2emb.data.demo`).
 
 :func:`iter_records` yields ``(row number, record, error)`` so that one broken line (bad
@@ -51,6 +51,7 @@ class Source:
     root: Path
     split: str | None = None
     path: Path | None = None
+    config: str | None = None  # hub dataset configuration (subset)
 
     @property
     def stem(self) -> str:
@@ -58,7 +59,7 @@ class Source:
         if self.path is not None and self.kind in ("jsonl", "parquet"):
             return self.path.stem
         base = self.spec.removeprefix("hf:").split(":")[0].rstrip("/")
-        return base.rsplit("/", 1)[-1]
+        return self.config or base.rsplit("/", 1)[-1]
 
 
 def _is_dataset_dir(p: Path) -> bool:
@@ -79,10 +80,12 @@ def resolve_source(spec: str, work_dir: str | Path | None = None) -> Source:
         path = resolve_demo(spec, work_dir)
         return Source(spec, str(path), "jsonl", path.parent, path=path)
     if spec.startswith("hf:"):
-        name, _, split = spec.removeprefix("hf:").partition(":")
-        if not name:
-            raise DataError(f"{spec}: expected hf:OWNER/NAME or hf:OWNER/NAME:SPLIT")
-        return Source(spec, spec, "hub", Path.cwd().resolve(), split=split or "train")
+        name, *rest = spec.removeprefix("hf:").split(":")
+        if not name or len(rest) > 2 or any(not part for part in rest):
+            raise DataError(f"{spec}: expected hf:OWNER/NAME[:SPLIT] or hf:OWNER/NAME:CONFIG:SPLIT")
+        config = rest[0] if len(rest) == 2 else None
+        split = rest[-1] if rest else "train"
+        return Source(spec, spec, "hub", Path.cwd().resolve(), split=split, config=config)
     p = Path(spec).expanduser()
     split = None
     if not p.exists() and ":" in spec:
@@ -149,7 +152,7 @@ def _open_dataset(source: Source) -> Any:
                 ds = ds[split]
         else:  # hub
             name = source.spec.removeprefix("hf:").partition(":")[0]
-            ds = datasets.load_dataset(name, split=source.split)
+            ds = datasets.load_dataset(name, source.config, split=source.split)
     except DataError:
         raise
     except Exception as exc:
