@@ -9,9 +9,14 @@ Evaluation row::
 
     {"query": {...}, "candidates": [{...}, ...], "positive": 0, "task": "...", "instruction": "..."}
 
-Items hold ``text`` and/or ``image`` / ``images``. Relative image paths resolve against the
-data file's folder (or ``media_root``) and must stay inside it. Every problem is reported
-as one :class:`DataError` line naming the file, the line (row) and the reason.
+Items hold ``text`` and/or ``image`` / ``images`` / ``video`` / ``pdf`` + ``page``. Relative
+media paths resolve against the data file's folder (or ``media_root``) and must stay inside
+it; videos and PDF pages become :class:`~vlm2emb.data.media.VideoRef` and
+:class:`~vlm2emb.data.media.PdfPageRef` references, decoded per batch. Every problem is a
+one-line :class:`DataError` naming the file, the line (row) and the reason; with
+``on_bad_example="skip"`` bad rows are counted in a
+:class:`~vlm2emb.data.check.DataReport` instead. Sources (JSONL, Parquet, ``datasets``
+folders, hub ids, MMEB-train rows) are read by :mod:`vlm2emb.data.sources`.
 """
 
 from __future__ import annotations
