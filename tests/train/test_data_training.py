@@ -167,15 +167,17 @@ def test_streaming_training_run(tmp_path, tiny_qwen2_vl_dir):
         ("data.weights=[0]", "data.weights: must be >= 0 and not all 0"),
         ("data.max_rows=[1, 2]", "data.max_rows: give one value or one per data.train entry"),
         ("data.mega_batch=0", "data.mega_batch: must be > 0"),
-        (
-            "data.streaming=true data.group_by_length=true",
-            "data.group_by_length: not available with data.streaming",
-        ),
     ],
 )
 def test_bad_data_keys_are_config_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_recipe(None, ["data.train=x.jsonl", *override.split()])
+        load_recipe(None, ["data.train=x.jsonl", override])
+
+
+def test_streaming_refuses_whole_epoch_options() -> None:
+    for key in ("data.group_by_length", "data.dedup_positives"):
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: not available with data.streaming")):
+            load_recipe(None, ["data.train=x.jsonl", "data.streaming=true", f"{key}=true"])
 
 
 def test_min_pixels_above_max_pixels_is_an_error() -> None:
