@@ -125,7 +125,7 @@ def test_input_forms(tiny_qwen2_vl_dir, digit_images, tmp_path):
         ({"txt": "a"}, "unknown item key"),
         ({}, "needs text or at least one image"),
         ({"text": 5}, "text must be a string"),
-        ({"video": "clip.mp4"}, "video items are not supported yet"),
+        ({"caption": "a"}, "an item has text, image, images, video or pdf"),
     ],
 )
 def test_bad_items_are_rejected(bad, message):

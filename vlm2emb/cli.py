@@ -1,4 +1,4 @@
-"""Command line: ``vlm2emb train | eval | demo-data | doctor`` (also ``python -m vlm2emb``).
+"""Command line: ``vlm2emb train | eval | demo-data | doctor | data check`` (also ``python -m vlm2emb``).
 
 User errors (bad recipe key, missing file, malformed row) end with one line on stderr
 naming the key, file or line, and exit status 2; ``--debug`` shows the traceback instead.
@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
 
@@ -88,7 +89,42 @@ def _parser() -> argparse.ArgumentParser:
     p_doctor.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p_doctor.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     p_doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_data_parser(sub)
     return parser
+
+
+def _add_data_parser(sub: Any) -> None:
+    # `vlm2emb data check FILE...`: validate data files before training (docs/data.md).
+    p_data = sub.add_parser("data", help="data tools: check files before training")
+    data_sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p_check = data_sub.add_parser(
+        "check",
+        help="validate data files, decoding every image, video and PDF page",
+        description="Report every bad row as FILE:LINE: REASON and a summary; exit status 1 if any row is bad.",
+        epilog="example: vlm2emb data check train.jsonl --media-root /data/images",
+    )
+    p_check.add_argument("files", nargs="+", help="JSONL / Parquet files, datasets folders or hf: ids")
+    p_check.add_argument("--eval", action="store_true", help="the files hold evaluation rows")
+    p_check.add_argument("--media-root", default=None, help="folder for relative media paths")
+    p_check.add_argument("--format", default="auto", choices=["auto", "canonical", "mmeb"])
+    p_check.add_argument("--max-image-pixels", type=int, default=None, help="decompression-bomb limit")
+    p_check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from vlm2emb.data.check import check_files
+    from vlm2emb.data.media import MediaOptions
+
+    options = MediaOptions(**({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
+    report = check_files(
+        args.files,
+        kind="eval" if args.eval else "train",
+        media_root=args.media_root,
+        data_format=args.format,
+        options=options,
+    )
+    print(report.summary())
+    return 1 if report.skipped else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -176,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "demo-data": _cmd_demo_data, "doctor": _cmd_doctor}
+    handlers["data"] = _cmd_data
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

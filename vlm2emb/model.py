@@ -104,14 +104,22 @@ def as_item(x: Any) -> dict[str, Any]:
         return {"text": None, "images": [x]}
     if not isinstance(x, dict):
         raise ValueError(f"an item must be a str, a PIL image or a dict, got {type(x).__name__}")
-    unknown = set(x) - {"text", "image", "images", "video"}
+    unknown = set(x) - {"text", "image", "images", "video", "pdf", "page"}
     if unknown:
-        raise ValueError(f"unknown item key(s) {sorted(unknown)}; an item has text, image or images")
-    if x.get("video") is not None:
-        raise ValueError("video items are not supported yet (planned in the data pipeline issue)")
+        raise ValueError(
+            f"unknown item key(s) {sorted(unknown)}; an item has text, image, images, video or pdf"
+        )
     images = list(x.get("images") or [])
     if x.get("image") is not None:
         images.insert(0, x["image"])
+    # A video (file or frame folder) and a PDF page are references, decoded in collate().
+    from vlm2emb.data.media import PdfPageRef, VideoRef
+
+    if x.get("video") is not None:
+        video = x["video"]
+        images.append(video if isinstance(video, VideoRef) else VideoRef(str(video)))
+    if x.get("pdf") is not None:
+        images.append(PdfPageRef(str(x["pdf"]), int(x.get("page") or 0)))
     text = x.get("text")
     if text is not None and not isinstance(text, str):
         raise ValueError(f"item text must be a string, got {type(text).__name__}")
@@ -352,7 +360,7 @@ class EmbeddingModel(nn.Module):
         Returns:
             The backbone's input tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], ...).
         """
-        from vlm2emb.data.media import load_image
+        from vlm2emb.data.media import VideoRef, load_image, load_video_frames
 
         if instructions is None or isinstance(instructions, str):
             instructions = [instructions] * len(items)
@@ -367,10 +375,16 @@ class EmbeddingModel(nn.Module):
         images: list[list[Any]] = []
         for raw, instruction in zip(items, instructions):
             item = as_item(raw)
-            imgs = [
-                load_image(ref, base_dir=base_dir if base_dir is not None else self.base_dir)
-                for ref in item["images"]
-            ]
+            root = base_dir if base_dir is not None else self.base_dir
+            imgs = []
+            for ref in item["images"]:
+                if isinstance(ref, VideoRef):  # several frames, given as several images
+                    path = Path(ref.path)
+                    imgs.extend(
+                        load_video_frames(path if path.is_absolute() or root is None else Path(root) / path)
+                    )
+                else:
+                    imgs.append(load_image(ref, base_dir=root))
             prompts.append(self.adapter.render_prompt(item["text"], len(imgs), instruction) + suffix)
             images.append(imgs)
         dummy = 0

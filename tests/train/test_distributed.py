@@ -112,3 +112,59 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept == ["step-18", "step-21"]  # save_total_limit=2
     assert not list((killed / "checkpoints").glob(".tmp-*"))
+
+
+def _homogeneous_worker(rank: int, world: int, data: str, port: int, out: str) -> None:
+    """One of two gloo processes: records the dataset of its slice at every step."""
+    import torch.distributed as dist
+
+    from vlm2emb.data.sampler import GlobalBatchSampler, sampler_for
+    from vlm2emb.data.schema import load_train_examples
+    from vlm2emb.train.config import load_recipe
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = load_recipe(None, [f"data.train={data}", "data.homogeneous=true", "train.batch_size=8"])
+    examples = load_train_examples(cfg.data.train)
+    # The trainer's path: every process draws the global batch and keeps its rows.
+    trainer_sampler = sampler_for(examples, cfg.data, cfg.train.batch_size, cfg.seed)
+    local = cfg.train.batch_size // world
+    # The sampler's own per-rank mode.
+    ranked = GlobalBatchSampler(
+        len(examples), 8, cfg.seed, rank=rank, world_size=world, datasets=[e.dataset for e in examples]
+    )
+    steps = []
+    for step, mine in zip(range(30), ranked):
+        batch = trainer_sampler.global_batch(step)[rank * local : (rank + 1) * local]
+        steps.append(([examples[i].dataset for i in batch], [examples[i].dataset for i in mine]))
+    gathered: list[object] = [None] * world
+    dist.all_gather_object(gathered, steps)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def test_homogeneous_batches_hold_across_two_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = [
+        {"query": f"{name} {i}", "positive": f"p {name} {i}", "dataset": name}
+        for name in "abc"
+        for i in range(20)
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "steps.json"
+    mp.spawn(_homogeneous_worker, args=(2, str(data), port, str(out)), nprocs=2, join=True)
+    rank0, rank1 = json.loads(out.read_text())
+    seen = set()
+    for step, ((t0, s0), (t1, s1)) in enumerate(zip(rank0, rank1)):
+        for a, b in ((t0, t1), (s0, s1)):
+            assert len(a) == len(b) == 4
+            assert len(set(a) | set(b)) == 1, f"step {step}: rank slices from {set(a)} and {set(b)}"
+        seen.add(t0[0])
+    assert seen == {"a", "b", "c"}  # all datasets take turns

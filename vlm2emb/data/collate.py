@@ -1,72 +1,20 @@
-"""Batching for training: a seed-determined global batch order and the contrastive collator."""
+"""The contrastive collator (the global batch order lives in :mod:`vlm2emb.data.sampler`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlm2emb.data.sampler import GlobalBatchSampler
+
+__all__ = ["ContrastiveCollator", "GlobalBatchSampler", "false_negative_groups"]
+
 if TYPE_CHECKING:  # pragma: no cover
+    from vlm2emb.data.media import MediaOptions
     from vlm2emb.data.schema import TrainExample
     from vlm2emb.model import EmbeddingModel
-
-
-class GlobalBatchSampler:
-    """Yields this process's slice of each global batch; the order depends on the seed alone.
-
-    Every process computes the same permutation per epoch (``seed + epoch``) and takes rows
-    ``[rank * B/N, (rank + 1) * B/N)`` of each global batch of size B, so the union over
-    processes is the same global batch whatever the world size. Incomplete last batches of
-    an epoch are dropped (a contrastive batch size change would change the loss).
-
-    Args:
-        num_examples: Dataset size.
-        batch_size: Global batch size (divisible by ``world_size``).
-        seed: Data-order seed.
-        rank: This process's index.
-        world_size: Number of processes.
-        start_step: Global batches to skip (resuming).
-    """
-
-    def __init__(
-        self,
-        num_examples: int,
-        batch_size: int,
-        seed: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ) -> None:
-        if batch_size % world_size:
-            raise ValueError(f"train.batch_size {batch_size} is not divisible by {world_size} processes")
-        if num_examples < batch_size:
-            raise ValueError(
-                f"train.batch_size {batch_size} is larger than the dataset ({num_examples} rows)"
-            )
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.start_step = start_step
-        self.batches_per_epoch = num_examples // batch_size
-
-    def global_batch(self, step: int) -> list[int]:
-        """Indices of global batch ``step`` (0-based)."""
-        epoch, within = divmod(step, self.batches_per_epoch)
-        gen = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(self.num_examples, generator=gen)
-        return perm[within * self.batch_size : (within + 1) * self.batch_size].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        local = self.batch_size // self.world_size
-        step = self.start_step
-        while True:  # the training loop stops at max_steps
-            batch = self.global_batch(step)
-            yield batch[self.rank * local : (self.rank + 1) * local]
-            step += 1
 
 
 class ContrastiveCollator:
@@ -76,7 +24,8 @@ class ContrastiveCollator:
     false-negative ids and the hard-negative layout are computed over the global batch, and
     builds backbone inputs only for this process's rows ``[rank * b, (rank + 1) * b)``.
     Inputs come in chunks of at most ``chunk_size`` items (GradCache re-runs them one chunk
-    at a time; 0 = one chunk).
+    at a time; 0 = one chunk). Media references (paths, bytes, videos, PDF pages) are
+    decoded here with ``media`` (pixel bounds, frames per video), only for the local rows.
 
     The output holds CPU tensors:
         ``query``, ``positive``: lists of backbone-input chunks covering the b local items.
@@ -100,8 +49,10 @@ class ContrastiveCollator:
         rank: int = 0,
         world_size: int = 1,
         chunk_size: int = 0,
+        media: MediaOptions | None = None,
     ) -> None:
         self.model = model
+        self.media = media
         self.query_instruction = query_instruction
         self.target_instruction = target_instruction
         self.rank = rank
@@ -178,8 +129,11 @@ class ContrastiveCollator:
     def _collate(
         self, items: list[Any], instructions: list[str | None], examples: Sequence[TrainExample]
     ) -> Any:
+        from vlm2emb.data.media import decode_item
+
         try:
-            return self.model.collate(items, instructions)
+            decoded = [decode_item(item, self.media) for item in items]
+            return self.model.collate(decoded, instructions)
         except (OSError, ValueError) as exc:
             sources = ", ".join(ex.source for ex in examples[:3])
             raise ValueError(f"cannot build a batch from rows {sources}...: {exc}") from exc

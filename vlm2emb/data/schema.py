@@ -9,26 +9,55 @@ Evaluation row::
 
     {"query": {...}, "candidates": [{...}, ...], "positive": 0, "task": "...", "instruction": "..."}
 
-Items hold ``text`` and/or ``image`` / ``images``. Relative image paths resolve against the
-data file's folder (or ``media_root``) and must stay inside it. Every problem is reported
-as one :class:`DataError` line naming the file, the line (row) and the reason.
+Items hold ``text`` and/or ``image`` / ``images`` / ``video`` / ``pdf`` + ``page``. Relative
+media paths resolve against the data file's folder (or ``media_root``) and must stay inside
+it; videos and PDF pages become :class:`~vlm2emb.data.media.VideoRef` and
+:class:`~vlm2emb.data.media.PdfPageRef` references, decoded per batch. Every problem is a
+one-line :class:`DataError` naming the file, the line (row) and the reason; with
+``on_bad_example="skip"`` bad rows are counted in a
+:class:`~vlm2emb.data.check.DataReport` instead. Sources (JSONL, Parquet, ``datasets``
+folders, hub ids, MMEB-train rows) are read by :mod:`vlm2emb.data.sources`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ITEM_KEYS = ("text", "image", "images", "video")
+from vlm2emb.data.media import (
+    MediaError,
+    MediaOptions,
+    PdfPageRef,
+    VideoRef,
+    frame_files,
+    pdf_page_count,
+    probe_image,
+    video_frame_count,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlm2emb.data.check import DataReport
+    from vlm2emb.data.sources import Source
+
+ITEM_KEYS = ("text", "image", "images", "video", "pdf", "page")
 TRAIN_KEYS = ("query", "positive", "negatives", "instruction", "dataset", "target_instruction")
 EVAL_KEYS = ("query", "candidates", "positive", "task", "instruction")
 
 
 class DataError(ValueError):
-    """A bad data file or row; the message is one line naming file, line and reason."""
+    """A bad data file or row; the message is one line naming file, line and reason.
+
+    Attributes:
+        kind: A short reason category (``missing_file``, ``bad_image``, ``escapes_root``,
+            ...), the key under which ``data_report.json`` counts skipped rows.
+    """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -42,6 +71,7 @@ class TrainExample:
     target_instruction: str | None = None
     dataset: str = "default"
     source: str = ""  # "file:line", for error messages
+    origin: int = 0  # index of the data.train entry it came from (mixing weights)
 
 
 @dataclass
@@ -70,108 +100,140 @@ class EvalExample:
         }
 
 
-def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yields (line or row number starting at 1, parsed record) from JSONL or Parquet."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path}:{lineno}: malformed JSON ({exc.msg}); data files hold one JSON object per line"
-                    ) from None
-    elif suffix == ".parquet":
-        from datasets import Dataset
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-        ds = Dataset.from_parquet(str(path))
-        for i, rec in enumerate(ds, start=1):
-            yield i, _drop_nulls(rec)
-    else:
-        raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl or .parquet)")
-
-
-def _drop_nulls(rec: Any) -> Any:
-    # Arrow fills absent struct fields with None; the schema treats them as absent.
-    if isinstance(rec, dict):
-        return {k: _drop_nulls(v) for k, v in rec.items() if v is not None}
-    if isinstance(rec, list):
-        return [_drop_nulls(v) for v in rec]
-    return rec
-
-
 class _RowChecker:
-    """Validates items of one file, resolving and confining media paths."""
+    """Validates items of one source, resolving and confining media paths."""
 
-    def __init__(self, path: Path, media_root: str | Path | None, verify_images: bool) -> None:
-        self.path = path
-        self.root = Path(media_root).resolve() if media_root else path.parent.resolve()
+    def __init__(
+        self, source: Source, media_root: str | Path | None, verify_images: bool, options: MediaOptions
+    ) -> None:
+        self.name = source.name
+        self.root = Path(media_root).resolve() if media_root else source.root
         self.verify_images = verify_images
-        self._checked: set[Path] = set()
+        self.options = options
+        self._checked: dict[Any, str | None] = {}  # media already verified -> its problem
 
-    def fail(self, lineno: int, reason: str) -> DataError:
-        return DataError(f"{self.path}:{lineno}: {reason}")
+    def fail(self, lineno: int, reason: str, kind: str = "invalid") -> DataError:
+        return DataError(f"{self.name}:{lineno}: {reason}", kind)
 
     def item(self, lineno: int, where: str, raw: Any) -> dict[str, Any]:
         if isinstance(raw, str):
             raw = {"text": raw}
         if not isinstance(raw, dict):
             raise self.fail(
-                lineno, f"{where} must be an object with text and/or image, got {type(raw).__name__}"
+                lineno,
+                f"{where} must be an object with text and/or image, got {type(raw).__name__}",
+                "wrong_type",
             )
         unknown = sorted(set(raw) - set(ITEM_KEYS))
         if unknown:
             raise self.fail(
-                lineno, f"{where} has unknown key(s) {unknown}; items hold {', '.join(ITEM_KEYS)}"
+                lineno,
+                f"{where} has unknown key(s) {unknown}; items hold {', '.join(ITEM_KEYS)}",
+                "unknown_field",
             )
-        if raw.get("video") is not None:
-            raise self.fail(lineno, f"{where}.video: video items are not supported yet")
         text = raw.get("text")
         if text is not None and not isinstance(text, str):
-            raise self.fail(lineno, f"{where}.text must be a string")
+            raise self.fail(lineno, f"{where}.text must be a string", "wrong_type")
         refs: list[Any] = []
         if raw.get("image") is not None:
-            refs.append(raw["image"])
+            refs.append(self.image(lineno, f"{where}.image", raw["image"]))
         images = raw.get("images") or []
         if not isinstance(images, list):
-            raise self.fail(lineno, f"{where}.images must be a list")
-        refs.extend(images)
-        resolved = [self.image(lineno, f"{where}.image", ref) for ref in refs]
-        if not text and not resolved:
-            raise self.fail(lineno, f"{where} is empty (needs text or an image)")
+            raise self.fail(lineno, f"{where}.images must be a list", "wrong_type")
+        refs.extend(self.image(lineno, f"{where}.images[{i}]", ref) for i, ref in enumerate(images))
+        if raw.get("video") is not None:
+            refs.append(self.video(lineno, f"{where}.video", raw["video"]))
+        if raw.get("pdf") is not None:
+            refs.append(self.pdf(lineno, f"{where}.pdf", raw["pdf"], raw.get("page", 0)))
+        elif raw.get("page") is not None:
+            raise self.fail(lineno, f"{where}.page is given without a pdf", "wrong_type")
+        if not text and not refs:
+            raise self.fail(lineno, f"{where} is empty (needs text or an image)", "empty_item")
         out: dict[str, Any] = {"text": text}
-        if resolved:
-            out["images"] = resolved
+        if refs:
+            out["images"] = refs
         return out
 
-    def image(self, lineno: int, where: str, ref: Any) -> Any:
-        if isinstance(ref, (bytes, bytearray)):
-            return bytes(ref)
-        if isinstance(ref, dict) and ref.get("bytes") is not None:  # datasets' Image feature
-            return bytes(ref["bytes"])
+    def path(self, lineno: int, where: str, ref: Any) -> Path:
+        """Resolves a media path, confined to the media root when relative."""
         if not isinstance(ref, str) or not ref:
-            raise self.fail(lineno, f"{where} must be a path string")
+            raise self.fail(lineno, f"{where} must be a path string, got {type(ref).__name__}", "wrong_type")
         p = Path(ref)
         full = (p if p.is_absolute() else self.root / p).resolve()
         if not p.is_absolute() and not full.is_relative_to(self.root):
-            raise self.fail(lineno, f"{where} path {ref!r} escapes the media root {self.root}")
-        if not full.is_file():
-            raise self.fail(lineno, f"{where} file not found: {full}")
-        if self.verify_images and full not in self._checked:
-            from PIL import Image
+            raise self.fail(
+                lineno, f"{where} path {ref!r} escapes the media root {self.root}", "escapes_root"
+            )
+        if not full.exists():
+            raise self.fail(lineno, f"{where} file not found: {full}", "missing_file")
+        return full
 
+    def _verified(self, lineno: int, where: str, key: Any, probe: Any) -> None:
+        # Each media file is verified once, however many rows use it.
+        if not self.verify_images:
+            return
+        if key not in self._checked:
             try:
-                with Image.open(full) as img:
-                    img.verify()  # header and structure check, no full decode
-            except Exception as exc:
-                raise self.fail(lineno, f"{where} {full} is not a readable image ({exc})") from None
-            self._checked.add(full)
+                probe()
+                self._checked[key] = None
+            except MediaError as exc:
+                self._checked[key] = str(exc)
+        problem = self._checked[key]
+        if problem is not None:
+            kind = "image_too_large" if "data.max_image_pixels" in problem else "bad_media"
+            raise self.fail(lineno, f"{where}: {problem}", kind)
+
+    def image(self, lineno: int, where: str, ref: Any) -> Any:
+        from PIL import Image
+
+        if isinstance(ref, Image.Image):
+            # In-memory images become PNG bytes: picklable, and hashable for the keys.
+            buf = io.BytesIO()
+            ref.save(buf, format="PNG")
+            ref = buf.getvalue()
+        if isinstance(ref, dict) and ref.get("bytes") is not None:  # datasets' Image feature
+            ref = ref["bytes"]
+        elif isinstance(ref, dict) and ref.get("path"):  # an undecoded Image holding a path
+            ref = ref["path"]
+        if isinstance(ref, (bytes, bytearray)):
+            data = bytes(ref)
+            if not data:
+                raise self.fail(lineno, f"{where} holds empty image bytes", "bad_media")
+            limit = self.options.max_image_pixels
+            self._verified(lineno, where, hash(data), lambda: probe_image(data, "image bytes", limit))
+            return data
+        full = self.path(lineno, where, ref)
+        if not full.is_file():
+            raise self.fail(lineno, f"{where} {full} is not a file", "bad_media")
+        limit = self.options.max_image_pixels
+        self._verified(lineno, where, full, lambda: probe_image(full, str(full), limit))
         return str(full)
+
+    def video(self, lineno: int, where: str, ref: Any) -> VideoRef:
+        full = self.path(lineno, where, ref)
+        if full.is_dir():
+            self._verified(
+                lineno,
+                where,
+                full,
+                lambda: frame_files(full) or _raise(f"frame folder {full} holds no images"),
+            )
+        else:
+            self._verified(lineno, where, full, lambda: video_frame_count(full))
+        return VideoRef(str(full))
+
+    def pdf(self, lineno: int, where: str, ref: Any, page: Any) -> PdfPageRef:
+        if not isinstance(page, int) or isinstance(page, bool) or page < 0:
+            raise self.fail(lineno, f"{where}: page must be an integer >= 0 (0 = first page)", "wrong_type")
+        full = self.path(lineno, where, ref)
+
+        def probe() -> None:
+            n = pdf_page_count(full)
+            if page >= n:
+                raise MediaError(f"PDF {full} has {n} page(s); page {page} does not exist")
+
+        self._verified(lineno, where, (full, page), probe)
+        return PdfPageRef(str(full), page)
 
     @staticmethod
     def optional_str(rec: dict[str, Any], key: str) -> str | None:
@@ -179,44 +241,168 @@ class _RowChecker:
         return None if value is None else str(value)
 
 
-def _resolve_path(spec: str, work_dir: str | Path | None) -> Path:
-    if spec.startswith("demo:"):
-        from vlm2emb.data.demo import resolve_demo
-
-        return resolve_demo(spec, work_dir)
-    p = Path(spec).expanduser()
-    if not p.exists():
-        raise DataError(f"data file not found: {spec}")
-    return p
+def _raise(message: str) -> None:
+    raise MediaError(message)
 
 
-def _rows(
+def iter_source(
+    index: int,
+    spec: str,
+    kind: str,
+    build: Callable[[_RowChecker, int, dict[str, Any], int, Source], Any],
+    *,
+    media_root: str | Path | None = None,
+    verify_images: bool = True,
+    options: MediaOptions | None = None,
+    work_dir: str | Path | None = None,
+    on_bad_example: str = "error",
+    report: DataReport | None = None,
+    cap: int | None = None,
+    allow_empty: bool = False,
+) -> Iterator[Any]:
+    """Yields the examples of one source lazily, applying the bad-row policy.
+
+    Args:
+        index: Position of the source in ``data.train`` (stored as ``origin``).
+        spec: The source (see :func:`vlm2emb.data.sources.resolve_source`).
+        kind: ``training`` or ``evaluation``, for messages.
+        build: Turns an object row into an example, or raises :class:`DataError`.
+        cap: Stop after this many good rows (None = all).
+        Other arguments: see :func:`load_train_examples`.
+    """
+    from vlm2emb.data.check import DataReport
+    from vlm2emb.data.sources import iter_records, resolve_source
+
+    if on_bad_example not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_example: {on_bad_example!r} is not one of error, skip")
+    report = report if report is not None else DataReport()
+    source = resolve_source(spec, work_dir)
+    check = _RowChecker(source, media_root, verify_images, options or MediaOptions())
+    n_rows = n_used = 0
+    for lineno, rec, problem in iter_records(source):
+        if cap is not None and n_used >= cap:
+            break
+        n_rows += 1
+        report.rows += 1
+        try:
+            if problem is not None:
+                raise check.fail(lineno, problem, "malformed_json")
+            if not isinstance(rec, dict):
+                raise check.fail(
+                    lineno, f"a row must be a JSON object, got {type(rec).__name__}", "not_an_object"
+                )
+            example = build(check, lineno, rec, index, source)
+        except DataError as err:
+            if on_bad_example == "error":
+                raise
+            report.add_bad(err)
+            continue
+        n_used += 1
+        report.used += 1
+        yield example
+    if not n_rows and not allow_empty:
+        raise DataError(f"{source.name}: no {kind} rows", "empty_file")
+
+
+def _load(
     specs: list[str],
+    kind: str,
+    build: Callable[[_RowChecker, int, dict[str, Any], int, Source], Any],
+    *,
+    max_rows: list[int] | None,
+    allow_empty: bool,
+    report: DataReport | None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Reads every source into a list (see :func:`iter_source`)."""
+    from vlm2emb.data.check import DataReport
+
+    report = report if report is not None else DataReport()
+    out: list[Any] = []
+    for index, spec in enumerate(specs):
+        out.extend(
+            iter_source(
+                index,
+                spec,
+                kind,
+                build,
+                cap=_cap(max_rows, index),
+                allow_empty=allow_empty,
+                report=report,
+                **kwargs,
+            )
+        )
+    if not out and not allow_empty:
+        first = f" (first: {report.examples[0]})" if report.examples else ""
+        raise DataError(f"no usable {kind} rows: all {report.rows} rows were bad{first}")
+    return out
+
+
+def _cap(max_rows: list[int] | None, index: int) -> int | None:
+    # One value caps every source; a list gives one cap per source; 0 = no cap.
+    if not max_rows:
+        return None
+    value = max_rows[0] if len(max_rows) == 1 else max_rows[index]
+    return value or None
+
+
+def _check_fields(
+    check: _RowChecker,
+    lineno: int,
+    rec: dict[str, Any],
     kind: str,
     allowed: tuple[str, ...],
     required: tuple[str, ...],
-    media_root: str | Path | None,
-    verify_images: bool,
-    work_dir: str | Path | None,
-) -> Iterator[tuple[Path, _RowChecker, int, dict[str, Any]]]:
-    """Yields the object rows of every file, after the checks every row kind shares."""
-    for spec in specs:
-        path = _resolve_path(spec, work_dir)
-        check = _RowChecker(path, media_root, verify_images)
-        n_rows = 0
-        for lineno, rec in _iter_records(path):
-            if not isinstance(rec, dict):
-                raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
-            unknown = sorted(set(rec) - set(allowed))
-            if unknown:
-                raise check.fail(lineno, f"unknown field(s) {unknown}; {kind} rows hold {', '.join(allowed)}")
-            for key in required:
-                if rec.get(key) is None:
-                    raise check.fail(lineno, f"missing field {key!r}")
-            n_rows += 1
-            yield path, check, lineno, rec
-        if not n_rows:
-            raise DataError(f"{path}: no {kind} rows")
+) -> None:
+    unknown = sorted(set(rec) - set(allowed))
+    if unknown:
+        raise check.fail(
+            lineno, f"unknown field(s) {unknown}; {kind} rows hold {', '.join(allowed)}", "unknown_field"
+        )
+    for key in required:
+        if rec.get(key) is None:
+            raise check.fail(lineno, f"missing field {key!r}", "missing_field")
+
+
+def train_row_builder(
+    data_format: str = "auto", max_negatives: int | None = None
+) -> Callable[[_RowChecker, int, dict[str, Any], int, Source], TrainExample]:
+    """The function that validates one training row (canonical or MMEB layout).
+
+    Raises:
+        ValueError: Unknown ``data_format``.
+    """
+    from vlm2emb.data.sources import DATA_FORMATS, convert_mmeb, is_mmeb
+
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data.format: {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
+
+    def build(
+        check: _RowChecker, lineno: int, rec: dict[str, Any], index: int, source: Source
+    ) -> TrainExample:
+        if data_format == "mmeb" or (data_format == "auto" and is_mmeb(rec)):
+            try:
+                rec = convert_mmeb(rec)
+            except ValueError as exc:
+                raise check.fail(lineno, f"MMEB row: {exc}", "invalid") from None
+        _check_fields(check, lineno, rec, "training", TRAIN_KEYS, ("query", "positive"))
+        negs_raw = rec.get("negatives") or []
+        if not isinstance(negs_raw, list):
+            raise check.fail(lineno, "negatives must be a list of items", "wrong_type")
+        if max_negatives is not None:
+            negs_raw = negs_raw[:max_negatives]
+        return TrainExample(
+            query=check.item(lineno, "query", rec["query"]),
+            positive=check.item(lineno, "positive", rec["positive"]),
+            negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
+            instruction=check.optional_str(rec, "instruction"),
+            target_instruction=check.optional_str(rec, "target_instruction"),
+            dataset=str(rec.get("dataset") or source.stem),
+            source=f"{source.name}:{lineno}",
+            origin=index,
+        )
+
+    return build
 
 
 def load_train_examples(
@@ -226,41 +412,50 @@ def load_train_examples(
     verify_images: bool = True,
     max_negatives: int | None = None,
     work_dir: str | Path | None = None,
+    data_format: str = "auto",
+    on_bad_example: str = "error",
+    report: DataReport | None = None,
+    max_rows: list[int] | None = None,
+    options: MediaOptions | None = None,
+    allow_empty: bool = False,
 ) -> list[TrainExample]:
-    """Reads and validates training rows from one or more files.
+    """Reads and validates training rows from one or more sources.
 
     Args:
-        specs: Paths (``.jsonl`` / ``.parquet``) or ``demo:digits/train``.
+        specs: Sources: ``.jsonl`` / ``.parquet`` files, ``datasets`` folders, ``hf:`` ids
+            or ``demo:digits/train`` (see :mod:`vlm2emb.data.sources`).
         media_root: Folder for relative media paths (default: each file's folder).
-        verify_images: Check every image header now, so a bad file stops the run before
-            training instead of in the middle of it.
+        verify_images: Check every media file's header now, so a bad file stops the run
+            (or is skipped) before training instead of in the middle of it.
         max_negatives: Keep at most this many hard negatives per row.
         work_dir: Where ``demo:`` data is materialised.
+        data_format: ``auto`` (MMEB-train rows detected by their columns), ``canonical``
+            or ``mmeb``.
+        on_bad_example: ``error`` stops at the first bad row; ``skip`` leaves it out and
+            counts it in ``report``.
+        report: Collects row counts and skip reasons (a new one when None).
+        max_rows: Keep at most this many good rows per source: one value for all, or one
+            per source (0 = all).
+        options: Media limits (the decompression-bomb guard is checked at load time).
+        allow_empty: Return an empty list instead of raising when no row is usable.
 
     Raises:
         DataError: One line naming file, line and reason.
     """
-    out: list[TrainExample] = []
-    for path, check, lineno, rec in _rows(
-        specs, "training", TRAIN_KEYS, ("query", "positive"), media_root, verify_images, work_dir
-    ):
-        negs_raw = rec.get("negatives") or []
-        if not isinstance(negs_raw, list):
-            raise check.fail(lineno, "negatives must be a list of items")
-        if max_negatives is not None:
-            negs_raw = negs_raw[:max_negatives]
-        out.append(
-            TrainExample(
-                query=check.item(lineno, "query", rec["query"]),
-                positive=check.item(lineno, "positive", rec["positive"]),
-                negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
-                instruction=check.optional_str(rec, "instruction"),
-                target_instruction=check.optional_str(rec, "target_instruction"),
-                dataset=str(rec.get("dataset") or path.stem),
-                source=f"{path}:{lineno}",
-            )
-        )
-    return out
+    build = train_row_builder(data_format, max_negatives)
+    return _load(
+        specs,
+        "training",
+        build,
+        media_root=media_root,
+        verify_images=verify_images,
+        options=options,
+        work_dir=work_dir,
+        on_bad_example=on_bad_example,
+        report=report,
+        max_rows=max_rows,
+        allow_empty=allow_empty,
+    )
 
 
 def load_eval_examples(
@@ -269,34 +464,54 @@ def load_eval_examples(
     media_root: str | Path | None = None,
     verify_images: bool = True,
     work_dir: str | Path | None = None,
+    on_bad_example: str = "error",
+    report: DataReport | None = None,
+    options: MediaOptions | None = None,
+    allow_empty: bool = False,
 ) -> list[EvalExample]:
     """Reads and validates evaluation rows (query + candidates + positive index).
+
+    Arguments are those of :func:`load_train_examples`.
 
     Raises:
         DataError: One line naming file, line and reason.
     """
-    out: list[EvalExample] = []
-    for path, check, lineno, rec in _rows(
-        specs, "evaluation", EVAL_KEYS, ("query",), media_root, verify_images, work_dir
-    ):
+
+    def build(
+        check: _RowChecker, lineno: int, rec: dict[str, Any], index: int, source: Source
+    ) -> EvalExample:
+        _check_fields(check, lineno, rec, "evaluation", EVAL_KEYS, ("query",))
         cands = rec.get("candidates")
         if not isinstance(cands, list) or not cands:
-            raise check.fail(lineno, "'candidates' must be a non-empty list of items")
+            raise check.fail(lineno, "'candidates' must be a non-empty list of items", "wrong_type")
         pos = rec.get("positive", 0)
         pos_list = pos if isinstance(pos, list) else [pos]
         if not pos_list or not all(isinstance(p, int) and not isinstance(p, bool) for p in pos_list):
-            raise check.fail(lineno, "'positive' must be a candidate index or a list of indices")
+            raise check.fail(
+                lineno, "'positive' must be a candidate index or a list of indices", "wrong_type"
+            )
         bad = [p for p in pos_list if not 0 <= p < len(cands)]
         if bad:
             raise check.fail(lineno, f"'positive' index {bad[0]} is out of range for {len(cands)} candidates")
-        out.append(
-            EvalExample(
-                query=check.item(lineno, "query", rec["query"]),
-                candidates=[check.item(lineno, f"candidates[{i}]", c) for i, c in enumerate(cands)],
-                positive=pos_list,
-                task=str(rec.get("task") or path.stem),
-                instruction=check.optional_str(rec, "instruction"),
-                source=f"{path}:{lineno}",
-            )
+        return EvalExample(
+            query=check.item(lineno, "query", rec["query"]),
+            candidates=[check.item(lineno, f"candidates[{i}]", c) for i, c in enumerate(cands)],
+            positive=pos_list,
+            task=str(rec.get("task") or source.stem),
+            instruction=check.optional_str(rec, "instruction"),
+            source=f"{source.name}:{lineno}",
         )
-    return out
+
+    return _load(
+        specs,
+        "evaluation",
+        build,
+        media_root=media_root,
+        verify_images=verify_images,
+        options=options,
+        work_dir=work_dir,
+        on_bad_example=on_bad_example,
+        report=report,
+        max_rows=None,
+        allow_empty=allow_empty,
+    )

@@ -63,6 +63,21 @@ class DataConfig:
     verify_images: bool = True  # open every image header before training starts
     max_negatives: int | None = None  # cap hard negatives per row (None = all)
     num_workers: int = 0
+    format: str = "auto"  # auto | canonical | mmeb (VLM2Vec's qry/pos_text/... columns)
+    weights: list[float] = field(default_factory=list)  # mixing weight per data.train entry ([] = sizes)
+    max_rows: list[int] = field(default_factory=list)  # cap per data.train entry (one value = all; 0 = none)
+    homogeneous: bool = False  # every global batch from one dataset (VLM2Vec's same-task batches)
+    group_by_length: bool = False  # sort rows by length inside windows of mega_batch global batches
+    mega_batch: int = 50  # global batches per length-sorting window
+    dedup_positives: bool = False  # no positive twice in a global batch (drop and replace)
+    on_bad_example: str = "error"  # error: stop at the first bad row; skip: count it in data_report.json
+    min_pixels: int | None = None  # upscale smaller images (aspect kept) before the processor
+    max_pixels: int | None = None  # downscale larger images (aspect kept) before the processor
+    max_image_pixels: int | None = 89_478_485  # refuse larger images undecoded (decompression bombs)
+    video_frames: int = 8  # frames sampled uniformly per video (VLM2Vec: 8)
+    pdf_dpi: int = 144  # resolution PDF pages render at
+    streaming: bool = False  # read data.train lazily (corpora larger than memory)
+    shuffle_buffer: int = 10_000  # rows held for shuffling when streaming
 
 
 @dataclass
@@ -100,6 +115,9 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def _validate_data(self) -> None:
+        _validate_data_config(self.data)
 
     def validate(self) -> None:
         """Checks values that the types alone do not constrain."""
@@ -149,6 +167,7 @@ class RecipeConfig:
                 f"train.temperature: 1/{self.train.temperature} exceeds train.max_logit_scale "
                 f"{self.train.max_logit_scale} for a learnable temperature"
             )
+        self._validate_data()
         if self.data.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.data.num_workers}")
         for key, value in positives:
@@ -164,6 +183,47 @@ class RecipeConfig:
             raise ConfigError(
                 "data.train: no training data given (a path, a list of paths or demo:digits/train)"
             )
+
+
+def _validate_data_config(data: DataConfig) -> None:
+    """Checks the data.* values (media bounds, batching, bad-input policy)."""
+    for key, value, allowed in (
+        ("data.format", data.format, ("auto", "canonical", "mmeb")),
+        ("data.on_bad_example", data.on_bad_example, ("error", "skip")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key, value in (
+        ("data.min_pixels", data.min_pixels),
+        ("data.max_pixels", data.max_pixels),
+        ("data.max_image_pixels", data.max_image_pixels),
+        ("data.video_frames", data.video_frames),
+        ("data.pdf_dpi", data.pdf_dpi),
+        ("data.mega_batch", data.mega_batch),
+        ("data.shuffle_buffer", data.shuffle_buffer),
+    ):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if data.min_pixels and data.max_pixels and data.min_pixels > data.max_pixels:
+        raise ConfigError(
+            f"data.min_pixels: {data.min_pixels} is larger than data.max_pixels {data.max_pixels}"
+        )
+    if data.streaming and (data.group_by_length or data.dedup_positives):
+        key = "data.group_by_length" if data.group_by_length else "data.dedup_positives"
+        raise ConfigError(f"{key}: not available with data.streaming (it needs the whole epoch in memory)")
+    n = len(data.train)
+    if data.weights:
+        if len(data.weights) != n:
+            raise ConfigError(f"data.weights: {len(data.weights)} values for {n} data.train entries")
+        if any(w < 0 for w in data.weights) or not sum(data.weights):
+            raise ConfigError("data.weights: must be >= 0 and not all 0")
+    if data.max_rows:
+        if len(data.max_rows) not in (1, n):
+            raise ConfigError(
+                f"data.max_rows: give one value or one per data.train entry ({n}), got {len(data.max_rows)}"
+            )
+        if any(m < 0 for m in data.max_rows):
+            raise ConfigError("data.max_rows: must be >= 0 (0 = no cap)")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -149,30 +149,51 @@ class _Trainer:
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> None:
+        from vlm2emb.data.check import DataReport
+        from vlm2emb.data.media import media_options
         from vlm2emb.data.schema import load_eval_examples, load_train_examples
 
         cfg = self.cfg
+        self.media = media_options(cfg.data)
+        report = DataReport()
         # Only the main process writes demo data; the others read it after the barrier.
         if not self.is_main:
             self.accelerator.wait_for_everyone()
         self.train_examples = load_train_examples(
-            cfg.data.train,
+            [] if cfg.data.streaming else cfg.data.train,  # streaming reads data.train lazily later
             media_root=cfg.data.media_root,
             verify_images=cfg.data.verify_images,
             max_negatives=cfg.data.max_negatives,
             work_dir=self.out,
+            data_format=cfg.data.format,
+            on_bad_example=cfg.data.on_bad_example,
+            report=report,
+            max_rows=cfg.data.max_rows,
+            options=self.media,
+            allow_empty=cfg.data.streaming,
         )
+        self.report = report
         self.eval_examples = (
             load_eval_examples(
                 cfg.data.eval,
                 media_root=cfg.data.media_root,
                 verify_images=cfg.data.verify_images,
                 work_dir=self.out,
+                on_bad_example=cfg.data.on_bad_example,
+                report=report,
+                options=self.media,
             )
             if cfg.data.eval
             else []
         )
         if self.is_main:
+            if cfg.data.on_bad_example == "skip":
+                report.write(self.out / "data_report.json")
+                if report.skipped:
+                    print(
+                        f"Skipped bad rows: {report.summary()}; see {self.out / 'data_report.json'}",
+                        flush=True,
+                    )
             self.accelerator.wait_for_everyone()
 
     @contextlib.contextmanager
@@ -342,7 +363,8 @@ class _Trainer:
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
-        from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
+        from vlm2emb.data.collate import ContrastiveCollator
+        from vlm2emb.data.sampler import sampler_for
         from vlm2emb.distributed import all_true
         from vlm2emb.eval import format_report
         from vlm2emb.gradcache import ContrastiveStep
@@ -361,9 +383,11 @@ class _Trainer:
 
         self._load_data()  # a bad row stops the run before a large model is loaded
         start_step = json.loads((resume_dir / "trainer_state.json").read_text())["step"] if resume_dir else 0
-        sampler = GlobalBatchSampler(
-            len(self.train_examples), cfg.train.batch_size, cfg.seed, start_step=start_step
-        )
+        sampler = None  # streaming draws its own batches (vlm2emb.data.streaming)
+        if not cfg.data.streaming:
+            sampler = sampler_for(
+                self.train_examples, cfg.data, cfg.train.batch_size, cfg.seed, start_step=start_step
+            )
         model = self._load_model()
 
         report_before = None
@@ -399,10 +423,24 @@ class _Trainer:
             rank=rank,
             world_size=world,
             chunk_size=cfg.train.gradcache_chunk_size,
+            media=self.media,
         )
-        loader = torch.utils.data.DataLoader(
-            self.train_examples, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers
-        )
+        if cfg.data.streaming:
+            from vlm2emb.data.streaming import streaming_for
+
+            loader = torch.utils.data.DataLoader(
+                streaming_for(cfg, start_step, self.media, self.report, self.out),
+                batch_size=None,
+                collate_fn=collator,
+                num_workers=cfg.data.num_workers,
+            )
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.train_examples,
+                batch_sampler=sampler,
+                collate_fn=collator,
+                num_workers=cfg.data.num_workers,
+            )
         step_fn = ContrastiveStep(
             self.prepared,
             loss_fn,
@@ -414,7 +452,7 @@ class _Trainer:
         if self.is_main:
             print(
                 f"Training {cfg.model.name_or_path}: {n_trainable:,} of {n_total:,} parameters trainable, "
-                f"{len(self.train_examples)} rows, global batch {cfg.train.batch_size} over {world} process(es)"
+                f"{len(self.train_examples) or 'streamed'} rows, global batch {cfg.train.batch_size} over {world} process(es)"
                 f"{', GradCache chunks of ' + str(cfg.train.gradcache_chunk_size) if cfg.train.gradcache_chunk_size else ''}"
                 f", steps {start_step + 1}..{cfg.train.max_steps}",
                 flush=True,
@@ -496,6 +534,8 @@ class _Trainer:
                 self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
         bar.close()
         train_seconds = time.perf_counter() - start
+        if cfg.data.streaming and cfg.data.on_bad_example == "skip" and self.is_main:
+            self.report.write(self.out / "data_report.json")  # the rows streamed so far
 
         self._save(self.out / "final", cfg.train.max_steps, with_state=False)
         if self.is_main:
