@@ -410,29 +410,18 @@ def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- train
 def _batches_grouped(rows: list[Any], batch: int, seed: int) -> list[list[Any]]:
-    """vlm2emb's length-grouped global batches over ``rows`` (the library's sampler)."""
-    from vlm2emb.data.collate import GlobalBatchSampler
+    """vlm2emb's length-grouped global batches over ``rows`` (the trainer's sampler with
+    ``data.group_by_length=true``)."""
+    from vlm2emb.data.sampler import GlobalBatchSampler, length_estimate
 
-    try:
-        sampler = GlobalBatchSampler(
-            len(rows), batch, seed, lengths=[_row_cost(r) for r in rows], group_by_length=True
-        )
-    except TypeError:  # PROVISIONAL until the data branch's sampler lands
-        order = sorted(range(len(rows)), key=lambda i: _row_cost(rows[i]))
-        out = [[rows[i] for i in order[s : s + batch]] for s in range(0, len(order) - batch + 1, batch)]
-        random.Random(seed).shuffle(out)
-        return out
-    return [[rows[i] for i in sampler.global_batch(s)] for s in range(len(rows) // batch)]
+    sampler = GlobalBatchSampler(len(rows), batch, seed, lengths=[length_estimate(r) for r in rows])
+    return [[rows[i] for i in sampler.global_batch(s)] for s in range(sampler.batches_per_epoch)]
 
 
 def _batches_random(rows: list[Any], batch: int, seed: int) -> list[list[Any]]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [[rows[i] for i in order[s : s + batch]] for s in range(0, len(order) - batch + 1, batch)]
-
-
-def _row_cost(ex: Any) -> int:
-    return len(ex.query["text"] or "") + len(ex.positive["text"] or "") + 1000 * len(ex.query["images"])
 
 
 def _tokens(batch: dict[str, Any]) -> tuple[int, int]:
