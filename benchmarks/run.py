@@ -74,12 +74,13 @@ class Suite:
     encode_items: int
     encode_batch: int
     train_batch: int
-    train_steps: int  # steps per round and mode
+    train_batches: int  # global batches per round and mode (each round runs all of them)
     gradcache_chunk: int
     rounds: int
     max_target_words: int
     image_fraction: float
     image_size: int
+    length_buckets: int = 4  # train.length_buckets for vlm2emb's plain step
     full_finetune: bool = True
     lora: bool = False
     modes: list[str] = field(default_factory=lambda: ["encode", "train", "gradcache", "st", "memory"])
@@ -93,10 +94,10 @@ SUITES = {
         encode_items=768,
         encode_batch=32,
         train_batch=64,
-        train_steps=3,
+        train_batches=16,
         gradcache_chunk=32,
         rounds=5,
-        max_target_words=200,
+        max_target_words=50,
         image_fraction=0.25,
         image_size=56,
     ),
@@ -107,7 +108,7 @@ SUITES = {
         encode_items=512,
         encode_batch=32,
         train_batch=32,
-        train_steps=3,
+        train_batches=4,
         gradcache_chunk=16,
         rounds=3,
         max_target_words=190,  # about 256 tokens, VLM2Vec's text bound
@@ -126,7 +127,7 @@ def quick(suite: Suite) -> Suite:
             "encode_items": 64,
             "encode_batch": 16,
             "train_batch": 16,
-            "train_steps": 1,
+            "train_batches": 2,
             "gradcache_chunk": 8,
             "rounds": 2,
             "max_target_words": 40,
@@ -409,16 +410,17 @@ def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- train
-def _batches_grouped(rows: list[Any], batch: int, seed: int) -> list[list[Any]]:
+def _batches_grouped(rows: list[Any], batch: int, seed: int, tokenizer: Any) -> list[list[Any]]:
     """vlm2emb's length-grouped global batches over ``rows`` (the trainer's sampler with
     ``data.group_by_length=true``)."""
-    from vlm2emb.data.sampler import GlobalBatchSampler, length_estimate
+    from vlm2emb.data.sampler import GlobalBatchSampler, grouping_keys
 
-    sampler = GlobalBatchSampler(len(rows), batch, seed, lengths=[length_estimate(r) for r in rows])
+    lengths = grouping_keys(rows, tokenizer)
+    sampler = GlobalBatchSampler(len(rows), batch, seed, lengths=lengths)
     return [[rows[i] for i in sampler.global_batch(s)] for s in range(sampler.batches_per_epoch)]
 
 
-def _batches_random(rows: list[Any], batch: int, seed: int) -> list[list[Any]]:
+def _batches_random(rows: list[Any], batch: int, seed: int, tokenizer: Any = None) -> list[list[Any]]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [[rows[i] for i in order[s : s + batch]] for s in range(0, len(order) - batch + 1, batch)]
@@ -447,12 +449,9 @@ class _Stepper:
         )
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-6)
-        self.i = 0
 
     def __call__(self) -> None:
-        for _ in range(self.suite.train_steps):
-            batch = self.batches[self.i % len(self.batches)]
-            self.i += 1
+        for batch in self.batches:
             with torch.autocast(self.suite.device, dtype=torch.bfloat16, enabled=self.suite.device == "cuda"):
                 loss = self.step.forward_loss(batch)
                 self.step.backward(loss, lambda t, _sync: t.backward())
@@ -470,26 +469,26 @@ def _train_model(path: Path, suite: Suite) -> Any:
 def bench_train(suite: Suite, path: Path) -> dict[str, Any]:
     from vlm2emb.data.collate import ContrastiveCollator
 
-    n_batches = 4
-    rows = training_rows(suite, suite.train_batch * n_batches, seed=2)
+    rows = training_rows(suite, suite.train_batch * suite.train_batches, seed=2)
     model = _train_model(path, suite)
     torch.manual_seed(0)
-    result: dict[str, Any] = {"batch_size": suite.train_batch, "steps_per_round": suite.train_steps}
+    result: dict[str, Any] = {"batch_size": suite.train_batch, "batches_per_round": suite.train_batches}
     collated = {}
     for name, make in (("vlm2emb", _batches_grouped), ("naive", _batches_random)):
-        collate = ContrastiveCollator(model, chunk_size=0)
-        collated[name] = [collate(b) for b in make(rows, suite.train_batch, seed=0)]
+        buckets = suite.length_buckets if name == "vlm2emb" else 1
+        collate = ContrastiveCollator(model, chunk_size=0, length_buckets=buckets)
+        collated[name] = [collate(b) for b in make(rows, suite.train_batch, 0, model.adapter.tokenizer)]
         real, computed = map(sum, zip(*(_tokens(b) for b in collated[name])))
         result[f"padding_efficiency_{name}"] = round(real / computed, 3)
         result[f"real_tokens_per_batch_{name}"] = real / len(collated[name])
     steppers = {name: _Stepper(model, batches, 0, suite) for name, batches in collated.items()}
     times = interleaved(steppers, suite.rounds, suite.device)
-    samples = suite.train_batch * suite.train_steps
+    samples = suite.train_batch * suite.train_batches
     result["step"] = _summary(times, dict.fromkeys(times, samples), "samples_per_s", "naive")
     for name in times:
         med = statistics.median(times[name])
         result["step"][name]["real_tokens_per_s"] = round(
-            result[f"real_tokens_per_batch_{name}"] * suite.train_steps / med, 1
+            result[f"real_tokens_per_batch_{name}"] * suite.train_batches / med, 1
         )
     return result
 
@@ -497,9 +496,9 @@ def bench_train(suite: Suite, path: Path) -> dict[str, Any]:
 def bench_gradcache(suite: Suite, path: Path) -> dict[str, Any]:
     from vlm2emb.data.collate import ContrastiveCollator
 
-    rows = training_rows(suite, suite.train_batch * 4, seed=3)
+    rows = training_rows(suite, suite.train_batch * suite.train_batches, seed=3)
     model = _train_model(path, suite)
-    grouped = _batches_grouped(rows, suite.train_batch, seed=0)
+    grouped = _batches_grouped(rows, suite.train_batch, 0, model.adapter.tokenizer)
     plain = [ContrastiveCollator(model, chunk_size=0)(b) for b in grouped]
     cached = [ContrastiveCollator(model, chunk_size=suite.gradcache_chunk)(b) for b in grouped]
     times = interleaved(
@@ -507,7 +506,7 @@ def bench_gradcache(suite: Suite, path: Path) -> dict[str, Any]:
         suite.rounds,
         suite.device,
     )
-    samples = suite.train_batch * suite.train_steps
+    samples = suite.train_batch * suite.train_batches
     out = {"batch_size": suite.train_batch, "chunk": suite.gradcache_chunk}
     out |= _summary(times, dict.fromkeys(times, samples), "samples_per_s", "plain")
     out["overhead"] = round(statistics.median(times["gradcache"]) / statistics.median(times["plain"]), 3)
@@ -523,9 +522,9 @@ def bench_st_train(suite: Suite, path: Path) -> dict[str, Any]:
 
     from vlm2emb.data.collate import ContrastiveCollator
 
-    rows = training_rows(suite, suite.train_batch * 4, seed=4, images=False)
-    batches = _batches_grouped(rows, suite.train_batch, seed=0)
+    rows = training_rows(suite, suite.train_batch * suite.train_batches, seed=4, images=False)
     ours = _train_model(path, suite)
+    batches = _batches_grouped(rows, suite.train_batch, 0, ours.adapter.tokenizer)
     st = load_st(path, suite, "fp32")
     st.train()
     scale = 1.0 / 0.05
@@ -542,12 +541,8 @@ def bench_st_train(suite: Suite, path: Path) -> dict[str, Any]:
     st_opt = torch.optim.AdamW(st.parameters(), lr=1e-6)
 
     def st_step(loss_fn: Any) -> Callable[[], None]:
-        state = {"i": 0}
-
         def run() -> None:
-            for _ in range(suite.train_steps):
-                feats = st_features[state["i"] % len(st_features)]
-                state["i"] += 1
+            for feats in st_features:
                 feats = [
                     {k: v.to(suite.device) if hasattr(v, "to") else v for k, v in f.items()} for f in feats
                 ]
@@ -567,7 +562,7 @@ def bench_st_train(suite: Suite, path: Path) -> dict[str, Any]:
         **{name: st_step(fn) for name, fn in st_losses.items()},
     }
     times = interleaved(fns, suite.rounds, suite.device)
-    samples = suite.train_batch * suite.train_steps
+    samples = suite.train_batch * suite.train_batches
     out: dict[str, Any] = {"batch_size": suite.train_batch, "chunk": suite.gradcache_chunk}
     out |= _summary(times, dict.fromkeys(times, samples), "samples_per_s", "st-mnrl")
     out["gradcache_vs_st_cached"] = round(
@@ -585,7 +580,9 @@ def _memory_worker(suite: Suite, path: Path, mode: str) -> dict[str, Any]:
     model = _train_model(path, suite)
     chunk = suite.gradcache_chunk if mode == "gradcache" else 0
     make = _batches_random if mode == "naive" else _batches_grouped
-    batches = [ContrastiveCollator(model, chunk_size=chunk)(b) for b in make(rows, suite.train_batch, 0)]
+    buckets = suite.length_buckets if mode == "vlm2emb" else 1
+    collate = ContrastiveCollator(model, chunk_size=chunk, length_buckets=buckets)
+    batches = [collate(b) for b in make(rows, suite.train_batch, 0, model.adapter.tokenizer)]
     stepper = _Stepper(model, batches, chunk, suite)
     if suite.device == "cuda":
         stepper()  # optimizer state exists from here on, as in a running job

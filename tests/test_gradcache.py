@@ -111,3 +111,19 @@ def test_gradcache_with_lora_and_gradient_checkpointing(model, rows, single_back
     assert plain[1] and all("lora_" in name for name in plain[1])  # only adapters get gradients
     batch = ContrastiveCollator(model, chunk_size=2)(rows)
     _assert_same(_grads(model, batch, gradcache=True, single_backward=single_backward), plain)
+
+
+def test_length_sorted_sub_batches_give_the_plain_step(model, rows):
+    """Plain step with each side split into length-sorted sub-batches (train.length_buckets):
+    same loss and gradients as one padded batch; the rows vary in length, so the sort
+    really reorders them and the step must map embeddings back to their rows."""
+    rows = [
+        TrainExample(query={"text": "q " * (1 + (7 * i) % 5)}, positive=r.positive, negatives=r.negatives)
+        for i, r in enumerate(rows)
+    ]
+    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
+    bucketed = ContrastiveCollator(model, length_buckets=3)(rows)
+    assert len(bucketed["query"]) == 3
+    assert bucketed["query_order"].tolist() != list(range(6))
+    _assert_same(_grads(model, bucketed, gradcache=False), plain)
+    _assert_same(_grads(model, ContrastiveCollator(model, chunk_size=4)(rows), gradcache=True), plain)

@@ -64,6 +64,15 @@ class RngState:
             yield
 
 
+def _in_row_order(emb: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Embeddings [b, d] in chunk order -> row order (``order[j]`` = row of position j)."""
+    if order is None:
+        return emb
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return emb[inverse.to(emb.device)]
+
+
 def _no_context(_sync: bool) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
@@ -152,7 +161,7 @@ class ContrastiveStep:
             out = self.model(chunks, with_temperature=self.learnable_temperature)
             embs, temperature = out if self.learnable_temperature else (out, None)
             self._pending = None
-            return self._loss(batch, *self._split(embs, nq, np_), temperature)
+            return self._loss(batch, *self._split(embs, nq, np_, batch), temperature)
         # The per-chunk form keeps the last chunk's graph (see the module doc). The one-backward
         # form does not: the kept graph would be alive while the others are re-embedded, which
         # doubles the activation peak to save two chunk forwards (its re-run and recompute).
@@ -172,7 +181,7 @@ class ContrastiveStep:
             temperature = self.model([], with_temperature=True)[1] if self.learnable_temperature else None
         leaves = [e.detach().requires_grad_() for e in embs]
         t_leaf = temperature.detach().requires_grad_() if temperature is not None else None
-        loss = self._loss(batch, *self._split(leaves, nq, np_), t_leaf)
+        loss = self._loss(batch, *self._split(leaves, nq, np_, batch), t_leaf)
         self._pending = {"chunks": chunks, "states": states, "leaves": leaves, "t_leaf": t_leaf, "kept": kept}
         return loss
 
@@ -181,9 +190,9 @@ class ContrastiveStep:
         self._pending = None
 
     @staticmethod
-    def _split(embs: Sequence[torch.Tensor], nq: int, np_: int):
-        q = torch.cat(list(embs[:nq]))  # [b, d]
-        p = torch.cat(list(embs[nq : nq + np_]))  # [b, d]
+    def _split(embs: Sequence[torch.Tensor], nq: int, np_: int, batch: dict[str, Any]):
+        q = _in_row_order(torch.cat(list(embs[:nq])), batch.get("query_order"))  # [b, d]
+        p = _in_row_order(torch.cat(list(embs[nq : nq + np_])), batch.get("positive_order"))  # [b, d]
         rest = list(embs[nq + np_ :])
         flat = torch.cat(rest) if rest else None  # [n_real_negatives, d]
         return q, p, flat

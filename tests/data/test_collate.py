@@ -251,7 +251,24 @@ def test_collator_slices_the_global_batch_and_chunks(model: EmbeddingModel) -> N
         # Local rows only, in chunks of at most 2.
         assert [c["input_ids"].shape[0] for c in part["query"]] == [2, 1]
         texts = [t for c in part["query"] for t in decode_rows(model, c)]
+        order = part["query_order"].tolist()  # equal lengths: the sort keeps row order
+        assert order == [0, 1, 2]
         assert texts == [f"q{i}" for i in range(3 * rank, 3 * rank + 3)]
         # Multi-process: every row is filled to K negatives so all processes embed alike.
         assert part["negatives_padded"] is True
         assert sum(c["input_ids"].shape[0] for c in part["negatives"]) == 3 * 1
+
+
+def test_a_side_in_several_chunks_is_sorted_by_length_and_mapped_back(model: EmbeddingModel) -> None:
+    lengths = [3, 40, 9, 25, 1, 14]
+    rows = [ex({"text": "q" * n}, {"text": f"p{i}"}) for i, n in enumerate(lengths)]
+    batch = ContrastiveCollator(model, length_buckets=2)(rows)
+    order = batch["query_order"].tolist()
+    assert order == sorted(range(6), key=lambda i: -lengths[i])  # longest first
+    texts = [t for c in batch["query"] for t in decode_rows(model, c)]
+    assert texts == ["q" * lengths[i] for i in order]  # chunk j holds rows order[j]
+    # Padding: each chunk pads to its own longest, less than one chunk of all six would.
+    padded = sum(c["attention_mask"].numel() for c in batch["query"])
+    whole = ContrastiveCollator(model)(rows)["query"][0]["attention_mask"].numel()
+    assert padded < whole
+    assert ContrastiveCollator(model)(rows)["query_order"] is None  # one chunk: row order

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vlm2emb.data.sampler import GlobalBatchSampler, length_estimate, sampler_for
+from vlm2emb.data.sampler import GlobalBatchSampler, grouping_keys, sampler_for
 from vlm2emb.data.schema import TrainExample
 
 
@@ -98,7 +98,7 @@ def test_sampler_for_reads_the_data_section() -> None:
     sampler = sampler_for(examples, data, 4, seed=0)
     for batch in _batches(sampler, 12):
         assert len({examples[i].dataset for i in batch}) == 1
-    assert length_estimate(examples[8]) == 2 + 0 + 0  # 8 chars of query text / 4, short positives
+    assert grouping_keys([examples[8]]) == [(0, 0, 0, 2, 2)]  # 8 chars of query text / 4, short positive
 
 
 def test_dedup_epochs_of_different_lengths_follow_each_other() -> None:
@@ -112,3 +112,17 @@ def test_dedup_epochs_of_different_lengths_follow_each_other() -> None:
     assert all(len({keys[i] for i in b}) == 3 for b in steps)
     resumed = GlobalBatchSampler(len(keys), 3, seed=0, dedup_keys=keys, start_step=lengths[0] + 1)
     assert next(iter(resumed)) == expected[lengths[0] + 1]
+
+
+def test_grouping_keys_put_layouts_apart_and_count_tokens(tiny_qwen2_vl_dir) -> None:
+    from vlm2emb import EmbeddingModel
+    from vlm2emb.data.schema import TrainExample
+
+    tok = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir).adapter.tokenizer
+    text_row = TrainExample(query={"text": "short"}, positive={"text": "a much longer target passage " * 8})
+    image_row = TrainExample(query={"text": "", "images": ["x.png"]}, positive={"text": "a caption"})
+    keys = grouping_keys([text_row, image_row], tok)
+    n_target = len(tok(text_row.positive["text"], add_special_tokens=False)["input_ids"])
+    n_query = len(tok("short", add_special_tokens=False)["input_ids"])
+    assert keys[0] == (0, 0, 0, n_target, n_query + n_target)  # exact counts, longest side first
+    assert keys[1][:3] == (1, 0, 0)  # an image query sorts apart from text-only rows

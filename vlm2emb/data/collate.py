@@ -24,11 +24,16 @@ class ContrastiveCollator:
     false-negative ids and the hard-negative layout are computed over the global batch, and
     builds backbone inputs only for this process's rows ``[rank * b, (rank + 1) * b)``.
     Inputs come in chunks of at most ``chunk_size`` items (GradCache re-runs them one chunk
-    at a time; 0 = one chunk). Media references (paths, bytes, videos, PDF pages) are
+    at a time; 0 = ``length_buckets`` chunks). Where a side needs several chunks, its items
+    are sorted by length first, so each chunk pads only to lengths like its own; the order
+    comes back in ``query_order`` / ``positive_order`` and the training step puts the
+    embeddings back in row order. Media references (paths, bytes, videos, PDF pages) are
     decoded here with ``media`` (pixel bounds, frames per video), only for the local rows.
 
     The output holds CPU tensors:
         ``query``, ``positive``: lists of backbone-input chunks covering the b local items.
+        ``query_order``, ``positive_order`` [b]: the local row of each item in chunk order
+        (None when the items are in row order).
         ``negatives``: chunks of the local rows' hard negatives, flattened in row order
         (empty list when the batch has none).
         ``positive_keys`` [B]: false-negative group ids of the global batch (see
@@ -49,8 +54,12 @@ class ContrastiveCollator:
         rank: int = 0,
         world_size: int = 1,
         chunk_size: int = 0,
+        length_buckets: int = 1,
         media: MediaOptions | None = None,
     ) -> None:
+        if length_buckets < 1:
+            raise ValueError(f"length_buckets must be >= 1, got {length_buckets}")
+        self.length_buckets = length_buckets
         self.model = model
         self.media = media
         self.query_instruction = query_instruction
@@ -75,9 +84,13 @@ class ContrastiveCollator:
         b = len(examples) // self.world_size
         lo, hi = self.rank * b, (self.rank + 1) * b
         local = examples[lo:hi]
+        query_chunks, query_order = self._sorted_chunks([ex.query for ex in local], q_instr[lo:hi], local)
+        pos_chunks, pos_order = self._sorted_chunks([ex.positive for ex in local], t_instr[lo:hi], local)
         batch: dict[str, Any] = {
-            "query": self._chunks([ex.query for ex in local], q_instr[lo:hi], local),
-            "positive": self._chunks([ex.positive for ex in local], t_instr[lo:hi], local),
+            "query": query_chunks,
+            "query_order": query_order,
+            "positive": pos_chunks,
+            "positive_order": pos_order,
             "positive_keys": torch.tensor(groups, dtype=torch.int64),
             "negatives": [],
             "negative_keys": None,
@@ -117,14 +130,29 @@ class ContrastiveCollator:
             batch["local_negative_mask"] = mask[lo:hi]
         return batch
 
+    def _chunk_size(self, n: int) -> int:
+        return self.chunk_size or max(1, -(-n // self.length_buckets))
+
     def _chunks(
         self, items: list[Any], instructions: list[str | None], examples: Sequence[TrainExample]
     ) -> list[dict[str, Any]]:
-        size = self.chunk_size or len(items)
+        size = self._chunk_size(len(items))
         return [
             self._collate(items[i : i + size], instructions[i : i + size], examples)
             for i in range(0, len(items), size)
         ]
+
+    def _sorted_chunks(
+        self, items: list[Any], instructions: list[str | None], examples: Sequence[TrainExample]
+    ) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
+        """Chunks of items sorted longest first, and the order ([b] local rows), when a
+        side takes more than one chunk; else the row-order chunks and None."""
+        if len(items) <= self._chunk_size(len(items)):
+            return self._chunks(items, instructions, examples), None
+        keys = _item_lengths(items, self.model.adapter.tokenizer)
+        order = sorted(range(len(items)), key=keys.__getitem__, reverse=True)
+        chunks = self._chunks([items[i] for i in order], [instructions[i] for i in order], examples)
+        return chunks, torch.tensor(order, dtype=torch.int64)
 
     def _collate(
         self, items: list[Any], instructions: list[str | None], examples: Sequence[TrainExample]
@@ -137,6 +165,24 @@ class ContrastiveCollator:
         except (OSError, ValueError) as exc:
             sources = ", ".join(ex.source for ex in examples[:3])
             raise ValueError(f"cannot build a batch from rows {sources}...: {exc}") from exc
+
+
+def _item_lengths(items: list[Any], tokenizer: Any) -> list[tuple[int, int]]:
+    """Sort keys for items' token counts: media count first, then text tokens (one
+    tokenizer call for all; the real prompt adds the same instruction tokens to each)."""
+    texts = [(item.get("text") if isinstance(item, dict) else str(item)) or "" for item in items]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    keys = []
+    for item, n in zip(items, lengths):
+        media = 0
+        if isinstance(item, dict):
+            media = (
+                len(item.get("images") or [])
+                + (item.get("video") is not None)
+                + (item.get("pdf") is not None)
+            )
+        keys.append((media, n))
+    return keys
 
 
 def false_negative_groups(query_keys: list[int], positive_keys: list[int]) -> list[int]:

@@ -95,6 +95,9 @@ class TrainConfig:
     max_logit_scale: float = 100.0
     symmetric_loss: bool = False
     gradcache_chunk_size: int = 0  # 0 = off; else items per forward chunk (GradCache)
+    # Without GradCache: split each side of the local batch into this many length-sorted
+    # sub-batches (less padding, more forward calls). GradCache chunks are always sorted.
+    length_buckets: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     max_grad_norm: float = 1.0
     save_steps: int = 0  # 0 = only final/
@@ -156,6 +159,8 @@ class RecipeConfig:
                 raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.model.lora.dropout}")
         if self.data.max_negatives is not None and self.data.max_negatives < 0:
             raise ConfigError(f"data.max_negatives: must be >= 0, got {self.data.max_negatives}")
+        if self.train.length_buckets < 1:
+            raise ConfigError(f"train.length_buckets: must be >= 1, got {self.train.length_buckets}")
         if self.train.gradcache_chunk_size < 0:
             raise ConfigError(
                 f"train.gradcache_chunk_size: must be >= 0, got {self.train.gradcache_chunk_size}"

@@ -389,6 +389,17 @@ class _Trainer:
                 self.train_examples, cfg.data, cfg.train.batch_size, cfg.seed, start_step=start_step
             )
         model = self._load_model()
+        if sampler is not None and cfg.data.group_by_length:
+            # Exact token counts group better than the character estimate used above (which
+            # checked the data order before the model was loaded).
+            sampler = sampler_for(
+                self.train_examples,
+                cfg.data,
+                cfg.train.batch_size,
+                cfg.seed,
+                start_step=start_step,
+                tokenizer=model.adapter.tokenizer,
+            )
 
         report_before = None
         if self.eval_examples and cfg.train.eval_before and resume_dir is None:
@@ -423,6 +434,7 @@ class _Trainer:
             rank=rank,
             world_size=world,
             chunk_size=cfg.train.gradcache_chunk_size,
+            length_buckets=cfg.train.length_buckets,
             media=self.media,
         )
         if cfg.data.streaming:
