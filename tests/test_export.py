@@ -314,3 +314,19 @@ def test_cli_export_user_errors(runs, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlm2emb: error:") and message in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_example_load_export_reproduces_vlm2emb(runs, digit_images, tmp_path):
+    import runpy
+
+    out = export_model(runs["lora"] / "final", tmp_path / "ex").out_dir
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "load_export.py"))
+    backbone, processor, config = example["load"](out)
+    texts, images = (
+        ["a handwritten digit seven", None, "which digit?"],
+        [None, digit_images[0], digit_images[1]],
+    )
+    got = example["embed"](backbone, processor, config, texts, images, config["query_instruction"])
+    ours = EmbeddingModel.from_pretrained(out)
+    items = ["a handwritten digit seven", digit_images[0], {"text": "which digit?", "image": digit_images[1]}]
+    torch.testing.assert_close(got, ours.encode_queries(items), atol=1e-4, rtol=0)
