@@ -223,8 +223,13 @@ def test_sentence_transformers_export_matches(runs, digit_images, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     out = export_model(runs["lora"] / "final", tmp_path / "st", format="sentence-transformers").out_dir
-    result_files = _files(out)
-    assert {"modules.json", "config_sentence_transformers.json", "1_Pooling/config.json"} <= result_files
+    result = _files(out)
+    assert {
+        "modules.json",
+        "config_sentence_transformers.json",
+        "1_Pooling/config.json",
+        "chat_template.jinja",
+    } <= result
     ours = EmbeddingModel.from_pretrained(out)
     st = SentenceTransformer(str(out), device="cpu")
     texts = ["a handwritten digit seven", "two", "a much longer caption about a handwritten digit three"]
@@ -234,6 +239,14 @@ def test_sentence_transformers_export_matches(runs, digit_images, tmp_path):
     )
     torch.testing.assert_close(
         st.encode_document(texts, convert_to_tensor=True), ours.encode_targets(texts), atol=1e-4, rtol=0
+    )
+    # Images and image + text go through the chat template the export writes.
+    images = [digit_images[0], {"text": "which digit is this?", "image": digit_images[1]}]
+    torch.testing.assert_close(
+        st.encode_query(images, convert_to_tensor=True), ours.encode_queries(images), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        st.encode_document(images, convert_to_tensor=True), ours.encode_targets(images), atol=1e-4, rtol=0
     )
     assert "SentenceTransformer(" in (out / "README.md").read_text()
 

@@ -241,16 +241,17 @@ def export_model(
         config["export"] = {"mode": mode, "dtype": _DTYPE_NAMES[target], "format": format}
         model.adapter.processor.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        st_images = False
         if format == "sentence-transformers":
-            _write_sentence_transformers(model, tmp)
+            st_images = _write_sentence_transformers(model, tmp)
         del model  # free the source before the reload
 
         # 3. Verify by reloading what was written.
         verifications = [_verify_vlm2emb(tmp, source, mode, target, probes, instruction, reference)]
         if format == "sentence-transformers":
-            text_idx = [i for i, p in enumerate(probes) if isinstance(p, str)]
+            idx = [i for i, p in enumerate(probes) if st_images or isinstance(p, str)]
             verifications.append(
-                _verify_sentence_transformers(tmp, [probes[i] for i in text_idx], reference[text_idx], target)
+                _verify_sentence_transformers(tmp, [probes[i] for i in idx], reference[idx], target)
             )
         failed = [v for v in verifications if not v.passed]
         if failed:
@@ -309,8 +310,43 @@ def _write_adapter(model: EmbeddingModel, tmp: Path, dtype: torch.dtype, base_mo
     model.backbone.save_pretrained(str(tmp), state_dict=adapter_state)
 
 
-def _write_sentence_transformers(model: EmbeddingModel, tmp: Path) -> None:
-    """Adds the module files that make ``tmp`` a SentenceTransformer folder (text inputs)."""
+def _chat_template(model: EmbeddingModel) -> str | None:
+    """A chat template that renders sentence-transformers messages as vlm2emb's prompt.
+
+    vlm2emb's default prompt is ``<image placeholder> * n_images + instruction + "\\n" + text``
+    (:meth:`BackboneAdapter.render_prompt`). sentence-transformers sends images and texts
+    as chat messages (its prompt as a system message) through the processor's chat template,
+    so a template that emits the placeholders, then the system text, then the user text,
+    gives the same tokens. None for families with their own prompt layout.
+    """
+    from vlm2emb.backbones.base import BackboneAdapter
+
+    placeholder = model.adapter.image_placeholder
+    if not placeholder or type(model.adapter).render_prompt is not BackboneAdapter.render_prompt:
+        return None
+
+    def texts(where: str) -> str:
+        return (
+            f"{{%- for m in messages if {where} -%}}"
+            "{%- if m.content is string -%}{{ m.content }}{%- else -%}"
+            "{%- for c in m.content if c.type == 'text' -%}{{ c.text }}{%- endfor -%}{%- endif -%}"
+            "{%- endfor -%}"
+        )
+
+    images = (
+        "{%- for m in messages if m.role != 'system' and m.content is not string -%}"
+        f"{{%- for c in m.content if c.type == 'image' -%}}{placeholder}{{%- endfor -%}}"
+        "{%- endfor -%}"
+    )
+    return images + texts("m.role == 'system'") + texts("m.role != 'system'")
+
+
+def _write_sentence_transformers(model: EmbeddingModel, tmp: Path) -> bool:
+    """Adds the module files that make ``tmp`` a SentenceTransformer folder.
+
+    Returns:
+        Whether image inputs are supported (the family's prompt fits a chat template).
+    """
     cfg = model.config
     if cfg.pooling not in _ST_POOLING:
         raise ExportError(
@@ -346,14 +382,27 @@ def _write_sentence_transformers(model: EmbeddingModel, tmp: Path) -> None:
         (tmp / "2_Normalize").mkdir()
         (tmp / "2_Normalize" / "config.json").write_text("{}\n")
     (tmp / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
-    # Text only: sentence-transformers would feed images without the family's placeholder
-    # tokens, which VLM processors need (our prompt format is not a chat template).
     output = {"method": "forward", "method_output_name": "last_hidden_state"}
+    modality_config: dict[str, Any] = {"text": output}
+    template = _chat_template(model)
+    if template is not None:
+        # Images reach the processor through the chat template only (without it they would
+        # come without the placeholder tokens VLM processors need). The export is an embedding
+        # model, so the chat template of the base model is replaced, wherever it was saved.
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            path = tmp / name
+            if path.is_file():
+                data = json.loads(path.read_text())
+                if data.pop("chat_template", None) is not None:
+                    path.write_text(json.dumps(data, indent=2) + "\n")
+        (tmp / "chat_template.json").unlink(missing_ok=True)
+        (tmp / "chat_template.jinja").write_text(template)
+        modality_config |= {"image": output, "message": {**output, "format": "structured"}}
     (tmp / "sentence_bert_config.json").write_text(
         json.dumps(
             {
                 "transformer_task": "feature-extraction",
-                "modality_config": {"text": output},
+                "modality_config": modality_config,
                 "module_output_name": "token_embeddings",
             },
             indent=2,
@@ -379,6 +428,7 @@ def _write_sentence_transformers(model: EmbeddingModel, tmp: Path) -> None:
     }
     st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (tmp / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
+    return template is not None
 
 
 def _verify_vlm2emb(
@@ -399,12 +449,12 @@ def _verify_vlm2emb(
 
 
 def _verify_sentence_transformers(
-    tmp: Path, texts: list[str], reference: torch.Tensor, dtype: torch.dtype
+    tmp: Path, items: list[Any], reference: torch.Tensor, dtype: torch.dtype
 ) -> Verification:
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(tmp), device="cpu", model_kwargs={"dtype": dtype}, truncate_dim=None)
-    got = st.encode_query(texts, convert_to_tensor=True).float().cpu()  # [n, d]
+    got = st.encode_query(items, convert_to_tensor=True).float().cpu()  # [n, d]
     return _compare(reference, got[:, : reference.shape[1]], dtype, "sentence-transformers")
 
 
@@ -500,7 +550,7 @@ def model_card(
     if format == "sentence-transformers":
         lines += [
             "",
-            "With sentence-transformers (text inputs; the prompts hold the instructions):",
+            "With sentence-transformers (the prompts hold the instructions):",
             "",
             "```python",
             "from sentence_transformers import SentenceTransformer",
