@@ -343,3 +343,11 @@ def test_example_load_export_reproduces_vlm2emb(runs, digit_images, tmp_path):
     ours = EmbeddingModel.from_pretrained(out)
     items = ["a handwritten digit seven", digit_images[0], {"text": "which digit?", "image": digit_images[1]}]
     torch.testing.assert_close(got, ours.encode_queries(items), atol=1e-4, rtol=0)
+
+
+def test_cli_export_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--adapter-only" in out and "--max-shard-size" in out and "sentence-transformers" in out
