@@ -179,7 +179,8 @@ def export_model(
         max_shard_size: Largest safetensors shard (``"5GB"``, ``"200KB"``, bytes); larger
             models get ``model.safetensors.index.json`` and several shards.
         format: ``"vlm2emb"`` or ``"sentence-transformers"`` (a merged export that
-            ``SentenceTransformer(out_dir)`` also loads; text inputs).
+            ``SentenceTransformer(out_dir)`` also loads: text, and images for families with
+            vlm2emb's default prompt layout, through a chat template written with it).
         license: License id for the model card (default: the base model's terms apply).
         overwrite: Replace an existing ``out_dir``.
         base_model: Adapter mode: the base id to record (default: the recorded one).
