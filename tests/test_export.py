@@ -153,6 +153,8 @@ def test_intermediate_checkpoint_exports_its_own_weights(runs, items, tmp_path):
     step_dir = runs["full"] / "checkpoints" / "step-2"
     assert (step_dir / "state").is_dir()  # accelerate state with pickles: must not be copied
     out = export_model(step_dir, tmp_path / "step2").out_dir
+    card = (out / "README.md").read_text()
+    assert "intermediate checkpoint" in card and "| digits-i2t |" not in card  # final's eval is not this
     assert not [f for f in _files(out) if f.endswith(PICKLES)] and "state" not in {
         p.name for p in out.iterdir()
     }

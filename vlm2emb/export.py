@@ -271,6 +271,8 @@ def export_model(
                 dtype=_DTYPE_NAMES[target],
                 license=license,
                 verifications=verifications,
+                # eval.json scores the run's final weights; an intermediate checkpoint is not them.
+                eval_applies=run_dir is not None and source.resolve() == (run_dir / "final").resolve(),
             )
         )
         files = _no_pickles(tmp)
@@ -480,6 +482,7 @@ def model_card(
     dtype: str,
     license: str | None,
     verifications: list[Verification],
+    eval_applies: bool = True,
 ) -> str:
     """The export's README.md: base model, data, recipe, usage, eval results, verification."""
     import yaml
@@ -488,7 +491,7 @@ def model_card(
     if run_dir is not None:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     report = None
-    if run_dir is not None and (run_dir / "eval.json").is_file():
+    if run_dir is not None and eval_applies and (run_dir / "eval.json").is_file():
         report = json.loads((run_dir / "eval.json").read_text())
     base = config.get("base_model") or "unknown"
     front = {"library_name": "vlm2emb", "pipeline_tag": "feature-extraction", "base_model": base}
@@ -535,6 +538,10 @@ def model_card(
     lines += ["", "## Evaluation", ""]
     if report is not None:
         lines += ["Results of `vlm2emb train`'s final evaluation (`eval.json`):", "", *_metrics_table(report)]
+    elif not eval_applies and run_dir is not None:
+        lines.append(
+            "This is an intermediate checkpoint; the run's `eval.json` scores `final/`, not these weights."
+        )
     else:
         lines.append("No evaluation report (`eval.json`) was found next to the checkpoint.")
     lines += ["", "## Usage", "", "With vlm2emb:", "", "```python", "from vlm2emb import EmbeddingModel", ""]
