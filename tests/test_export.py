@@ -39,10 +39,10 @@ def _run(out: Path, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Three real training runs: LoRA (with eval.json), DoRA, full (with a step-2 checkpoint)."""
+    """Three real training runs: LoRA (with eval.json), DoRA, full; LoRA and full keep step 2."""
     root = tmp_path_factory.mktemp("export-runs")
     return {
-        "lora": _run(root / "lora", "model.lora=true", "model.lora.r=4"),
+        "lora": _run(root / "lora", "model.lora=true", "model.lora.r=4", "train.save_steps=2"),
         "dora": _run(root / "dora", "model.lora.use_dora=true", "model.lora.r=4", "data.eval=[]"),
         "full": _run(root / "full", "train.save_steps=2", "data.eval=[]"),
     }
@@ -153,8 +153,6 @@ def test_intermediate_checkpoint_exports_its_own_weights(runs, items, tmp_path):
     step_dir = runs["full"] / "checkpoints" / "step-2"
     assert (step_dir / "state").is_dir()  # accelerate state with pickles: must not be copied
     out = export_model(step_dir, tmp_path / "step2").out_dir
-    card = (out / "README.md").read_text()
-    assert "intermediate checkpoint" in card and "| digits-i2t |" not in card  # final's eval is not this
     assert not [f for f in _files(out) if f.endswith(PICKLES)] and "state" not in {
         p.name for p in out.iterdir()
     }
@@ -215,6 +213,10 @@ def test_model_card_lists_eval_numbers_and_recipe(runs, tmp_path):
     assert "`demo:digits/train`" in card and "LoRA (r 4, alpha 64)" in card
     assert INSTRUCTION in card and "EmbeddingModel.from_pretrained" in card
     assert "learning_rate: 0.01" in card  # the recipe itself
+    # eval.json scores final/: an intermediate checkpoint's card does not claim its numbers.
+    step_card = export_model(runs["lora"] / "checkpoints" / "step-2", tmp_path / "s2").out_dir / "README.md"
+    step_card = step_card.read_text()
+    assert "intermediate checkpoint" in step_card and "| digits-i2t |" not in step_card
     # Without a run next to it (a plain saved model) the card says so instead.
     plain = EmbeddingModel.from_pretrained(runs["full"] / "final").save_pretrained(tmp_path / "bare" / "m")
     card = (export_model(plain, tmp_path / "bare-export").out_dir / "README.md").read_text()

@@ -538,7 +538,7 @@ def model_card(
     lines += ["", "## Evaluation", ""]
     if report is not None:
         lines += ["Results of `vlm2emb train`'s final evaluation (`eval.json`):", "", *_metrics_table(report)]
-    elif not eval_applies and run_dir is not None:
+    elif not eval_applies and run_dir is not None and (run_dir / "eval.json").is_file():
         lines.append(
             "This is an intermediate checkpoint; the run's `eval.json` scores `final/`, not these weights."
         )
