@@ -1,4 +1,4 @@
-"""Command line: ``vlm2emb train | eval | demo-data | doctor | data check`` (also ``python -m vlm2emb``).
+"""Command line: ``vlm2emb train | eval | demo-data | doctor | data check | export`` (also ``python -m vlm2emb``).
 
 User errors (bad recipe key, missing file, malformed row) end with one line on stderr
 naming the key, file or line, and exit status 2; ``--debug`` shows the traceback instead.
@@ -90,6 +90,30 @@ def _parser() -> argparse.ArgumentParser:
     p_doctor.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     p_doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_data_parser(sub)
+
+    p_export = sub.add_parser(
+        "export",
+        help="export a checkpoint: merged or adapter-only safetensors, model card, verified",
+        description=(
+            "Write CHECKPOINT (OUTPUT_DIR/final, OUTPUT_DIR/checkpoints/step-N) to OUT_DIR as merged "
+            "weights (default) or the LoRA/DoRA adapter alone, with a model card. The export is reloaded "
+            "and compared with the checkpoint before it appears under OUT_DIR (docs/export.md)."
+        ),
+        epilog="example: vlm2emb export runs/demo/final exports/demo --dtype bf16",
+    )
+    p_export.add_argument("checkpoint")
+    p_export.add_argument("out_dir")
+    mode = p_export.add_mutually_exclusive_group()
+    mode.add_argument("--merge-lora", dest="mode", action="store_const", const="merged", default="merged")
+    mode.add_argument("--adapter-only", dest="mode", action="store_const", const="adapter")
+    p_export.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: as stored"
+    )
+    p_export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p_export.add_argument("--format", choices=["vlm2emb", "sentence-transformers"], default="vlm2emb")
+    p_export.add_argument("--license", default=None, help="license id for the model card")
+    p_export.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p_export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -189,6 +213,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vlm2emb.export import export_model
+
+    kw = {k: getattr(args, k) for k in ("mode", "dtype", "max_shard_size", "format", "license", "overwrite")}
+    result = export_model(args.checkpoint, args.out_dir, **kw)
+    checks = "; ".join(f"{v.loader} max |diff| {v.max_abs_diff:.2e}" for v in result.verifications)
+    print(f"exported {result.source} -> {result.out_dir} ({result.mode}, {result.dtype}; verified: {checks})")
+    return 0
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from vlm2emb.data.schema import DataError
     from vlm2emb.train.config import ConfigError
@@ -211,8 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "demo-data": _cmd_demo_data, "doctor": _cmd_doctor}
-    handlers["data"] = _cmd_data
+    handlers = {
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+        "demo-data": _cmd_demo_data,
+        "doctor": _cmd_doctor,
+        "export": _cmd_export,
+        "data": _cmd_data,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ batches), so a trained model is used exactly as it was trained.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import math
@@ -56,7 +57,12 @@ class EmbeddingConfig:
         target_instruction: Default instruction for :meth:`EmbeddingModel.encode_targets`.
         temperature: The training temperature (recorded with the model: scores divided by
             it are the logits the model was trained on).
-        base_model: Where the backbone originally came from (for model cards and exports).
+        base_model: Where the backbone originally came from (for model cards and exports);
+            an adapter-only export loads its base weights from here.
+        truncate_dim: Matryoshka truncation: :meth:`EmbeddingModel.encode` keeps the first
+            ``truncate_dim`` dimensions (re-normalised when ``normalize``). None = all.
+        matryoshka_dims: The prefix sizes the model was trained with (a record for model
+            cards; ``train.matryoshka_dims``).
         format_version: Layout version of the saved directory.
     """
 
@@ -69,6 +75,8 @@ class EmbeddingConfig:
     target_instruction: str | None = None
     temperature: float = 0.02
     base_model: str | None = None
+    truncate_dim: int | None = None
+    matryoshka_dims: list[int] | None = None
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -80,6 +88,8 @@ class EmbeddingConfig:
             )
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.truncate_dim is not None and (isinstance(self.truncate_dim, bool) or self.truncate_dim < 1):
+            raise ValueError(f"truncate_dim must be a positive integer or None, got {self.truncate_dim!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
@@ -187,6 +197,8 @@ class EmbeddingModel(nn.Module):
         trust_remote_code: bool = False,
         merge_lora: bool = True,
         seed: int = 0,
+        truncate_dim: int | None = None,
+        base_model: str | os.PathLike[str] | None = None,
     ) -> EmbeddingModel:
         """Loads a raw VLM checkpoint or a saved vlm2emb model.
 
@@ -205,7 +217,10 @@ class EmbeddingModel(nn.Module):
             trust_remote_code: Allow custom modelling code shipped with the checkpoint.
             merge_lora: Merge a saved LoRA adapter into the weights (faster inference).
                 With False the adapter stays a separate trainable peft module.
-            seed: Seed for ``tiny:`` models.
+            seed: Seed for ``tiny:`` models (also a ``tiny:`` base of an adapter-only export).
+            truncate_dim: Matryoshka truncation applied by :meth:`encode` (default: saved).
+            base_model: For an adapter-only export (``adapter_config.json`` and no weights):
+                where the base weights are, overriding the recorded ``base_model``.
 
         Returns:
             The model in eval mode.
@@ -226,11 +241,14 @@ class EmbeddingModel(nn.Module):
                 "normalize": normalize,
                 "attention": attention,
                 "padding_side": padding_side,
+                "truncate_dim": truncate_dim,
             },
             dtype=resolve_dtype(torch_dtype),
             attn_implementation=attn_implementation,
             merge_lora=merge_lora,
             base_model=name,
+            adapter_base=str(base_model) if base_model is not None else None,
+            seed=seed,
         )
         if name.startswith(TINY_PREFIX):
             family = name[len(TINY_PREFIX) :]
@@ -261,6 +279,8 @@ class EmbeddingModel(nn.Module):
         trust_remote_code: bool,
         merge_lora: bool,
         base_model: str,
+        adapter_base: str | None = None,
+        seed: int = 0,
     ) -> EmbeddingModel:
         from vlm2emb.backbones.registry import get_adapter_class
 
@@ -279,11 +299,28 @@ class EmbeddingModel(nn.Module):
             hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             family = hf_config.model_type
         adapter_cls = get_adapter_class(family)
-        backbone = adapter_cls.load_model(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
         adapter_dir = Path(path) / ADAPTER_DIR
-        if adapter_dir.is_dir():
+        if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+            # An adapter-only export: the peft adapter sits at the top, the base is elsewhere.
+            base = adapter_base or saved.get("base_model")
+            if not base:
+                raise ValueError(f"{path}: adapter-only export without a base model; pass base_model=")
+            with _base_checkpoint(base, seed) as base_path:
+                backbone = adapter_cls.load_model(
+                    base_path,
+                    dtype=dtype,
+                    attn_implementation=attn_implementation,
+                    trust_remote_code=trust_remote_code,
+                )
+            adapter_dir = Path(path)
+        else:
+            backbone = adapter_cls.load_model(
+                path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
+        if adapter_dir.is_dir() and (adapter_dir / "adapter_config.json").is_file():
             from peft import PeftModel
 
             backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=not merge_lora)
@@ -335,8 +372,9 @@ class EmbeddingModel(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        """Size of the embeddings this model returns."""
-        return self.adapter.hidden_size(self.backbone)
+        """Size of the embeddings :meth:`encode` returns (``truncate_dim`` applied)."""
+        full = self.adapter.hidden_size(self.backbone)
+        return min(full, self.config.truncate_dim) if self.config.truncate_dim else full
 
     @property
     def processor(self) -> Any:
@@ -482,7 +520,10 @@ class EmbeddingModel(nn.Module):
         batch_size: int = 32,
         show_progress_bar: bool = False,
         prefetch: int = 2,
-    ) -> torch.Tensor:
+        *,
+        convert_to: str = "torch",
+        truncate_dim: int | None = None,
+    ) -> Any:
         """Embeds items.
 
         An item's embedding does not depend on the other items in its batch: padding is
@@ -501,14 +542,19 @@ class EmbeddingModel(nn.Module):
             show_progress_bar: Show a tqdm bar.
             prefetch: Batches prepared ahead in a worker thread (0 = prepare in the caller's
                 thread, one at a time).
+            convert_to: ``"torch"`` (a tensor) or ``"numpy"`` (an ``np.ndarray``).
+            truncate_dim: Keep the first ``truncate_dim`` dimensions (Matryoshka), then
+                re-normalise if the model normalises. Default: ``config.truncate_dim``.
 
         Returns:
-            [n, d] float32 tensor on CPU, in input order.
+            [n, d] float32 tensor (or array) on CPU, in input order; [d] for a single item.
         """
+        if convert_to not in ("torch", "numpy"):
+            raise ValueError(f"convert_to must be 'torch' or 'numpy', got {convert_to!r}")
         single = not isinstance(items, (list, tuple))
         batch_items = [items] if single else list(items)
         if not batch_items:
-            return torch.empty(0, self.embedding_dim)
+            return self._postprocess(torch.empty(0, self.embedding_dim), convert_to, truncate_dim)
         # Longest first: similar lengths share a batch (less padding) and an OOM shows up early.
         order = sorted(range(len(batch_items)), key=lambda i: -_cost(batch_items[i]))
         was_training = self.training
@@ -536,7 +582,20 @@ class EmbeddingModel(nn.Module):
         emb = torch.cat(chunks)  # [n, d] in sorted order
         out = torch.empty_like(emb)
         out[torch.tensor(order)] = emb
+        out = self._postprocess(out, convert_to, truncate_dim)
         return out[0] if single else out
+
+    def _postprocess(self, emb: torch.Tensor, convert_to: str, truncate_dim: int | None) -> Any:
+        """Matryoshka truncation and output type; kept apart from encode()'s batching."""
+        dim = truncate_dim if truncate_dim is not None else self.config.truncate_dim
+        if dim is not None:
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"truncate_dim must be a positive integer, got {dim!r}")
+            emb = emb[:, :dim]  # [n, dim]
+            if self.config.normalize:
+                # A prefix of a unit vector is shorter than 1: re-normalise for cosine scores.
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+        return emb.numpy() if convert_to == "numpy" else emb
 
     def encode_queries(self, items: Any, instruction: str | None = None, **kwargs: Any) -> torch.Tensor:
         """:meth:`encode` with the model's default query instruction unless one is given."""
@@ -547,11 +606,60 @@ class EmbeddingModel(nn.Module):
         return self.encode(items, instruction=instruction or self.config.target_instruction, **kwargs)
 
     @staticmethod
-    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity matrix [n, m] between two embedding sets [n, d] and [m, d]."""
-        a = torch.nn.functional.normalize(a.float(), dim=-1)
-        b = torch.nn.functional.normalize(b.float(), dim=-1)
+    def similarity(a: Any, b: Any) -> torch.Tensor:
+        """Cosine similarity matrix [n, m] between two embedding sets [n, d] and [m, d].
+
+        Accepts tensors or numpy arrays; a single [d] vector counts as one row.
+        """
+        a = torch.nn.functional.normalize(torch.as_tensor(a).float().reshape(-1, a.shape[-1]), dim=-1)
+        b = torch.nn.functional.normalize(torch.as_tensor(b).float().reshape(-1, b.shape[-1]), dim=-1)
         return a @ b.T
+
+    def search(
+        self,
+        queries: Any,
+        corpus_embeddings: Any,
+        top_k: int = 10,
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+    ) -> list[list[dict[str, float | int]]]:
+        """Exact cosine search of a small in-memory corpus (sentence-transformers' form).
+
+        Args:
+            queries: Query items (embedded with :meth:`encode_queries`), or query
+                embeddings [n, d] as a tensor or numpy array.
+            corpus_embeddings: [m, d] corpus embeddings (tensor or numpy array).
+            top_k: Hits per query (at most m).
+            instruction: Query instruction when ``queries`` are items.
+            batch_size: Encoding batch size when ``queries`` are items.
+
+        Returns:
+            Per query, ``top_k`` dicts ``{"corpus_id": int, "score": float}``, best first.
+            For a large corpus use :class:`vlm2emb.index.FlatIndex` instead.
+        """
+        import numpy as np
+
+        if isinstance(queries, (torch.Tensor, np.ndarray)):
+            q = torch.as_tensor(queries).float()
+        else:
+            q = self.encode_queries(
+                queries if isinstance(queries, (list, tuple)) else [queries],
+                instruction=instruction,
+                batch_size=batch_size,
+            )
+        q = q.reshape(-1, q.shape[-1])  # [n, d]
+        corpus = torch.as_tensor(corpus_embeddings).float()  # [m, d]
+        if corpus.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                f"queries have dimension {q.shape[-1]} but corpus_embeddings have {corpus.shape[-1]}"
+            )
+        k = min(int(top_k), corpus.shape[0])
+        scores, idx = self.similarity(q, corpus).topk(k, dim=1)  # [n, k]
+        return [
+            [{"corpus_id": int(i), "score": float(s)} for i, s in zip(row_i, row_s)]
+            for row_i, row_s in zip(idx.tolist(), scores.tolist())
+        ]
 
     # ------------------------------------------------------------------ LoRA
     def apply_lora(
@@ -642,6 +750,22 @@ class EmbeddingModel(nn.Module):
         self.adapter.processor.save_pretrained(out)
         (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return out
+
+
+@contextlib.contextmanager
+def _base_checkpoint(base: str, seed: int) -> Iterator[str]:
+    """A loadable folder (or hub id) for ``base``; ``tiny:FAMILY`` is built into a temp folder."""
+    if not base.startswith(TINY_PREFIX):
+        path = Path(base).expanduser()
+        if not path.exists() and _looks_like_local_path(base):
+            raise FileNotFoundError(f"base model path not found: {base}")
+        yield str(path) if path.exists() else base
+        return
+    from vlm2emb.testing import tiny_backbone
+
+    with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
+        tiny_backbone(base[len(TINY_PREFIX) :], tmp, seed=seed)
+        yield tmp
 
 
 def _strip_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

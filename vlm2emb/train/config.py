@@ -94,6 +94,9 @@ class TrainConfig:
     learnable_temperature: bool = False  # CLIP-style logit scale, clamped to max_logit_scale
     max_logit_scale: float = 100.0
     symmetric_loss: bool = False
+    # Matryoshka prefixes, e.g. [64, 128] (the full size is always trained too); [] = off.
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] = field(default_factory=list)  # one per dim (default 1 each)
     gradcache_chunk_size: int = 0  # 0 = off; else items per forward chunk (GradCache)
     # Without GradCache: split each side of the local batch into this many length-sorted
     # sub-batches (less padding, more forward calls). GradCache chunks are always sorted.
@@ -173,6 +176,11 @@ class RecipeConfig:
                 f"{self.train.max_logit_scale} for a learnable temperature"
             )
         self._validate_data()
+        if any(m <= 0 for m in self.train.matryoshka_dims):
+            raise ConfigError(f"train.matryoshka_dims: must be positive, got {self.train.matryoshka_dims}")
+        n_weights, n_dims = len(self.train.matryoshka_weights), len(self.train.matryoshka_dims)
+        if n_weights and n_weights != n_dims:
+            raise ConfigError("train.matryoshka_weights: needs one weight per entry of train.matryoshka_dims")
         if self.data.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.data.num_workers}")
         for key, value in positives:

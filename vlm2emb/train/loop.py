@@ -251,6 +251,7 @@ class _Trainer:
         model.config.query_instruction = cfg.data.query_instruction
         model.config.target_instruction = cfg.data.target_instruction
         model.config.temperature = cfg.train.temperature
+        model.config.matryoshka_dims = list(cfg.train.matryoshka_dims) or None
         if cfg.model.freeze_vision:
             tower = model.adapter.vision_tower(model.backbone)
             if tower is None:
@@ -427,6 +428,13 @@ class _Trainer:
                 print(f"Resumed from {resume_dir} at step {start_step}", flush=True)
 
         loss_fn = InfoNCELoss(temperature=cfg.train.temperature, symmetric=cfg.train.symmetric_loss)
+        if cfg.train.matryoshka_dims:
+            from vlm2emb.losses import MatryoshkaLoss
+
+            weights = cfg.train.matryoshka_weights or None
+            loss_fn = MatryoshkaLoss(
+                loss_fn, cfg.train.matryoshka_dims, weights, normalize=cfg.model.normalize
+            )
         collator = ContrastiveCollator(
             model,
             query_instruction=cfg.data.query_instruction,

@@ -1,0 +1,605 @@
+"""``vlm2emb export``: merged, adapter-only and sentence-transformers exports, verified.
+
+An export turns a training checkpoint (``output_dir/final`` or
+``output_dir/checkpoints/step-N``; LoRA, DoRA or full) into a directory meant for people who
+do not train: safetensors only, a model card, and a check that it embeds like the source.
+
+Steps of :func:`export_model`:
+
+1. load the source in float32 with any LoRA adapter still separate, and refuse non-finite
+   weights (the error names the tensor);
+2. embed a few fixed probe items (texts, a generated image, image + text): the reference;
+3. merge the adapter (merged export) or keep it alone (adapter export), cast to the
+   requested dtype, check again for non-finite values (fp16 can overflow), and write
+   everything into a temporary sibling folder ``.tmp-NAME-*``;
+4. reload that folder the way a user would (:meth:`EmbeddingModel.from_pretrained`, and
+   sentence-transformers for ``format="sentence-transformers"``), embed the probes and
+   compare with the reference: float32 within 1e-4 (max abs difference and 1 - cosine),
+   bf16/fp16 with cosine >= 0.99;
+5. only then rename the folder to ``OUT_DIR``. A failure removes the temporary folder, so
+   ``OUT_DIR`` is either complete and verified or absent.
+
+The checkpoint's accelerate state (``state/``: optimizer, RNG; pickles) is never copied:
+weights are re-serialised from the loaded model, and the export is asserted to hold no
+``.bin``/``.pt``/``.pkl`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm2emb.model import CONFIG_NAME, EmbeddingModel, resolve_dtype
+
+EXPORT_MODES = ("merged", "adapter")
+EXPORT_FORMATS = ("vlm2emb", "sentence-transformers")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Allowed deviation of the reloaded export from the source on the probes.
+FP32_MAX_ABS = 1e-4
+HALF_MIN_COSINE = 0.99
+# sentence-transformers' Pooling modes for our pooling rules (eos/embed_token append a
+# token that sentence-transformers would not add, so they have no equivalent).
+_ST_POOLING = {"last": "lasttoken", "mean": "mean"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported, or an export that failed verification."""
+
+
+@dataclass
+class Verification:
+    """How closely the reloaded export reproduces the source on the probe items."""
+
+    loader: str  # "vlm2emb" or "sentence-transformers"
+    n_probes: int
+    max_abs_diff: float
+    min_cosine: float
+    passed: bool
+    rule: str  # the tolerance applied, in words
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote."""
+
+    out_dir: Path
+    source: Path
+    mode: str
+    format: str
+    dtype: str
+    files: list[str]
+    verifications: list[Verification] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------- helpers
+def probe_image() -> Any:
+    """A deterministic 48x48 RGB test pattern (gradients and a bright square), made in code."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:48, 0:48]
+    rgb = np.stack([x * 5, y * 5, (x + y) * 2], axis=-1) % 256  # [48, 48, 3]
+    rgb[16:32, 16:32] = (250, 240, 20)
+    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+
+
+def probe_items(model: EmbeddingModel) -> list[Any]:
+    """Texts, an image and an image with text (images only for backbones that take them)."""
+    items: list[Any] = ["a handwritten digit seven", "Find a photo of a cat sitting on the red chair."]
+    if model.adapter.image_placeholder:
+        image = probe_image()
+        items += [image, {"text": "which digit is this?", "image": image}]
+    return items
+
+
+def resolve_source(checkpoint: str | os.PathLike[str]) -> Path:
+    """The model folder of a checkpoint argument: a model dir, or a run dir holding ``final/``."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / CONFIG_NAME).is_file() or (path / "config.json").is_file():
+        return path
+    if (path / "final" / CONFIG_NAME).is_file():
+        return path / "final"
+    raise ExportError(
+        f"{path}: not a model checkpoint (no {CONFIG_NAME} or config.json); "
+        "pass OUTPUT_DIR/final or OUTPUT_DIR/checkpoints/step-N"
+    )
+
+
+def find_run_dir(source: Path) -> Path | None:
+    """The training run's ``output_dir`` (the folder with ``recipe.yaml``), if any."""
+    for parent in (source.parent, source.parent.parent):
+        if (parent / "recipe.yaml").is_file():
+            return parent
+    return None
+
+
+def _check_finite(named: Any, where: str) -> None:
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(
+                f"{where}: tensor {name!r} has non-finite values (NaN or inf); refusing to export"
+            )
+
+
+def _compare(ref: torch.Tensor, got: torch.Tensor, dtype: torch.dtype, loader: str) -> Verification:
+    """ref, got: [n, d]. float32 exports within 1e-4; half precision by cosine."""
+    diff = float((ref - got).abs().max())
+    cos = float(torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1).min())
+    if dtype == torch.float32:
+        passed = diff <= FP32_MAX_ABS and 1.0 - cos <= FP32_MAX_ABS
+        rule = f"max |diff| <= {FP32_MAX_ABS:g} and 1 - cosine <= {FP32_MAX_ABS:g}"
+    else:
+        passed = cos >= HALF_MIN_COSINE
+        rule = f"cosine >= {HALF_MIN_COSINE}"
+    return Verification(loader, int(ref.shape[0]), diff, cos, passed, rule)
+
+
+def _no_pickles(folder: Path) -> list[str]:
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ExportError(f"export would contain pickle files ({', '.join(pickles)}); refusing")
+    return files
+
+
+# --------------------------------------------------------------------- export
+def export_model(
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    mode: str = "merged",
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    format: str = "vlm2emb",
+    license: str | None = None,
+    overwrite: bool = False,
+    base_model: str | None = None,
+) -> ExportResult:
+    """Exports a checkpoint as a verified, self-describing directory.
+
+    Args:
+        checkpoint: ``output_dir/final``, ``output_dir/checkpoints/step-N``, a run's
+            ``output_dir`` (its ``final/`` is used) or any saved :class:`EmbeddingModel`.
+        out_dir: Where the export goes; must not exist (or be empty) unless ``overwrite``.
+        mode: ``"merged"``: a plain transformers model directory with any LoRA/DoRA adapter
+            merged in. ``"adapter"``: only the peft adapter (needs a LoRA checkpoint) plus
+            the base model id in ``vlm2emb_config.json``.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` for the written weights (default: the
+            checkpoint's stored dtype).
+        max_shard_size: Largest safetensors shard (``"5GB"``, ``"200KB"``, bytes); larger
+            models get ``model.safetensors.index.json`` and several shards.
+        format: ``"vlm2emb"`` or ``"sentence-transformers"`` (a merged export that
+            ``SentenceTransformer(out_dir)`` also loads: text, and images for families with
+            vlm2emb's default prompt layout, through a chat template written with it).
+        license: License id for the model card (default: the base model's terms apply).
+        overwrite: Replace an existing ``out_dir``.
+        base_model: Adapter mode: the base id to record (default: the recorded one).
+
+    Returns:
+        The :class:`ExportResult`, with the verification numbers.
+
+    Raises:
+        FileNotFoundError: The checkpoint does not exist.
+        ExportError: Bad arguments, non-finite weights, or a failed verification; nothing
+            is left at ``out_dir`` then.
+    """
+    if mode not in EXPORT_MODES:
+        raise ExportError(f"mode must be one of {', '.join(EXPORT_MODES)}, got {mode!r}")
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    if format == "sentence-transformers" and mode != "merged":
+        raise ExportError("--format sentence-transformers needs a merged export (not --adapter-only)")
+    source = resolve_source(checkpoint)
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out}: already exists and is not empty (use --overwrite)")
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise ExportError(f"{out}: the export cannot go inside the checkpoint {source}")
+    if isinstance(max_shard_size, str):
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            convert_file_size_to_int(max_shard_size)
+        except (ValueError, TypeError):
+            raise ExportError(
+                f"--max-shard-size: {max_shard_size!r} is not a size like 5GB or 500MB"
+            ) from None
+
+    # 1. The source in float32 with its adapter separate: the reference the export must match.
+    model = EmbeddingModel.from_pretrained(source, merge_lora=False, torch_dtype=torch.float32)
+    _check_finite(model.backbone.named_parameters(), str(source))
+    if mode == "adapter" and not model.has_lora:
+        raise ExportError(f"{source}: --adapter-only needs a LoRA/DoRA checkpoint, this one is fully trained")
+    target = resolve_dtype(dtype) if dtype is not None else _stored_dtype(source)
+    if target not in _DTYPE_NAMES:
+        raise ExportError(f"--dtype: {dtype!r} is not one of fp32, bf16, fp16")
+    probes = probe_items(model)
+    instruction = model.config.query_instruction
+    truncate_dim, model.config.truncate_dim = model.config.truncate_dim, None  # compare full vectors
+    reference = model.encode(probes, instruction=instruction)  # [n_probes, d]
+    model.config.truncate_dim = truncate_dim
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        # 2. Write.
+        config = dict(asdict(model.config))
+        if mode == "adapter":
+            config["base_model"] = base_model or model.config.base_model
+            _write_adapter(model, tmp, target, config["base_model"])
+        else:
+            _write_merged(model, tmp, target, max_shard_size)
+        config["export"] = {"mode": mode, "dtype": _DTYPE_NAMES[target], "format": format}
+        model.adapter.processor.save_pretrained(tmp)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        st_images = False
+        if format == "sentence-transformers":
+            st_images = _write_sentence_transformers(model, tmp)
+        del model  # free the source before the reload
+
+        # 3. Verify by reloading what was written.
+        verifications = [_verify_vlm2emb(tmp, source, mode, target, probes, instruction, reference)]
+        if format == "sentence-transformers":
+            idx = [i for i, p in enumerate(probes) if st_images or isinstance(p, str)]
+            verifications.append(
+                _verify_sentence_transformers(tmp, [probes[i] for i in idx], reference[idx], target)
+            )
+        failed = [v for v in verifications if not v.passed]
+        if failed:
+            v = failed[0]
+            raise ExportError(
+                f"export verification failed ({v.loader} reload): max |diff| {v.max_abs_diff:.3g}, "
+                f"min cosine {v.min_cosine:.6f}, required {v.rule}; nothing written to {out}"
+            )
+        run_dir = find_run_dir(source)
+        (tmp / "README.md").write_text(
+            model_card(
+                config,
+                run_dir=run_dir,
+                mode=mode,
+                format=format,
+                dtype=_DTYPE_NAMES[target],
+                license=license,
+                verifications=verifications,
+                # eval.json scores the run's final weights; an intermediate checkpoint is not them.
+                eval_applies=run_dir is not None and source.resolve() == (run_dir / "final").resolve(),
+            )
+        )
+        files = _no_pickles(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, source, mode, format, _DTYPE_NAMES[target], files, verifications)
+
+
+def _stored_dtype(source: Path) -> torch.dtype:
+    """The checkpoint's weight dtype from its config.json (float32 when unrecorded)."""
+    try:
+        cfg = json.loads((source / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return resolve_dtype(name) if name in ("float32", "bfloat16", "float16") else torch.float32
+
+
+def _write_merged(model: EmbeddingModel, tmp: Path, dtype: torch.dtype, max_shard_size: str | int) -> None:
+    if model.has_lora:
+        # peft folds B @ A * scale (and DoRA's magnitude) into the base weights, in float32.
+        model.backbone = model.backbone.merge_and_unload()
+    model.backbone.to(dtype)
+    _check_finite(model.backbone.named_parameters(), f"merged weights cast to {_DTYPE_NAMES[dtype]}")
+    model.backbone.save_pretrained(tmp, max_shard_size=max_shard_size)
+
+
+def _write_adapter(model: EmbeddingModel, tmp: Path, dtype: torch.dtype, base_model: str | None) -> None:
+    # Only the adapter tensors (lora_A/B, DoRA's lora_magnitude_vector), cast to dtype.
+    adapter_state = {k: v.to(dtype) for k, v in model.backbone.state_dict().items() if "lora_" in k}
+    _check_finite(adapter_state.items(), f"adapter weights cast to {_DTYPE_NAMES[dtype]}")
+    for peft_cfg in model.backbone.peft_config.values():
+        peft_cfg.base_model_name_or_path = base_model
+    model.backbone.save_pretrained(str(tmp), state_dict=adapter_state)
+
+
+def _chat_template(model: EmbeddingModel) -> str | None:
+    """A chat template that renders sentence-transformers messages as vlm2emb's prompt.
+
+    vlm2emb's default prompt is ``<image placeholder> * n_images + instruction + "\\n" + text``
+    (:meth:`BackboneAdapter.render_prompt`). sentence-transformers sends images and texts
+    as chat messages (its prompt as a system message) through the processor's chat template,
+    so a template that emits the placeholders, then the system text, then the user text,
+    gives the same tokens. None for families with their own prompt layout.
+    """
+    from vlm2emb.backbones.base import BackboneAdapter
+
+    placeholder = model.adapter.image_placeholder
+    if not placeholder or type(model.adapter).render_prompt is not BackboneAdapter.render_prompt:
+        return None
+
+    def texts(where: str) -> str:
+        return (
+            f"{{%- for m in messages if {where} -%}}"
+            "{%- if m.content is string -%}{{ m.content }}{%- else -%}"
+            "{%- for c in m.content if c.type == 'text' -%}{{ c.text }}{%- endfor -%}{%- endif -%}"
+            "{%- endfor -%}"
+        )
+
+    images = (
+        "{%- for m in messages if m.role != 'system' and m.content is not string -%}"
+        f"{{%- for c in m.content if c.type == 'image' -%}}{placeholder}{{%- endfor -%}}"
+        "{%- endfor -%}"
+    )
+    return images + texts("m.role == 'system'") + texts("m.role != 'system'")
+
+
+def _write_sentence_transformers(model: EmbeddingModel, tmp: Path) -> bool:
+    """Adds the module files that make ``tmp`` a SentenceTransformer folder.
+
+    Returns:
+        Whether image inputs are supported (the family's prompt fits a chat template).
+    """
+    cfg = model.config
+    if cfg.pooling not in _ST_POOLING:
+        raise ExportError(
+            f"--format sentence-transformers: pooling {cfg.pooling!r} has no sentence-transformers "
+            f"equivalent (supported: {', '.join(_ST_POOLING)})"
+        )
+    if cfg.attention != "causal":
+        # sentence-transformers loads the backbone with its stock (causal) attention.
+        raise ExportError("--format sentence-transformers: only causal-attention models load there unchanged")
+    modules = [
+        {
+            "idx": 0,
+            "name": "0",
+            "path": "",
+            "type": "sentence_transformers.base.modules.transformer.Transformer",
+        },
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+        },
+    ]
+    if cfg.normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.base.modules.normalize.Normalize",
+            }
+        )
+        (tmp / "2_Normalize").mkdir()
+        (tmp / "2_Normalize" / "config.json").write_text("{}\n")
+    (tmp / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    output = {"method": "forward", "method_output_name": "last_hidden_state"}
+    modality_config: dict[str, Any] = {"text": output}
+    template = _chat_template(model)
+    if template is not None:
+        # Images reach the processor through the chat template only (without it they would
+        # come without the placeholder tokens VLM processors need). The export is an embedding
+        # model, so the chat template of the base model is replaced, wherever it was saved.
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            path = tmp / name
+            if path.is_file():
+                data = json.loads(path.read_text())
+                if data.pop("chat_template", None) is not None:
+                    path.write_text(json.dumps(data, indent=2) + "\n")
+        (tmp / "chat_template.json").unlink(missing_ok=True)
+        (tmp / "chat_template.jinja").write_text(template)
+        modality_config |= {"image": output, "message": {**output, "format": "structured"}}
+    (tmp / "sentence_bert_config.json").write_text(
+        json.dumps(
+            {
+                "transformer_task": "feature-extraction",
+                "modality_config": modality_config,
+                "module_output_name": "token_embeddings",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (tmp / "1_Pooling").mkdir()
+    (tmp / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "embedding_dimension": model.adapter.hidden_size(model.backbone),
+                "pooling_mode": _ST_POOLING[cfg.pooling],
+                "include_prompt": True,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    # Our text prompt is "instruction\ntext"; as sentence-transformers prompts that is a prefix.
+    prompts = {
+        "query": cfg.query_instruction.strip() + "\n" if cfg.query_instruction else "",
+        "document": cfg.target_instruction.strip() + "\n" if cfg.target_instruction else "",
+    }
+    st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    (tmp / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
+    return template is not None
+
+
+def _verify_vlm2emb(
+    tmp: Path,
+    source: Path,
+    mode: str,
+    dtype: torch.dtype,
+    probes: list[Any],
+    instruction: str | None,
+    reference: torch.Tensor,
+) -> Verification:
+    # An adapter export's base weights are the checkpoint's (unmerged) weights.
+    base = str(source) if mode == "adapter" else None
+    reloaded = EmbeddingModel.from_pretrained(tmp, torch_dtype=dtype, base_model=base)
+    reloaded.config.truncate_dim = None  # the reference is untruncated
+    got = reloaded.encode(probes, instruction=instruction)  # [n_probes, d]
+    return _compare(reference, got, dtype, "vlm2emb")
+
+
+def _verify_sentence_transformers(
+    tmp: Path, items: list[Any], reference: torch.Tensor, dtype: torch.dtype
+) -> Verification:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tmp), device="cpu", model_kwargs={"dtype": dtype}, truncate_dim=None)
+    got = st.encode_query(items, convert_to_tensor=True).float().cpu()  # [n, d]
+    return _compare(reference, got[:, : reference.shape[1]], dtype, "sentence-transformers")
+
+
+# --------------------------------------------------------------------- model card
+def _metrics_table(report: dict[str, Any]) -> list[str]:
+    cols = [c for c in ("hit@1", "hit@5", "ndcg@5", "mrr") if c in report.get("average", {})]
+    lines = ["| task | " + " | ".join(cols) + " | n |", "|---" * (len(cols) + 2) + "|"]
+    for task, m in report.get("tasks", {}).items():
+        lines.append(f"| {task} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + f" | {m.get('n', '')} |")
+    avg = report.get("average", {})
+    if avg:
+        lines.append("| **average** | " + " | ".join(f"{avg[c]:.4f}" for c in cols) + " | |")
+    return lines
+
+
+def model_card(
+    config: dict[str, Any],
+    *,
+    run_dir: Path | None,
+    mode: str,
+    format: str,
+    dtype: str,
+    license: str | None,
+    verifications: list[Verification],
+    eval_applies: bool = True,
+) -> str:
+    """The export's README.md: base model, data, recipe, usage, eval results, verification."""
+    import yaml
+
+    recipe = None
+    if run_dir is not None:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    report = None
+    if run_dir is not None and eval_applies and (run_dir / "eval.json").is_file():
+        report = json.loads((run_dir / "eval.json").read_text())
+    base = config.get("base_model") or "unknown"
+    front = {"library_name": "vlm2emb", "pipeline_tag": "feature-extraction", "base_model": base}
+    front["tags"] = ["vlm2emb", "embeddings", "vision-language", "safetensors"]
+    if format == "sentence-transformers":
+        front["tags"].append("sentence-transformers")
+    if license:
+        front["license"] = license
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines += [
+        f"# Embedding model exported by vlm2emb ({mode}, {dtype})",
+        "",
+        f"- **Base model:** `{base}` (family `{config.get('family')}`)",
+        f"- **Export:** {'LoRA/DoRA adapter only' if mode == 'adapter' else 'merged weights'}, "
+        f"{dtype} safetensors, format `{format}`",
+        f"- **Pooling:** `{config.get('pooling')}`, normalised: {config.get('normalize')}, "
+        f"attention: `{config.get('attention')}`",
+        f"- **Query instruction:** {_quote(config.get('query_instruction'))}",
+        f"- **Target instruction:** {_quote(config.get('target_instruction'))}",
+        f"- **Training temperature:** {config.get('temperature')}",
+    ]
+    if config.get("matryoshka_dims"):
+        lines.append(
+            f"- **Matryoshka dimensions:** {config['matryoshka_dims']} (pass `truncate_dim=` to encode)"
+        )
+    lines += ["", "## Training data", ""]
+    if recipe is not None:
+        data, train = recipe.get("data", {}), recipe.get("train", {})
+        lora = recipe.get("model", {}).get("lora")
+        tuning = (
+            "full fine-tuning"
+            if not lora
+            else ("DoRA" if lora.get("use_dora") else "LoRA")
+            + (f" (r {lora.get('r')}, alpha {lora.get('alpha')})")
+        )
+        lines += [
+            f"- Training sources: {', '.join(f'`{s}`' for s in data.get('train', [])) or 'none recorded'}",
+            f"- Evaluation sources: {', '.join(f'`{s}`' for s in data.get('eval', [])) or 'none'}",
+            f"- {train.get('max_steps')} steps at global batch {train.get('batch_size')}, learning rate "
+            f"{train.get('learning_rate')}, {tuning}, precision {train.get('precision')}",
+        ]
+    else:
+        lines.append("No training recipe was found next to the checkpoint.")
+    lines += ["", "## Evaluation", ""]
+    if report is not None:
+        lines += ["Results of `vlm2emb train`'s final evaluation (`eval.json`):", "", *_metrics_table(report)]
+    elif not eval_applies and run_dir is not None and (run_dir / "eval.json").is_file():
+        lines.append(
+            "This is an intermediate checkpoint; the run's `eval.json` scores `final/`, not these weights."
+        )
+    else:
+        lines.append("No evaluation report (`eval.json`) was found next to the checkpoint.")
+    lines += ["", "## Usage", "", "With vlm2emb:", "", "```python", "from vlm2emb import EmbeddingModel", ""]
+    if mode == "adapter":
+        lines.append(f'model = EmbeddingModel.from_pretrained("path/to/this/folder", base_model="{base}")')
+    else:
+        lines.append('model = EmbeddingModel.from_pretrained("path/to/this/folder")')
+    lines += [
+        'queries = model.encode_queries(["a handwritten digit seven"])  # [1, d]',
+        'docs = model.encode_targets([{"image": "digit.png"}, "a caption"])  # [2, d]',
+        "print(model.similarity(queries, docs))",
+        "```",
+    ]
+    if format == "sentence-transformers":
+        lines += [
+            "",
+            "With sentence-transformers (the prompts hold the instructions):",
+            "",
+            "```python",
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            'model = SentenceTransformer("path/to/this/folder")',
+            'queries = model.encode_query(["a handwritten digit seven"])',
+            'docs = model.encode_document(["a caption"])',
+            "print(model.similarity(queries, docs))",
+            "```",
+        ]
+    elif mode == "merged":
+        lines += [
+            "",
+            "The weights also load with plain transformers (`AutoModel.from_pretrained`); pool the last "
+            "hidden state as stated above. See `examples/load_export.py` in the vlm2emb repository.",
+        ]
+    lines += [
+        "",
+        "## Verification",
+        "",
+        "Reloaded after writing and compared with the checkpoint on fixed probes:",
+        "",
+    ]
+    for v in verifications:
+        lines.append(
+            f"- {v.loader}: {v.n_probes} probes, max |diff| {v.max_abs_diff:.2e}, min cosine "
+            f"{v.min_cosine:.6f} (required: {v.rule})"
+        )
+    if recipe is not None:
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
+    lines += [
+        "",
+        "## License",
+        "",
+        f"{license}."
+        if license
+        else "Not stated at export. The base model's license applies to these weights.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _quote(value: str | None) -> str:
+    return f"`{value}`" if value else "none"
