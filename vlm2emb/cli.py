@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
 
@@ -38,13 +39,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p_eval = sub.add_parser(
         "eval",
-        help="evaluate a model on local-candidate eval rows",
-        description="Rank each row's candidates for its query; report hit@k, ndcg@k, mrr per task.",
+        help="evaluate a model on eval rows or an eval suite",
+        description="Rank each row's candidates (or a suite's corpora); report hit@k, ndcg@k, mrr per task.",
+        epilog="example: vlm2emb eval --model runs/demo/final --suite suite.yaml --out report.json",
     )
     p_eval.add_argument(
         "--model", required=True, help="EmbeddingModel directory, raw VLM directory or tiny:FAMILY"
     )
-    p_eval.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
+    source = p_eval.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
+    source.add_argument("--suite", help="suite YAML: local, corpus and MMEB tasks (docs/evaluation.md)")
+    p_eval.add_argument(
+        "--cache-dir", default=None, help="embedding cache (default ~/.cache/vlm2emb/embeddings)"
+    )
+    p_eval.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     p_eval.add_argument("--out", help="write the JSON report here")
     p_eval.add_argument("--batch-size", type=int, default=32)
     p_eval.add_argument(
@@ -103,26 +111,63 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from vlm2emb.data.schema import load_eval_examples
     from vlm2emb.eval import evaluate, format_report
+    from vlm2emb.eval.cache import CachedEncoder, default_cache_dir
     from vlm2emb.model import EmbeddingModel
 
-    examples = load_eval_examples(args.data, media_root=args.media_root)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Read and check all data before the model loads: a bad row fails in seconds.
+    if args.suite:
+        from vlm2emb.eval.harness import format_suite_report, load_suite_tasks, run_suite
+        from vlm2emb.eval.suite import load_suite
+
+        suite = load_suite(args.suite)
+        loaded = load_suite_tasks(suite)
+    else:
+        from vlm2emb.data.schema import load_eval_examples
+
+        examples = load_eval_examples(args.data, media_root=args.media_root)
+    state = _distributed_state()
+    device = args.device or (str(state.device) if state else "cuda" if torch.cuda.is_available() else "cpu")
     model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype, device=device)
     query_instruction = args.query_instruction or model.config.query_instruction
-    report = evaluate(
-        model,
-        [ex.as_row(default_instruction=query_instruction) for ex in examples],
-        batch_size=args.batch_size,
-        target_instruction=args.target_instruction or model.config.target_instruction,
-    )
-    print(format_report(report))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+    target_instruction = args.target_instruction or model.config.target_instruction
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    encoder = CachedEncoder(model, cache_dir)
+    if args.suite:
+        report = run_suite(
+            encoder,
+            suite,
+            loaded=loaded,
+            batch_size=args.batch_size,
+            default_query_instruction=query_instruction,
+            default_target_instruction=target_instruction,
+        )
+        text = format_suite_report(report)
+    else:
+        rows = [ex.as_row(default_instruction=query_instruction) for ex in examples]
+        report = evaluate(encoder, rows, batch_size=args.batch_size, target_instruction=target_instruction)
+        report["cache"] = dict(vars(encoder.stats))
+        text = format_report(report)
+    if state is None or state.is_main_process:
+        print(text)
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _distributed_state() -> Any:
+    """accelerate's process state under ``accelerate launch`` (several processes), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # Without CUDA the processes talk through gloo (docs/distributed.md).
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
