@@ -68,6 +68,39 @@ def _parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    p_an = sub.add_parser(
+        "analyze",
+        help="embedding-space analysis: modality gap, alignment, uniformity, plots",
+        description="Embed eval rows; write analysis.json, projection.png (PCA, t-SNE) and similarities.png.",
+        epilog="example: vlm2emb analyze --model runs/demo/final --data eval.jsonl --out analysis/",
+    )
+    which = p_an.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="EmbeddingModel directory, raw VLM directory or tiny:FAMILY")
+    which.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two models side by side")
+    p_an.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
+    p_an.add_argument("--out", required=True, help="output folder")
+    p_an.add_argument("--max-points", type=int, default=200, help="pairs drawn in the projections")
+    p_an.add_argument("--seed", type=int, default=0)
+    p_an.add_argument("--batch-size", type=int, default=32)
+    p_an.add_argument("--media-root", default=None, help="folder for relative image paths")
+    p_an.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
+    p_an.add_argument("--device", default=None, help="e.g. cuda, cpu")
+    p_an.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p_eff = sub.add_parser(
+        "data-efficiency",
+        help="train on nested data subsets and plot the metric against data size",
+        description="Train RECIPE on nested subsets (seeded; smaller ones inside larger ones); write data_efficiency.{json,png}.",
+        epilog="example: vlm2emb data-efficiency recipes/demo.yaml --fractions 0.05,0.25,1.0 train.max_steps=50",
+    )
+    p_eff.add_argument("recipe", help="recipe YAML file (needs data.eval)")
+    p_eff.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
+    p_eff.add_argument(
+        "--fractions", default="0.01,0.05,0.25,1.0", help="comma-separated fractions in (0, 1]"
+    )
+    p_eff.add_argument("--metric", default="hit@1", help="eval metric to plot (averaged over tasks)")
+    p_eff.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     p_demo = sub.add_parser(
         "demo-data",
         help="write the bundled digits demo data (images + JSONL) to a folder",
@@ -170,6 +203,52 @@ def _distributed_state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm2emb.data.schema import load_eval_examples
+    from vlm2emb.eval import analysis as an
+    from vlm2emb.model import EmbeddingModel
+
+    examples = load_eval_examples(args.data, media_root=args.media_root)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for name in args.compare or [args.model]:
+        model = EmbeddingModel.from_pretrained(name, torch_dtype=args.dtype, device=device)
+        rows = [ex.as_row(default_instruction=model.config.query_instruction) for ex in examples]
+        results.append(
+            an.analyze(
+                model,
+                rows,
+                batch_size=args.batch_size,
+                target_instruction=model.config.target_instruction,
+                name=name,
+            )
+        )
+        del model
+    print(an.compare_table([r.numbers for r in results]))
+    if args.compare:
+        an.save_numbers(Path(args.out) / "compare.json", {r.name: r.numbers for r in results})
+        paths = an.write_compare_plots(results, args.out, max_points=args.max_points, seed=args.seed)
+    else:
+        an.save_numbers(Path(args.out) / "analysis.json", results[0].numbers)
+        paths = an.write_plots(results[0], args.out, max_points=args.max_points, seed=args.seed)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_data_efficiency(args: argparse.Namespace) -> int:
+    from vlm2emb.eval.data_efficiency import parse_fractions, run_data_efficiency
+    from vlm2emb.train.config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    result = run_data_efficiency(cfg, parse_fractions(args.fractions), metric=args.metric)
+    for point in result["points"]:
+        print(f"{point['fraction']:>8.4g}  {point['rows']:>7} rows  {args.metric} {point['value']:.4f}")
+    print(f"wrote {result['json']} and {result['png']}")
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from vlm2emb.data.demo import write_digits
 
@@ -212,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parse_known_args lets overrides follow options (`train r.yaml --no-progress a=1`),
     # which a plain nargs="*" positional after an option would reject.
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "data-efficiency"):
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
     if extra:
@@ -221,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "demo-data": _cmd_demo_data, "doctor": _cmd_doctor}
+    handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
