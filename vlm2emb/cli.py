@@ -159,9 +159,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from vlm2emb.data.schema import load_eval_examples
 
         examples = load_eval_examples(args.data, media_root=args.media_root)
+    # Load before joining a process group: transformers writes a tiny: build only on rank 0 then.
+    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype)
     state = _distributed_state()
     device = args.device or (str(state.device) if state else "cuda" if torch.cuda.is_available() else "cpu")
-    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype, device=device)
+    model.to(device)
     query_instruction = args.query_instruction or model.config.query_instruction
     target_instruction = args.target_instruction or model.config.target_instruction
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())

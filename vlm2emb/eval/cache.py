@@ -113,6 +113,7 @@ class CacheStats:
     misses: int = 0
     items_encoded: int = 0
     items_from_cache: int = 0
+    processes: int = 1  # processes that shared the encoding of misses
 
 
 class CachedEncoder:
@@ -178,6 +179,7 @@ class CachedEncoder:
             return emb
         self.stats.misses += 1
         self.stats.items_encoded += len(items)
+        self.stats.processes = max(self.stats.processes, world)
         if world > 1:
             emb = _sharded_encode(self.model, items, instruction, batch_size, rank, world)
         else:
