@@ -65,7 +65,15 @@ def user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo-data", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["demo-data", "--help"],
+        ["analyze", "--help"],
+        ["data-efficiency", "--help"],
+    ],
 )
 def test_help_exits_zero(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -245,3 +245,15 @@ def test_cli_eval_suite_and_cache(
     assert main(["eval", "--model", "tiny:qwen2_vl", "--suite", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere.jsonl" in err[0]
+
+
+def test_the_mmeb_v1_example_suite_lists_36_tasks_in_4_meta_tasks() -> None:
+    suite = load_suite(Path(__file__).resolve().parents[2] / "examples" / "mmeb_v1_suite.yaml")
+    assert len(suite.tasks) == 36
+    counts = {
+        m: sum(t.meta_task == m for t in suite.tasks)
+        for m in ("classification", "vqa", "retrieval", "grounding")
+    }
+    assert counts == {"classification": 10, "vqa": 10, "retrieval": 12, "grounding": 4}
+    assert all(t.format == "mmeb" and t.metric == "hit@1" for t in suite.tasks)
+    assert all(t.media_root and t.media_root.endswith("eval_images") for t in suite.tasks)

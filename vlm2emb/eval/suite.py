@@ -5,6 +5,7 @@ Example (paths are relative to the suite file's folder)::
     name: digits
     metric: hit@1             # default headline metric of every task
     ks: [1, 5, 10]
+    media_root: images/      # optional default for every task
     tasks:
       - name: digits-i2t
         meta_task: classification
@@ -83,6 +84,7 @@ class SuiteConfig:
     name: str = "suite"
     metric: str = "hit@1"
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    media_root: str | None = None  # default media_root of every task
     tasks: list[TaskSpec] = field(default_factory=list)
     source: str = ""  # the YAML file, for messages
 
@@ -185,8 +187,10 @@ def load_suite(path: str | Path) -> SuiteConfig:
         isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks
     ):
         raise DataError(f"{p}: 'ks' must be a list of positive integers")
+    media_root = _check_str(str(p), "media_root", raw.get("media_root"))
     suite = SuiteConfig(
         name=str(raw.get("name") or p.stem),
+        media_root=_resolve(p.parent, media_root) if media_root else None,
         metric=str(raw.get("metric") or "hit@1"),
         ks=ks,
         tasks=[_task(f"{p}: tasks[{i}]", t, p.parent) for i, t in enumerate(tasks_raw)],
@@ -205,4 +209,5 @@ def load_suite(path: str | Path) -> SuiteConfig:
                 f"{p}: tasks[{i}] ({task.name}): 'metric' {task.metric!r} is not one of {', '.join(valid)}"
             )
         task.metric = task.metric or suite.metric
+        task.media_root = task.media_root or suite.media_root
     return suite
