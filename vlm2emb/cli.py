@@ -1,4 +1,6 @@
-"""Command line: ``vlm2emb train | eval | demo-data | doctor`` (also ``python -m vlm2emb``).
+"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | demo-data | doctor``.
+
+Also ``python -m vlm2emb``.
 
 User errors (bad recipe key, missing file, malformed row) end with one line on stderr
 naming the key, file or line, and exit status 2; ``--debug`` shows the traceback instead.

@@ -167,3 +167,16 @@ def test_cli_analyze_user_errors(eval_file: Path, tmp_path: Path, capsys: pytest
     assert main(["analyze", "--model", "tiny:qwen2_vl", "--data", str(bad), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl:1" in err[0]
+
+
+def test_eval_modules_import_no_plotting_or_model_libraries() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import vlm2emb.eval, vlm2emb.eval.analysis, vlm2emb.eval.harness, vlm2emb.eval.data_efficiency\n"
+        "print(','.join(m for m in ('matplotlib', 'sklearn', 'transformers', 'accelerate') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
