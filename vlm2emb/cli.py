@@ -156,6 +156,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from vlm2emb.eval.suite import load_suite
 
         suite = load_suite(args.suite)
+        for task in suite.tasks:  # --media-root is the default of tasks that name none
+            task.media_root = task.media_root or args.media_root
         loaded = load_suite_tasks(suite)
     else:
         from vlm2emb.data.schema import load_eval_examples
