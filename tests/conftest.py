@@ -26,3 +26,11 @@ def digit_images() -> list[Image.Image]:
         gray = (255 - pixels * (255.0 / 16.0)).astype(np.uint8)
         out.append(Image.fromarray(gray, mode="L").resize((32, 32)).convert("RGB"))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _embedding_cache_in_tmp(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vlm2emb eval` caches embeddings; tests keep that cache out of the home folder."""
+    monkeypatch.setenv("VLM2EMB_CACHE", str(tmp_path_factory.getbasetemp() / "embedding-cache"))

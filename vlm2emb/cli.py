@@ -1,4 +1,6 @@
-"""Command line: ``vlm2emb train | eval | demo-data | doctor | data check | export`` (also ``python -m vlm2emb``).
+"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | data check | export | demo-data | doctor``.
+
+Also ``python -m vlm2emb``.
 
 User errors (bad recipe key, missing file, malformed row) end with one line on stderr
 naming the key, file or line, and exit status 2; ``--debug`` shows the traceback instead.
@@ -39,13 +41,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p_eval = sub.add_parser(
         "eval",
-        help="evaluate a model on local-candidate eval rows",
-        description="Rank each row's candidates for its query; report hit@k, ndcg@k, mrr per task.",
+        help="evaluate a model on eval rows or an eval suite",
+        description="Rank each row's candidates (or a suite's corpora); report hit@k, ndcg@k, mrr per task.",
+        epilog="example: vlm2emb eval --model runs/demo/final --suite suite.yaml --out report.json",
     )
     p_eval.add_argument(
         "--model", required=True, help="EmbeddingModel directory, raw VLM directory or tiny:FAMILY"
     )
-    p_eval.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
+    source = p_eval.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
+    source.add_argument("--suite", help="suite YAML: local, corpus and MMEB tasks (docs/evaluation.md)")
+    p_eval.add_argument(
+        "--cache-dir", default=None, help="embedding cache (default ~/.cache/vlm2emb/embeddings)"
+    )
+    p_eval.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     p_eval.add_argument("--out", help="write the JSON report here")
     p_eval.add_argument("--batch-size", type=int, default=32)
     p_eval.add_argument(
@@ -60,6 +69,39 @@ def _parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
     p_eval.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p_an = sub.add_parser(
+        "analyze",
+        help="embedding-space analysis: modality gap, alignment, uniformity, plots",
+        description="Embed eval rows; write analysis.json, projection.png (PCA, t-SNE) and similarities.png.",
+        epilog="example: vlm2emb analyze --model runs/demo/final --data eval.jsonl --out analysis/",
+    )
+    which = p_an.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="EmbeddingModel directory, raw VLM directory or tiny:FAMILY")
+    which.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two models side by side")
+    p_an.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
+    p_an.add_argument("--out", required=True, help="output folder")
+    p_an.add_argument("--max-points", type=int, default=200, help="pairs drawn in the projections")
+    p_an.add_argument("--seed", type=int, default=0)
+    p_an.add_argument("--batch-size", type=int, default=32)
+    p_an.add_argument("--media-root", default=None, help="folder for relative image paths")
+    p_an.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
+    p_an.add_argument("--device", default=None, help="e.g. cuda, cpu")
+    p_an.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p_eff = sub.add_parser(
+        "data-efficiency",
+        help="train on nested data subsets and plot the metric against data size",
+        description="Train RECIPE on nested subsets (seeded; smaller ones inside larger ones); write data_efficiency.{json,png}.",
+        epilog="example: vlm2emb data-efficiency recipes/demo.yaml --fractions 0.05,0.25,1.0 train.max_steps=50",
+    )
+    p_eff.add_argument("recipe", help="recipe YAML file (needs data.eval)")
+    p_eff.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides")
+    p_eff.add_argument(
+        "--fractions", default="0.01,0.05,0.25,1.0", help="comma-separated fractions in (0, 1]"
+    )
+    p_eff.add_argument("--metric", default="hit@1", help="eval metric to plot (averaged over tasks)")
+    p_eff.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p_demo = sub.add_parser(
         "demo-data",
@@ -163,25 +205,112 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from vlm2emb.data.schema import load_eval_examples
     from vlm2emb.eval import evaluate, format_report
+    from vlm2emb.eval.cache import CachedEncoder, default_cache_dir
+    from vlm2emb.model import EmbeddingModel
+
+    # Read and check all data before the model loads: a bad row fails in seconds.
+    if args.suite:
+        from vlm2emb.eval.harness import format_suite_report, load_suite_tasks, run_suite
+        from vlm2emb.eval.suite import load_suite
+
+        suite = load_suite(args.suite)
+        for task in suite.tasks:  # --media-root is the default of tasks that name none
+            task.media_root = task.media_root or args.media_root
+        loaded = load_suite_tasks(suite)
+    else:
+        from vlm2emb.data.schema import load_eval_examples
+
+        examples = load_eval_examples(args.data, media_root=args.media_root)
+    # Load before joining a process group: transformers writes a tiny: build only on rank 0 then.
+    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype)
+    state = _distributed_state()
+    device = args.device or (str(state.device) if state else "cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    query_instruction = args.query_instruction or model.config.query_instruction
+    target_instruction = args.target_instruction or model.config.target_instruction
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    encoder = CachedEncoder(model, cache_dir)
+    if args.suite:
+        report = run_suite(
+            encoder,
+            suite,
+            loaded=loaded,
+            batch_size=args.batch_size,
+            default_query_instruction=query_instruction,
+            default_target_instruction=target_instruction,
+        )
+        text = format_suite_report(report)
+    else:
+        rows = [ex.as_row(default_instruction=query_instruction) for ex in examples]
+        report = evaluate(encoder, rows, batch_size=args.batch_size, target_instruction=target_instruction)
+        report["cache"] = dict(vars(encoder.stats))
+        text = format_report(report)
+    if state is None or state.is_main_process:
+        print(text)
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _distributed_state() -> Any:
+    """accelerate's process state under ``accelerate launch`` (several processes), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # Without CUDA the processes talk through gloo (docs/distributed.md).
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm2emb.data.schema import load_eval_examples
+    from vlm2emb.eval import analysis as an
     from vlm2emb.model import EmbeddingModel
 
     examples = load_eval_examples(args.data, media_root=args.media_root)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype, device=device)
-    query_instruction = args.query_instruction or model.config.query_instruction
-    report = evaluate(
-        model,
-        [ex.as_row(default_instruction=query_instruction) for ex in examples],
-        batch_size=args.batch_size,
-        target_instruction=args.target_instruction or model.config.target_instruction,
-    )
-    print(format_report(report))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+    results = []
+    for name in args.compare or [args.model]:
+        model = EmbeddingModel.from_pretrained(name, torch_dtype=args.dtype, device=device)
+        rows = [ex.as_row(default_instruction=model.config.query_instruction) for ex in examples]
+        results.append(
+            an.analyze(
+                model,
+                rows,
+                batch_size=args.batch_size,
+                target_instruction=model.config.target_instruction,
+                name=name,
+            )
+        )
+        del model
+    print(an.compare_table([r.numbers for r in results]))
+    if args.compare:
+        an.save_numbers(Path(args.out) / "compare.json", {r.name: r.numbers for r in results})
+        paths = an.write_compare_plots(results, args.out, max_points=args.max_points, seed=args.seed)
+    else:
+        an.save_numbers(Path(args.out) / "analysis.json", results[0].numbers)
+        paths = an.write_plots(results[0], args.out, max_points=args.max_points, seed=args.seed)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_data_efficiency(args: argparse.Namespace) -> int:
+    from vlm2emb.eval.data_efficiency import parse_fractions, run_data_efficiency
+    from vlm2emb.train.config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    result = run_data_efficiency(cfg, parse_fractions(args.fractions), metric=args.metric)
+    for point in result["points"]:
+        print(f"{point['fraction']:>8.4g}  {point['rows']:>7} rows  {args.metric} {point['value']:.4f}")
+    print(f"wrote {result['json']} and {result['png']}")
     return 0
 
 
@@ -237,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parse_known_args lets overrides follow options (`train r.yaml --no-progress a=1`),
     # which a plain nargs="*" positional after an option would reject.
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "data-efficiency"):
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
     if extra:
@@ -253,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": _cmd_export,
         "data": _cmd_data,
     }
+    handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -172,3 +172,46 @@ def test_invalid_scores_raise(scores: object, message: str) -> None:
 def test_invalid_ks_raise(ks: tuple) -> None:
     with pytest.raises(ValueError, match="k"):
         ranking_metrics(SCORES, RELEVANT, ks=ks)
+
+
+def _loop_metrics(scores: np.ndarray, relevant: list[list[int]], k: int) -> dict[str, float]:
+    """Independent per-query loop: sort by (-score, relevant last, index), then count."""
+    out: dict[str, list[float]] = {n: [] for n in ("hit", "ndcg", "recall", "precision", "mrr", "map")}
+    for q, rel in enumerate(relevant):
+        rel_set = set(rel)
+        order = sorted(range(scores.shape[1]), key=lambda c: (-scores[q, c], c in rel_set, c))
+        flags = [c in rel_set for c in order]
+        top = flags[:k]
+        out["hit"].append(float(any(top)))
+        out["recall"].append(sum(top) / len(rel_set))
+        out["precision"].append(sum(top) / min(k, len(flags)))
+        dcg = sum(1 / np.log2(r + 2) for r, f in enumerate(top) if f)
+        out["ndcg"].append(dcg / sum(1 / np.log2(r + 2) for r in range(min(k, len(rel_set)))))
+        out["mrr"].append(1 / (flags.index(True) + 1))
+        hits, precisions = 0, []
+        for r, f in enumerate(flags):
+            if f:
+                hits += 1
+                precisions.append(hits / (r + 1))
+        out["map"].append(float(np.mean(precisions)))
+    return {name: float(np.mean(v)) for name, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_many_ties_and_several_relevant_match_a_loop_and_bound_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 4, size=(25, 12)).astype(float)  # only 4 values: ties everywhere
+    relevant = [rng.choice(12, size=rng.integers(1, 5), replace=False).tolist() for _ in range(25)]
+    k = 5
+    ours = ranking_metrics(scores, relevant, ks=(k,))
+    want = _loop_metrics(scores, relevant, k)
+    for name in ("hit", "ndcg", "recall", "precision"):
+        assert ours[f"{name}@{k}"] == pytest.approx(want[name], abs=1e-12), name
+    assert ours["mrr"] == pytest.approx(want["mrr"], abs=1e-12)
+    assert ours["map"] == pytest.approx(want["map"], abs=1e-12)
+    # sklearn averages over the orderings of tied items; the pessimistic rule can only be lower.
+    y_true = np.zeros_like(scores)
+    for q, rel in enumerate(relevant):
+        y_true[q, rel] = 1
+    assert ours[f"ndcg@{k}"] <= ndcg_score(y_true, scores, k=k) + 1e-12
+    assert ours[f"ndcg@{k}"] < ndcg_score(y_true, scores, k=k)  # ties do occur here

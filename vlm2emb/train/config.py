@@ -110,6 +110,8 @@ class TrainConfig:
     log_steps: int = 10
     eval_batch_size: int = 64
     eval_before: bool = True  # evaluate the untrained model too (before/after table)
+    eval_steps: int = 0  # 0 = off; else evaluate every N steps and keep the best model in best/
+    metric_for_best: str = "hit@1"  # eval average (mean over tasks) that picks best/; higher is better
 
 
 @dataclass
@@ -190,6 +192,15 @@ class RecipeConfig:
             raise ConfigError("train.batch_size: contrastive training needs at least 2 examples per batch")
         if not 0 <= self.train.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {self.train.warmup_ratio}")
+        from vlm2emb.eval.metrics import metric_names
+
+        if self.train.eval_steps < 0:
+            raise ConfigError(f"train.eval_steps: must be >= 0, got {self.train.eval_steps}")
+        if self.train.metric_for_best not in metric_names((1, 5, 10)):
+            raise ConfigError(
+                f"train.metric_for_best: {self.train.metric_for_best!r} is not one of "
+                f"{', '.join(metric_names((1, 5, 10)))}"
+            )
         if self.train.save_steps < 0:
             raise ConfigError(f"train.save_steps: must be >= 0, got {self.train.save_steps}")
         if not self.data.train:

@@ -8,6 +8,7 @@ Outputs under ``output_dir``:
     final/                 the trained EmbeddingModel
     eval_before.json       the untrained model's report (when data.eval and eval_before)
     eval.json              the trained model's report (when data.eval is set)
+    best/, best.json       the best model by train.metric_for_best (when train.eval_steps > 0)
 
 ``train.batch_size`` is the global contrastive batch: every process draws the same global
 batch (its order depends on the seed alone), embeds its slice, and the loss gathers the
@@ -329,6 +330,17 @@ class _Trainer:
         for _, path in found[:-limit]:
             shutil.rmtree(path, ignore_errors=True)
 
+    def _track_best(self, best: Any, step: int, report: dict[str, Any], metrics_file: Any) -> None:
+        """Logs an in-training eval; saves ``best/`` and ``best.json`` when it is the best so far."""
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"step": step, "eval": report["average"]}) + "\n")
+            metrics_file.flush()
+        # Every process computed the same report, so all take the same (collective) branch.
+        if best.update(step, report):
+            self._save(self.out / "best", step, with_state=False)
+        if self.is_main:
+            best.write()
+
     # ------------------------------------------------------------------ steps
     def _sync_context(self, sync: bool):
         if sync or self.deepspeed:  # DeepSpeed steps never run more than one backward
@@ -480,6 +492,11 @@ class _Trainer:
 
         # A new run starts a new log; a resumed run continues it.
         metrics_file = (self.out / "metrics.jsonl").open("a" if resume_dir else "w") if self.is_main else None
+        best = None
+        if cfg.train.eval_steps and self.eval_examples:
+            from vlm2emb.eval.best import BestTracker
+
+            best = BestTracker(self.out, cfg.train.metric_for_best, resume=resume_dir is not None)
         bar = tqdm(
             total=cfg.train.max_steps,
             initial=start_step,
@@ -550,6 +567,9 @@ class _Trainer:
                 running_n = 0
                 window_start, window_samples, window_tokens = now, 0, 0
 
+            if best is not None and step % cfg.train.eval_steps == 0 and step < cfg.train.max_steps:
+                report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
+                self._track_best(best, step, report, metrics_file)
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < cfg.train.max_steps:
                 self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
         bar.close()
@@ -577,6 +597,8 @@ class _Trainer:
                 print("After training:\n" + format_report(report_after), flush=True)
                 if report_before is not None:
                     print(_before_after(report_before, report_after), flush=True)
+            if best is not None:
+                self._track_best(best, cfg.train.max_steps, report_after, None)
         if metrics_file is not None:
             metrics_file.close()
         acc.wait_for_everyone()

@@ -1,0 +1,230 @@
+"""On-disk embedding cache and process sharding for evaluation.
+
+:class:`CachedEncoder` wraps a model's ``encode``. Every call is keyed by
+
+* a **model fingerprint**: a hash of the embedding config plus, for every parameter, its
+  name, shape, dtype, the float64 sum of all its values and a strided sample of up to 4,096
+  values (:func:`model_fingerprint`). Hashing the live weights, instead of file names or
+  mtimes, means a ``tiny:`` model, a saved folder and an in-memory model all get a key, and
+  a retrained model in the same folder never reuses stale embeddings;
+* a **data fingerprint**: a hash of the items in order (text, image paths with their size and
+  mtime, in-memory image pixels) and the instruction (:func:`data_fingerprint`).
+
+A hit loads ``CACHE_DIR/<model fp>/<data fp>.safetensors`` and never calls the model. Under
+``accelerate launch`` (a process group with more than one process), a miss is split across
+processes: each encodes a strided slice of the items and the slices are gathered, so every
+process ends with the full ``[n, d]`` matrix; only the main process writes the cache file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CacheStats", "CachedEncoder", "data_fingerprint", "default_cache_dir", "model_fingerprint"]
+
+# Per-parameter sample size for the fingerprint: cheap even for billions of weights, and with
+# the full-tensor sum any real training step changes the key.
+_SAMPLE = 4096
+
+
+def default_cache_dir() -> Path:
+    """``$VLM2EMB_CACHE`` if set, else ``$XDG_CACHE_HOME/vlm2emb/embeddings`` (``~/.cache``)."""
+    if os.environ.get("VLM2EMB_CACHE"):
+        return Path(os.environ["VLM2EMB_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vlm2emb" / "embeddings"
+
+
+def model_fingerprint(model: Any) -> str:
+    """A hex key identifying a model's weights and embedding settings.
+
+    Args:
+        model: An ``nn.Module`` (usually an :class:`~vlm2emb.model.EmbeddingModel`); its
+            ``config`` attribute, if a dataclass, is part of the key (pooling, normalisation...).
+
+    Returns:
+        A 20-character hex string.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if is_dataclass(config):
+        # temperature and base_model do not change embeddings; leave them out of the key.
+        settings = {k: v for k, v in asdict(config).items() if k not in ("temperature", "base_model")}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in list(model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            if flat.numel() == 0 or not (flat.is_floating_point() or flat.dtype == torch.int64):
+                continue
+            step = max(1, flat.numel() // _SAMPLE)
+            sample = flat[::step][:_SAMPLE].double().cpu()
+            h.update(repr(float(flat.double().sum())).encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _value_for_hash(value: Any) -> Any:
+    """A JSON-able, content-identifying form of an item field."""
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        # Image paths: the file's identity (size + mtime) too, so an edited image is re-encoded.
+        if isinstance(value, os.PathLike) or (len(str(value)) < 4096 and path.is_file()):
+            try:
+                st = path.stat()
+                return {"path": str(path), "size": st.st_size, "mtime": st.st_mtime_ns}
+            except OSError:
+                pass
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, (list, tuple)):
+        return [_value_for_hash(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _value_for_hash(v) for k, v in sorted(value.items()) if v is not None}
+    if hasattr(value, "tobytes") and hasattr(value, "size"):  # PIL image: hash the pixels
+        return {"pixels": hashlib.sha256(value.tobytes()).hexdigest(), "size": list(value.size)}
+    return repr(value)
+
+
+def data_fingerprint(items: list[Any], instruction: str | None) -> str:
+    """A hex key identifying ``items`` (in order) encoded under ``instruction``."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"instruction": instruction, "n": len(items)}).encode())
+    for item in items:
+        h.update(json.dumps(_value_for_hash(item), sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class CacheStats:
+    """Counters over the encoder's lifetime (reported as ``report["cache"]``)."""
+
+    hits: int = 0
+    misses: int = 0
+    items_encoded: int = 0
+    items_from_cache: int = 0
+    processes: int = 1  # processes that shared the encoding of misses
+
+
+class CachedEncoder:
+    """A drop-in ``encode`` that reads and writes an embedding cache and shards misses.
+
+    Args:
+        model: Anything with ``encode(items, instruction=..., batch_size=..., show_progress_bar=...)``.
+        cache_dir: Cache root; ``None`` disables caching (sharding still applies).
+        fingerprint: Model key; computed with :func:`model_fingerprint` when omitted.
+        shard: Split misses across processes when a process group is active.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        fingerprint: str | None = None,
+        shard: bool = True,
+    ) -> None:
+        self.model = model
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.fingerprint = fingerprint
+        if self.cache_dir is not None and self.fingerprint is None:
+            self.fingerprint = model_fingerprint(model)
+        self.shard = shard
+        self.stats = CacheStats()
+
+    def _path(self, items: list[Any], instruction: str | None) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / str(self.fingerprint) / f"{data_fingerprint(items, instruction)}.safetensors"
+
+    def encode(
+        self,
+        items: list[Any],
+        instruction: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """Embeddings ``[len(items), d]`` (float32, CPU), from the cache when possible."""
+        from safetensors.torch import load_file, save_file
+
+        from vlm2emb.distributed import rank_and_world
+
+        items = list(items)
+        path = self._path(items, instruction)
+        rank, world = rank_and_world() if self.shard else (0, 1)
+        hit = path is not None and path.is_file()
+        if world > 1:
+            from vlm2emb.distributed import all_true
+
+            # Every process must take the same branch, or the gather below would hang.
+            hit = all_true(hit, _collective_device())
+        if hit:
+            self.stats.hits += 1
+            self.stats.items_from_cache += len(items)
+            emb = load_file(str(path))["embeddings"]  # [n, d]
+            if emb.shape[0] != len(items):
+                raise ValueError(
+                    f"embedding cache file {path} holds {emb.shape[0]} rows for {len(items)} items"
+                )
+            return emb
+        self.stats.misses += 1
+        self.stats.items_encoded += len(items)
+        self.stats.processes = max(self.stats.processes, world)
+        if world > 1:
+            emb = _sharded_encode(self.model, items, instruction, batch_size, rank, world)
+        else:
+            emb = torch.as_tensor(
+                self.model.encode(
+                    items, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar
+                )
+            )
+        emb = emb.detach().float().cpu().contiguous()  # [n, d]
+        if path is not None and rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            save_file({"embeddings": emb}, str(tmp), metadata={"instruction": str(instruction)})
+            os.replace(tmp, path)  # readers never see a half-written file
+        return emb
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    # NCCL only moves CUDA tensors; gloo moves CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sharded_encode(
+    model: Any, items: list[Any], instruction: str | None, batch_size: int, rank: int, world: int
+) -> torch.Tensor:
+    """Each process encodes items ``rank, rank + world, ...``; all processes get every row."""
+    import torch.distributed as dist
+
+    local_idx = list(range(rank, len(items), world))
+    local = [items[i] for i in local_idx]
+    emb = (
+        torch.as_tensor(model.encode(local, instruction=instruction, batch_size=batch_size)).float().cpu()
+        if local
+        else None
+    )
+    parts: list[Any] = [None] * world
+    # Object gather: slices differ in length by one, and gloo/NCCL tensor gathers need equal shapes.
+    dist.all_gather_object(parts, (local_idx, emb))
+    dim = next(p[1].shape[1] for p in parts if p[1] is not None)
+    out = torch.empty(len(items), dim)  # [n, d]
+    for idx, part in parts:
+        if part is not None:
+            out[torch.tensor(idx)] = part
+    return out

@@ -1,0 +1,128 @@
+"""Local-candidate task rows from canonical eval files or VLM2Vec's MMEB-eval layout.
+
+An MMEB-eval row (one per query) reads::
+
+    {"qry_text": "<|image_1|>\\nRepresent the given image for classification",
+     "qry_img_path": "images/ImageNet-1K/val/0001.jpg",
+     "tgt_text": ["tench", "goldfish", ...],          # candidates; the first is the positive
+     "tgt_img_path": ["", "", ...]}                   # "" = no image for that candidate
+
+The ``<|image_1|>`` placeholder (VLM2Vec's Phi-3-V image marker) is removed: our backbone
+adapters place images themselves. The remaining text keeps MMEB's instruction wording,
+so such tasks are evaluated with no separate instruction unless the suite gives one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from vlm2emb.data.schema import DataError, _iter_records, _resolve_path, _RowChecker, load_eval_examples
+
+__all__ = ["MMEB_KEYS", "load_local_rows", "strip_image_placeholder"]
+
+MMEB_KEYS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
+
+
+def strip_image_placeholder(text: str | None) -> str | None:
+    """Removes ``<|image_N|>`` markers and surrounding whitespace; empty text becomes None."""
+    if text is None:
+        return None
+    cleaned = _PLACEHOLDER.sub("", text).strip()
+    return cleaned or None
+
+
+def _is_mmeb(path: Path) -> bool:
+    for _, rec in _iter_records(path):
+        return isinstance(rec, dict) and any(k in rec for k in MMEB_KEYS)
+    return False
+
+
+def _mmeb_rows(path: Path, media_root: str | None, verify_images: bool) -> list[dict[str, Any]]:
+    check = _RowChecker(path, media_root, verify_images)
+    rows: list[dict[str, Any]] = []
+    for lineno, rec in _iter_records(path):
+        if not isinstance(rec, dict):
+            raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
+        unknown = sorted(set(rec) - set(MMEB_KEYS))
+        if unknown:
+            raise check.fail(
+                lineno, f"unknown field(s) {unknown}; MMEB-eval rows hold {', '.join(MMEB_KEYS)}"
+            )
+        missing = [k for k in ("tgt_text", "tgt_img_path") if k not in rec]
+        if missing:
+            raise check.fail(lineno, f"missing field {missing[0]!r}")
+        texts, images = rec["tgt_text"], rec["tgt_img_path"]
+        if not isinstance(texts, list) or not isinstance(images, list):
+            raise check.fail(lineno, "'tgt_text' and 'tgt_img_path' must be lists")
+        if not texts and not images:
+            raise check.fail(lineno, "no candidates ('tgt_text' and 'tgt_img_path' are empty)")
+        # VLM2Vec pads the shorter list: a text-only task may carry [""] * n image paths.
+        n = max(len(texts), len(images))
+        if len(texts) not in (0, n) or len(images) not in (0, n):
+            raise check.fail(
+                lineno, f"'tgt_text' has {len(texts)} entries but 'tgt_img_path' has {len(images)}"
+            )
+
+        def item(where: str, text: Any, image: Any, lineno: int = lineno) -> dict[str, Any]:
+            raw: dict[str, Any] = {"text": strip_image_placeholder(text) if isinstance(text, str) else text}
+            if image:
+                raw["image"] = image
+            return check.item(lineno, where, raw)
+
+        rows.append(
+            {
+                "query": item("query", rec.get("qry_text"), rec.get("qry_img_path")),
+                "candidates": [
+                    item(f"candidates[{i}]", texts[i] if texts else None, images[i] if images else None)
+                    for i in range(n)
+                ],
+                "positive": [0],
+                "instruction": None,
+            }
+        )
+    if not rows:
+        raise DataError(f"{path}: no evaluation rows")
+    return rows
+
+
+def load_local_rows(
+    files: list[str],
+    *,
+    fmt: str = "auto",
+    media_root: str | None = None,
+    query_instruction: str | None = None,
+    verify_images: bool = True,
+    work_dir: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Reads local-candidate rows (canonical or MMEB) as :func:`~vlm2emb.eval.evaluate` rows.
+
+    Args:
+        files: JSONL/Parquet paths (or ``demo:digits/eval``).
+        fmt: ``auto``, ``vlm2emb`` or ``mmeb``.
+        media_root: Folder for relative image paths (default: each file's folder).
+        query_instruction: Instruction for rows without their own.
+        verify_images: Check image headers now.
+        work_dir: Where ``demo:`` data is written.
+
+    Returns:
+        Rows with ``query``, ``candidates``, ``positive``, ``instruction`` (no ``task``).
+
+    Raises:
+        DataError: One line naming the file, the row and the reason.
+    """
+    rows: list[dict[str, Any]] = []
+    for spec in files:
+        path = _resolve_path(spec, work_dir)
+        if fmt == "mmeb" or (fmt == "auto" and _is_mmeb(path)):
+            part = _mmeb_rows(path, media_root, verify_images)
+        else:
+            examples = load_eval_examples([str(path)], media_root=media_root, verify_images=verify_images)
+            part = [ex.as_row() for ex in examples]
+        for row in part:
+            row["instruction"] = row.get("instruction") or query_instruction
+            row.pop("task", None)
+        rows.extend(part)
+    return rows
