@@ -11,12 +11,14 @@ rounds and the ratio of medians.
 
 What is measured:
 
-- **encode**: items/s of ``EmbeddingModel.encode`` (length-sorted batches, collation of the
-  next batches in a worker thread) against sentence-transformers' ``encode`` on the same
-  local directory (text items: sentence-transformers formats images through a chat
-  template, so its image prompts would differ from ours and the work would not be equal),
-  and against a naive loop that embeds the items in the given order with no sorting and
-  no prefetching (how VLM2Vec's evaluation embeds). Embeddings are checked to agree first.
+- **encode**: items/s of ``EmbeddingModel.encode`` (batches sorted by token count,
+  collation of the next batches in a worker thread) against sentence-transformers'
+  ``encode`` on the same local directory, for text items and for a mix of image+text and
+  text items, and against a naive loop that embeds the items in the given order with no
+  sorting and no prefetching (how VLM2Vec's evaluation embeds). The directory is a
+  ``vlm2emb export --format sentence-transformers`` export, whose chat template makes
+  sentence-transformers render exactly vlm2emb's prompts; embeddings are checked to agree
+  first (``*_max_abs_diff_vs_st``).
 - **train**: samples/s and real tokens/s of one contrastive step (forward, InfoNCE,
   backward, AdamW) on mixed-length pairs. vlm2emb uses its length-grouped batches; the
   naive baseline takes the same examples in random batches padded to the longest (VLM2Vec's
@@ -323,25 +325,32 @@ def _summary(times: dict[str, list[float]], work: dict[str, float], unit: str, r
 
 # ---------------------------------------------------------------------------------- models
 def build_model_dir(suite: Suite, work: Path) -> Path:
-    """A local backbone directory both libraries load: tiny Qwen2-VL (cpu) or the 2B architecture."""
+    """The local directory both libraries load: a backbone (tiny Qwen2-VL on cpu, the 2B
+    architecture with random weights on gpu) with last-token pooling, written by
+    ``vlm2emb export --format sentence-transformers`` (a transformers model directory plus
+    sentence-transformers' module files and a chat template that renders vlm2emb's prompt,
+    so sentence-transformers embeds images too, and equally)."""
+    from vlm2emb.export import export_model
+
+    out = work / f"{suite.name}_backbone_st"
+    if (out / "modules.json").exists():
+        return out
     if suite.name == "gpu":
         sys.path.insert(0, str(HERE))
         from gpu_foundation import build_model
 
-        path = work / "qwen2_vl_2b_random"
-        if not (path / "config.json").exists():
-            model = build_model()
-            model.backbone.to(torch.bfloat16).save_pretrained(path)
-            model.adapter.processor.save_pretrained(path)
-            del model
-            torch.cuda.empty_cache()
-        return path
-    from vlm2emb.testing import tiny_backbone
+        model = build_model()
+        model.config.pooling = "last"
+    else:
+        from vlm2emb import EmbeddingModel
 
-    path = work / "tiny_qwen2_vl"
-    if not (path / "config.json").exists():
-        tiny_backbone("qwen2_vl", path)
-    return path
+        model = EmbeddingModel.from_pretrained("tiny:qwen2_vl", pooling="last")
+    src = model.save_pretrained(work / f"{suite.name}_backbone")
+    del model
+    if suite.device == "cuda":
+        torch.cuda.empty_cache()
+    export_model(src, out, format="sentence-transformers", overwrite=True)
+    return out
 
 
 def load_vlm2emb(path: Path, suite: Suite, dtype: str) -> Any:
@@ -351,26 +360,29 @@ def load_vlm2emb(path: Path, suite: Suite, dtype: str) -> Any:
 
 
 def load_st(path: Path, suite: Suite, dtype: str) -> Any:
-    """sentence-transformers on the same directory: last-token pooling + normalisation, as ours."""
+    """sentence-transformers on the same directory (its modules.json: Transformer, last-token
+    pooling, normalisation, as ours)."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.transformer import Transformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    module = Transformer(
-        str(path), model_kwargs={"dtype": torch_dtype}, processor_kwargs={"padding_side": "right"}
-    )
-    pooling = Pooling(module.get_embedding_dimension(), "lasttoken")
-    return SentenceTransformer(modules=[module, pooling, Normalize()], device=suite.device)
+    return SentenceTransformer(str(path), device=suite.device, model_kwargs={"dtype": torch_dtype})
 
 
 # ---------------------------------------------------------------------------------- encode
+def _plain_item(item: dict[str, Any]) -> Any:
+    """A training item as both libraries take it: a string, or {"text", "image"}."""
+    if not item.get("images"):
+        return item["text"]
+    return {"text": item["text"], "image": item["images"][0]}
+
+
 def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
     model = load_vlm2emb(path, suite, suite.dtype)
+    st = load_st(path, suite, suite.dtype)
     rows = training_rows(suite, suite.encode_items, seed=1)
     texts = [ex.positive["text"] if i % 2 else ex.query["text"] for i, ex in enumerate(rows)]
     texts = [t for t in texts if t]
-    mixed = [ex.query for ex in rows]  # image+text and text items
+    mixed = [_plain_item(ex.query) for ex in rows]  # image+text items and text items
     bs = suite.encode_batch
 
     def naive(items: list[Any]) -> torch.Tensor:
@@ -381,31 +393,24 @@ def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
         return torch.cat(out)
 
     result: dict[str, Any] = {"batch_size": bs}
-    st = load_st(path, suite, suite.dtype)
-    ours = model.encode(texts[:16], batch_size=bs)
-    theirs = torch.as_tensor(st.encode(texts[:16], batch_size=bs, convert_to_numpy=True)).float()
-    result["text_max_abs_diff_vs_st"] = float((ours - theirs).abs().max())
-    times = interleaved(
-        {
-            "vlm2emb": lambda: model.encode(texts, batch_size=bs),
-            "sentence-transformers": lambda: st.encode(texts, batch_size=bs),
-            "naive": lambda: naive(texts),
-        },
-        suite.rounds,
-        suite.device,
-    )
-    result["text"] = {"items": len(texts)} | _summary(
-        times, dict.fromkeys(times, len(texts)), "items_per_s", "sentence-transformers"
-    )
-    st = None  # free it before the next comparison
-    times = interleaved(
-        {"vlm2emb": lambda: model.encode(mixed, batch_size=bs), "naive": lambda: naive(mixed)},
-        suite.rounds,
-        suite.device,
-    )
-    result["mixed"] = {"items": len(mixed), "image_fraction": suite.image_fraction} | _summary(
-        times, dict.fromkeys(times, len(mixed)), "items_per_s", "naive"
-    )
+    for name, items in (("text", texts), ("mixed", mixed)):
+        probe = items[:8] + [x for x in items if isinstance(x, dict)][:8]
+        ours = model.encode(probe, batch_size=bs)
+        theirs = torch.as_tensor(st.encode(probe, batch_size=bs, convert_to_numpy=True)).float()
+        result[f"{name}_max_abs_diff_vs_st"] = float((ours - theirs).abs().max())
+        times = interleaved(
+            {
+                "vlm2emb": lambda items=items: model.encode(items, batch_size=bs),
+                "sentence-transformers": lambda items=items: st.encode(items, batch_size=bs),
+                "naive": lambda items=items: naive(items),
+            },
+            suite.rounds,
+            suite.device,
+        )
+        result[name] = {"items": len(items)} | _summary(
+            times, dict.fromkeys(times, len(items)), "items_per_s", "sentence-transformers"
+        )
+    result["mixed"]["image_fraction"] = suite.image_fraction
     return result
 
 
@@ -499,7 +504,10 @@ def bench_gradcache(suite: Suite, path: Path) -> dict[str, Any]:
     rows = training_rows(suite, suite.train_batch * suite.train_batches, seed=3)
     model = _train_model(path, suite)
     grouped = _batches_grouped(rows, suite.train_batch, 0, model.adapter.tokenizer)
-    plain = [ContrastiveCollator(model, chunk_size=0)(b) for b in grouped]
+    # The plain step gets the same length-sorted sub-batches as GradCache's chunks, so the
+    # ratio measures GradCache's extra work only, not a difference in padding.
+    buckets = -(-suite.train_batch // suite.gradcache_chunk)
+    plain = [ContrastiveCollator(model, chunk_size=0, length_buckets=buckets)(b) for b in grouped]
     cached = [ContrastiveCollator(model, chunk_size=suite.gradcache_chunk)(b) for b in grouped]
     times = interleaved(
         {"plain": _Stepper(model, plain, 0, suite), "gradcache": _Stepper(model, cached, 1, suite)},

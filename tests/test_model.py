@@ -267,3 +267,16 @@ def test_a_bad_item_in_a_prefetched_batch_raises_its_own_error(tiny_qwen2_vl_dir
     with pytest.raises(Exception, match=r"missing\.png"):
         model.encode(items, batch_size=2, prefetch=2)
     assert model.encode("still works").shape == (model.embedding_dim,)  # usable afterwards
+
+
+def test_length_keys_follow_media_then_tokens(tiny_qwen2_vl_dir, digit_images):
+    from vlm2emb.model import length_keys
+
+    model = _load(tiny_qwen2_vl_dir)
+    tok = model.adapter.tokenizer
+    items = ["two words", "a much longer sentence with many more words in it", {"image": digit_images[0]}]
+    keys = length_keys(items, tok)
+    counts = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in items[:2]]
+    assert keys == [(0, counts[0]), (0, counts[1]), (1, 0)]
+    order = sorted(range(3), key=keys.__getitem__, reverse=True)
+    assert order == [2, 1, 0]  # the image item first, then the longer text

@@ -529,8 +529,8 @@ class EmbeddingModel(nn.Module):
         An item's embedding does not depend on the other items in its batch: padding is
         masked and pooling finds real tokens through the mask.
 
-        Items are sorted by a cheap length estimate (similar lengths share a batch, so less
-        padding), and the next ``prefetch`` batches are decoded and tokenised in a worker
+        Items are sorted by token count (:func:`length_keys`; similar lengths share a batch,
+        so less padding is computed), and the next ``prefetch`` batches are decoded and tokenised in a worker
         thread while the model runs the current one (image decoding, the tokenizer and torch
         kernels all release the GIL).
 
@@ -556,7 +556,8 @@ class EmbeddingModel(nn.Module):
         if not batch_items:
             return self._postprocess(torch.empty(0, self.embedding_dim), convert_to, truncate_dim)
         # Longest first: similar lengths share a batch (less padding) and an OOM shows up early.
-        order = sorted(range(len(batch_items)), key=lambda i: -_cost(batch_items[i]))
+        keys = length_keys(batch_items, self.adapter.tokenizer)
+        order = sorted(range(len(batch_items)), key=keys.__getitem__, reverse=True)
         was_training = self.training
         self.eval()
         chunks: list[torch.Tensor] = []
@@ -804,11 +805,31 @@ def _prefetched(fn: Callable[[T], R], args: Sequence[T], depth: int) -> Iterator
         pool.shutdown(wait=True)
 
 
-def _cost(item: Any) -> float:
-    """Rough length of an item, for length-sorted batching in encode()."""
-    if isinstance(item, str):
-        return len(item)
-    if isinstance(item, dict):
-        n_img = len(item.get("images") or []) + (item.get("image") is not None)
-        return len(item.get("text") or "") + 1000.0 * n_img
-    return 1000.0
+def length_keys(items: Sequence[Any], tokenizer: Any) -> list[tuple[int, int]]:
+    """Sort keys that follow items' token counts: (media count, text tokens).
+
+    One tokenizer call for all texts (a fast tokenizer takes about 50 ms for a thousand
+    passages); the instruction adds the same tokens to every item and is left out. Sorting
+    by these keys gives batches of near-equal lengths, so little padding is computed.
+
+    Args:
+        items: Strings, PIL images or item dicts (``text``, ``image``, ``images``, ``video``,
+            ``pdf``).
+        tokenizer: The backbone's tokenizer.
+    """
+    texts: list[str] = []
+    media: list[int] = []
+    for x in items:
+        if isinstance(x, str):
+            texts.append(x)
+            media.append(0)
+        elif isinstance(x, dict):
+            texts.append(x.get("text") or "")
+            media.append(
+                len(x.get("images") or []) + sum(x.get(key) is not None for key in ("image", "video", "pdf"))
+            )
+        else:  # an image
+            texts.append("")
+            media.append(1)
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return list(zip(media, counts))

@@ -149,7 +149,9 @@ class ContrastiveCollator:
         side takes more than one chunk; else the row-order chunks and None."""
         if len(items) <= self._chunk_size(len(items)):
             return self._chunks(items, instructions, examples), None
-        keys = _item_lengths(items, self.model.adapter.tokenizer)
+        from vlm2emb.model import length_keys
+
+        keys = length_keys(items, self.model.adapter.tokenizer)
         order = sorted(range(len(items)), key=keys.__getitem__, reverse=True)
         chunks = self._chunks([items[i] for i in order], [instructions[i] for i in order], examples)
         return chunks, torch.tensor(order, dtype=torch.int64)
@@ -165,24 +167,6 @@ class ContrastiveCollator:
         except (OSError, ValueError) as exc:
             sources = ", ".join(ex.source for ex in examples[:3])
             raise ValueError(f"cannot build a batch from rows {sources}...: {exc}") from exc
-
-
-def _item_lengths(items: list[Any], tokenizer: Any) -> list[tuple[int, int]]:
-    """Sort keys for items' token counts: media count first, then text tokens (one
-    tokenizer call for all; the real prompt adds the same instruction tokens to each)."""
-    texts = [(item.get("text") if isinstance(item, dict) else str(item)) or "" for item in items]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    keys = []
-    for item, n in zip(items, lengths):
-        media = 0
-        if isinstance(item, dict):
-            media = (
-                len(item.get("images") or [])
-                + (item.get("video") is not None)
-                + (item.get("pdf") is not None)
-            )
-        keys.append((media, n))
-    return keys
 
 
 def false_negative_groups(query_keys: list[int], positive_keys: list[int]) -> list[int]:
