@@ -20,8 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlm2emb.data.schema import DataError, _iter_records, _resolve_path, _RowChecker
+from vlm2emb.data.schema import DataError
+from vlm2emb.data.sources import resolve_source
 from vlm2emb.eval.metrics import ranking_metrics
+from vlm2emb.eval.mmeb import records, resolve_path, row_checker
 
 __all__ = ["CorpusTask", "evaluate_corpus", "load_corpus_task", "read_qrels"]
 
@@ -44,11 +46,11 @@ class CorpusTask:
 def _id_rows(
     spec: str, kind: str, allowed: tuple[str, ...], media_root: str | None, verify: bool
 ) -> list[tuple[str, dict[str, Any], str | None]]:
-    path = _resolve_path(spec, None)
-    check = _RowChecker(path, media_root, verify)
+    source = resolve_source(spec, None)
+    check = row_checker(source, media_root, verify)
     out: list[tuple[str, dict[str, Any], str | None]] = []
     seen: set[str] = set()
-    for lineno, rec in _iter_records(path):
+    for lineno, rec in records(source):
         if not isinstance(rec, dict):
             raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
         unknown = sorted(set(rec) - set(allowed))
@@ -64,7 +66,7 @@ def _id_rows(
         instruction = check.optional_str(rec, "instruction")
         out.append((rid, check.item(lineno, "item", rec["item"]), instruction))
     if not out:
-        raise DataError(f"{path}: no {kind} rows")
+        raise DataError(f"{source.name}: no {kind} rows")
     return out
 
 
@@ -74,7 +76,7 @@ def read_qrels(spec: str) -> list[tuple[str, str, float, str]]:
     Raises:
         DataError: Missing file, malformed line or non-numeric relevance (names file:line).
     """
-    path = _resolve_path(spec, None)
+    path = resolve_path(spec, None)
     out: list[tuple[str, str, float, str]] = []
     if path.suffix.lower() in (".tsv", ".txt", ".qrels"):
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -94,7 +96,7 @@ def read_qrels(spec: str) -> list[tuple[str, str, float, str]]:
                 raise DataError(f"{path}:{lineno}: relevance {rel_text!r} is not a number") from None
             out.append((parts[0], parts[1], rel, f"{path}:{lineno}"))
     else:
-        for lineno, rec in _iter_records(path):
+        for lineno, rec in records(resolve_source(str(path))):
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: a qrels row must be a JSON object")
             unknown = sorted(set(rec) - {"query_id", "corpus_id", "relevance"})

@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vlm2emb.data.schema import DataError, _iter_records, _resolve_path, _RowChecker, load_eval_examples
+from vlm2emb.data.media import MediaOptions
+from vlm2emb.data.schema import DataError, _RowChecker, load_eval_examples
+from vlm2emb.data.sources import Source, iter_records, resolve_source
 
 __all__ = ["MMEB_KEYS", "load_local_rows", "strip_image_placeholder"]
 
@@ -34,16 +36,45 @@ def strip_image_placeholder(text: str | None) -> str | None:
     return cleaned or None
 
 
-def _is_mmeb(path: Path) -> bool:
-    for _, rec in _iter_records(path):
+def resolve_path(spec: str, work_dir: str | Path | None = None) -> Path:
+    """A data file's path (``demo:`` specs are written under ``work_dir`` first).
+
+    Raises:
+        DataError: The file does not exist.
+    """
+    if spec.startswith("demo:"):
+        from vlm2emb.data.demo import resolve_demo
+
+        return resolve_demo(spec, work_dir)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data file not found: {spec}")
+    return path
+
+
+def records(source: Source) -> Any:
+    """``(line, record)`` pairs of a JSONL/Parquet source; a broken line is a DataError."""
+    for lineno, rec, problem in iter_records(source):
+        if problem is not None:
+            raise DataError(f"{source.name}:{lineno}: {problem}", "malformed_json")
+        yield lineno, rec
+
+
+def row_checker(source: Source, media_root: str | None, verify_images: bool) -> _RowChecker:
+    """The training data's item checker (path confinement, media verification)."""
+    return _RowChecker(source, media_root, verify_images, MediaOptions())
+
+
+def _is_mmeb(source: Source) -> bool:
+    for _, rec in records(source):
         return isinstance(rec, dict) and any(k in rec for k in MMEB_KEYS)
     return False
 
 
-def _mmeb_rows(path: Path, media_root: str | None, verify_images: bool) -> list[dict[str, Any]]:
-    check = _RowChecker(path, media_root, verify_images)
+def _mmeb_rows(source: Source, media_root: str | None, verify_images: bool) -> list[dict[str, Any]]:
+    check = row_checker(source, media_root, verify_images)
     rows: list[dict[str, Any]] = []
-    for lineno, rec in _iter_records(path):
+    for lineno, rec in records(source):
         if not isinstance(rec, dict):
             raise check.fail(lineno, f"a row must be a JSON object, got {type(rec).__name__}")
         unknown = sorted(set(rec) - set(MMEB_KEYS))
@@ -84,7 +115,7 @@ def _mmeb_rows(path: Path, media_root: str | None, verify_images: bool) -> list[
             }
         )
     if not rows:
-        raise DataError(f"{path}: no evaluation rows")
+        raise DataError(f"{source.name}: no evaluation rows")
     return rows
 
 
@@ -115,11 +146,13 @@ def load_local_rows(
     """
     rows: list[dict[str, Any]] = []
     for spec in files:
-        path = _resolve_path(spec, work_dir)
-        if fmt == "mmeb" or (fmt == "auto" and _is_mmeb(path)):
-            part = _mmeb_rows(path, media_root, verify_images)
+        source = resolve_source(spec, work_dir)
+        if fmt == "mmeb" or (fmt == "auto" and _is_mmeb(source)):
+            part = _mmeb_rows(source, media_root, verify_images)
         else:
-            examples = load_eval_examples([str(path)], media_root=media_root, verify_images=verify_images)
+            examples = load_eval_examples(
+                [spec], media_root=media_root, verify_images=verify_images, work_dir=work_dir
+            )
             part = [ex.as_row() for ex in examples]
         for row in part:
             row["instruction"] = row.get("instruction") or query_instruction
