@@ -132,6 +132,17 @@ def test_resolve_demo_materialises_once(tmp_path: Path) -> None:
     assert len(load_eval_examples(["demo:digits/eval"], work_dir=tmp_path, verify_images=False)) == 400
 
 
+def test_demo_data_loads_under_a_relative_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's demo writes under the relative runs/demo: media paths must still be
+    found inside the (relative) data folder, with images verified as in training."""
+    monkeypatch.chdir(tmp_path)
+    rows = load_train_examples(["demo:digits/train"], work_dir=Path("runs/demo"), verify_images=True)
+    assert len(rows) == 2994
+    image = rows[0].query.get("images") or rows[0].positive.get("images")
+    assert Path(image[0]).is_absolute() and Path(image[0]).is_file()
+    assert len(load_eval_examples(["demo:digits/eval"], work_dir=Path("runs/demo"))) == 400
+
+
 @pytest.mark.parametrize("spec", ["demo:digits", "demo:digits/test", "demo:mnist/train"])
 def test_bad_demo_name(spec: str, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown demo data") as exc:

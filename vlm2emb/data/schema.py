@@ -107,7 +107,9 @@ class _RowChecker:
         self, source: Source, media_root: str | Path | None, verify_images: bool, options: MediaOptions
     ) -> None:
         self.name = source.name
-        self.root = Path(media_root).resolve() if media_root else source.root
+        # Resolved: confinement compares resolved paths, and a relative root (a relative
+        # output_dir holding the demo data) would make every media path look outside it.
+        self.root = Path(media_root).resolve() if media_root else source.root.resolve()
         self.verify_images = verify_images
         self.options = options
         self._checked: dict[Any, str | None] = {}  # media already verified -> its problem

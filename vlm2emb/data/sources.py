@@ -78,7 +78,7 @@ def resolve_source(spec: str, work_dir: str | Path | None = None) -> Source:
         from vlm2emb.data.demo import resolve_demo
 
         path = resolve_demo(spec, work_dir)
-        return Source(spec, str(path), "jsonl", path.parent, path=path)
+        return Source(spec, str(path), "jsonl", path.parent.resolve(), path=path)
     if spec.startswith("hf:"):
         name, *rest = spec.removeprefix("hf:").split(":")
         if not name or len(rest) > 2 or any(not part for part in rest):
