@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from vlm2emb.model import CONFIG_NAME, EmbeddingModel, resolve_dtype
+from vlm2emb.model import CONFIG_NAME, EmbeddingModel, first_non_finite, resolve_dtype
 
 EXPORT_MODES = ("merged", "adapter")
 EXPORT_FORMATS = ("vlm2emb", "sentence-transformers")
@@ -124,11 +124,9 @@ def find_run_dir(source: Path) -> Path | None:
 
 
 def _check_finite(named: Any, where: str) -> None:
-    for name, tensor in named:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ExportError(
-                f"{where}: tensor {name!r} has non-finite values (NaN or inf); refusing to export"
-            )
+    name = first_non_finite(named)
+    if name is not None:
+        raise ExportError(f"{where}: tensor {name!r} has non-finite values (NaN or inf); refusing to export")
 
 
 def _compare(ref: torch.Tensor, got: torch.Tensor, dtype: torch.dtype, loader: str) -> Verification:

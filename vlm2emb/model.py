@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -751,6 +751,20 @@ class EmbeddingModel(nn.Module):
         self.adapter.processor.save_pretrained(out)
         (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return out
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None.
+
+    Shared by training checkpoints and export, which both refuse to write such weights.
+
+    Args:
+        named: ``(name, tensor)`` pairs, e.g. ``state.items()`` or ``named_parameters()``.
+    """
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 @contextlib.contextmanager

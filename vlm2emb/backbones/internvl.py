@@ -45,7 +45,7 @@ class InternVLAdapter(BackboneAdapter):
         from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
         from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
-        from vlm2emb.testing import save_tiny_checkpoint, tiny_tokenizer
+        from vlm2emb.testing import save_tiny_checkpoint, tiny_text_config, tiny_tokenizer
 
         image_tokens = {
             "start_image_token": "<img>",
@@ -77,19 +77,7 @@ class InternVLAdapter(BackboneAdapter):
                 "image_size": [32, 32],
                 "patch_size": [4, 4],
             },
-            text_config={
-                "model_type": "qwen2",
-                "vocab_size": len(tok),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 1024,
-                "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": ids["<|im_end|>"],
-                "pad_token_id": ids["<|endoftext|>"],
-            },
+            text_config=tiny_text_config(tok, "qwen2", "<|endoftext|>"),
             image_token_id=ids["<IMG_CONTEXT>"],
             image_seq_length=16,
             downsample_ratio=0.5,

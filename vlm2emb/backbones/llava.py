@@ -13,7 +13,7 @@ prompt format and the LoRA targets, and differ in image tiling (see their module
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from vlm2emb.backbones.base import BackboneAdapter
 from vlm2emb.backbones.registry import register_backbone
@@ -24,23 +24,6 @@ from vlm2emb.backbones.registry import register_backbone
 LM_PROJ = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", BackboneAdapter.embed_token]
-
-
-def tiny_llama_text_config(tok: Any) -> dict[str, Any]:
-    """A 2-layer, 64-wide Llama decoder config for the tiny LLaVA-style builders."""
-    return {
-        "model_type": "llama",
-        "vocab_size": len(tok),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-        "bos_token_id": tok.convert_tokens_to_ids("<s>"),
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
 
 
 # A 2-layer, 32-wide CLIP vision tower on 16 px images (patch 4), shared by the LLaVA tiny builders.
@@ -75,7 +58,7 @@ class LlavaAdapter(BackboneAdapter):
             LlavaProcessor,
         )
 
-        from vlm2emb.testing import save_tiny_checkpoint, tiny_tokenizer
+        from vlm2emb.testing import save_tiny_checkpoint, tiny_text_config, tiny_tokenizer
 
         tok = tiny_tokenizer(LLAVA_SPECIALS, eos_token="</s>", pad_token="<pad>")
         # 16x16 px images, patch 4: 16 patches + CLS; the "default" strategy drops CLS,
@@ -92,7 +75,7 @@ class LlavaAdapter(BackboneAdapter):
         )
         config = LlavaConfig(
             vision_config=dict(TINY_CLIP_VISION),
-            text_config=tiny_llama_text_config(tok),
+            text_config=tiny_text_config(tok, "llama", "<s>"),
             image_token_index=tok.convert_tokens_to_ids("<image>"),
             image_seq_length=16,
             vision_feature_select_strategy="default",

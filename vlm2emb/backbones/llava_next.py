@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from vlm2emb.backbones.llava import LLAVA_SPECIALS, TINY_CLIP_VISION, LlavaAdapter, tiny_llama_text_config
+from vlm2emb.backbones.llava import LLAVA_SPECIALS, TINY_CLIP_VISION, LlavaAdapter
 from vlm2emb.backbones.registry import register_backbone
 
 
@@ -29,7 +29,7 @@ class LlavaNextAdapter(LlavaAdapter):
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
         from transformers.models.llava_next.image_processing_llava_next import LlavaNextImageProcessor
 
-        from vlm2emb.testing import save_tiny_checkpoint, tiny_tokenizer
+        from vlm2emb.testing import save_tiny_checkpoint, tiny_text_config, tiny_tokenizer
 
         tok = tiny_tokenizer(LLAVA_SPECIALS, eos_token="</s>", pad_token="<pad>")
         # 16 px tiles, patch 4. Pinpoints of one or two tiles: a square image gets the 16x16
@@ -50,7 +50,7 @@ class LlavaNextAdapter(LlavaAdapter):
         )
         config = LlavaNextConfig(
             vision_config=dict(TINY_CLIP_VISION),
-            text_config=tiny_llama_text_config(tok),
+            text_config=tiny_text_config(tok, "llama", "<s>"),
             image_token_index=tok.convert_tokens_to_ids("<image>"),
             image_grid_pinpoints=pinpoints,
             image_seq_length=16,

@@ -60,7 +60,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             LlavaOnevisionVideoProcessor,
         )
 
-        from vlm2emb.testing import save_tiny_checkpoint, tiny_tokenizer
+        from vlm2emb.testing import save_tiny_checkpoint, tiny_text_config, tiny_tokenizer
 
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", cls.embed_token]
         tok = tiny_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -90,19 +90,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                 "image_size": 16,
                 "patch_size": 4,
             },
-            text_config={
-                "model_type": "qwen2",
-                "vocab_size": len(tok),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 1024,
-                "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": ids["<|im_end|>"],
-                "pad_token_id": ids["<|endoftext|>"],
-            },
+            text_config=tiny_text_config(tok, "qwen2", "<|endoftext|>"),
             image_token_index=ids["<image>"],
             video_token_index=ids["<video>"],
             image_grid_pinpoints=pinpoints,

@@ -286,9 +286,11 @@ class _Trainer:
         state = self.accelerator.get_state_dict(self.prepared)
         if not self.is_main:
             return None
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise TrainingError(f"refusing to save non-finite weights (first: {bad[0]})")
+        from vlm2emb.model import first_non_finite
+
+        bad = first_non_finite(state.items())
+        if bad is not None:
+            raise TrainingError(f"refusing to save non-finite weights (first: {bad})")
         return state
 
     def _save(self, target: Path, step: int, *, with_state: bool) -> None:
