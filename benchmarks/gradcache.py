@@ -1,6 +1,7 @@
 """Step time and peak memory against batch size, with and without GradCache.
 
     python benchmarks/gradcache.py --device cpu --out gradcache_cpu.json
+    python benchmarks/gradcache.py --interleaved --batch-sizes 256 --chunk 64 --rounds 7
     python benchmarks/gradcache.py --device cuda --model qwen2_vl_2b --lora --image-size 448 \
         --batch-sizes 64,256,1024 --chunk 32 --max-plain-batch 256 --out gc_gpu.json
 
@@ -8,7 +9,13 @@ Each (batch size, mode) runs in a fresh subprocess so that peak memory is its ow
 resident memory (ru_maxrss) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. A step is
 the whole training step: embed queries (digit image + instruction) and positives
 (captions), InfoNCE, backward, AdamW. Time is the mean of ``--steps`` steps after one
-warm-up step. The ratio column is GradCache time / plain time at the same batch.
+warm-up step; batches are collated one at a time, outside the timing. The ratio column is
+GradCache time / plain time at the same batch.
+
+``--interleaved`` measures time only, in one process: the plain step, the GradCache step and
+GradCache keeping the last chunk (the earlier policy) take turns on the same batches for
+``--rounds`` rounds; medians and their ratios are reported. Separate processes measured
+minutes apart on a shared machine scatter by +-30 %; turns taken within seconds do not.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ def _model(name: str, device: str):
     return build_model()
 
 
-def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
-    from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
+def _setup(args: argparse.Namespace) -> tuple[list, object]:
+    """The image-to-caption rows of the demo data (images resized to ``--image-size`` if
+    given) and the model in training mode (with LoRA r16 adapters if ``--lora``)."""
+    from PIL import Image
+
     from vlm2emb.data.demo import resolve_demo
     from vlm2emb.data.schema import load_train_examples
-    from vlm2emb.gradcache import ContrastiveStep
-    from vlm2emb.losses import InfoNCELoss
 
     torch.manual_seed(0)
     work = Path(tempfile.gettempdir()) / "vlm2emb-bench"
@@ -50,12 +58,37 @@ def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
         for ex in load_train_examples([str(resolve_demo("demo:digits/train", work))])
         if ex.dataset == "digits-i2t"
     ]
-    model = _model(args.model, args.device).train()
+    if args.image_size:
+        folder = work / f"digits-{args.image_size}px"
+        folder.mkdir(parents=True, exist_ok=True)
+        for ex in rows:
+            src = Path(ex.query["images"][0])
+            dst = folder / src.name
+            if not dst.exists():
+                Image.open(src).convert("RGB").resize((args.image_size,) * 2).save(dst)
+            ex.query = {**ex.query, "images": [str(dst)]}
+    model = _model(args.model, args.device)
+    if args.lora:
+        model.apply_lora(r=16, alpha=64, dropout=0.0)
+    return rows, model.train()
+
+
+def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
+    from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
+    from vlm2emb.gradcache import ContrastiveStep
+    from vlm2emb.losses import InfoNCELoss
+
+    rows, model = _setup(args)
     device = torch.device(args.device)
     chunk = args.chunk if mode == "gradcache" else 0
     collate = ContrastiveCollator(model, chunk_size=chunk)
     sampler = GlobalBatchSampler(len(rows), batch, seed=0)
-    batches = [collate([rows[i] for i in sampler.global_batch(s)]) for s in range(args.steps + 1)]
+
+    def batch_at(s: int) -> dict:
+        # Collated step by step (outside the timing): holding every step's batch at once
+        # would put steps x pixel_values into the peak (about 77 MB per batch of 1024 images).
+        return collate([rows[i] for i in sampler.global_batch(s)])
+
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     step = ContrastiveStep(model, InfoNCELoss(temperature=0.02), gradcache=chunk > 0, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.device == "cuda")
@@ -72,13 +105,17 @@ def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    run(batches[0])
+    run(batch_at(0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = now()
-    for b in batches[1:]:
+    seconds = 0.0
+    for s in range(1, args.steps + 1):
+        b = batch_at(s)
+        t0 = now()
         run(b)
-    seconds = (now() - t0) / args.steps
+        seconds += now() - t0
+        del b
+    seconds /= args.steps
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -89,6 +126,75 @@ def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
         "chunk": chunk,
         "step_s": round(seconds, 4),
         "peak_mib": round(peak, 1),
+    }
+
+
+def _interleaved(args: argparse.Namespace, batch: int) -> dict:
+    """Step time only, in one process: plain, GradCache, and GradCache keeping the last chunk
+    (the policy before the costliest chunk was kept) take turns on the same batches, the order
+    flipped every round, so a slow moment of a shared machine hits all three alike."""
+    import statistics
+
+    from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
+    from vlm2emb.gradcache import ContrastiveStep
+    from vlm2emb.losses import InfoNCELoss
+
+    class KeepLast(ContrastiveStep):
+        def kept_chunk(self, chunks):
+            return None if self.single_backward or len(chunks) < 2 else len(chunks) - 1
+
+    rows, model = _setup(args)
+    device = torch.device(args.device)
+    sampler = GlobalBatchSampler(len(rows), batch, seed=0)
+    ids = [sampler.global_batch(s) for s in range(args.steps)]
+    # The plain step embeds each side in the same length-sorted sub-batches as GradCache's
+    # chunks, so the ratio is GradCache's extra work, not a difference in padding.
+    buckets = -(-batch // args.chunk)
+    plain_batches = [ContrastiveCollator(model, length_buckets=buckets)([rows[i] for i in b]) for b in ids]
+    gc_batches = [ContrastiveCollator(model, chunk_size=args.chunk)([rows[i] for i in b]) for b in ids]
+    loss = InfoNCELoss(temperature=0.02)
+
+    def stepper(cls, gradcache: bool, batches: list):
+        step = cls(model, loss, gradcache=gradcache, device=device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            for b in batches:
+                step.backward(step.forward_loss(b), lambda t, _sync: t.backward())
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        return run
+
+    runs = {
+        "plain": stepper(ContrastiveStep, False, plain_batches),
+        "gradcache": stepper(ContrastiveStep, True, gc_batches),
+        "gradcache_keep_last": stepper(KeepLast, True, gc_batches),
+    }
+    for run in runs.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name in list(runs)[:: 1 if r % 2 == 0 else -1]:
+            times[name].append(runs[name]())
+    med = {name: statistics.median(t) / args.steps for name, t in times.items()}
+    return {
+        "batch_size": batch,
+        "chunk": args.chunk,
+        "rounds": args.rounds,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": sum(p.numel() for p in model.parameters()),
+        "pixel_values_per_batch": sum(
+            c["pixel_values"].numel() for c in gc_batches[0]["query"] if "pixel_values" in c
+        ),
+        "step_s": {name: round(v, 4) for name, v in med.items()},
+        "ratio": round(med["gradcache"] / med["plain"], 3),
+        "ratio_keep_last": round(med["gradcache_keep_last"] / med["plain"], 3),
+        "all_s": {name: [round(x, 4) for x in t] for name, t in times.items()},
     }
 
 
@@ -106,12 +212,32 @@ def main() -> None:
     parser.add_argument(
         "--max-plain-batch", type=int, default=1 << 30, help="skip plain steps above this batch"
     )
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="time only: plain and GradCache steps take turns in one process (--rounds); no memory",
+    )
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "BATCH:MODE", child process
     args = parser.parse_args()
     if args.one:
         batch, mode = args.one.split(":")
         print(json.dumps(_measure(args, int(batch), mode)))
+        return
+    if args.interleaved:
+        results = []
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            results.append(_interleaved(args, batch))
+            r = results[-1]
+            print(
+                f"batch {batch:>5}: plain {r['step_s']['plain']} s, GradCache {r['step_s']['gradcache']} s "
+                f"({r['ratio']}x), keeping the last chunk {r['step_s']['gradcache_keep_last']} s "
+                f"({r['ratio_keep_last']}x)",
+                flush=True,
+            )
+        if args.out:
+            Path(args.out).write_text(json.dumps({"device": args.device, "results": results}, indent=2))
         return
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:

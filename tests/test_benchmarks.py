@@ -33,3 +33,25 @@ def test_quick_train_and_gradcache_comparison_runs(tmp_path):
         assert train["step"][name]["samples_per_s"] > 0
     assert results["gradcache"]["overhead"] > 0
     assert "| GradCache vs plain |" in harness.table(results)
+
+
+def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):
+    """benchmarks/gradcache.py --interleaved runs, and its --lora and --image-size flags
+    really change what is trained on (an earlier version accepted and ignored them)."""
+    import subprocess
+
+    def run(*flags: str) -> dict:
+        out = tmp_path / f"gc{len(flags)}.json"
+        argv = ["--interleaved", "--batch-sizes", "8", "--chunk", "4", "--steps", "1", "--rounds", "1"]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "gradcache.py"), *argv, *flags, "--out", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return json.loads(out.read_text())["results"][0]
+
+    full = run()
+    lora = run("--lora", "--image-size", "64")
+    assert full["trainable_params"] == full["params"]
+    assert 0 < lora["trainable_params"] < full["params"] < lora["params"]  # adapters only, added
+    assert lora["pixel_values_per_batch"] > full["pixel_values_per_batch"]  # 64 px > the 32 px digits
+    for result in (full, lora):
+        assert set(result["step_s"]) == {"plain", "gradcache", "gradcache_keep_last"}
+        assert all(v > 0 for v in result["step_s"].values())

@@ -9,7 +9,7 @@ import torch
 from vlm2emb import EmbeddingModel
 from vlm2emb.data.collate import ContrastiveCollator
 from vlm2emb.data.schema import TrainExample
-from vlm2emb.gradcache import ContrastiveStep
+from vlm2emb.gradcache import ContrastiveStep, chunk_cost
 from vlm2emb.losses import InfoNCELoss
 
 
@@ -127,3 +127,32 @@ def test_length_sorted_sub_batches_give_the_plain_step(model, rows):
     assert bucketed["query_order"].tolist() != list(range(6))
     _assert_same(_grads(model, bucketed, gradcache=False), plain)
     _assert_same(_grads(model, ContrastiveCollator(model, chunk_size=4)(rows), gradcache=True), plain)
+
+
+def test_gradcache_keeps_the_most_expensive_chunk(model, rows):
+    """The chunk kept from the first pass (embedded once, never re-run) is the costliest by
+    chunk_cost (here an image query chunk, not the last chunk, a caption one), and every
+    other chunk is embedded twice: once without a graph, once with."""
+    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    chunks = [*batch["query"], *batch["positive"], *batch["negatives"]]
+    costs = [chunk_cost(c) for c in chunks]
+    expensive = max(range(len(chunks)), key=lambda i: (costs[i], i))
+    assert expensive < len(batch["query"]) and costs[expensive] > costs[-1]  # an image chunk
+    seen: list[tuple[int, bool]] = []
+    forward = model.forward
+
+    def spy(inputs, *args, **kwargs):
+        for x in inputs:
+            seen.append((next(i for i, c in enumerate(chunks) if c is x), torch.is_grad_enabled()))
+        return forward(inputs, *args, **kwargs)
+
+    model.forward = spy
+    try:
+        got = _grads(model, batch, gradcache=True)
+    finally:
+        del model.forward
+    assert sorted(seen) == sorted(
+        [(expensive, True)] + [(i, g) for i in range(len(chunks)) if i != expensive for g in (False, True)]
+    )
+    assert seen[expensive] == (expensive, True)  # embedded in its place: same random draws as plain
+    _assert_same(got, _grads(model, ContrastiveCollator(model)(rows), gradcache=False))

@@ -11,11 +11,15 @@ GradCache (Gao et al. 2021) decouples the contrastive batch size from activation
 Only one chunk's activations are alive at a time. The re-forward replays the RNG state of
 the first forward, so dropout masks match and the gradients equal the plain step's.
 
-The last chunk is embedded with a graph in step 1 already and kept: it is backpropagated
-first in step 3 and never re-run. That is one chunk's activations, the same peak as any
-re-forward, and it saves one chunk forward per step: with n chunks a step costs
+One chunk is embedded with a graph in step 1 already and kept: it is backpropagated first
+in step 3 and never re-run. That is one chunk's activations, the same peak as any
+re-forward, and it saves that chunk's forward: with n equal chunks a step costs
 ``3 + (n - 1) / n`` forward-equivalents against the plain step's 3 (a backward costs about
-two forwards), i.e. 1.25x at four chunks, instead of 4/3.
+two forwards), i.e. 1.25x at four chunks, instead of 4/3. Chunks are not equal in practice
+(an image chunk costs far more than a caption chunk), so the kept one is the most expensive
+by :func:`chunk_cost`. It is embedded in its place, so that every chunk draws the same random
+numbers as in the plain step; the no-grad forwards after it keep no activations, so its
+graph plus one layer's transient activations is the peak.
 
 Step 3 comes in two forms:
 
@@ -71,6 +75,15 @@ def _in_row_order(emb: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     return emb[inverse.to(emb.device)]
+
+
+def chunk_cost(chunk: dict[str, Any]) -> int:
+    """A work proxy for one collated chunk: the elements of its input tensors.
+
+    Image patches (``pixel_values``) dominate, then padded tokens; it only has to rank
+    chunks, to pick the one GradCache keeps instead of re-running.
+    """
+    return sum(v.numel() for v in chunk.values() if isinstance(v, torch.Tensor))
 
 
 def _no_context(_sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -162,28 +175,46 @@ class ContrastiveStep:
             embs, temperature = out if self.learnable_temperature else (out, None)
             self._pending = None
             return self._loss(batch, *self._split(embs, nq, np_, batch), temperature)
-        # The per-chunk form keeps the last chunk's graph (see the module doc). The one-backward
+        # The per-chunk form keeps one chunk's graph (see the module doc). The one-backward
         # form does not: the kept graph would be alive while the others are re-embedded, which
         # doubles the activation peak to save two chunk forwards (its re-run and recompute).
-        keep = not self.single_backward and len(chunks) > 1
-        states: list[RngState] = []
-        embs = []
-        with torch.no_grad():
-            for chunk in chunks[:-1] if keep else chunks:
-                states.append(RngState(self.device))
-                embs.append(self.model([chunk])[0])
+        keep = self.kept_chunk(chunks)
+        states: list[RngState | None] = [None] * len(chunks)
+        embs: list[torch.Tensor | None] = [None] * len(chunks)
         kept = None
-        if keep:
-            with (sync_context or _no_context)(False):
-                kept = self.model([chunks[-1]])[0]  # [n, d], with a graph
-            embs.append(kept.detach())
+        for i, chunk in enumerate(chunks):
+            if i == keep:
+                with (sync_context or _no_context)(False):
+                    kept = self.model([chunk])[0]  # [n, d], with a graph
+                embs[i] = kept.detach()
+                continue
+            states[i] = RngState(self.device)
+            with torch.no_grad():
+                embs[i] = self.model([chunk])[0]  # [n, d]
         with torch.no_grad():
             temperature = self.model([], with_temperature=True)[1] if self.learnable_temperature else None
         leaves = [e.detach().requires_grad_() for e in embs]
         t_leaf = temperature.detach().requires_grad_() if temperature is not None else None
         loss = self._loss(batch, *self._split(leaves, nq, np_, batch), t_leaf)
-        self._pending = {"chunks": chunks, "states": states, "leaves": leaves, "t_leaf": t_leaf, "kept": kept}
+        self._pending = {
+            "chunks": chunks,
+            "states": states,
+            "leaves": leaves,
+            "t_leaf": t_leaf,
+            "kept": kept,
+            "keep": keep,
+        }
         return loss
+
+    def kept_chunk(self, chunks: Sequence[dict[str, Any]]) -> int | None:
+        """Index of the chunk whose first-pass graph is kept instead of re-run (None: none).
+
+        The costliest by :func:`chunk_cost` (ties: the later one). The one-backward form
+        keeps none (see :meth:`forward_loss`).
+        """
+        if self.single_backward or len(chunks) < 2:
+            return None
+        return max(range(len(chunks)), key=lambda i: (chunk_cost(chunks[i]), i))
 
     def discard(self) -> None:
         """Drops the cached state of a step that will not be backpropagated."""
@@ -223,11 +254,14 @@ class ContrastiveStep:
         if kept is not None:
             # The kept chunk first: its graph is freed before any re-forward builds another.
             with sync_context(False):
-                backward((kept * pending["leaves"][-1].grad).sum(), False)
+                backward((kept * pending["leaves"][pending["keep"]].grad).sum(), False)
         work = [
             (chunk, state, leaf.grad)
-            for chunk, state, leaf in zip(pending["chunks"], pending["states"], pending["leaves"])
-        ]  # zip stops before the kept chunk, which has no RNG state
+            for i, (chunk, state, leaf) in enumerate(
+                zip(pending["chunks"], pending["states"], pending["leaves"])
+            )
+            if i != pending["keep"]
+        ]
         if self.single_backward:
             out = self.model(
                 pending["chunks"], with_temperature=t_leaf is not None, rng_states=pending["states"]

@@ -356,8 +356,9 @@ class EmbeddingModel(nn.Module):
             return
         tok.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
         new_id = tok.convert_tokens_to_ids(token)
-        emb = self.backbone.get_input_embeddings()
-        if new_id >= emb.weight.shape[0]:
+        weight = self.backbone.get_input_embeddings().weight
+        rows = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3: partitioned
+        if new_id >= rows:
             # Checkpoints often carry spare embedding rows; only grow when there is none.
             self.backbone.resize_token_embeddings(new_id + 1, mean_resizing=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,9 +33,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], timeout: int = 600) -> None:
+def _run(cmd: list[str], timeout: int = 600) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
@@ -44,6 +46,8 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
 def _launch_cmd(config: str, out: Path, *extra: str) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     launch += [str(REPO / "recipes" / "accelerate" / f"{config}.yaml"), "--num_processes", "2"]
+    launch += [a for a in extra if a.startswith("--zero3")]  # launcher flags
+    extra = tuple(a for a in extra if not a.startswith("--zero3"))
     return [*launch, "-m", "vlm2emb", "train", RECIPE, f"output_dir={out}", *COMMON, *extra]
 
 
@@ -71,12 +75,19 @@ def single(tmp_path_factory) -> Path:
         ("ddp", ("train.gradcache_chunk_size=3",)),
         ("zero2", ("train.gradcache_chunk_size=3",)),
         ("zero3", ("train.gradcache_chunk_size=3",)),
+        ("zero3", ("--zero3_init_flag=false",)),
     ],
-    ids=["ddp", "zero2", "zero3", "ddp-gradcache", "zero2-gradcache", "zero3-gradcache"],
+    ids=["ddp", "zero2", "zero3", "ddp-gradcache", "zero2-gradcache", "zero3-gradcache", "zero3-whole-load"],
 )
 def test_two_processes_match_one(single, tmp_path, config, extra):
     out = tmp_path / config
-    _run(_launch_cmd(config, out, *extra))
+    log = _run(_launch_cmd(config, out, *extra))
+    # zero3.yaml loads partitioned (zero3_init_flag: true): each process holds half the values.
+    found = re.search(r"ZeRO-3: model loaded partitioned \(([\d,]+) of ([\d,]+)", log)
+    assert (found is not None) == (config == "zero3" and "--zero3_init_flag=false" not in extra), log[-2000:]
+    if found:
+        local, total = (int(x.replace(",", "")) for x in found.groups())
+        assert 0 < local <= total // 2 + 1000  # about half of every weight (partitions are padded)
     # Same loss at every step (the forward is the same computation)...
     assert _losses(out) == pytest.approx(_losses(single), abs=1e-5)
     # ...and the same weights after three AdamW steps, up to float reduction order.

@@ -57,6 +57,11 @@ def _lr_lambda(cfg: RecipeConfig):
     return factor
 
 
+def _numel(param: torch.Tensor) -> int:
+    """A parameter's full size, also when ZeRO-3 holds only a partition (``ds_numel``)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def uses_deepspeed() -> bool:
     """True when ``accelerate launch`` was given a DeepSpeed config."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -197,22 +202,27 @@ class _Trainer:
                     )
             self.accelerator.wait_for_everyone()
 
-    @contextlib.contextmanager
-    def _plain_model_init(self):
-        """Builds and loads models whole, even under a ZeRO-3 launch config.
-
-        accelerate registers its DeepSpeed config with transformers, which then constructs
-        every ZeRO-3 model inside ``deepspeed.zero.Init`` (a collective per layer): building
-        the tiny model on the main process alone would hang, and partitioned parameters
-        would break the embedding setup (attention switch, pooling token). ZeRO-3 still
-        partitions the model in ``accelerator.prepare``. For models too large for one
-        process's memory this is the limit to lift (docs/distributed.md).
-        """
+    def _zero3_init(self) -> bool:
+        """Whether the launch config asks for partitioned loading (ZeRO-3 ``zero3_init_flag``)."""
         if not self.deepspeed:
-            yield
-            return
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            return False
+        plugin = self.accelerator.state.deepspeed_plugin
+        return bool(plugin.zero3_init_flag) and plugin.zero_stage == 3
 
+    @contextlib.contextmanager
+    def _whole_model_init(self):
+        """Builds and loads models whole inside the block, even under a ZeRO-3 launch config.
+
+        accelerate registers its DeepSpeed config with transformers whatever the launch
+        config's ``zero3_init_flag`` says, and transformers then constructs every model inside
+        ``deepspeed.zero.Init`` (a collective per layer): building the tiny checkpoint on the
+        main process alone would hang, and writing it would save empty partitions.
+        """
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+        if not self.deepspeed or not is_deepspeed_zero3_enabled():
+            yield  # nothing to switch off (or an enclosing block already did): nest freely
+            return
         unset_hf_deepspeed_config()
         try:
             yield
@@ -220,7 +230,25 @@ class _Trainer:
             self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
     def _load_model(self) -> Any:
-        with self._plain_model_init():
+        """The model, loaded partitioned under ZeRO-3 with ``zero3_init_flag: true``.
+
+        Partitioned: every process holds 1/N of each weight from the start (each layer is
+        built inside ``deepspeed.zero.Init`` and filled from the checkpoint shard by shard),
+        so a model larger than one process's CPU or GPU memory can be trained. Otherwise
+        each process loads the whole model and ``accelerator.prepare`` partitions it.
+        """
+        if self._zero3_init():
+            model = self._load_model_whole()
+            if self.is_main:
+                local = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+                total = sum(_numel(p) for p in model.parameters())
+                print(
+                    f"ZeRO-3: model loaded partitioned ({local:,} of {total:,} parameter values "
+                    "on this process)",
+                    flush=True,
+                )
+            return model
+        with self._whole_model_init():
             return self._load_model_whole()
 
     def _load_model_whole(self) -> Any:
@@ -228,14 +256,15 @@ class _Trainer:
 
         cfg = self.cfg
         name = cfg.model.name_or_path
-        if name.startswith("tiny:") and self.accelerator.num_processes > 1:
+        if name.startswith("tiny:") and (self.accelerator.num_processes > 1 or self.deepspeed):
             # transformers writes checkpoints on rank 0 only once a process group exists, so
             # the main process builds the tiny model once and every process loads that copy.
             from vlm2emb.testing import tiny_backbone
 
             name = str(self.out / "tiny-backbone")
             if self.is_main:
-                tiny_backbone(cfg.model.name_or_path.removeprefix("tiny:"), name, seed=cfg.seed)
+                with self._whole_model_init():
+                    tiny_backbone(cfg.model.name_or_path.removeprefix("tiny:"), name, seed=cfg.seed)
             self.accelerator.wait_for_everyone()
         model = EmbeddingModel.from_pretrained(
             name,
@@ -424,8 +453,8 @@ class _Trainer:
                 print("Before training:\n" + format_report(report_before), flush=True)
 
         self.params = [p for p in model.parameters() if p.requires_grad]
-        n_trainable = sum(p.numel() for p in self.params)
-        n_total = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(_numel(p) for p in self.params)
+        n_total = sum(_numel(p) for p in model.parameters())
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
         )
