@@ -106,7 +106,8 @@ def test_gradcache_gives_the_plain_steps_gradients(tiny_qwen2_vl_dir, digit_imag
     plain_loss, plain = grads(ContrastiveCollator(model)(rows), gradcache=False)
     for single_backward in (False, True):
         loss, chunked = grads(ContrastiveCollator(model, chunk_size=2)(rows), True, single_backward)
-        assert loss == pytest.approx(plain_loss, abs=1e-6)
+        # rel: a loss of about 12 summed in float32 (eps 1.2e-7); the kept chunk runs with autograd
+        assert loss == pytest.approx(plain_loss, rel=1e-6, abs=1e-6)
         assert chunked.keys() == plain.keys() and plain
         for name in plain:
             torch.testing.assert_close(chunked[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
