@@ -73,6 +73,22 @@ def _setup(args: argparse.Namespace) -> tuple[list, object]:
     return rows, model.train()
 
 
+def _train_step(model, step, lr: float, device: torch.device):
+    """One training step on a collated batch: ``step``'s loss and backward (bf16 autocast on
+    CUDA), then AdamW on the trainable parameters."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def run(b: dict) -> None:
+        with autocast:
+            loss = step.forward_loss(b)
+            step.backward(loss, lambda t, _sync: t.backward())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
 def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
     from vlm2emb.data.collate import ContrastiveCollator, GlobalBatchSampler
     from vlm2emb.gradcache import ContrastiveStep
@@ -89,16 +105,8 @@ def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
         # would put steps x pixel_values into the peak (about 77 MB per batch of 1024 images).
         return collate([rows[i] for i in sampler.global_batch(s)])
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     step = ContrastiveStep(model, InfoNCELoss(temperature=0.02), gradcache=chunk > 0, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.device == "cuda")
-
-    def run(b):
-        with autocast:
-            loss = step.forward_loss(b)
-            step.backward(loss, lambda t, _sync: t.backward())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    run = _train_step(model, step, 1e-5, device)
 
     def now() -> float:
         if device.type == "cuda":
@@ -155,15 +163,12 @@ def _interleaved(args: argparse.Namespace, batch: int) -> dict:
     loss = InfoNCELoss(temperature=0.02)
 
     def stepper(cls, gradcache: bool, batches: list):
-        step = cls(model, loss, gradcache=gradcache, device=device)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
+        one = _train_step(model, cls(model, loss, gradcache=gradcache, device=device), 1e-7, device)
 
         def run() -> float:
             t0 = time.perf_counter()
             for b in batches:
-                step.backward(step.forward_loss(b), lambda t, _sync: t.backward())
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                one(b)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t0

@@ -139,24 +139,29 @@ def tiny_backbone(family: str, path: str | Path, *, seed: int = 0) -> Path:
     return get_adapter_class(family).build_tiny(out, seed=seed)
 
 
-def tiny_text_config(tok: Any, model_type: str, bos_token: str) -> dict[str, Any]:
-    """A 2-layer, 64-wide decoder config (``llama`` or ``qwen2``) for the tiny builders.
+def tiny_text_config(tok: Any, model_type: str | None, bos_token: str, **overrides: Any) -> dict[str, Any]:
+    """A 2-layer, 64-wide decoder config for the tiny builders.
 
     Args:
         tok: The tiny tokenizer (vocabulary size, eos and pad ids).
-        model_type: The decoder's transformers ``model_type``.
+        model_type: The decoder's transformers ``model_type`` (None: the family's default).
         bos_token: The token whose id is the decoder's ``bos_token_id``.
+        **overrides: Keys added or replaced (head sizes, rope, layer types...).
     """
-    return {
-        "model_type": model_type,
-        "vocab_size": len(tok),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-        "bos_token_id": tok.convert_tokens_to_ids(bos_token),
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
+    config = {} if model_type is None else {"model_type": model_type}
+    return (
+        config
+        | {
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "bos_token_id": tok.convert_tokens_to_ids(bos_token),
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        | overrides
+    )

@@ -44,6 +44,8 @@ def tiny_idefics_configs(tok: Any) -> dict[str, Any]:
     A 32x32 image is 8x8 patches; the connector's pixel shuffle (scale factor 2) folds them
     into 4x4 = 16 image tokens.
     """
+    from vlm2emb.testing import tiny_text_config
+
     return {
         "vision_config": {
             "hidden_size": 32,
@@ -53,19 +55,7 @@ def tiny_idefics_configs(tok: Any) -> dict[str, Any]:
             "image_size": 32,
             "patch_size": 4,
         },
-        "text_config": {
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
-            "bos_token_id": tok.convert_tokens_to_ids("<|im_start|>"),
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
+        "text_config": tiny_text_config(tok, "llama", "<|im_start|>"),
         "image_token_id": tok.convert_tokens_to_ids("<image>"),
         "scale_factor": 2,
         "tie_word_embeddings": True,

@@ -52,21 +52,10 @@ class Qwen2VLAdapter(BackboneAdapter):
     @staticmethod
     def _tiny_text_config(tok: Any, **overrides: Any) -> dict[str, Any]:
         """The 64-wide, 2-layer decoder config shared by the Qwen-VL tiny builders."""
-        eos = tok.convert_tokens_to_ids("<|endoftext|>")
-        config: dict[str, Any] = {
-            "vocab_size": len(tok),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-            "bos_token_id": eos,
-            "eos_token_id": eos,
-            "pad_token_id": eos,
-        }
-        return config | overrides
+        from vlm2emb.testing import tiny_text_config
+
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        return tiny_text_config(tok, None, "<|endoftext|>", rope_parameters=rope) | overrides
 
     @staticmethod
     def _tiny_vision_token_ids(tok: Any) -> dict[str, int]:
