@@ -268,6 +268,22 @@ def _distributed_state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _leave_process_group() -> None:
+    """Waits for every process, then closes the process group, if a command opened one.
+
+    Without this a process that finishes first exits while gloo's threads still hold the
+    group, and the C++ runtime can abort it at exit ("terminate called without an active
+    exception"), which ``accelerate launch`` reports as a failed run.
+    """
+    if "torch" not in sys.modules:  # a light command never opened a group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
@@ -384,7 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        _leave_process_group()
+        return code
     except KeyboardInterrupt:
         print("vlm2emb: interrupted", file=sys.stderr)
         return 130
