@@ -205,6 +205,28 @@ def test_lora_round_trip(tiny_qwen2_vl_dir, mixed_items, tmp_path):
     assert model.has_lora  # merging for the save left the live model's adapter alone
 
 
+def test_seeded_lora_init_ignores_earlier_draws(tiny_qwen2_vl_dir):
+    def adapter_after(draws: int, seed: int | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(7)
+        torch.rand(draws)  # what ran before (a model build, data shuffling) moved the RNG
+        model = _load(tiny_qwen2_vl_dir)
+        model.apply_lora(r=4, alpha=8, dropout=0.0, seed=seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, second = adapter_after(0, seed=3), adapter_after(1000, seed=3)
+    assert first and all(torch.equal(first[n], second[n]) for n in first)
+    other = adapter_after(0, seed=4)
+    assert not torch.equal(first[next(iter(first))], other[next(iter(other))])
+    unseeded = adapter_after(1000, seed=None)  # without a seed, the global RNG decides
+    assert not torch.equal(adapter_after(0, seed=None)[next(iter(first))], unseeded[next(iter(first))])
+    # The global RNG is left where it was.
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    _load(tiny_qwen2_vl_dir).apply_lora(r=4, seed=11)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_embed_token_is_added_when_missing(tiny_qwen2_vl_dir):
     model = _load(tiny_qwen2_vl_dir)
     rows_before = model.backbone.get_input_embeddings().weight.shape[0]

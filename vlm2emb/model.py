@@ -671,11 +671,23 @@ class EmbeddingModel(nn.Module):
         dropout: float = 0.05,
         target_modules: str | list[str] | None = None,
         use_dora: bool = False,
+        seed: int | None = None,
     ) -> None:
         """Wraps the backbone with a peft LoRA adapter (only adapter weights train).
 
         Defaults follow VLM2Vec: r 16, alpha 64, over the language model's attention and MLP
         projections (the family adapter's ``lora_target_modules``).
+
+        Args:
+            r: Adapter rank.
+            alpha: LoRA alpha (the update is scaled by ``alpha / r``).
+            dropout: Dropout on the adapter input.
+            target_modules: Module names or a regex; default: the family's projections.
+            use_dora: Weight-decomposed LoRA (DoRA).
+            seed: Seed for the adapter's random init (the A matrices). With a seed the init
+                depends on it alone, not on what drew random numbers before (how the
+                backbone was loaded, how many processes run); the global RNG is left as it
+                was. None draws from the global RNG.
         """
         from peft import LoraConfig, get_peft_model
 
@@ -686,7 +698,13 @@ class EmbeddingModel(nn.Module):
             target_modules=target_modules or self.adapter.lora_target_modules,
             use_dora=use_dora,
         )
-        self.backbone = get_peft_model(self.backbone, cfg)
+        if seed is None:
+            self.backbone = get_peft_model(self.backbone, cfg)
+            return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self.backbone = get_peft_model(self.backbone, cfg)
 
     @property
     def has_lora(self) -> bool:

@@ -97,6 +97,33 @@ def test_two_processes_match_one(single, tmp_path, config, extra):
     assert worst < 2e-5, worst
 
 
+# LoRA dropout is off: its masks are drawn per process over that process's rows, so with
+# dropout two processes train on different (equally likely) masks than one process does.
+LORA = ("model.lora=true", "model.lora.r=4", "model.lora.dropout=0", "model.gradient_checkpointing=true")
+
+
+@pytest.fixture(scope="module")
+def single_lora(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single_lora")
+    _run(_train_cmd(out, *LORA))
+    return out
+
+
+@pytest.mark.parametrize("config", ["ddp", "zero3"])
+def test_two_processes_match_one_with_lora(single_lora, tmp_path, config):
+    out = tmp_path / config
+    _run(_launch_cmd(config, out, *LORA))
+    losses = _losses(single_lora)
+    assert len(set(losses)) == 3  # the adapter learns: step 2 differs from step 1
+    assert _losses(out) == pytest.approx(losses, abs=1e-5)
+    ref = load_file(single_lora / "final" / "adapter" / "adapter_model.safetensors")
+    got = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+    assert ref.keys() == got.keys() and any("lora_B" in k for k in ref)
+    assert all(ref[k].abs().max() > 0 for k in ref)  # B starts at zero: the adapter trained
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert worst < 2e-5, worst
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     steps = ["train.max_steps=24", "train.save_steps=3", "train.save_total_limit=2"]
     full = tmp_path / "full"

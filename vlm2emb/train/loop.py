@@ -295,6 +295,10 @@ class _Trainer:
                 dropout=lora.dropout,
                 target_modules=lora.target_modules,
                 use_dora=lora.use_dora,
+                # The adapter init must not depend on the process count: with several
+                # processes the tiny backbone is built on the main one only, which leaves the
+                # global RNG elsewhere than a single process does.
+                seed=cfg.seed,
             )
         if cfg.model.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable(
