@@ -31,7 +31,14 @@ What is measured:
   same text pairs and batches, with the same chunk size.
 - **memory**: peak memory per training mode, each in a fresh subprocess on CPU (peak
   resident set) or from ``torch.cuda.max_memory_allocated`` on GPU.
-- **mfu** (GPU suite): model FLOP utilisation, with the FLOP count written out in the JSON.
+- **mfu**: model FLOP utilisation of the full fine-tune and the LoRA step (vlm2emb's
+  length-grouped batches of ``mfu_batch`` rows). The FLOPs of one step (forward, loss,
+  backward; no gradient checkpointing, so no recomputation is counted) are counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` and written out in the JSON with the real
+  tokens and image patches they cover; MFU = counted FLOPs / step time / the device's dense
+  bf16 peak (``PEAK_TFLOPS`` by device name, or ``--peak-tflops``). On CPU torch has no
+  FLOP formula for its fused attention kernel, so the CPU count leaves attention out and
+  reports achieved TFLOP/s only.
 
 Text is real English of mixed length without a download: docstrings of the Python standard
 library (query: a function's name and summary line; target: its whole docstring). Images are
@@ -85,7 +92,8 @@ class Suite:
     length_buckets: int = 4  # train.length_buckets for vlm2emb's plain step
     full_finetune: bool = True
     lora: bool = False
-    modes: list[str] = field(default_factory=lambda: ["encode", "train", "gradcache", "st", "memory"])
+    mfu_batch: int = 16  # the FLOP-utilisation steps (no gradient checkpointing, so smaller on GPU)
+    modes: list[str] = field(default_factory=lambda: ["encode", "train", "gradcache", "st", "memory", "mfu"])
 
 
 SUITES = {
@@ -117,6 +125,7 @@ SUITES = {
         image_fraction=0.5,
         image_size=1000,  # under VLM2Vec's 28*28*1280-pixel bound (about 1003x1003)
         lora=True,
+        mfu_batch=8,
     ),
 }
 
@@ -521,6 +530,94 @@ def bench_gradcache(suite: Suite, path: Path) -> dict[str, Any]:
     return out
 
 
+# Dense bf16 peak (no sparsity) of the SXM parts, TFLOP/s, matched against the device name.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _peak_flops(suite: Suite, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if suite.device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def count_step_flops(model: Any, batch: dict[str, Any], suite: Suite) -> dict[str, int]:
+    """FLOPs of one training step on ``batch`` (forward, loss, backward; no optimizer step),
+    counted by torch's FlopCounterMode: in total and inside the vision tower (its forward,
+    and its backward where it trains). Gradients are cleared afterwards.
+
+    torch has FLOP formulas for the GPU SDPA kernels but not for the CPU one, so on CPU the
+    counting pass runs eager attention (plain matmuls; the same FLOPs as SDPA computes).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlm2emb.gradcache import ContrastiveStep
+    from vlm2emb.losses import InfoNCELoss
+
+    device = torch.device(suite.device)
+    step = ContrastiveStep(model, InfoNCELoss(temperature=0.05), gradcache=False, device=device)
+    base = model.backbone.get_base_model() if model.has_lora else model.backbone
+    before = base.config._attn_implementation
+    if device.type == "cpu":
+        base.set_attn_implementation("eager")
+    autocast = torch.autocast(suite.device, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    try:
+        with FlopCounterMode(display=False) as counter, autocast:
+            loss = step.forward_loss(batch)
+            step.backward(loss, lambda t, _sync: t.backward())
+    finally:
+        base.set_attn_implementation(before)
+        model.zero_grad(set_to_none=True)
+    counts = counter.get_flop_counts()
+    vision = sum(sum(ops.values()) for name, ops in counts.items() if name.endswith(".visual"))
+    return {"total": int(counter.get_total_flops()), "vision": int(vision)}
+
+
+def bench_mfu(suite: Suite, path: Path, peak_tflops: float | None = None) -> dict[str, Any]:
+    """Step time, counted FLOPs and MFU of the full fine-tune and the LoRA step."""
+    from vlm2emb.data.collate import ContrastiveCollator
+
+    rows = training_rows(suite, suite.mfu_batch * suite.train_batches, seed=5)
+    peak = _peak_flops(suite, peak_tflops)
+    out: dict[str, Any] = {"batch_size": suite.mfu_batch, "peak_tflops": peak / 1e12 if peak else None}
+    for mode in ("full", "lora"):
+        model = load_vlm2emb(path, suite, "fp32")
+        if mode == "lora":
+            model.apply_lora(r=16, alpha=64, dropout=0.0, seed=0)
+        model.train()
+        collate = ContrastiveCollator(model, chunk_size=0, length_buckets=suite.length_buckets)
+        grouped = _batches_grouped(rows, suite.mfu_batch, 0, model.adapter.tokenizer)
+        batches = [collate(b) for b in grouped]
+        flops = [count_step_flops(model, b, suite) for b in batches]
+        total = sum(f["total"] for f in flops)
+        times = interleaved({mode: _Stepper(model, batches, 0, suite)}, suite.rounds, suite.device)[mode]
+        med = statistics.median(times)
+        real = sum(_tokens(b)[0] for b in batches)
+        patches = sum(
+            int(c["pixel_values"].shape[0]) for b in batches for c in b["query"] if "pixel_values" in c
+        )
+        out[mode] = {
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "params": sum(p.numel() for p in model.parameters()),
+            "steps": len(batches),
+            "real_tokens": real,
+            "image_patches": patches,
+            "flops_counted": total,
+            "vision_flops": sum(f["vision"] for f in flops),
+            "median_s": round(med, 4),
+            "all_s": [round(t, 4) for t in times],
+            "samples_per_s": round(suite.mfu_batch * len(batches) / med, 2),
+            "achieved_tflops": round(total / med / 1e12, 4),
+            "mfu": round(total / med / peak, 4) if peak else None,
+        }
+        del model
+        if suite.device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def bench_st_train(suite: Suite, path: Path) -> dict[str, Any]:
     """vlm2emb vs sentence-transformers training steps on the same text pairs and batches."""
     from sentence_transformers.sentence_transformer.losses import (
@@ -687,6 +784,14 @@ def table(results: dict[str, Any]) -> str:
         extra.append(f"GradCache overhead: {results['gradcache']['overhead']}x the plain step")
     if "memory" in results:
         extra.append("peak memory: " + json.dumps(results["memory"]))
+    for mode in ("full", "lora"):
+        m = results.get("mfu", {}).get(mode)
+        if m:
+            mfu = f", MFU {m['mfu']:.1%}" if m["mfu"] is not None else ""
+            extra.append(
+                f"{mode} step: {m['samples_per_s']} samples/s, {m['flops_counted']:.3e} FLOPs counted, "
+                f"{m['achieved_tflops']} TFLOP/s{mfu}"
+            )
     return "\n".join([*lines, "", *extra])
 
 
@@ -696,9 +801,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness runs")
     parser.add_argument(
-        "--only", default=None, help="comma-separated subset of encode,train,gradcache,st,memory"
+        "--only", default=None, help="comma-separated subset of encode,train,gradcache,st,memory,mfu"
     )
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)"
+    )
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "vlm2emb-bench"))
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -737,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         "gradcache": lambda: bench_gradcache(suite, path),
         "st": lambda: bench_st_train(suite, path),
         "memory": lambda: bench_memory(suite, path, args),
+        "mfu": lambda: bench_mfu(suite, path, args.peak_tflops),
     }
     for mode in modes:
         t0 = time.perf_counter()

@@ -8,6 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,3 +58,50 @@ def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):
     for result in (full, lora):
         assert set(result["step_s"]) == {"plain", "gradcache", "gradcache_keep_last"}
         assert all(v > 0 for v in result["step_s"].values())
+
+
+def test_mfu_flop_count_is_three_forwards_for_a_full_fine_tune(tmp_path):
+    """The harness's step FLOP count against an independent count of the forward alone: a
+    full fine-tune's backward costs two forwards (input and weight gradients), so the step is
+    close to 3x (pixels need no gradient: a little less; the loss's logits: a little more); a
+    LoRA step, whose
+    frozen vision tower runs no backward, costs clearly less than 3x its forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlm2emb.data.collate import ContrastiveCollator
+
+    harness = _harness()
+    suite = harness.quick(harness.SUITES["cpu"])
+    path = harness.build_model_dir(suite, tmp_path)
+    rows = harness.training_rows(suite, 16, seed=5)
+    ratios = {}
+    for mode in ("full", "lora"):
+        model = harness.load_vlm2emb(path, suite, "fp32")
+        if mode == "lora":
+            model.apply_lora(r=4, alpha=8, dropout=0.0, seed=0)
+        batch = ContrastiveCollator(model, chunk_size=0)(rows)
+        assert any("pixel_values" in c for c in batch["query"])  # images in the count
+        step = harness.count_step_flops(model, batch, suite)
+        assert 0 < step["vision"] < step["total"]
+        base = model.backbone.get_base_model() if model.has_lora else model.backbone
+        base.set_attn_implementation("eager")  # as the harness counts on CPU
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model([*batch["query"], *batch["positive"]])
+        ratios[mode] = step["total"] / counter.get_total_flops()
+        assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients
+    assert 2.85 < ratios["full"] < 3.05, ratios
+    assert ratios["lora"] < ratios["full"] - 0.2, ratios
+
+
+def test_quick_mfu_mode_writes_the_flop_count(tmp_path):
+    harness = _harness()
+    out = tmp_path / "results.json"
+    argv = ["--suite", "cpu", "--quick", "--only", "mfu", "--rounds", "1", "--peak-tflops", "1"]
+    assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    mfu = json.loads(out.read_text())["mfu"]
+    assert mfu["peak_tflops"] == 1.0
+    for mode in ("full", "lora"):
+        m = mfu[mode]
+        assert m["flops_counted"] > 0 and m["real_tokens"] > 0 and m["image_patches"] > 0
+        assert m["mfu"] == pytest.approx(m["flops_counted"] / m["median_s"] / 1e12, rel=1e-2)
+    assert mfu["lora"]["trainable_params"] < mfu["full"]["trainable_params"]
