@@ -455,3 +455,38 @@ def test_text_only_batches_tokenize_like_the_processor(tiny, model):
     assert set(built) <= set(full)
     with torch.no_grad():
         torch.testing.assert_close(model(built), model(full), rtol=0, atol=1e-6)
+
+
+def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images):
+    """build_inputs asks the processor for NumPy and converts (faster); the result must be
+    the processor's return_tensors="pt" output, key for key, dtype for dtype, value for value,
+    for an image batch and a text batch. Families with their own build_inputs (Gemma 3,
+    LLaVA-OneVision, PaliGemma, SmolVLM) keep return_tensors="pt" and are checked by the
+    tests above."""
+    from vlm2emb.backbones.base import BackboneAdapter
+
+    adapter = model.adapter
+    own = type(adapter).build_inputs is not BackboneAdapter.build_inputs
+    assert own == (tiny.family in {"gemma3", "llava_onevision", "paligemma", "smolvlm"})
+    if own:
+        return
+    images = [[digit_images[0]], [], [digit_images[1], digit_images[2]]]
+    prompts = [
+        adapter.render_prompt(t, len(imgs), "Find it.") for t, imgs in zip(["a", "bb cc", "d"], images)
+    ]
+    for case_prompts, case_images in [(prompts, images), (prompts[1:2] * 2, [[], []])]:
+        built = adapter.build_inputs(case_prompts, case_images)
+        flat = [img for per in case_images for img in per]
+        if not flat and adapter.tokenize_text_directly:
+            ref = dict(adapter.tokenizer(case_prompts, padding=True, return_tensors="pt"))
+        else:
+            ref = dict(
+                adapter.processor(text=case_prompts, images=flat or None, padding=True, return_tensors="pt")
+            )
+        assert set(built) == set(ref), tiny.family
+        for key, value in ref.items():
+            assert isinstance(built[key], torch.Tensor) and built[key].dtype == value.dtype, (
+                tiny.family,
+                key,
+            )
+            assert torch.equal(built[key], value), (tiny.family, key)
