@@ -90,7 +90,6 @@ class Suite:
     image_fraction: float
     image_size: int
     length_buckets: int = 4  # train.length_buckets for vlm2emb's plain step
-    full_finetune: bool = True
     lora: bool = False
     mfu_batch: int = 16  # the FLOP-utilisation steps (no gradient checkpointing, so smaller on GPU)
     modes: list[str] = field(default_factory=lambda: ["encode", "train", "gradcache", "st", "memory", "mfu"])
