@@ -60,18 +60,17 @@ def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):
         assert all(v > 0 for v in result["step_s"].values())
 
 
-def test_mfu_flop_count_is_three_forwards_for_a_full_fine_tune(tmp_path):
-    """The harness's step FLOP count against an independent count of the forward alone: a
-    full fine-tune's backward costs two forwards (input and weight gradients), so the step is
-    close to 3x (pixels need no gradient: a little less; the loss's logits: a little more); a
-    LoRA step, whose
-    frozen vision tower runs no backward, costs clearly less than 3x its forward."""
+def check_step_flops_against_forward(tmp_path: Path, device: str = "cpu") -> dict[str, float]:
+    """Step FLOPs / forward FLOPs of the harness's full fine-tune and LoRA steps on one batch
+    (shared with tests/test_gpu.py)."""
+    import dataclasses
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlm2emb.data.collate import ContrastiveCollator
 
     harness = _harness()
-    suite = harness.quick(harness.SUITES["cpu"])
+    suite = dataclasses.replace(harness.quick(harness.SUITES["cpu"]), device=device)
     path = harness.build_model_dir(suite, tmp_path)
     rows = harness.training_rows(suite, 16, seed=5)
     ratios = {}
@@ -83,12 +82,24 @@ def test_mfu_flop_count_is_three_forwards_for_a_full_fine_tune(tmp_path):
         assert any("pixel_values" in c for c in batch["query"])  # images in the count
         step = harness.count_step_flops(model, batch, suite)
         assert 0 < step["vision"] < step["total"]
+        assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients
         base = model.backbone.get_base_model() if model.has_lora else model.backbone
-        base.set_attn_implementation("eager")  # as the harness counts on CPU
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        if device == "cpu":
+            base.set_attn_implementation("eager")  # as the harness counts on CPU
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
             model([*batch["query"], *batch["positive"]])
         ratios[mode] = step["total"] / counter.get_total_flops()
-        assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients
+    return ratios
+
+
+def test_mfu_flop_count_is_three_forwards_for_a_full_fine_tune(tmp_path):
+    """The harness's step FLOP count against an independent count of the forward alone: a
+    full fine-tune's backward costs two forwards (input and weight gradients), so the step is
+    close to 3x (pixels need no gradient: a little less; the loss's logits: a little more); a
+    LoRA step, whose frozen vision tower runs no backward, costs clearly less than 3x its
+    forward."""
+    ratios = check_step_flops_against_forward(tmp_path)
     assert 2.85 < ratios["full"] < 3.05, ratios
     assert ratios["lora"] < ratios["full"] - 0.2, ratios
 

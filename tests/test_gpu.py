@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_benchmarks import check_step_flops_against_forward
+from tests.test_gradcache import check_gradcache_replays_dropout, rows  # noqa: F401 (fixture)
 from vlm2emb import EmbeddingModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,3 +49,18 @@ def test_training_step_on_cuda_updates_weights(tiny_qwen2_vl_dir, items):
     opt.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_replays_dropout_on_cuda(tiny_qwen2_vl_dir, rows, single_backward):  # noqa: F811
+    """GradCache's re-forward must replay the CUDA generator, not only the CPU one."""
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").train()
+    check_gradcache_replays_dropout(model, rows, single_backward, device="cuda", atol=1e-4)
+
+
+def test_mfu_flop_count_on_cuda_counts_the_sdpa_kernels(tmp_path):
+    """On CUDA the harness counts with SDPA (its kernels are in torch's FLOP registry) under
+    bf16 autocast; the full fine-tune step must still come to about 3x its forward."""
+    ratios = check_step_flops_against_forward(tmp_path, device="cuda")
+    assert 2.85 < ratios["full"] < 3.05, ratios
+    assert ratios["lora"] < ratios["full"] - 0.2, ratios

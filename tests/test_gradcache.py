@@ -40,14 +40,14 @@ def rows(digit_images, tmp_path_factory) -> list[TrainExample]:
     return out
 
 
-def _grads(model, batch, *, gradcache, single_backward=False, learnable=False, seed=0):
+def _grads(model, batch, *, gradcache, single_backward=False, learnable=False, seed=0, device="cpu"):
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
     step = ContrastiveStep(
         model,
         InfoNCELoss(temperature=0.05, symmetric=True),
         gradcache=gradcache,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         learnable_temperature=learnable,
         single_backward=single_backward,
     )
@@ -74,17 +74,23 @@ def test_gradcache_equals_the_full_batch_step(model, rows, single_backward):
     _assert_same(_grads(model, chunked, gradcache=True, single_backward=single_backward), plain)
 
 
-@pytest.mark.parametrize("single_backward", [False, True])
-def test_gradcache_replays_dropout(model, rows, single_backward):
+def check_gradcache_replays_dropout(model, rows, single_backward, device="cpu", atol=1e-5):
+    """Shared with tests/test_gpu.py, where the replayed state is the CUDA generator's."""
     for module in model.backbone.modules():
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.3  # randomness in every attention layer
     batch = ContrastiveCollator(model, chunk_size=2)(rows)
     # Plain step over the same chunks draws the same random numbers in the same order.
-    plain = _grads(model, batch, gradcache=False, seed=3)
-    other_seed = _grads(model, batch, gradcache=False, seed=4)
+    plain = _grads(model, batch, gradcache=False, seed=3, device=device)
+    other_seed = _grads(model, batch, gradcache=False, seed=4, device=device)
     assert other_seed[0] != pytest.approx(plain[0], abs=1e-6)  # dropout really is active
-    _assert_same(_grads(model, batch, gradcache=True, single_backward=single_backward, seed=3), plain)
+    cached = _grads(model, batch, gradcache=True, single_backward=single_backward, seed=3, device=device)
+    _assert_same(cached, plain, atol=atol)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_replays_dropout(model, rows, single_backward):
+    check_gradcache_replays_dropout(model, rows, single_backward)
 
 
 def test_gradcache_with_learnable_temperature(model, rows):
