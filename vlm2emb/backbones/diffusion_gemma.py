@@ -160,7 +160,7 @@ class DiffusionGemmaAdapter(BackboneAdapter):
         from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
 
         from vlm2emb._quiet import quiet_third_party
-        from vlm2emb.testing import tiny_tokenizer
+        from vlm2emb.testing import tiny_text_config, tiny_tokenizer
 
         quiet_third_party()
         # Gemma 4's named multimodal tokens; the processor requires the audio ones to exist
@@ -195,27 +195,21 @@ class DiffusionGemmaAdapter(BackboneAdapter):
             image_seq_length=70,
         )
         config = DiffusionGemmaConfig(
-            text_config={
-                "vocab_size": len(tok),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 16,
-                "global_head_dim": 16,
-                "num_global_key_value_heads": 2,
+            text_config=tiny_text_config(
+                tok,
+                None,
+                "<bos>",
+                head_dim=16,
+                global_head_dim=16,
+                num_global_key_value_heads=2,
                 # One sliding and one full layer, so both mask kinds are exercised.
-                "layer_types": ["sliding_attention", "full_attention"],
-                "sliding_window": 512,
-                "num_experts": 4,
-                "top_k_experts": 2,
-                "moe_intermediate_size": 32,
-                "max_position_embeddings": 2048,
-                "pad_token_id": ids["<pad>"],
-                "eos_token_id": ids["<eos>"],
-                "bos_token_id": ids["<bos>"],
-            },
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=512,
+                num_experts=4,
+                top_k_experts=2,
+                moe_intermediate_size=32,
+                max_position_embeddings=2048,
+            ),
             vision_config={
                 "model_type": "gemma4_vision",
                 "hidden_size": 32,

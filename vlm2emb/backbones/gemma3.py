@@ -64,7 +64,7 @@ class Gemma3Adapter(BackboneAdapter):
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
         from transformers.models.gemma3.image_processing_gemma3 import Gemma3ImageProcessor
 
-        from vlm2emb.testing import save_tiny_checkpoint, tiny_tokenizer
+        from vlm2emb.testing import save_tiny_checkpoint, tiny_text_config, tiny_tokenizer
 
         image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
         image_tokens["image_token"] = "<image_soft_token>"
@@ -90,24 +90,17 @@ class Gemma3Adapter(BackboneAdapter):
                 "image_size": 32,
                 "patch_size": 4,
             },
-            text_config={
-                "vocab_size": len(tok),
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 16,
-                "query_pre_attn_scalar": 16,
-                "max_position_embeddings": 1024,
+            text_config=tiny_text_config(
+                tok,
+                None,
+                "<bos>",
+                head_dim=16,
+                query_pre_attn_scalar=16,
                 # One sliding and one global layer, with a window shorter than the tests'
                 # prompts, so that both mask kinds are exercised.
-                "layer_types": ["sliding_attention", "full_attention"],
-                "sliding_window": 8,
-                "bos_token_id": ids["<bos>"],
-                "eos_token_id": ids["<eos>"],
-                "pad_token_id": ids["<pad>"],
-            },
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=8,
+            ),
             mm_tokens_per_image=16,
             boi_token_index=ids["<start_of_image>"],
             eoi_token_index=ids["<end_of_image>"],
