@@ -698,12 +698,10 @@ class EmbeddingModel(nn.Module):
             target_modules=target_modules or self.adapter.lora_target_modules,
             use_dora=use_dora,
         )
-        if seed is None:
-            self.backbone = get_peft_model(self.backbone, cfg)
-            return
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
             self.backbone = get_peft_model(self.backbone, cfg)
 
     @property

@@ -295,9 +295,8 @@ class _Trainer:
                 dropout=lora.dropout,
                 target_modules=lora.target_modules,
                 use_dora=lora.use_dora,
-                # The adapter init must not depend on the process count: with several
-                # processes the tiny backbone is built on the main one only, which leaves the
-                # global RNG elsewhere than a single process does.
+                # The adapter's init then depends on the seed alone, not on what drew
+                # random numbers before it (how and where the backbone was loaded).
                 seed=cfg.seed,
             )
         if cfg.model.gradient_checkpointing:
