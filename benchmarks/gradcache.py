@@ -164,28 +164,17 @@ def _interleaved(args: argparse.Namespace, batch: int) -> dict:
 
     def stepper(cls, gradcache: bool, batches: list):
         one = _train_step(model, cls(model, loss, gradcache=gradcache, device=device), 1e-7, device)
+        return lambda: [one(b) for b in batches]
 
-        def run() -> float:
-            t0 = time.perf_counter()
-            for b in batches:
-                one(b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-
-        return run
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run import interleaved  # the harness's timing: warm-up, then turns in flipped order
 
     runs = {
         "plain": stepper(ContrastiveStep, False, plain_batches),
         "gradcache": stepper(ContrastiveStep, True, gc_batches),
         "gradcache_keep_last": stepper(KeepLast, True, gc_batches),
     }
-    for run in runs.values():  # warm-up
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name in list(runs)[:: 1 if r % 2 == 0 else -1]:
-            times[name].append(runs[name]())
+    times = interleaved(runs, args.rounds, device.type)
     med = {name: statistics.median(t) / args.steps for name, t in times.items()}
     return {
         "batch_size": batch,
