@@ -40,7 +40,17 @@ def rows(digit_images, tmp_path_factory) -> list[TrainExample]:
     return out
 
 
-def _grads(model, batch, *, gradcache, single_backward=False, learnable=False, seed=0, device="cpu"):
+def _grads(
+    model,
+    batch,
+    *,
+    gradcache,
+    single_backward=False,
+    learnable=False,
+    seed=0,
+    device="cpu",
+    reuse_vision=True,
+):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # seeds CUDA too
     step = ContrastiveStep(
@@ -50,6 +60,7 @@ def _grads(model, batch, *, gradcache, single_backward=False, learnable=False, s
         device=torch.device(device),
         learnable_temperature=learnable,
         single_backward=single_backward,
+        reuse_frozen_vision=reuse_vision,
     )
     loss = step.forward_loss(batch)
     step.backward(loss, lambda tensor, _sync: tensor.backward())
@@ -162,3 +173,82 @@ def test_gradcache_keeps_the_most_expensive_chunk(model, rows):
     )
     assert seen[expensive] == (expensive, True)  # embedded in its place: same random draws as plain
     _assert_same(got, _grads(model, ContrastiveCollator(model)(rows), gradcache=False))
+
+
+def check_frozen_vision_is_served(model, rows, single_backward, device="cpu", atol=1e-5):
+    """GradCache with a frozen vision tower gives the plain step's loss and gradients, and
+    the tower runs only as often as in the plain step over the same chunks: its first-pass
+    outputs are served to the re-forward. Without the reuse it runs again (the control).
+
+    Shared with tests/backbones/test_families.py (every family) and tests/test_gpu.py.
+    """
+    from vlm2emb.gradcache import frozen_vision_tower
+
+    tower = frozen_vision_tower(model)
+    assert tower is not None  # LoRA (or model.freeze_vision) froze it
+    # Count the tower's real work at its first parameterised module: a served output skips
+    # the tower's forward, but not the hooks on the tower itself.
+    leaf = next(m for m in tower.modules() if next(m.parameters(recurse=False), None) is not None)
+    runs: list[int] = []
+    handle = leaf.register_forward_hook(lambda *_: runs.append(1))
+    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    try:
+        plain = _grads(model, batch, gradcache=False, device=device)
+        n_plain, runs[:] = len(runs), []
+        served = _grads(model, batch, gradcache=True, single_backward=single_backward, device=device)
+        n_served, runs[:] = len(runs), []
+        rerun = _grads(
+            model, batch, gradcache=True, single_backward=single_backward, device=device, reuse_vision=False
+        )
+        n_rerun = len(runs)
+    finally:
+        handle.remove()
+    assert n_plain >= 2 and n_served == n_plain and n_rerun > n_plain, (n_plain, n_served, n_rerun)
+    _assert_same(served, plain, atol=atol)
+    _assert_same(rerun, plain, atol=atol)
+
+
+def _lora(model, dropout=0.0):
+    model.apply_lora(r=4, alpha=8, dropout=dropout)
+    with torch.no_grad():  # LoRA B starts at zero; give the adapters a nonzero effect
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_serves_a_frozen_vision_tower(model, rows, single_backward):
+    check_frozen_vision_is_served(_lora(model), rows, single_backward)
+
+
+def test_gradcache_serves_a_tower_frozen_in_a_full_fine_tune(model, rows):
+    for param in model.adapter.vision_tower(model.backbone).parameters():
+        param.requires_grad_(False)  # what model.freeze_vision does
+    check_frozen_vision_is_served(model, rows, single_backward=False)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_a_frozen_tower_that_draws_random_numbers_runs_again(model, rows, single_backward):
+    """Attention dropout in the frozen tower and in the decoder: skipping the tower in the
+    re-forward would shift the random numbers the decoder draws after it, so the cache must
+    refuse to serve it (it sees the random state change) and the tower runs again, replayed."""
+    from vlm2emb.gradcache import frozen_vision_tower
+
+    _lora(model)
+    tower = frozen_vision_tower(model)
+    for module in model.backbone.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3
+    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    plain = _grads(model, batch, gradcache=False, seed=3)
+    assert _grads(model, batch, gradcache=False, seed=4)[0] != pytest.approx(plain[0], abs=1e-6)
+    calls: list[int] = []
+    handle = tower.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        cached = _grads(model, batch, gradcache=True, single_backward=single_backward, seed=3)
+    finally:
+        handle.remove()
+    image_chunks = sum("pixel_values" in c for c in batch["query"])
+    assert len(calls) > image_chunks  # ran again in the re-forward
+    _assert_same(cached, plain)

@@ -462,7 +462,7 @@ class EmbeddingModel(nn.Module):
         self,
         inputs: dict[str, Any] | Sequence[dict[str, Any]],
         with_temperature: bool = False,
-        rng_states: Sequence[Any] | None = None,
+        replays: Sequence[Any] | None = None,
     ) -> torch.Tensor | list[torch.Tensor] | tuple[Any, torch.Tensor]:
         """Embeds one collated batch, or several in one call.
 
@@ -478,17 +478,19 @@ class EmbeddingModel(nn.Module):
             [B, d] float32 embeddings (L2-normalised if ``config.normalize``), with grad when
             grad is enabled; a list of those for a list of batches. With
             ``with_temperature``, a pair ``(embeddings, learned temperature [])``.
-            rng_states: For a list of batches, one :class:`vlm2emb.gradcache.RngState` per
+            replays: For a list of batches, one :class:`vlm2emb.gradcache.ChunkReplay` per
                 batch: each batch runs under activation checkpointing with that random
-                state (GradCache's one-backward form; see :mod:`vlm2emb.gradcache`).
+                state and the frozen outputs it kept (GradCache's one-backward form; see
+                :mod:`vlm2emb.gradcache`).
         """
-        if rng_states is not None:
+        if replays is not None:
             from torch.utils.checkpoint import checkpoint
 
             out = []
-            for x, state in zip(inputs, rng_states, strict=True):
-                with state.replay():
-                    out.append(checkpoint(self._embed, x, use_reentrant=False))
+            for x, replay in zip(inputs, replays, strict=True):
+                with replay.random_state():
+                    # replay.call serves the kept outputs to the forward and its recompute.
+                    out.append(checkpoint(replay.call, self._embed, x, use_reentrant=False))
         elif isinstance(inputs, (list, tuple)):
             out = [self._embed(x) for x in inputs]
         else:

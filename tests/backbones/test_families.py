@@ -308,6 +308,31 @@ def test_lora_step_trains_only_the_adapter(tiny, items):
     assert changed == lora_b
 
 
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_serves_the_frozen_vision_tower(tiny, digit_images, single_backward):
+    """Every family: with LoRA (tower frozen) GradCache reuses the tower's first-pass
+    outputs in the re-forward and still gives the plain step's gradients."""
+    from tests.test_gradcache import check_frozen_vision_is_served
+    from vlm2emb.data.schema import TrainExample
+
+    torch.manual_seed(0)
+    model = EmbeddingModel.from_pretrained(tiny.path, pooling="last").train()
+    model.apply_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # LoRA B starts at zero; give the adapters a nonzero effect
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    rows = [
+        TrainExample(
+            query={"text": "which digit?", "images": [digit_images[i]]},
+            positive={"text": f"a handwritten digit {i}"},
+            source=f"t:{i}",
+        )
+        for i in range(4)
+    ]
+    check_frozen_vision_is_served(model, rows, single_backward)
+
+
 def test_lora_adapter_saves_and_reloads(tiny, items, tmp_path):
     model = EmbeddingModel.from_pretrained(tiny.path, pooling="mean", attention="bidirectional")
     model.apply_lora(r=4, alpha=8, dropout=0.0)

@@ -109,10 +109,16 @@ def single_lora(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("config", ["ddp", "zero3"])
-def test_two_processes_match_one_with_lora(single_lora, tmp_path, config):
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("ddp", ()), ("zero3", ()), ("zero3", ("train.gradcache_chunk_size=3",))],
+    ids=["ddp", "zero3", "zero3-gradcache"],
+)
+def test_two_processes_match_one_with_lora(single_lora, tmp_path, config, extra):
+    """The GradCache case serves the frozen vision tower's first-pass outputs to the
+    checkpointed re-forward (gradcache_reuse_vision) under ZeRO-3's partitioned weights."""
     out = tmp_path / config
-    _run(_launch_cmd(config, out, *LORA))
+    _run(_launch_cmd(config, out, *LORA, *extra))
     losses = _losses(single_lora)
     assert len(set(losses)) == 3  # the adapter learns: step 2 differs from step 1
     assert _losses(out) == pytest.approx(losses, abs=1e-5)

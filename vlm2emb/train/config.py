@@ -98,6 +98,9 @@ class TrainConfig:
     matryoshka_dims: list[int] = field(default_factory=list)
     matryoshka_weights: list[float] = field(default_factory=list)  # one per dim (default 1 each)
     gradcache_chunk_size: int = 0  # 0 = off; else items per forward chunk (GradCache)
+    # GradCache's re-forward reuses a frozen vision tower's first-pass outputs instead of
+    # running it again (exact; costs memory for the kept outputs). docs/distributed.md
+    gradcache_reuse_vision: bool = True
     # Without GradCache: split each side of the local batch into this many length-sorted
     # sub-batches (less padding, more forward calls). GradCache chunks are always sorted.
     length_buckets: int = 1

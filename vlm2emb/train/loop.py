@@ -514,6 +514,7 @@ class _Trainer:
             device=acc.device,
             learnable_temperature=cfg.train.learnable_temperature,
             single_backward=self.deepspeed,
+            reuse_frozen_vision=cfg.train.gradcache_reuse_vision,
         )
         if self.is_main:
             print(
