@@ -89,13 +89,18 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]
     return tuple((k, tuple(v.shape)) for k, v in items if isinstance(v, torch.Tensor))
 
 
+def _embedding_model(model: nn.Module) -> nn.Module | None:
+    """The EmbeddingModel inside DDP / DeepSpeed wrappers (None if there is none)."""
+    while not hasattr(model, "adapter") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model if hasattr(model, "adapter") else None
+
+
 def frozen_vision_tower(model: nn.Module) -> nn.Module | None:
     """The vision tower of ``model`` (an EmbeddingModel, possibly DDP- or DeepSpeed-wrapped)
     if it has one and none of its parameters trains; else None."""
-    while not hasattr(model, "adapter") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    adapter = getattr(model, "adapter", None)
-    tower = adapter.vision_tower(model.backbone) if adapter is not None else None
+    inner = _embedding_model(model)
+    tower = inner.adapter.vision_tower(inner.backbone) if inner is not None else None
     if tower is None or any(p.requires_grad for p in tower.parameters()):
         return None
     return tower
@@ -112,18 +117,33 @@ class FrozenVisionCache:
     of the output object (Qwen2-VL splits ``pooler_output`` per image in place).
 
     Memory: the kept outputs of every chunk of the local batch live until the step's
-    backward ends (for Qwen2-VL, the merged image tokens and the tower's last hidden
-    states: about 3.4 MB per 448x448 image in bf16 at the 2B size).
+    backward ends, trimmed to what the backbone reads (for Qwen2-VL the merged image
+    tokens: 0.8 MB per 448x448 image in bf16 at the 2B size).
 
     Args:
         tower: The vision module (all parameters frozen).
         device: Where the random state to check lives (CPU, plus the CUDA device if any).
+        trim: Drops the parts of a (copied) output that the backbone does not read
+            (``BackboneAdapter.trim_vision_output``); None keeps all.
     """
 
-    def __init__(self, tower: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, tower: nn.Module, device: torch.device, trim: Callable[[Any], Any] | None = None
+    ) -> None:
         self.tower = tower
         self.device = device
+        self.trim = trim or (lambda output: output)
         self.outputs: dict[int, list[tuple[tuple[Any, ...], Any]]] = {}
+
+    @classmethod
+    def for_model(cls, model: nn.Module, device: torch.device) -> FrozenVisionCache | None:
+        """A cache for ``model``'s vision tower if it is frozen, trimmed by its adapter."""
+        tower = frozen_vision_tower(model)
+        if tower is None:
+            return None
+        inner = _embedding_model(model)
+        config = inner.backbone.config
+        return cls(tower, device, lambda output: inner.adapter.trim_vision_output(output, config))
 
     @contextlib.contextmanager
     def recording(self, key: int) -> Iterator[None]:
@@ -137,7 +157,7 @@ class FrozenVisionCache:
         def post(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             nonlocal deterministic
             deterministic = deterministic and RngState(self.device).same_as(before.pop())
-            calls.append((_signature(args, kwargs), copy.copy(output)))
+            calls.append((_signature(args, kwargs), self.trim(copy.copy(output))))
 
         handles = [
             self.tower.register_forward_pre_hook(pre),
@@ -318,8 +338,7 @@ class ContrastiveStep:
         # form does not: the kept graph would be alive while the others are re-embedded, which
         # doubles the activation peak to save two chunk forwards (its re-run and recompute).
         keep = self.kept_chunk(chunks)
-        tower = frozen_vision_tower(self.model) if self.reuse_frozen_vision else None
-        vision = FrozenVisionCache(tower, self.device) if tower is not None else None
+        vision = FrozenVisionCache.for_model(self.model, self.device) if self.reuse_frozen_vision else None
         replays: list[ChunkReplay | None] = [None] * len(chunks)
         embs: list[torch.Tensor | None] = [None] * len(chunks)
         kept = None

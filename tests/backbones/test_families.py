@@ -333,6 +333,43 @@ def test_gradcache_serves_the_frozen_vision_tower(tiny, digit_images, single_bac
     check_frozen_vision_is_served(model, rows, single_backward)
 
 
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+# Families whose tower returns more than their forward reads: Qwen's pre-merge patches,
+# LLaVA's every-layer hidden states.
+TRIMMED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision"}
+
+
+def test_frozen_vision_cache_keeps_only_what_the_forward_reads(tiny, model, digit_images):
+    """GradCache holds a frozen tower's outputs until the backward: trimmed to the fields the
+    backbone reads (the forward on the trimmed outputs is checked against the plain step in
+    test_gradcache_serves_the_frozen_vision_tower)."""
+    from vlm2emb.gradcache import FrozenVisionCache
+
+    tower = model.adapter.vision_tower(model.backbone)
+    cache = FrozenVisionCache(
+        tower, torch.device("cpu"), lambda out: model.adapter.trim_vision_output(out, model.backbone.config)
+    )
+    full: list = []
+    handle = tower.register_forward_hook(lambda _m, _a, out: full.append(_tensor_bytes(out)))
+    try:
+        with torch.no_grad(), cache.recording(0):
+            model(model.collate([{"text": "which digit?", "image": digit_images[0]}]))
+    finally:
+        handle.remove()
+    kept = sum(_tensor_bytes(out) for _, out in cache.outputs[0])
+    assert 0 < kept <= sum(full)
+    assert (kept < sum(full)) == (tiny.family in TRIMMED), (kept, sum(full))
+
+
 def test_lora_adapter_saves_and_reloads(tiny, items, tmp_path):
     model = EmbeddingModel.from_pretrained(tiny.path, pooling="mean", attention="bidirectional")
     model.apply_lora(r=4, alpha=8, dropout=0.0)

@@ -169,6 +169,17 @@ class BackboneAdapter:
                 return module
         return None
 
+    def trim_vision_output(self, output: Any, config: Any) -> Any:
+        """The part of a frozen vision tower's output that the backbone's forward reads.
+
+        GradCache keeps the tower's first-pass outputs until the backward
+        (:class:`vlm2emb.gradcache.FrozenVisionCache`); a family whose tower returns more
+        than its forward uses (every layer's hidden states, pre-merge patches) drops the
+        rest here (with :func:`set_output_field`). ``output`` is a shallow copy: replace
+        fields, never change tensors. The default keeps everything.
+        """
+        return output
+
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the backbone once and returns ``(hidden [B, L, H], attention_mask [B, L])``."""
         out = model(**inputs, use_cache=False, return_dict=True)
@@ -201,6 +212,18 @@ class BackboneAdapter:
         cfg = model.config
         text_cfg = getattr(cfg, "text_config", cfg)
         return int(text_cfg.hidden_size)
+
+
+def set_output_field(output: Any, name: str, value: Any) -> None:
+    """Sets a field of a transformers ``ModelOutput`` (or any object) to ``value``.
+
+    Plain attribute assignment is not enough: ``ModelOutput.__setattr__`` ignores None for
+    its mapping side, so the tensor would stay referenced (and in memory) under its key.
+    """
+    if isinstance(output, Mapping):
+        output[name] = value
+    else:
+        setattr(output, name, value)
 
 
 def _tensors(call: Callable[..., Mapping[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -13,9 +13,9 @@ prompt format and the LoRA targets, and differ in image tiling (see their module
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from vlm2emb.backbones.base import BackboneAdapter
+from vlm2emb.backbones.base import BackboneAdapter, set_output_field
 from vlm2emb.backbones.registry import register_backbone
 
 # The decoder is ``language_model`` (a LlamaModel / Qwen2Model ...) inside the base model;
@@ -48,6 +48,19 @@ class LlavaAdapter(BackboneAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
     lora_target_modules: ClassVar[str] = LM_PROJ
     image_placeholder: ClassVar[str] = "<image>\n"
+
+    def trim_vision_output(self, output: Any, config: Any) -> Any:
+        # The LLaVA family (and InternVL's hidden-state path) select the hidden states of
+        # ``vision_feature_layer`` (one index or a list); the other layers' are dropped.
+        hidden = getattr(output, "hidden_states", None)
+        if hidden is not None:
+            layers = getattr(config, "vision_feature_layer", -1)
+            keep = {i % len(hidden) for i in (layers if isinstance(layers, (list, tuple)) else [layers])}
+            set_output_field(
+                output, "hidden_states", tuple(h if i in keep else None for i, h in enumerate(hidden))
+            )
+            set_output_field(output, "last_hidden_state", None)
+        return output
 
     @classmethod
     def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:

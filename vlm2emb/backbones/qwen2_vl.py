@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlm2emb.backbones.base import BackboneAdapter
+from vlm2emb.backbones.base import BackboneAdapter, set_output_field
 from vlm2emb.backbones.registry import register_backbone
 
 _LM_PROJ = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -37,6 +37,12 @@ class Qwen2VLAdapter(BackboneAdapter):
         "<|image_pad|>",
         "<|video_pad|>",
     )
+
+    def trim_vision_output(self, output: Any, config: Any) -> Any:
+        # The forward reads the merged tokens (pooler_output) and, in Qwen3-VL, the deepstack
+        # features; the pre-merge patches (4x as many rows) are not used.
+        set_output_field(output, "last_hidden_state", None)
+        return output
 
     # Patch 4 px, 2x2 merge: a 32x32 image is 8x8 patches -> 16 LM tokens.
     tiny_pixels: ClassVar[dict[str, int]] = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
