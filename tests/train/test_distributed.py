@@ -111,12 +111,18 @@ def single_lora(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("config", "extra"),
-    [("ddp", ()), ("zero3", ()), ("zero3", ("train.gradcache_chunk_size=3",))],
-    ids=["ddp", "zero3", "zero3-gradcache"],
+    [
+        ("ddp", ()),
+        ("zero3", ()),
+        ("ddp", ("train.gradcache_chunk_size=3",)),
+        ("zero3", ("train.gradcache_chunk_size=3",)),
+    ],
+    ids=["ddp", "zero3", "ddp-gradcache", "zero3-gradcache"],
 )
 def test_two_processes_match_one_with_lora(single_lora, tmp_path, config, extra):
-    """The GradCache case serves the frozen vision tower's first-pass outputs to the
-    checkpointed re-forward (gradcache_reuse_vision) under ZeRO-3's partitioned weights."""
+    """The GradCache cases serve the frozen vision tower's first-pass outputs to the
+    re-forward (gradcache_reuse_vision): per chunk under DDP's no_sync, and to the
+    checkpointed re-forward under ZeRO-3's partitioned weights."""
     out = tmp_path / config
     _run(_launch_cmd(config, out, *LORA, *extra))
     losses = _losses(single_lora)
