@@ -38,6 +38,21 @@ def test_quick_train_and_gradcache_comparison_runs(tmp_path):
     assert "| GradCache vs plain |" in harness.table(results)
 
 
+def test_quick_encode_comparison_runs(tmp_path):
+    """The encode mode embeds like sentence-transformers (the harness checks that first) and
+    times every contender, including the forward-only ceiling."""
+    harness = _harness()
+    out = tmp_path / "results.json"
+    argv = ["--suite", "cpu", "--quick", "--only", "encode", "--rounds", "1"]
+    assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    enc = json.loads(out.read_text())["encode"]
+    for name in ("text", "mixed"):
+        assert enc[f"{name}_max_abs_diff_vs_st"] < 1e-4
+        contenders = {"vlm2emb", "sentence-transformers", "naive", "forward_only"}
+        assert contenders <= set(enc[name]) and all(enc[name][c]["items_per_s"] > 0 for c in contenders)
+    assert "| encode image+text | forward_only |" in harness.table(json.loads(out.read_text()))
+
+
 def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):
     """benchmarks/gradcache.py --interleaved runs, and its --lora and --image-size flags
     really change what is trained on (an earlier version accepted and ignored them)."""
