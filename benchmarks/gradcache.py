@@ -167,13 +167,21 @@ def _interleaved(args: argparse.Namespace, batch: int) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from run import interleaved  # the harness's timing: warm-up, then turns in flipped order
 
-    runs = {"plain": stepper(False, plain_batches), "gradcache": stepper(True, gc_batches)}
+    # Above --max-plain-batch the plain step would not fit in memory: GradCache alone.
+    plain = batch <= args.max_plain_batch
+    runs = {"plain": stepper(False, plain_batches)} if plain else {}
+    runs["gradcache"] = stepper(True, gc_batches)
     frozen = frozen_vision_tower(model) is not None
     if frozen:
         runs["gradcache_rerun_vision"] = stepper(True, gc_batches, reuse=False)
     times = interleaved(runs, args.rounds, device.type)
     med = {name: statistics.median(t) / args.steps for name, t in times.items()}
-    extra = {"ratio_rerun_vision": round(med["gradcache_rerun_vision"] / med["plain"], 3)} if frozen else {}
+    base = med.get("plain")
+    extra = {}
+    if frozen:
+        rerun = med["gradcache_rerun_vision"]
+        extra = {"ratio_rerun_vision": round(rerun / base, 3) if base else None}
+        extra["reuse_speedup"] = round(rerun / med["gradcache"], 3)
     return {
         "batch_size": batch,
         "chunk": args.chunk,
@@ -185,7 +193,7 @@ def _interleaved(args: argparse.Namespace, batch: int) -> dict:
         ),
         "step_s": {name: round(v, 4) for name, v in med.items()},
         "frozen_vision_tower": frozen,
-        "ratio": round(med["gradcache"] / med["plain"], 3),
+        "ratio": round(med["gradcache"] / base, 3) if base else None,
         **extra,
         "all_s": {name: [round(x, 4) for x in t] for name, t in times.items()},
     }
@@ -221,16 +229,22 @@ def main() -> None:
     if args.interleaved:
         results = []
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            results.append(_interleaved(args, batch))
+            try:
+                results.append(_interleaved(args, batch))
+            except torch.OutOfMemoryError as err:  # record it; the other sizes still run
+                results.append({"batch_size": batch, "error": f"out of memory: {str(err).splitlines()[0]}"})
+                print(f"batch {batch:>5}: {results[-1]['error']}", flush=True)
+                torch.cuda.empty_cache()
+                continue
             r = results[-1]
             rerun = (
                 f", running the frozen tower again {r['step_s']['gradcache_rerun_vision']} s "
-                f"({r['ratio_rerun_vision']}x)"
+                f"({r['ratio_rerun_vision']}x; reuse {r['reuse_speedup']}x faster)"
                 if r["frozen_vision_tower"]
                 else ""
             )
             print(
-                f"batch {batch:>5}: plain {r['step_s']['plain']} s, "
+                f"batch {batch:>5}: plain {r['step_s'].get('plain', 'skipped')} s, "
                 f"GradCache {r['step_s']['gradcache']} s ({r['ratio']}x){rerun}",
                 flush=True,
             )

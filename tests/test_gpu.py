@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from tests.test_benchmarks import check_step_flops_against_forward
-from tests.test_gradcache import check_gradcache_replays_dropout, rows  # noqa: F401 (fixture)
+from tests.test_gradcache import (  # noqa: F401 (rows is a fixture)
+    check_frozen_vision_is_served,
+    check_gradcache_replays_dropout,
+    check_random_tower_runs_again,
+    lora,
+    rows,
+)
 from vlm2emb import EmbeddingModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,3 +70,13 @@ def test_mfu_flop_count_on_cuda_counts_the_sdpa_kernels(tmp_path):
     ratios = check_step_flops_against_forward(tmp_path, device="cuda")
     assert 2.85 < ratios["full"] < 3.05, ratios
     assert ratios["lora"] < ratios["full"] - 0.2, ratios
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_gradcache_serves_the_frozen_tower_on_cuda(tiny_qwen2_vl_dir, rows, single_backward):  # noqa: F811
+    """The frozen tower's outputs are served on CUDA (the determinism check reads the CUDA
+    generator too) with the plain step's gradients; with dropout they are not served."""
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").train()
+    check_frozen_vision_is_served(lora(model), rows, single_backward, device="cuda", atol=1e-4)
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").train()
+    check_random_tower_runs_again(model, rows, single_backward, device="cuda", atol=1e-4)

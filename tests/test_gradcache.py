@@ -208,7 +208,8 @@ def check_frozen_vision_is_served(model, rows, single_backward, device="cpu", at
     _assert_same(rerun, plain, atol=atol)
 
 
-def _lora(model, dropout=0.0):
+def lora(model, dropout=0.0):
+    """LoRA r4 adapters with random B (shared with tests/test_gpu.py)."""
     model.apply_lora(r=4, alpha=8, dropout=dropout)
     with torch.no_grad():  # LoRA B starts at zero; give the adapters a nonzero effect
         for name, param in model.named_parameters():
@@ -219,7 +220,7 @@ def _lora(model, dropout=0.0):
 
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_gradcache_serves_a_frozen_vision_tower(model, rows, single_backward):
-    check_frozen_vision_is_served(_lora(model), rows, single_backward)
+    check_frozen_vision_is_served(lora(model), rows, single_backward)
 
 
 def test_gradcache_serves_a_tower_frozen_in_a_full_fine_tune(model, rows):
@@ -228,27 +229,34 @@ def test_gradcache_serves_a_tower_frozen_in_a_full_fine_tune(model, rows):
     check_frozen_vision_is_served(model, rows, single_backward=False)
 
 
-@pytest.mark.parametrize("single_backward", [False, True])
-def test_a_frozen_tower_that_draws_random_numbers_runs_again(model, rows, single_backward):
+def check_random_tower_runs_again(model, rows, single_backward, device="cpu", atol=1e-5):
     """Attention dropout in the frozen tower and in the decoder: skipping the tower in the
     re-forward would shift the random numbers the decoder draws after it, so the cache must
-    refuse to serve it (it sees the random state change) and the tower runs again, replayed."""
+    refuse to serve it (it sees the random state change) and the tower runs again, replayed.
+    Shared with tests/test_gpu.py (the CUDA generator's state)."""
     from vlm2emb.gradcache import frozen_vision_tower
 
-    _lora(model)
+    lora(model)
     tower = frozen_vision_tower(model)
     for module in model.backbone.modules():
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.3
     batch = ContrastiveCollator(model, chunk_size=2)(rows)
-    plain = _grads(model, batch, gradcache=False, seed=3)
-    assert _grads(model, batch, gradcache=False, seed=4)[0] != pytest.approx(plain[0], abs=1e-6)
+    plain = _grads(model, batch, gradcache=False, seed=3, device=device)
+    assert _grads(model, batch, gradcache=False, seed=4, device=device)[0] != pytest.approx(
+        plain[0], abs=1e-6
+    )
     calls: list[int] = []
     handle = tower.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        cached = _grads(model, batch, gradcache=True, single_backward=single_backward, seed=3)
+        cached = _grads(model, batch, gradcache=True, single_backward=single_backward, seed=3, device=device)
     finally:
         handle.remove()
     image_chunks = sum("pixel_values" in c for c in batch["query"])
     assert len(calls) > image_chunks  # ran again in the re-forward
-    _assert_same(cached, plain)
+    _assert_same(cached, plain, atol=atol)
+
+
+@pytest.mark.parametrize("single_backward", [False, True])
+def test_a_frozen_tower_that_draws_random_numbers_runs_again(model, rows, single_backward):
+    check_random_tower_runs_again(model, rows, single_backward)
