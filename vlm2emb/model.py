@@ -174,6 +174,7 @@ class EmbeddingModel(nn.Module):
         self.adapter = adapter
         self.config = config
         self.adapter.padding_side = config.padding_side
+        self.adapter.configure_backbone(backbone)
         self.adapter.set_attention(backbone, config.attention)
         self.base_dir: Path | None = None  # relative image paths in encode() resolve here
         # Set by enable_learnable_temperature(); a model parameter so that DDP and DeepSpeed

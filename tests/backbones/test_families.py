@@ -333,6 +333,62 @@ def test_gradcache_serves_the_frozen_vision_tower(tiny, digit_images, single_bac
     check_frozen_vision_is_served(model, rows, single_backward)
 
 
+def test_packed_vision_attention_equals_sdpa_in_fewer_calls(tiny, model, digit_images, monkeypatch):
+    """Qwen families attend over the packed images with one SDPA call per image size
+    (vlm2emb/backbones/varlen.py) instead of transformers' one per image: the same
+    embeddings and gradients as the "sdpa" path, for same-size and mixed-size images."""
+    from vlm2emb.backbones.varlen import NAME
+
+    tower = model.adapter.vision_tower(model.backbone)
+    packed = tiny.family in {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+    assert (tower is not None and tower.config._attn_implementation == NAME) == packed
+    if not packed:
+        return
+    calls: list[int] = []
+    in_tower = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        if in_tower:
+            calls.append(args[0].shape[0])  # the batch of segments attended at once
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    hooks = [
+        tower.register_forward_pre_hook(lambda *_: in_tower.append(1)),
+        tower.register_forward_hook(lambda *_: in_tower.clear()),
+    ]
+    try:
+        big = digit_images[2].resize((48, 48))
+        for images in (
+            [digit_images[0], digit_images[1], digit_images[3]],
+            [digit_images[0], big, digit_images[1]],
+        ):
+            inputs = model.collate([{"text": "which digit?", "image": img} for img in images])
+            out = {}
+            for impl in (NAME, "sdpa"):
+                tower.config._attn_implementation = impl
+                calls.clear()
+                params = [p for p in model.backbone.parameters() if p.requires_grad]
+                emb = model(inputs)
+                grads = torch.autograd.grad(emb.square().sum(), params[:3] + params[-3:], allow_unused=True)
+                out[impl] = (emb.detach(), grads, list(calls))
+            tower.config._attn_implementation = NAME
+            torch.testing.assert_close(out[NAME][0], out["sdpa"][0], atol=1e-6, rtol=1e-5)
+            for a, b in zip(out[NAME][1], out["sdpa"][1]):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+            assert out["sdpa"][2] and set(out["sdpa"][2]) == {1}  # one image (or window) per call
+            assert len(out[NAME][2]) < len(out["sdpa"][2])
+            if images[1] is not big and tiny.family != "qwen2_5_vl":  # (its windows differ in size)
+                assert set(out[NAME][2]) == {3}  # all three images in each call
+    finally:
+        tower.config._attn_implementation = NAME
+        for hook in hooks:
+            hook.remove()
+
+
 def _tensor_bytes(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()

@@ -185,6 +185,10 @@ class BackboneAdapter:
         out = model(**inputs, use_cache=False, return_dict=True)
         return out.last_hidden_state, inputs["attention_mask"]
 
+    def configure_backbone(self, model: nn.Module) -> None:
+        """Family-specific runtime settings of a loaded backbone (called once by
+        EmbeddingModel). Default: none."""
+
     def set_attention(self, model: nn.Module, mode: str) -> None:
         """Switches the language model between causal and bidirectional attention.
 

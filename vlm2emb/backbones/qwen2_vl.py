@@ -11,8 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from torch import nn
+
 from vlm2emb.backbones.base import BackboneAdapter, set_output_field
 from vlm2emb.backbones.registry import register_backbone
+from vlm2emb.backbones.varlen import use_for_vision
 
 _LM_PROJ = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -37,6 +40,13 @@ class Qwen2VLAdapter(BackboneAdapter):
         "<|image_pad|>",
         "<|video_pad|>",
     )
+
+    def configure_backbone(self, model: nn.Module) -> None:
+        # The tower packs a batch's images into one sequence: attend over it in one SDPA
+        # call per image size instead of one per image (vlm2emb/backbones/varlen.py).
+        tower = self.vision_tower(model)
+        if tower is not None:
+            use_for_vision(tower.config)
 
     def trim_vision_output(self, output: Any, config: Any) -> Any:
         # The forward reads the merged tokens (pooler_output) and, in Qwen3-VL, the deepstack
