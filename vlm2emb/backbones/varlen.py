@@ -21,6 +21,7 @@ anywhere.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -69,8 +70,7 @@ def varlen_sdpa(
     ):
         raise ValueError("varlen_sdpa handles self-attention over packed segments without a mask")
     _, heads, total, dim = query.shape
-    starts = cu_seq_lens_q[:-1].tolist()
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    starts, lengths = _segments(cu_seq_lens_q)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal, scale=scaling)
@@ -91,6 +91,17 @@ def varlen_sdpa(
         q, k, v = (t[0][:, idx].transpose(0, 1) for t in (query, key, value))  # [k, H, L, D]
         out[:, idx] = attend(q, k, v).transpose(0, 1)
     return out.transpose(0, 1).unsqueeze(0), None  # [1, T, H, D]
+
+
+def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(starts, lengths) of the segments, read to the host once per tensor: every layer of a
+    tower gets the same ``cu_seqlens`` tensor, and on a GPU each read is a device sync."""
+    cached = getattr(cu_seqlens, "_vlm2emb_segments", None)
+    if cached is None or cached[0] != cu_seqlens._version:  # (written in place since: re-read)
+        bounds = cu_seqlens.tolist()
+        cached = (cu_seqlens._version, bounds[:-1], [b - a for a, b in itertools.pairwise(bounds)])
+        cu_seqlens._vlm2emb_segments = cached  # dies with the tensor
+    return cached[1], cached[2]
 
 
 def register() -> str:
