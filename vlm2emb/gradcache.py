@@ -96,6 +96,11 @@ def _embedding_model(model: nn.Module) -> nn.Module | None:
     return model if hasattr(model, "adapter") else None
 
 
+def _shallow_copy(output: Any) -> Any:
+    """A new container holding the same tensors (a tensor itself is returned as is)."""
+    return output if isinstance(output, torch.Tensor) else copy.copy(output)
+
+
 def frozen_vision_tower(model: nn.Module) -> nn.Module | None:
     """The vision tower of ``model`` (an EmbeddingModel, possibly DDP- or DeepSpeed-wrapped)
     if it has one and none of its parameters trains; else None."""
@@ -157,7 +162,7 @@ class FrozenVisionCache:
         def post(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             nonlocal deterministic
             deterministic = deterministic and RngState(self.device).same_as(before.pop())
-            calls.append((_signature(args, kwargs), self.trim(copy.copy(output))))
+            calls.append((_signature(args, kwargs), self.trim(_shallow_copy(output))))
 
         handles = [
             self.tower.register_forward_pre_hook(pre),
@@ -188,7 +193,7 @@ class FrozenVisionCache:
                     f"GradCache re-forward called the frozen vision tower differently from the "
                     f"first pass (chunk {key}): {_signature(args, kwargs)} vs {signature}"
                 )
-            return copy.copy(output)
+            return _shallow_copy(output)
 
         tower.forward = forward
         try:
