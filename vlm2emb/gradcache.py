@@ -152,6 +152,7 @@ class FrozenVisionCache:
 
     @contextlib.contextmanager
     def recording(self, key: int) -> Iterator[None]:
+        """Keeps the tower's outputs during the block (chunk ``key``'s first-pass forward)."""
         calls: list[tuple[tuple[Any, ...], Any]] = []
         before: list[RngState] = []
         deterministic = True
@@ -178,6 +179,7 @@ class FrozenVisionCache:
 
     @contextlib.contextmanager
     def serving(self, key: int) -> Iterator[None]:
+        """Makes the tower return chunk ``key``'s kept outputs during the block (if any)."""
         calls = self.outputs.get(key)
         if calls is None:
             yield
