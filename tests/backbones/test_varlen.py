@@ -51,6 +51,17 @@ def test_without_segments_it_is_plain_sdpa_and_masks_are_refused_with_them():
         varlen_sdpa(None, q, k, v, attention_mask=torch.ones(6, 6, dtype=torch.bool), cu_seq_lens_q=cu)
 
 
+def test_works_under_inference_mode():
+    """encode() runs under torch.inference_mode, whose tensors keep no version counter."""
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    with torch.inference_mode():
+        cu = torch.tensor([0, 3, 8])
+        got, _ = varlen_sdpa(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+        again, _ = varlen_sdpa(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu)  # from the cache
+    torch.testing.assert_close(got, _reference(q, k, v, [3, 5], False))
+    torch.testing.assert_close(again, got)
+
+
 def test_segment_lengths_are_read_once_per_tensor_and_again_after_a_write():
     cu = torch.tensor([0, 2, 5])
     assert _segments(cu) == ([0, 2], [2, 3])

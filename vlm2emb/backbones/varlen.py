@@ -96,10 +96,13 @@ def varlen_sdpa(
 def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
     """(starts, lengths) of the segments, read to the host once per tensor: every layer of a
     tower gets the same ``cu_seqlens`` tensor, and on a GPU each read is a device sync."""
+    # Written in place since it was read: read again. Inference tensors (encode runs under
+    # torch.inference_mode) keep no version counter; they are trusted as they are.
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
     cached = getattr(cu_seqlens, "_vlm2emb_segments", None)
-    if cached is None or cached[0] != cu_seqlens._version:  # (written in place since: re-read)
+    if cached is None or cached[0] != version:
         bounds = cu_seqlens.tolist()
-        cached = (cu_seqlens._version, bounds[:-1], [b - a for a, b in itertools.pairwise(bounds)])
+        cached = (version, bounds[:-1], [b - a for a, b in itertools.pairwise(bounds)])
         cu_seqlens._vlm2emb_segments = cached  # dies with the tensor
     return cached[1], cached[2]
 
