@@ -149,7 +149,14 @@ class BackboneAdapter:
         self.tokenizer.padding_side = self.padding_side
         if not flat and self.tokenize_text_directly:
             return self.tokenize_text(prompts)
-        return _tensors(self.processor, text=list(prompts), images=flat or None, padding=True)
+        # Processors that build a per-token modality map do it row by row with NumPy sets;
+        # one vectorised pass over the padded ids gives the same map (tested per family).
+        modality_map = getattr(type(self.processor), "return_mm_token_type_ids", False) is True
+        extra = {"return_mm_token_type_ids": False} if modality_map else {}
+        out = _tensors(self.processor, text=list(prompts), images=flat or None, padding=True, **extra)
+        if modality_map:
+            out["mm_token_type_ids"] = _modality_map(self.processor, out["input_ids"])
+        return out
 
     def tokenize_text(self, prompts: Sequence[str]) -> dict[str, Any]:
         """The tokenizer alone on image-free prompts: ``input_ids`` and ``attention_mask`` [B, L]."""
@@ -216,6 +223,18 @@ class BackboneAdapter:
         cfg = model.config
         text_cfg = getattr(cfg, "text_config", cfg)
         return int(text_cfg.hidden_size)
+
+
+def _modality_map(processor: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' ``mm_token_type_ids`` of a padded batch [B, L]: 0 text, 1 image, 2 video,
+    3 audio tokens (by the processor's ``image_token_ids`` / ``video_token_ids`` /
+    ``audio_token_ids``)."""
+    types = torch.zeros_like(input_ids)
+    for code, name in ((1, "image_token_ids"), (2, "video_token_ids"), (3, "audio_token_ids")):
+        ids = [i for i in getattr(processor, name, None) or [] if i is not None]
+        if ids:
+            types[torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype))] = code
+    return types
 
 
 def set_output_field(output: Any, name: str, value: Any) -> None:
