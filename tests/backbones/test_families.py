@@ -333,6 +333,44 @@ def test_gradcache_serves_the_frozen_vision_tower(tiny, digit_images, single_bac
     check_frozen_vision_is_served(model, rows, single_backward)
 
 
+# Families whose decoder mask is causal + padding only: right-padded causal batches run
+# without the padding mask (BackboneAdapter.padding_mask_optional_when_causal).
+MASK_OPTIONAL = {
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+}  # InternVL's real tokens change without the mask (tried: test_padding_never_changes_real_tokens)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padding_mask_is_left_out_only_for_right_padded_causal_batches(
+    tiny, model, digit_images, attention, padding_side
+):
+    """The mask is dropped only where no real token could attend to a pad (causal, right
+    padding, a plain decoder mask); the padded batch's real tokens still equal the item
+    embedded alone (test_padding_never_changes_real_tokens), and pooling gets the mask."""
+    _configure(model, attention=attention, padding_side=padding_side)
+    seen: list[bool] = []
+    handle = model.backbone.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append("attention_mask" in kwargs), with_kwargs=True
+    )
+    try:
+        hidden, mask = _hidden(
+            model, ["a short one", {"text": "a longer text with an image", "image": digit_images[0]}]
+        )
+    finally:
+        handle.remove()
+    dropped = attention == "causal" and padding_side == "right" and tiny.family in MASK_OPTIONAL
+    assert seen == [not dropped]
+    assert mask.shape == hidden.shape[:2] and not mask.all()  # the pooling mask is returned
+
+
 def test_packed_vision_attention_equals_sdpa_in_fewer_calls(tiny, model, digit_images, monkeypatch):
     """Qwen families attend over the packed images with one SDPA call per image size
     (vlm2emb/backbones/varlen.py) instead of transformers' one per image: the same

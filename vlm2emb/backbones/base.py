@@ -56,6 +56,13 @@ class BackboneAdapter:
     # NumPy, which text needs not). Opt-in per family; tests check the ids and embeddings
     # equal the processor's for every family that sets it.
     tokenize_text_directly: ClassVar[bool] = False
+    # With causal attention and right padding every pad comes after every real token, so no
+    # real token can attend to one: the padding mask changes nothing a real token computes.
+    # A family whose decoder mask is only causal + padding (no prefix or image blocks built
+    # from other inputs, as PaliGemma's and Gemma 3's are) sets this, and its forward leaves
+    # the mask out: transformers then builds no [B, 1, L, L] mask and SDPA runs its causal
+    # kernel (flash on a GPU). Checked by tests/backbones/test_families.py's padding tests.
+    padding_mask_optional_when_causal: ClassVar[bool] = False
 
     def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
         # The adapter holds no reference to the model: EmbeddingModel owns it (so that peft,
@@ -188,9 +195,20 @@ class BackboneAdapter:
         return output
 
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the backbone once and returns ``(hidden [B, L, H], attention_mask [B, L])``."""
+        """Runs the backbone once and returns ``(hidden [B, L, H], attention_mask [B, L])``.
+
+        Right-padded causal batches of families with ``padding_mask_optional_when_causal``
+        run without the padding mask (same real-token states; pooling still uses the mask).
+        """
+        mask = inputs["attention_mask"]
+        if (
+            self.padding_mask_optional_when_causal
+            and self.attention == "causal"
+            and self.padding_side == "right"
+        ):
+            inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
         out = model(**inputs, use_cache=False, return_dict=True)
-        return out.last_hidden_state, inputs["attention_mask"]
+        return out.last_hidden_state, mask
 
     def configure_backbone(self, model: nn.Module) -> None:
         """Family-specific runtime settings of a loaded backbone (called once by

@@ -66,6 +66,9 @@ def tiny_idefics_configs(tok: Any) -> dict[str, Any]:
 class Idefics3Adapter(BackboneAdapter):
     """Adapter for Idefics3 checkpoints (SigLIP-style encoder + pixel-shuffle connector + Llama)."""
 
+    # Plain causal + padding decoder masks (see BackboneAdapter).
+    padding_mask_optional_when_causal: ClassVar[bool] = True
+
     family: ClassVar[str] = "idefics3"
     tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("idefics3",)

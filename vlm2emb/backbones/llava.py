@@ -43,6 +43,9 @@ TINY_CLIP_VISION = {
 class LlavaAdapter(BackboneAdapter):
     """Adapter for LLaVA-1.5 style checkpoints (CLIP tower + MLP projector + decoder)."""
 
+    # Plain causal + padding decoder masks (see BackboneAdapter).
+    padding_mask_optional_when_causal: ClassVar[bool] = True
+
     family: ClassVar[str] = "llava"
     tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("llava",)

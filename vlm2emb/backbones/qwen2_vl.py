@@ -24,6 +24,9 @@ _LM_PROJ = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|
 class Qwen2VLAdapter(BackboneAdapter):
     """Adapter for Qwen2-VL checkpoints."""
 
+    # Plain causal + padding decoder masks (see BackboneAdapter).
+    padding_mask_optional_when_causal: ClassVar[bool] = True
+
     family: ClassVar[str] = "qwen2_vl"
     tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
