@@ -613,7 +613,7 @@ def test_text_only_batches_tokenize_like_the_processor(tiny, model):
         torch.testing.assert_close(model(built), model(full), rtol=0, atol=1e-6)
 
 
-def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images):
+def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, monkeypatch):
     """build_inputs asks the processor for NumPy and converts (faster); the result must be
     the processor's return_tensors="pt" output, key for key, dtype for dtype, value for value,
     for an image batch and a text batch. Families with their own build_inputs (Gemma 3,
@@ -630,8 +630,20 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images):
     prompts = [
         adapter.render_prompt(t, len(imgs), "Find it.") for t, imgs in zip(["a", "bb cc", "d"], images)
     ]
+    calls: list[int] = []
+    processor_call = type(adapter.processor).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return processor_call(self, *args, **kwargs)
+
     for case_prompts, case_images in [(prompts, images), (prompts[1:2] * 2, [[], []])]:
+        monkeypatch.setattr(type(adapter.processor), "__call__", counting)
+        calls.clear()
         built = adapter.build_inputs(case_prompts, case_images)
+        monkeypatch.undo()
+        if case_images[0]:  # the image batch is processed once (no "pt" second pass)
+            assert calls == [1], tiny.family
         flat = [img for per in case_images for img in per]
         if not flat and adapter.tokenize_text_directly:
             ref = dict(adapter.tokenizer(case_prompts, padding=True, return_tensors="pt"))

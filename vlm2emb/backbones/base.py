@@ -267,6 +267,13 @@ def set_output_field(output: Any, name: str, value: Any) -> None:
         setattr(output, name, value)
 
 
+def _same_shape_tensors(value: Any) -> bool:
+    """A non-empty list of tensors of one shape and dtype (stacked as "pt" would)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, torch.Tensor) for v in value):
+        return False
+    return all(v.shape == value[0].shape and v.dtype == value[0].dtype for v in value)
+
+
 def _tensors(call: Callable[..., Mapping[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
     """``call(..., return_tensors="pt")``'s output, built faster from its untyped output.
 
@@ -275,8 +282,9 @@ def _tensors(call: Callable[..., Mapping[str, Any]], *args: Any, **kwargs: Any) 
     cost about as much as the Rust tokenizer itself. Asked for no tensor type, the tokenizer
     returns plain padded lists, which NumPy turns into one array in C, and that array
     becomes a CPU tensor without a copy. Integer and boolean lists take this path (the
-    dtypes "pt" gives them: int64, bool); arrays and tensors pass through; anything else
-    (ragged or float lists) makes it ask for tensors after all. The result is checked
+    dtypes "pt" gives them: int64, bool); arrays and tensors pass through, lists of
+    same-shape tensors are stacked; anything else (ragged or float lists) makes it ask for
+    tensors after all, which processes the batch a second time. The result is checked
     against ``return_tensors="pt"`` per family, key, dtype and value.
     """
     out = call(*args, **kwargs, return_tensors=None)
@@ -287,6 +295,9 @@ def _tensors(call: Callable[..., Mapping[str, Any]], *args: Any, **kwargs: Any) 
             continue
         if isinstance(value, np.ndarray) and value.dtype != object:
             tensors[key] = torch.from_numpy(value)
+            continue
+        if _same_shape_tensors(value):  # per-image pixel tensors (LLaVA, InternVL)
+            tensors[key] = torch.stack(value)
             continue
         array = np.asarray(value) if isinstance(value, list) else None
         if array is None or array.size == 0 or array.dtype.kind not in "ib":
