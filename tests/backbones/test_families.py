@@ -344,7 +344,22 @@ MASK_OPTIONAL = {
     "llava_onevision",
     "idefics3",
     "smolvlm",
-}  # InternVL's real tokens change without the mask (tried: test_padding_never_changes_real_tokens)
+    "internvl",
+}
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batches_are_padded_on_the_configured_side(tiny, model, digit_images, padding_side):
+    """Every family pads where padding_side says (InternVL's processor padded left on its own
+    before build_inputs passed the side along)."""
+    _configure(model, padding_side=padding_side)
+    for batch in (
+        ["a", "a far longer text " * 4],
+        [{"text": "a", "image": digit_images[0]}, "a longer text " * 6],
+    ):
+        mask = model.collate(batch)["attention_mask"]
+        edge = mask[:, 0] if padding_side == "right" else mask[:, -1]
+        assert edge.all() and not mask.all(), (tiny.family, padding_side)
 
 
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
@@ -649,7 +664,13 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
             ref = dict(adapter.tokenizer(case_prompts, padding=True, return_tensors="pt"))
         else:
             ref = dict(
-                adapter.processor(text=case_prompts, images=flat or None, padding=True, return_tensors="pt")
+                adapter.processor(
+                    text=case_prompts,
+                    images=flat or None,
+                    padding=True,
+                    padding_side=adapter.padding_side,
+                    return_tensors="pt",
+                )
             )
         assert set(built) == set(ref), tiny.family
         for key, value in ref.items():

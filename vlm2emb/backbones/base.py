@@ -160,7 +160,15 @@ class BackboneAdapter:
         # one vectorised pass over the padded ids gives the same map (tested per family).
         modality_map = getattr(type(self.processor), "return_mm_token_type_ids", False) is True
         extra = {"return_mm_token_type_ids": False} if modality_map else {}
-        out = _tensors(self.processor, text=list(prompts), images=flat or None, padding=True, **extra)
+        # padding_side is passed too: some processors (InternVL's) pad left otherwise.
+        out = _tensors(
+            self.processor,
+            text=list(prompts),
+            images=flat or None,
+            padding=True,
+            padding_side=self.padding_side,
+            **extra,
+        )
         if modality_map:
             out["mm_token_type_ids"] = _modality_map(self.processor, out["input_ids"])
         return out
@@ -199,12 +207,14 @@ class BackboneAdapter:
 
         Right-padded causal batches of families with ``padding_mask_optional_when_causal``
         run without the padding mask (same real-token states; pooling still uses the mask).
+        Right padding is read from the mask itself (every row starts with a real token), not
+        from ``padding_side``: a processor may pad its own way.
         """
         mask = inputs["attention_mask"]
         if (
             self.padding_mask_optional_when_causal
             and self.attention == "causal"
-            and self.padding_side == "right"
+            and bool(mask[:, 0].all())  # one host sync, as transformers' own mask check
         ):
             inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
         out = model(**inputs, use_cache=False, return_dict=True)

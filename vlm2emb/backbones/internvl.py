@@ -26,6 +26,9 @@ _LM_PROJ = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_
 class InternVLAdapter(BackboneAdapter):
     """Adapter for transformers-native InternVL checkpoints (InternViT + pixel shuffle + Qwen2)."""
 
+    # Plain causal + padding decoder masks (see BackboneAdapter).
+    padding_mask_optional_when_causal: ClassVar[bool] = True
+
     family: ClassVar[str] = "internvl"
     model_types: ClassVar[tuple[str, ...]] = ("internvl",)
     lora_target_modules: ClassVar[str] = _LM_PROJ
