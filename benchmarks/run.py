@@ -407,12 +407,11 @@ def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
         return torch.cat(out)
 
     def collated(items: list[Any]) -> list[dict[str, Any]]:
-        """encode()'s batches (same sort), collated before timing."""
-        from vlm2emb.model import length_keys
+        """encode()'s batches, collated before timing."""
+        from vlm2emb.model import length_sorted_batches
 
-        keys = length_keys(items, model.adapter.tokenizer)
-        order = sorted(range(len(items)), key=keys.__getitem__, reverse=True)
-        return [model.collate([items[i] for i in order[s : s + bs]]) for s in range(0, len(order), bs)]
+        plan = length_sorted_batches(items, model.adapter.tokenizer, bs)
+        return [model.collate([items[i] for i in batch]) for batch in plan]
 
     def forward_only(batches: list[dict[str, Any]]) -> None:
         with torch.inference_mode():

@@ -117,11 +117,7 @@ def test_gradcache_with_learnable_temperature(model, rows):
 
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_gradcache_with_lora_and_gradient_checkpointing(model, rows, single_backward):
-    model.apply_lora(r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():  # LoRA B starts at zero; give the adapters a nonzero effect
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    lora(model)
     model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.backbone.enable_input_require_grads()
     plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
@@ -208,9 +204,10 @@ def check_frozen_vision_is_served(model, rows, single_backward, device="cpu", at
     _assert_same(rerun, plain, atol=atol)
 
 
-def lora(model, dropout=0.0):
-    """LoRA r4 adapters with random B (shared with tests/test_gpu.py)."""
-    model.apply_lora(r=4, alpha=8, dropout=dropout)
+def lora(model):
+    """LoRA r4 adapters without dropout and with random B (shared with tests/test_gpu.py and
+    tests/backbones/test_families.py)."""
+    model.apply_lora(r=4, alpha=8, dropout=0.0)
     with torch.no_grad():  # LoRA B starts at zero; give the adapters a nonzero effect
         for name, param in model.named_parameters():
             if "lora_B" in name:

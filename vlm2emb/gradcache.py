@@ -143,10 +143,10 @@ class FrozenVisionCache:
     @classmethod
     def for_model(cls, model: nn.Module, device: torch.device) -> FrozenVisionCache | None:
         """A cache for ``model``'s vision tower if it is frozen, trimmed by its adapter."""
-        tower = frozen_vision_tower(model)
+        inner = _embedding_model(model)
+        tower = frozen_vision_tower(inner) if inner is not None else None
         if tower is None:
             return None
-        inner = _embedding_model(model)
         config = inner.backbone.config
         return cls(tower, device, lambda output: inner.adapter.trim_vision_output(output, config))
 

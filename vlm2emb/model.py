@@ -559,13 +559,11 @@ class EmbeddingModel(nn.Module):
         batch_items = [items] if single else list(items)
         if not batch_items:
             return self._postprocess(torch.empty(0, self.embedding_dim), convert_to, truncate_dim)
-        # Longest first: similar lengths share a batch (less padding) and an OOM shows up early.
-        keys = length_keys(batch_items, self.adapter.tokenizer)
-        order = sorted(range(len(batch_items)), key=keys.__getitem__, reverse=True)
+        batches = length_sorted_batches(batch_items, self.adapter.tokenizer, batch_size)
+        order = [i for batch in batches for i in batch]
         was_training = self.training
         self.eval()
         chunks: list[torch.Tensor] = []
-        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
         def prepare(idx: list[int]) -> dict[str, Any]:
             return self.collate([batch_items[i] for i in idx], instruction)
@@ -837,6 +835,15 @@ def _prefetched(fn: Callable[[T], R], args: Sequence[T], depth: int) -> Iterator
         for future in queue:
             future.cancel()
         pool.shutdown(wait=True)
+
+
+def length_sorted_batches(items: Sequence[Any], tokenizer: Any, batch_size: int) -> list[list[int]]:
+    """encode()'s batches: item indices sorted by :func:`length_keys`, longest first, in
+    groups of ``batch_size`` (similar lengths share a batch, so less padding is computed,
+    and an out-of-memory batch shows up first)."""
+    keys = length_keys(items, tokenizer)
+    order = sorted(range(len(items)), key=keys.__getitem__, reverse=True)
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def length_keys(items: Sequence[Any], tokenizer: Any) -> list[tuple[int, int]]:

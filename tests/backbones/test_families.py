@@ -312,16 +312,11 @@ def test_lora_step_trains_only_the_adapter(tiny, items):
 def test_gradcache_serves_the_frozen_vision_tower(tiny, digit_images, single_backward):
     """Every family: with LoRA (tower frozen) GradCache reuses the tower's first-pass
     outputs in the re-forward and still gives the plain step's gradients."""
-    from tests.test_gradcache import check_frozen_vision_is_served
+    from tests.test_gradcache import check_frozen_vision_is_served, lora
     from vlm2emb.data.schema import TrainExample
 
     torch.manual_seed(0)
-    model = EmbeddingModel.from_pretrained(tiny.path, pooling="last").train()
-    model.apply_lora(r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():  # LoRA B starts at zero; give the adapters a nonzero effect
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    model = lora(EmbeddingModel.from_pretrained(tiny.path, pooling="last").train())
     rows = [
         TrainExample(
             query={"text": "which digit?", "images": [digit_images[i]]},

@@ -65,9 +65,9 @@ def varlen_sdpa(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
         )
         return out.transpose(1, 2), None
-    if attention_mask is not None or (
-        cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)
-    ):
+    # Self-attention passes one tensor for both: compare values (a device sync) only if not.
+    same_k = cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q
+    if attention_mask is not None or not (same_k or torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
         raise ValueError("varlen_sdpa handles self-attention over packed segments without a mask")
     _, heads, total, dim = query.shape
     starts, lengths = _segments(cu_seq_lens_q)
