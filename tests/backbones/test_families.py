@@ -665,3 +665,17 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
                 key,
             )
             assert torch.equal(built[key], value), (tiny.family, key)
+
+
+def test_token_counts_equal_the_tokenizers_own(model):
+    """Length keys ask the Rust backend directly; the counts are the tokenizer call's."""
+    from vlm2emb.model import token_counts
+
+    tok = model.adapter.tokenizer
+    texts = ["", "a cat", "Two dogs   run by a lake.\nThen 3 more!", "naïve café – 東京", "x" * 300]
+    ref = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    assert token_counts(texts, tok) == ref
+    # A padded, truncated call leaves its settings on the Rust backend; counts ignore them.
+    tok(texts, padding=True, truncation=True, max_length=8)
+    assert token_counts(texts, tok) == ref
+    assert len(set(ref)) == len(ref)  # the texts differ in length, so a constant count fails

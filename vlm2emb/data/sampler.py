@@ -233,11 +233,9 @@ def grouping_keys(examples: Sequence[Any], tokenizer: Any = None) -> list[tuple[
     def counts(texts: list[str]) -> list[int]:
         if tokenizer is None:
             return [len(t) // 4 for t in texts]
-        out: list[int] = []
-        for start in range(0, len(texts), 4096):
-            ids = tokenizer(texts[start : start + 4096], add_special_tokens=False)["input_ids"]
-            out.extend(len(x) for x in ids)
-        return out
+        from vlm2emb.model import token_counts
+
+        return token_counts(texts, tokenizer)
 
     def side(items: list[dict[str, Any]]) -> list[int]:
         texts = counts([item.get("text") or "" for item in items])
