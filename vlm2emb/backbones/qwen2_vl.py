@@ -26,6 +26,8 @@ class Qwen2VLAdapter(BackboneAdapter):
 
     # Plain causal + padding decoder masks (see BackboneAdapter).
     padding_mask_optional_when_causal: ClassVar[bool] = True
+    # Same-size images normalised and patchified as one stack (see BackboneAdapter).
+    group_images_by_size: ClassVar[bool] = True
 
     family: ClassVar[str] = "qwen2_vl"
     tokenize_text_directly: ClassVar[bool] = True
