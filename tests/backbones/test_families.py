@@ -593,6 +593,10 @@ TOKENIZE_TEXT_DIRECTLY = {
 }
 
 
+# The Qwen-VL families: same-size images stacked, M-RoPE positions built at collation.
+QWEN_VL = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+
+
 def test_text_only_batches_tokenize_like_the_processor(tiny, model):
     """The tokenizer-only path for image-free batches gives the processor's ids and mask and
     the same embeddings as the processor's full output; families that keep the processor
@@ -619,12 +623,14 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
     the processor's return_tensors="pt" output, key for key, dtype for dtype, value for value,
     for an image batch and a text batch. Families with their own build_inputs (Gemma 3,
     LLaVA-OneVision, PaliGemma, SmolVLM) keep return_tensors="pt" and are checked by the
-    tests above."""
+    tests above. The Qwen-VL families' build_inputs adds M-RoPE positions to the base's
+    batch (checked against transformers by the rope test below) and is compared without them."""
     from vlm2emb.backbones.base import BackboneAdapter
 
     adapter = model.adapter
-    own = type(adapter).build_inputs is not BackboneAdapter.build_inputs
-    assert own == (tiny.family in {"gemma3", "llava_onevision", "paligemma", "smolvlm"})
+    overridden = type(adapter).build_inputs is not BackboneAdapter.build_inputs
+    own = tiny.family in {"gemma3", "llava_onevision", "paligemma", "smolvlm"}
+    assert overridden == (own or tiny.family in QWEN_VL)
     if own:
         return
     # Two sizes, one image size shared by two images (stacked where the family groups).
@@ -644,6 +650,7 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
         calls.clear()
         built = adapter.build_inputs(case_prompts, case_images)
         monkeypatch.undo()
+        built.pop("position_ids", None)
         if case_images[0]:  # the image batch is processed once (no "pt" second pass)
             assert calls == [1], tiny.family
         flat = [img for per in case_images for img in per]
@@ -682,18 +689,15 @@ def test_token_counts_equal_the_tokenizers_own(model):
     assert len(set(ref)) == len(ref)  # the texts differ in length, so a constant count fails
 
 
-GROUP_IMAGES_BY_SIZE = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
-
-
 def test_same_size_images_are_normalised_as_one_stack(tiny, model, digit_images, monkeypatch):
     """Families that group images by size normalise each size once (the values equal the
     per-image default: test_collated_tensors_equal_the_processors_own); the others keep
     transformers' per-image processing on a CPU."""
     adapter = model.adapter
-    assert type(adapter).group_images_by_size == (tiny.family in GROUP_IMAGES_BY_SIZE)
+    assert type(adapter).group_images_by_size == (tiny.family in QWEN_VL)
     image_processor = getattr(adapter.processor, "image_processor", None)
     if image_processor is None or not hasattr(image_processor, "rescale_and_normalize"):
-        assert tiny.family not in GROUP_IMAGES_BY_SIZE
+        assert tiny.family not in QWEN_VL
         return
     normalize = type(image_processor).rescale_and_normalize
     calls: list[int] = []
@@ -707,5 +711,41 @@ def test_same_size_images_are_normalised_as_one_stack(tiny, model, digit_images,
     images = [[digit_images[0]], [digit_images[1]], [small], [digit_images[2]]]
     prompts = [adapter.render_prompt("x", 1, None) for _ in images]
     adapter.build_inputs(prompts, images)
-    if tiny.family in GROUP_IMAGES_BY_SIZE:
+    if tiny.family in QWEN_VL:
         assert sorted(calls) == [1, 3], calls  # one stack of three, one of the other size
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_qwen_image_batches_carry_transformers_rope_positions(tiny, model, digit_images, padding_side):
+    """Qwen-VL image batches carry M-RoPE positions built at collation; they equal
+    transformers' own get_rope_index (with and without the mask) and give the embeddings
+    the model gets when it derives them itself."""
+    from vlm2emb.backbones.qwen2_vl import Qwen2VLAdapter, mrope_position_ids
+
+    adapter = model.adapter
+    qwen = isinstance(adapter, Qwen2VLAdapter)
+    adapter.padding_side = padding_side
+    wide = digit_images[3].resize((48, 32))
+    images = [[digit_images[0]], [], [wide, digit_images[1]], [digit_images[2]]]
+    texts = ["a cat", "a much longer caption that pads the others", "two", "d"]
+    prompts = [adapter.render_prompt(t, len(imgs), "Find it.") for t, imgs in zip(texts, images)]
+    built = adapter.build_inputs(prompts, images)
+    assert ("position_ids" in built) == qwen, tiny.family
+    if not qwen:
+        return
+    assert "position_ids" not in adapter.build_inputs(prompts[1:2], [[]])  # text: the model's arange
+    mask = built["attention_mask"]
+    assert bool((mask[:, 0] == 0).any()) == (padding_side == "left")
+    args = (built["input_ids"], built["mm_token_type_ids"], built["image_grid_thw"])
+    with torch.no_grad():
+        ref, _ = model.backbone.get_rope_index(*args, attention_mask=mask)
+        ref_unmasked, _ = model.backbone.get_rope_index(*args, attention_mask=None)
+    assert built["position_ids"].dtype == torch.int64
+    assert torch.equal(built["position_ids"], ref)
+    merge = adapter.processor.image_processor.merge_size
+    ours = mrope_position_ids(built["mm_token_type_ids"], None, built["image_grid_thw"], merge)
+    assert torch.equal(ours, ref_unmasked)
+    assert not torch.equal(ref[1], ref[0])  # images give h/w positions that differ from t
+    without = {k: v for k, v in built.items() if k != "position_ids"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(built), model(without), rtol=0, atol=1e-6)
