@@ -618,7 +618,8 @@ def test_text_only_batches_tokenize_like_the_processor(tiny, model):
         torch.testing.assert_close(model(built), model(full), rtol=0, atol=1e-6)
 
 
-def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, monkeypatch):
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, monkeypatch, padding_side):
     """build_inputs asks the processor for NumPy and converts (faster); the result must be
     the processor's return_tensors="pt" output, key for key, dtype for dtype, value for value,
     for an image batch and a text batch. Families with their own build_inputs (Gemma 3,
@@ -628,13 +629,14 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
     from vlm2emb.backbones.base import BackboneAdapter
 
     adapter = model.adapter
+    adapter.padding_side = padding_side
     overridden = type(adapter).build_inputs is not BackboneAdapter.build_inputs
     own = tiny.family in {"gemma3", "llava_onevision", "paligemma", "smolvlm"}
     assert overridden == (own or tiny.family in QWEN_VL)
     if own:
         return
     # Two sizes, one image size shared by two images (stacked where the family groups).
-    images = [[digit_images[0]], [], [digit_images[1].resize((48, 32)), digit_images[2]]]
+    images = [[digit_images[0].resize((48, 32))], [], [digit_images[1], digit_images[2]]]
     prompts = [
         adapter.render_prompt(t, len(imgs), "Find it.") for t, imgs in zip(["a", "bb cc", "d"], images)
     ]
@@ -652,7 +654,8 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
         monkeypatch.undo()
         built.pop("position_ids", None)
         if case_images[0]:  # the image batch is processed once (no "pt" second pass)
-            assert calls == [1], tiny.family
+            # Qwen-VL: not by the processor at all (placeholder ids expanded directly).
+            assert calls == ([] if tiny.family in QWEN_VL else [1]), tiny.family
         flat = [img for per in case_images for img in per]
         if not flat and adapter.tokenize_text_directly:
             ref = dict(adapter.tokenizer(case_prompts, padding=True, return_tensors="pt"))
@@ -749,3 +752,13 @@ def test_qwen_image_batches_carry_transformers_rope_positions(tiny, model, digit
     without = {k: v for k, v in built.items() if k != "position_ids"}
     with torch.no_grad():
         torch.testing.assert_close(model(built), model(without), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(QWEN_VL))
+def test_qwen_placeholder_count_must_match_the_images(tiny_dir, family, digit_images):
+    """Ids are expanded per placeholder: a prompt without one for its image is an error."""
+    model = EmbeddingModel.from_pretrained(tiny_dir(family))
+    with pytest.raises(ValueError, match="the prompts hold 1 image placeholders for 2 images"):
+        model.adapter.build_inputs(
+            [model.adapter.render_prompt("a", 1, None)], [[digit_images[0], digit_images[1]]]
+        )

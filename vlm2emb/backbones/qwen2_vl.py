@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlm2emb.backbones.base import BackboneAdapter, set_output_field
+from vlm2emb.backbones.base import BackboneAdapter, _modality_map, set_output_field
 from vlm2emb.backbones.registry import register_backbone
 from vlm2emb.backbones.varlen import use_for_vision
 
@@ -53,7 +53,14 @@ class Qwen2VLAdapter(BackboneAdapter):
     )
 
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
-        """The processor's batch plus, for image batches, the M-RoPE ``position_ids`` [3, B, L].
+        """The processor's batch, built without it for image batches, plus their M-RoPE
+        ``position_ids`` [3, B, L].
+
+        The processor writes each image's placeholder out as its full run of
+        ``<|image_pad|>`` tokens in the text (hundreds to thousands per image) and has the
+        tokenizer read them back. Here the prompts are tokenised with one placeholder each
+        and the ids repeated: the same ``input_ids``, mask, pixels and modality map (tested
+        against the processor per Qwen family).
 
         transformers derives the positions inside the forward, row by row and image by
         image in Python, reading the token types and every image's grid back to the host
@@ -61,14 +68,24 @@ class Qwen2VLAdapter(BackboneAdapter):
         the same tensors (:func:`mrope_position_ids`) they cost no device sync, and under
         encode()'s prefetch they are prepared while the model runs.
         """
-        out = super().build_inputs(prompts, images)
-        if "image_grid_thw" in out and "video_grid_thw" not in out:
-            merge = int(self.processor.image_processor.merge_size)
-            positions = mrope_position_ids(
-                out["mm_token_type_ids"], out["attention_mask"], out["image_grid_thw"], merge
-            )
-            if positions is not None:
-                out["position_ids"] = positions
+        flat = [img for per_item in images for img in per_item]
+        if not flat:
+            return super().build_inputs(prompts, images)
+        grouping = {"disable_grouping": False} if self.group_images_by_size else {}
+        pixels = self.processor.image_processor(images=flat, return_tensors="pt", **grouping)
+        merge = int(self.processor.image_processor.merge_size)
+        counts = (pixels["image_grid_thw"].prod(-1) // merge**2).numpy()  # [N] tokens per image
+        image_id = int(self.processor.image_token_id)
+        self.tokenizer.padding_side = self.padding_side
+        rows = self.tokenizer(list(prompts), return_attention_mask=False)["input_ids"]
+        input_ids, mask = _expand_and_pad(
+            rows, image_id, counts, int(self.tokenizer.pad_token_id), left=self.padding_side == "left"
+        )
+        out = {"input_ids": input_ids, "attention_mask": mask, **pixels}
+        out["mm_token_type_ids"] = _modality_map(self.processor, input_ids)
+        positions = mrope_position_ids(out["mm_token_type_ids"], mask, out["image_grid_thw"], merge)
+        if positions is not None:
+            out["position_ids"] = positions
         return out
 
     def configure_backbone(self, model: nn.Module) -> None:
@@ -200,3 +217,43 @@ def mrope_position_ids(
         positions[:, r, s:e] = text[r, s] + cells[grid]
     positions[:, ~real] = 0
     return torch.from_numpy(positions)
+
+
+def _expand_and_pad(
+    rows: Sequence[Sequence[int]], image_id: int, counts: np.ndarray, pad_id: int, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows with each ``image_id`` repeated to its image's token count, padded.
+
+    Args:
+        rows: Per prompt, its token ids with one ``image_id`` per image.
+        image_id: The image placeholder's token id.
+        counts: [N] the token count of each image, in the order the placeholders appear.
+        pad_id: The padding token id.
+        left: Pad on the left instead of the right.
+
+    Returns:
+        ``input_ids`` [B, L] int64 and ``attention_mask`` [B, L] int64.
+
+    Raises:
+        ValueError: If the prompts hold another number of placeholders than there are images.
+    """
+    arrays = [np.asarray(row, dtype=np.int64) for row in rows]
+    found = sum(int((a == image_id).sum()) for a in arrays)
+    if found != len(counts):
+        raise ValueError(f"the prompts hold {found} image placeholders for {len(counts)} images")
+    expanded, used = [], 0
+    for a in arrays:
+        at = a == image_id
+        repeats = np.ones(len(a), dtype=np.int64)
+        n = int(at.sum())
+        repeats[at] = counts[used : used + n]
+        used += n
+        expanded.append(np.repeat(a, repeats))
+    length = max(len(a) for a in expanded)
+    input_ids = np.full((len(expanded), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(expanded), length), dtype=np.int64)
+    for i, a in enumerate(expanded):
+        cols = slice(length - len(a), length) if left else slice(0, len(a))
+        input_ids[i, cols] = a
+        mask[i, cols] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(mask)
