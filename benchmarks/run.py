@@ -390,9 +390,13 @@ def _plain_item(item: dict[str, Any]) -> Any:
     return {"text": item["text"], "image": item["images"][0]}
 
 
-def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
+def bench_encode(suite: Suite, path: Path, compile_blocks: bool = False) -> dict[str, Any]:
     model = load_vlm2emb(path, suite, suite.dtype)
     st = load_st(path, suite, suite.dtype)
+    compiled = None
+    if compile_blocks:  # a second copy with EmbeddingModel.compile_blocks()
+        compiled = load_vlm2emb(path, suite, suite.dtype)
+        compiled.compile_blocks()
     rows = training_rows(suite, suite.encode_items, seed=1)
     texts = [ex.positive["text"] if i % 2 else ex.query["text"] for i, ex in enumerate(rows)]
     texts = [t for t in texts if t]
@@ -425,18 +429,24 @@ def bench_encode(suite: Suite, path: Path) -> dict[str, Any]:
         theirs = torch.as_tensor(st.encode(probe, batch_size=bs, convert_to_numpy=True)).float()
         result[f"{name}_max_abs_diff_vs_st"] = float((ours - theirs).abs().max())
         batches = collated(items)
-        times = interleaved(
-            {
-                "vlm2emb": lambda items=items: model.encode(items, batch_size=bs),
-                "sentence-transformers": lambda items=items: st.encode(items, batch_size=bs),
-                "naive": lambda items=items: naive(items),
-                # The model's forward alone on encode()'s batches: the ceiling of any encode
-                # that runs the same model (both libraries do), i.e. with free collation.
-                "forward_only": lambda batches=batches: forward_only(batches),
-            },
-            suite.rounds,
-            suite.device,
-        )
+        contenders = {
+            "vlm2emb": lambda items=items: model.encode(items, batch_size=bs),
+            "sentence-transformers": lambda items=items: st.encode(items, batch_size=bs),
+            "naive": lambda items=items: naive(items),
+            # The model's forward alone on encode()'s batches: the ceiling of any encode
+            # that runs the same model (both libraries do), i.e. with free collation.
+            "forward_only": lambda batches=batches: forward_only(batches),
+        }
+        if compiled is not None:
+            # The first pass compiles (for these shapes); it is timed apart, not in the rows.
+            t0 = time.perf_counter()
+            first = compiled.encode(items, batch_size=bs)
+            result[f"{name}_compiled_first_pass_s"] = round(time.perf_counter() - t0, 2)
+            result[f"{name}_compiled_max_abs_diff"] = float(
+                (first - model.encode(items, batch_size=bs)).abs().max()
+            )
+            contenders["vlm2emb_compiled"] = lambda items=items: compiled.encode(items, batch_size=bs)
+        times = interleaved(contenders, suite.rounds, suite.device)
         result[name] = {"items": len(items)} | _summary(
             times, dict.fromkeys(times, len(items)), "items_per_s", "sentence-transformers"
         )
@@ -831,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
+        "--compile", action="store_true", help="encode: also time EmbeddingModel.compile_blocks()"
+    )
+    parser.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)"
     )
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "vlm2emb-bench"))
@@ -866,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     modes = args.only.split(",") if args.only else suite.modes
     runners = {
-        "encode": lambda: bench_encode(suite, path),
+        "encode": lambda: bench_encode(suite, path, args.compile),
         "train": lambda: bench_train(suite, path),
         "gradcache": lambda: bench_gradcache(suite, path),
         "st": lambda: bench_st_train(suite, path),

@@ -323,3 +323,17 @@ def test_length_keys_follow_media_then_tokens(tiny_qwen2_vl_dir, digit_images):
     assert keys == [(0, counts[0]), (0, counts[1]), (1, 0)]
     order = sorted(range(3), key=keys.__getitem__, reverse=True)
     assert order == [2, 1, 0]  # the image item first, then the longer text
+
+
+def test_compiled_blocks_encode_like_eager(tiny_qwen2_vl_dir, mixed_items):
+    """compile_blocks compiles each decoder and vision layer (real inductor): the same
+    embeddings, the same state dict."""
+    model = _load(tiny_qwen2_vl_dir)
+    keys = list(model.state_dict())
+    eager = model.encode(mixed_items, batch_size=2)
+    assert model.compile_blocks() == 4  # 2 decoder layers + 2 vision blocks
+    lm = model.adapter.language_model(model.backbone)
+    assert all(layer._compiled_call_impl is not None for layer in lm.layers)
+    compiled = model.encode(mixed_items, batch_size=2)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert list(model.state_dict()) == keys

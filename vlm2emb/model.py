@@ -672,6 +672,36 @@ class EmbeddingModel(nn.Module):
         ]
 
     # ------------------------------------------------------------------ LoRA
+    def compile_blocks(self, *, dynamic: bool | None = True, **compile_kwargs: Any) -> int:
+        """Compiles each transformer block of the backbone with ``torch.compile``, in place.
+
+        Regional compilation: every decoder and vision-encoder layer (transformers'
+        ``GradientCheckpointingLayer`` modules) is compiled on its own, not the whole
+        model, so the multimodal glue between them (image merging, masks) stays eager and
+        identical layers share one compiled graph. ``dynamic=True`` keeps batch shapes from
+        triggering a recompile each. The first forward pays the compilation (about 15 s
+        for the tiny Qwen2-VL on 2 CPU cores); it pays on long encode jobs (measured in
+        docs/benchmarks.md). The state dict, LoRA and saving are unchanged.
+
+        Args:
+            dynamic: Passed to ``torch.compile``.
+            **compile_kwargs: Further ``torch.compile`` arguments (``mode``, ``backend``).
+
+        Returns:
+            The number of blocks compiled.
+
+        Raises:
+            ValueError: If the backbone has no transformers layer modules to compile.
+        """
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in self.backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not blocks:
+            raise ValueError(f"backbone {self.adapter.family!r} has no transformers layer modules to compile")
+        for block in blocks:
+            block.compile(dynamic=dynamic, **compile_kwargs)
+        return len(blocks)
+
     def apply_lora(
         self,
         r: int = 16,
