@@ -282,27 +282,6 @@ def test_prefetched_encode_equals_the_sequential_one(tiny_qwen2_vl_dir, mixed_it
     assert torch.equal(sequential, prefetched)
 
 
-def test_encode_prefetches_in_a_thread_only_when_asked_on_a_cpu(tiny_qwen2_vl_dir, mixed_items, monkeypatch):
-    """On the CPU the forward and collation share the cores: by default batches are
-    collated in the caller's thread; prefetch=2 moves them to the worker thread."""
-    import threading
-
-    model = _load(tiny_qwen2_vl_dir)
-    threads: list[str] = []
-    collate = model.collate
-
-    def recording(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return collate(*args, **kwargs)
-
-    monkeypatch.setattr(model, "collate", recording)
-    model.encode(mixed_items * 2, batch_size=2)
-    assert threads and set(threads) == {threading.current_thread().name}
-    threads.clear()
-    model.encode(mixed_items * 2, batch_size=2, prefetch=2)
-    assert threads and all(name.startswith("vlm2emb-prefetch") for name in threads)
-
-
 def test_a_bad_item_in_a_prefetched_batch_raises_its_own_error(tiny_qwen2_vl_dir, tmp_path):
     model = _load(tiny_qwen2_vl_dir)
     # Longer texts sort first, so the broken image is in the last batch, prepared ahead.

@@ -523,7 +523,7 @@ class EmbeddingModel(nn.Module):
         instruction: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool = False,
-        prefetch: int | None = None,
+        prefetch: int = 2,
         *,
         convert_to: str = "torch",
         truncate_dim: int | None = None,
@@ -534,13 +534,9 @@ class EmbeddingModel(nn.Module):
         masked and pooling finds real tokens through the mask.
 
         Items are sorted by token count (:func:`length_keys`; similar lengths share a batch,
-        so less padding is computed). With the model on an accelerator the next
-        ``prefetch`` batches are decoded and tokenised in a worker thread while the device
-        runs the current one (image decoding, the tokenizer and torch kernels all release
-        the GIL). With the model on the CPU, collation and the forward would compete for
-        the same cores, and the worker's multi-threaded image kernels slowed the forward's
-        (image+text encode about 25 % slower with the thread on the 2-core benchmark VM;
-        docs/benchmarks.md), so batches are prepared in the caller's thread there.
+        so less padding is computed), and the next ``prefetch`` batches are decoded and tokenised in a worker
+        thread while the model runs the current one (image decoding, the tokenizer and torch
+        kernels all release the GIL).
 
         Args:
             items: One item or a list of items: str, ``PIL.Image.Image``, or a dict with
@@ -549,8 +545,7 @@ class EmbeddingModel(nn.Module):
             batch_size: Items per forward pass.
             show_progress_bar: Show a tqdm bar.
             prefetch: Batches prepared ahead in a worker thread (0 = prepare in the caller's
-                thread, one at a time). Default: 2 when the model is on an accelerator, 0
-                on the CPU.
+                thread, one at a time).
             convert_to: ``"torch"`` (a tensor) or ``"numpy"`` (an ``np.ndarray``).
             truncate_dim: Keep the first ``truncate_dim`` dimensions (Matryoshka), then
                 re-normalise if the model normalises. Default: ``config.truncate_dim``.
@@ -564,8 +559,6 @@ class EmbeddingModel(nn.Module):
         batch_items = [items] if single else list(items)
         if not batch_items:
             return self._postprocess(torch.empty(0, self.embedding_dim), convert_to, truncate_dim)
-        if prefetch is None:
-            prefetch = 0 if self.device.type == "cpu" else 2
         batches = length_sorted_batches(batch_items, self.adapter.tokenizer, batch_size)
         order = [i for batch in batches for i in batch]
         was_training = self.training

@@ -593,7 +593,7 @@ TOKENIZE_TEXT_DIRECTLY = {
 }
 
 
-# The Qwen-VL families: same-size images stacked, M-RoPE positions built at collation.
+# The Qwen-VL families: placeholder ids expanded and M-RoPE positions built at collation.
 QWEN_VL = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 
@@ -635,7 +635,7 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
     assert overridden == (own or tiny.family in QWEN_VL)
     if own:
         return
-    # Two sizes, one image size shared by two images (stacked where the family groups).
+    # Two image sizes, the odd one first (per-image token counts must follow the order).
     images = [[digit_images[0].resize((48, 32))], [], [digit_images[1], digit_images[2]]]
     prompts = [
         adapter.render_prompt(t, len(imgs), "Find it.") for t, imgs in zip(["a", "bb cc", "d"], images)
@@ -690,32 +690,6 @@ def test_token_counts_equal_the_tokenizers_own(model):
     tok(texts, padding=True, truncation=True, max_length=8)
     assert token_counts(texts, tok) == ref
     assert len(set(ref)) == len(ref)  # the texts differ in length, so a constant count fails
-
-
-def test_same_size_images_are_normalised_as_one_stack(tiny, model, digit_images, monkeypatch):
-    """Families that group images by size normalise each size once (the values equal the
-    per-image default: test_collated_tensors_equal_the_processors_own); the others keep
-    transformers' per-image processing on a CPU."""
-    adapter = model.adapter
-    assert type(adapter).group_images_by_size == (tiny.family in QWEN_VL)
-    image_processor = getattr(adapter.processor, "image_processor", None)
-    if image_processor is None or not hasattr(image_processor, "rescale_and_normalize"):
-        assert tiny.family not in QWEN_VL
-        return
-    normalize = type(image_processor).rescale_and_normalize
-    calls: list[int] = []
-
-    def counting(self, images, *args, **kwargs):
-        calls.append(images.shape[0] if images.ndim == 4 else 1)
-        return normalize(self, images, *args, **kwargs)
-
-    monkeypatch.setattr(type(image_processor), "rescale_and_normalize", counting)
-    small = digit_images[3].resize((48, 32))
-    images = [[digit_images[0]], [digit_images[1]], [small], [digit_images[2]]]
-    prompts = [adapter.render_prompt("x", 1, None) for _ in images]
-    adapter.build_inputs(prompts, images)
-    if tiny.family in QWEN_VL:
-        assert sorted(calls) == [1, 3], calls  # one stack of three, one of the other size
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

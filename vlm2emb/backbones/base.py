@@ -63,13 +63,6 @@ class BackboneAdapter:
     # the mask out: transformers then builds no [B, 1, L, L] mask and SDPA runs its causal
     # kernel (flash on a GPU). Checked by tests/backbones/test_families.py's padding tests.
     padding_mask_optional_when_causal: ClassVar[bool] = False
-    # transformers' image processors normalise and patchify each image on its own on a CPU
-    # (``disable_grouping`` defaults to on there) and stack same-size images on a GPU. A
-    # family whose processor is measured faster stacked on a CPU too (the Qwen-VL one: 32
-    # same-size 448-pixel images in a third of the time) sets this; the pixel values are
-    # the same (tested per family), and families measured slower stacked (LLaVA-OneVision's
-    # tiling, Gemma 4's) keep the default.
-    group_images_by_size: ClassVar[bool] = False
 
     def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
         # The adapter holds no reference to the model: EmbeddingModel owns it (so that peft,
@@ -167,8 +160,6 @@ class BackboneAdapter:
         # one vectorised pass over the padded ids gives the same map (tested per family).
         modality_map = getattr(type(self.processor), "return_mm_token_type_ids", False) is True
         extra: dict[str, Any] = {"return_mm_token_type_ids": False} if modality_map else {}
-        if flat and self.group_images_by_size:
-            extra["disable_grouping"] = False
         # padding_side is passed too: some processors (InternVL's) pad left otherwise.
         out = _tensors(
             self.processor,

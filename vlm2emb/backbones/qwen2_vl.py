@@ -32,8 +32,6 @@ class Qwen2VLAdapter(BackboneAdapter):
 
     # Plain causal + padding decoder masks (see BackboneAdapter).
     padding_mask_optional_when_causal: ClassVar[bool] = True
-    # Same-size images normalised and patchified as one stack (see BackboneAdapter).
-    group_images_by_size: ClassVar[bool] = True
 
     family: ClassVar[str] = "qwen2_vl"
     tokenize_text_directly: ClassVar[bool] = True
@@ -71,8 +69,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         flat = [img for per_item in images for img in per_item]
         if not flat:
             return super().build_inputs(prompts, images)
-        grouping = {"disable_grouping": False} if self.group_images_by_size else {}
-        pixels = self.processor.image_processor(images=flat, return_tensors="pt", **grouping)
+        pixels = self.processor.image_processor(images=flat, return_tensors="pt")
         merge = int(self.processor.image_processor.merge_size)
         counts = (pixels["image_grid_thw"].prod(-1) // merge**2).numpy()  # [N] tokens per image
         image_id = int(self.processor.image_token_id)
