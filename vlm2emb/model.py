@@ -664,7 +664,7 @@ class EmbeddingModel(nn.Module):
             for row_i, row_s in zip(idx.tolist(), scores.tolist())
         ]
 
-    # ------------------------------------------------------------------ LoRA
+    # ------------------------------------------------------------------ compilation
     def compile_blocks(self, *, dynamic: bool | None = True, **compile_kwargs: Any) -> int:
         """Compiles each transformer block of the backbone with ``torch.compile``, in place.
 
@@ -695,6 +695,7 @@ class EmbeddingModel(nn.Module):
             block.compile(dynamic=dynamic, **compile_kwargs)
         return len(blocks)
 
+    # ------------------------------------------------------------------ LoRA
     def apply_lora(
         self,
         r: int = 16,

@@ -159,7 +159,7 @@ class BackboneAdapter:
         # Processors that build a per-token modality map do it row by row with NumPy sets;
         # one vectorised pass over the padded ids gives the same map (tested per family).
         modality_map = getattr(type(self.processor), "return_mm_token_type_ids", False) is True
-        extra: dict[str, Any] = {"return_mm_token_type_ids": False} if modality_map else {}
+        extra = {"return_mm_token_type_ids": False} if modality_map else {}
         # padding_side is passed too: some processors (InternVL's) pad left otherwise.
         out = _tensors(
             self.processor,
