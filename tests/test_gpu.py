@@ -80,3 +80,11 @@ def test_gradcache_serves_the_frozen_tower_on_cuda(tiny_qwen2_vl_dir, rows, sing
     check_frozen_vision_is_served(lora(model), rows, single_backward, device="cuda", atol=1e-4)
     model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").train()
     check_random_tower_runs_again(model, rows, single_backward, device="cuda", atol=1e-4)
+
+
+def test_compiled_blocks_on_cuda_match_eager(tiny_qwen2_vl_dir, items):
+    """compile_blocks on CUDA (inductor's Triton kernels) embeds like the eager model."""
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda")
+    eager = model.encode(items)
+    assert model.compile_blocks() == 4
+    torch.testing.assert_close(model.encode(items), eager, atol=1e-4, rtol=0)
