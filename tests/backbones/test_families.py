@@ -328,6 +328,10 @@ def test_gradcache_serves_the_frozen_vision_tower(tiny, digit_images, single_bac
     check_frozen_vision_is_served(model, rows, single_backward)
 
 
+# The Qwen-VL families: a packed vision tower (varlen attention), placeholder ids expanded
+# and M-RoPE positions built at collation.
+QWEN_VL = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+
 # Right-padded causal batches run without the padding mask in every family but these, whose
 # decoder masks hold prefix or image blocks built from other inputs
 # (BackboneAdapter.padding_mask_optional_when_causal).
@@ -379,7 +383,7 @@ def test_packed_vision_attention_equals_sdpa_in_fewer_calls(tiny, model, digit_i
     from vlm2emb.backbones.varlen import NAME
 
     tower = model.adapter.vision_tower(model.backbone)
-    packed = tiny.family in {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+    packed = tiny.family in QWEN_VL
     assert (tower is not None and tower.config._attn_implementation == NAME) == packed
     if not packed:
         return
@@ -591,10 +595,6 @@ TOKENIZE_TEXT_DIRECTLY = {
     "idefics3",
     "smolvlm",
 }
-
-
-# The Qwen-VL families: placeholder ids expanded and M-RoPE positions built at collation.
-QWEN_VL = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 
 def test_text_only_batches_tokenize_like_the_processor(tiny, model):

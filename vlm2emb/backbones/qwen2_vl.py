@@ -73,7 +73,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         merge = int(self.processor.image_processor.merge_size)
         counts = (pixels["image_grid_thw"].prod(-1) // merge**2).numpy()  # [N] tokens per image
         image_id = int(self.processor.image_token_id)
-        self.tokenizer.padding_side = self.padding_side
+        # Unpadded ids: _expand_and_pad pads on self.padding_side after the expansion.
         rows = self.tokenizer(list(prompts), return_attention_mask=False)["input_ids"]
         input_ids, mask = _expand_and_pad(
             rows, image_id, counts, int(self.tokenizer.pad_token_id), left=self.padding_side == "left"
@@ -235,15 +235,15 @@ def _expand_and_pad(
         ValueError: If the prompts hold another number of placeholders than there are images.
     """
     arrays = [np.asarray(row, dtype=np.int64) for row in rows]
-    found = sum(int((a == image_id).sum()) for a in arrays)
+    placeholders = [a == image_id for a in arrays]
+    found = sum(int(at.sum()) for at in placeholders)
     if found != len(counts):
         raise ValueError(f"the prompts hold {found} image placeholders for {len(counts)} images")
     expanded, used = [], 0
-    for a in arrays:
-        at = a == image_id
+    for a, at in zip(arrays, placeholders):
         repeats = np.ones(len(a), dtype=np.int64)
         n = int(at.sum())
-        repeats[at] = counts[used : used + n]
+        repeats[at] = counts[used : used + n]  # placeholders in prompt order, as the images
         used += n
         expanded.append(np.repeat(a, repeats))
     length = max(len(a) for a in expanded)
