@@ -118,8 +118,7 @@ def test_gradcache_with_learnable_temperature(model, rows):
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_gradcache_with_lora_and_gradient_checkpointing(model, rows, single_backward):
     lora(model)
-    model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.backbone.enable_input_require_grads()
+    model.enable_gradient_checkpointing()
     plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
     assert plain[1] and all("lora_" in name for name in plain[1])  # only adapters get gradients
     batch = ContrastiveCollator(model, chunk_size=2)(rows)

@@ -205,6 +205,36 @@ def test_lora_round_trip(tiny_qwen2_vl_dir, mixed_items, tmp_path):
     assert model.has_lora  # merging for the save left the live model's adapter alone
 
 
+def test_lora_gradient_checkpointing_runs_no_backward_through_the_frozen_tower(
+    tiny_qwen2_vl_dir, mixed_items
+):
+    """enable_gradient_checkpointing() gives LoRA the plain step's gradients while the frozen
+    vision tower builds no graph (transformers' enable_input_require_grads made its patch
+    embedding require grad, so the tower ran a backward whose gradients went nowhere)."""
+    model = _load(tiny_qwen2_vl_dir)
+    model.apply_lora(r=4, alpha=8, dropout=0.0, seed=0)
+    model.train()
+    tower = model.adapter.vision_tower(model.backbone.get_base_model())
+    tower_out = []
+    tower.register_forward_hook(lambda _m, _a, out: tower_out.append(out.pooler_output))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(model.collate(mixed_items)).pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    checkpointed = grads()
+    assert tower_out and not tower_out[-1].requires_grad  # no backward through the frozen tower
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+    model.disable_gradient_checkpointing()
+    assert not model.backbone.get_base_model().is_gradient_checkpointing
+    assert getattr(model, "_embedding_grad_hook", None) is None
+
+
 def test_seeded_lora_init_ignores_earlier_draws(tiny_qwen2_vl_dir):
     def adapter_after(draws: int, seed: int | None) -> dict[str, torch.Tensor]:
         torch.manual_seed(7)

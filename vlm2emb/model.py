@@ -695,6 +695,47 @@ class EmbeddingModel(nn.Module):
             block.compile(dynamic=dynamic, **compile_kwargs)
         return len(blocks)
 
+    # ------------------------------------------------------------------ checkpointing
+    def enable_gradient_checkpointing(self) -> None:
+        """Recomputes each transformer block's forward in the backward (non-reentrant).
+
+        A frozen token embedding (LoRA) would give the first checkpointed block inputs
+        without grad, so the language model's input embeddings are made to require grad,
+        and only those: transformers' checkpointing hooks every sub-model's input embeddings,
+        the vision tower's patch embedding too, which makes a frozen tower build a graph and
+        run a backward whose gradients go nowhere (tested).
+        """
+        base = self.backbone.get_base_model() if self.has_lora else self.backbone
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.17
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.disable_input_require_grads()
+        self._remove_embedding_grad_hook()
+        embeddings = base.get_input_embeddings()
+        if not embeddings.weight.requires_grad:
+
+            def require_grad(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+                output.requires_grad_(True)
+
+            self._embedding_grad_hook = embeddings.register_forward_hook(require_grad)
+
+    def _remove_embedding_grad_hook(self) -> None:
+        hook = getattr(self, "_embedding_grad_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._embedding_grad_hook = None
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Undoes :meth:`enable_gradient_checkpointing`."""
+        base = self.backbone.get_base_model() if self.has_lora else self.backbone
+        disable = (
+            getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        )
+        disable()
+        self._remove_embedding_grad_hook()
+
     # ------------------------------------------------------------------ LoRA
     def apply_lora(
         self,

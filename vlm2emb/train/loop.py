@@ -300,12 +300,7 @@ class _Trainer:
                 seed=cfg.seed,
             )
         if cfg.model.gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            if cfg.model.lora is not None:
-                # Frozen embeddings would give checkpointed blocks inputs without grad.
-                model.backbone.enable_input_require_grads()
+            model.enable_gradient_checkpointing()
         if cfg.train.learnable_temperature:
             model.enable_learnable_temperature(cfg.train.temperature, cfg.train.max_logit_scale)
         # Same modules on every process in every step (see EmbeddingModel.collate).
