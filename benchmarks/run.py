@@ -592,6 +592,10 @@ def count_step_flops(model: Any, batch: dict[str, Any], suite: Suite) -> dict[st
     step = ContrastiveStep(model, InfoNCELoss(temperature=0.05), gradcache=False, device=device)
     base = model.backbone.get_base_model() if model.has_lora else model.backbone
     before = base.config._attn_implementation
+    # set_attn_implementation(before) below resets every sub-config to ``before``: the vision
+    # tower's packed varlen attention is put back by hand.
+    tower = model.adapter.vision_tower(base)
+    vision_before = tower.config._attn_implementation if tower is not None else None
     if device.type == "cpu":
         base.set_attn_implementation("eager")
     autocast = torch.autocast(suite.device, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -601,6 +605,8 @@ def count_step_flops(model: Any, batch: dict[str, Any], suite: Suite) -> dict[st
             step.backward(loss, lambda t, _sync: t.backward())
     finally:
         base.set_attn_implementation(before)
+        if tower is not None:
+            tower.config._attn_implementation = vision_before
         model.zero_grad(set_to_none=True)
     counts = counter.get_flop_counts()
     vision = sum(sum(ops.values()) for name, ops in counts.items() if name.endswith(".visual"))

@@ -134,3 +134,80 @@ def test_quick_mfu_mode_writes_the_flop_count(tmp_path):
         assert m["flops_counted"] > 0 and m["real_tokens"] > 0 and m["image_patches"] > 0
         assert m["mfu"] == pytest.approx(m["flops_counted"] / m["median_s"] / 1e12, rel=1e-2)
     assert mfu["lora"]["trainable_params"] < mfu["full"]["trainable_params"]
+
+
+def _gpu_check():
+    _harness()  # gpu_check imports benchmarks/run.py as ``run``
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpu_check_counts_the_whole_step_chunk_by_chunk(lora):
+    """gpu_check's model FLOPs (one chunk at a time, so a batch that needs checkpointing is
+    still counted without it) equal the harness's count of the whole step, and leave neither
+    gradients nor a changed attention implementation behind."""
+    from vlm2emb.data.collate import ContrastiveCollator
+
+    gc = _gpu_check()
+    suite = gc.suite_for(gc.DRY)
+    model = gc.build_model(gc.DRY, lora=lora)
+    rows = gc.harness.training_rows(suite, 8, seed=5)
+    batch = ContrastiveCollator(model, chunk_size=0, length_buckets=2)(rows)
+    assert len(batch["query"]) == 2  # really more than one chunk per side
+    impl = gc._tower(model).config._attn_implementation
+    ours = gc.model_flops(model, batch, suite)
+    whole = gc.harness.count_step_flops(model, batch, suite)
+    assert ours == {"model": whole["total"], "vision": whole["vision"]}
+    assert gc._tower(model).config._attn_implementation == impl  # packed attention kept
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gpu_check_dry_run_runs_every_section(tmp_path):
+    """The GPU check's dry run (tiny shapes on the CPU) runs every section end to end and
+    writes its three files; on the CPU the GPU tests are collected and skipped."""
+    gc = _gpu_check()
+    out = tmp_path / "out"
+    assert gc.main(["--dry-run", "--out", str(out), "--budget-s", "900"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "results.json", "summary.md"]
+    data = json.loads((out / "results.json").read_text())
+    assert {s["status"] for s in data["sections"].values()} == {"ok"}, data["sections"]
+    assert "skipped" in data["tests"]["summary"] and not data["tests"]["failures"]
+    for mode in ("full", "lora"):
+        variants = data[f"mfu_{mode}"]["variants"]
+        assert set(variants) == {v.name for v in gc.VARIANTS}
+        for name, v in variants.items():
+            assert "error" not in v and "skipped" not in v, (name, v)
+            assert v["samples_per_s"] > 0 and v["flops"]["model"] > 0
+        # Same batch, same model FLOPs: checkpointing and compiling change the time only.
+        assert (
+            variants["small/ckpt"]["flops"]
+            == variants["small"]["flops"]
+            == variants["small/compiled"]["flops"]
+        )
+        assert variants["large/ckpt"]["flops"] == variants["large"]["flops"]
+        assert variants["large"]["flops"]["model"] > variants["small"]["flops"]["model"]
+    assert data["mfu_lora"]["trainable_params"] < data["mfu_full"]["trainable_params"]
+    steps = data["gradcache"]["steps"]
+    assert {"gradcache", "plain", "plain/ckpt"} <= set(steps) and all(
+        s["median_s"] > 0 for s in steps.values()
+    )
+    assert data["gradcache"]["overhead_vs_plain"] > 0
+    for kind in ("text", "mixed"):
+        assert data["encode"][f"{kind}_max_abs_diff_vs_st"] < 1e-4
+        assert data["encode"][kind]["vlm2emb"]["items_per_s"] > 0
+    table = (out / "summary.md").read_text()
+    assert "| mfu lora | large/ckpt/compiled |" in table and "| encode mixed | vlm2emb |" in table
+
+
+def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
+    """A section that dies (here: out of budget at once) is recorded and the rest still run."""
+    gc = _gpu_check()
+    out = tmp_path / "out"
+    assert gc.main(["--dry-run", "--out", str(out), "--only", "tests,gradcache", "--budget-s", "4"]) == 0
+    sections = json.loads((out / "results.json").read_text())["sections"]
+    assert set(sections) == {"tests", "gradcache"}
+    assert all(s["status"].startswith("skipped") for s in sections.values())
