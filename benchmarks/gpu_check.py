@@ -88,7 +88,7 @@ REAL = Sizes(
     gradcache_chunk=32,
     encode_items=128,
     rounds=3,
-    budgets_s={"tests": 60, "mfu_full": 120, "mfu_lora": 90, "gradcache": 90, "encode": 90},
+    budgets_s={"tests": 80, "mfu_full": 115, "mfu_lora": 85, "gradcache": 90, "encode": 80},
 )
 DRY = Sizes(
     device="cpu",
@@ -234,8 +234,14 @@ def model_flops(model: Any, batch: dict[str, Any], suite: harness.Suite) -> dict
     base = _base(model)
     tower = _tower(model)
     before, vision_impl = base.config._attn_implementation, tower.config._attn_implementation
-    if device.type == "cpu":
-        base.set_attn_implementation("eager")  # torch has no FLOP formula for the CPU SDPA kernel
+    # The language model is counted with eager attention (the same matmuls): torch's CUDA
+    # SDPA formula rejects grouped-query attention (torch 2.11), and it has none for the CPU
+    # kernel. On CUDA the vision tower keeps its SDPA (per image, counted): eager attention
+    # would keep a [heads, patches, patches] matrix per image and layer for the backward
+    # (a full fine-tune at batch 8 ran out of 140 GiB in the count).
+    base.set_attn_implementation("eager")
+    if device.type == "cuda":
+        tower.config._attn_implementation = vision_impl
     autocast = torch.autocast(suite.device, dtype=torch.bfloat16, enabled=device.type == "cuda")
     chunks = [*batch["query"], *batch["positive"], *batch["negatives"]]
     total = vision = 0
@@ -370,7 +376,7 @@ def section_mfu(sizes: Sizes, results: Results, deadline: float, mode: str) -> N
                 else None,
                 "peak_memory_gib": _peak_gib(sizes.device),
             }
-        except (*_oom_types(), RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # one variant's failure must not cost the others
             record["error"] = _error(exc)
             record["peak_memory_gib"] = _peak_gib(sizes.device)
         finally:
@@ -432,7 +438,7 @@ def section_gradcache(sizes: Sizes, results: Results, deadline: float) -> None:
                 "samples_per_s": round(n / statistics.median(times), 2),
                 "peak_memory_gib": _peak_gib(sizes.device),
             }
-        except (*_oom_types(), RuntimeError) as exc:
+        except Exception as exc:  # one contender's failure must not cost the others
             record["error"] = _error(exc)
             record["peak_memory_gib"] = _peak_gib(sizes.device)
         finally:
@@ -478,7 +484,17 @@ def section_encode(sizes: Sizes, results: Results, deadline: float, work: Path) 
 # ---------------------------------------------------------------------------------- tests
 def section_tests(sizes: Sizes, results: Results, deadline: float) -> None:
     timeout = max(10, int(deadline - time.time()) - 5)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfE",
+        "--tb=short",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_gpu.py",
+    ]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
         text = proc.stdout + proc.stderr

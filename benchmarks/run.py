@@ -580,8 +580,9 @@ def count_step_flops(model: Any, batch: dict[str, Any], suite: Suite) -> dict[st
     counted by torch's FlopCounterMode: in total and inside the vision tower (its forward,
     and its backward where it trains). Gradients are cleared afterwards.
 
-    torch has FLOP formulas for the GPU SDPA kernels but not for the CPU one, so on CPU the
-    counting pass runs eager attention (plain matmuls; the same FLOPs as SDPA computes).
+    The counting pass runs the language model with eager attention (plain matmuls; the same
+    FLOPs as SDPA computes): torch has no FLOP formula for the CPU SDPA kernel, and the CUDA
+    one rejects grouped-query attention. The vision tower keeps SDPA on CUDA.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -596,8 +597,13 @@ def count_step_flops(model: Any, batch: dict[str, Any], suite: Suite) -> dict[st
     # tower's packed varlen attention is put back by hand.
     tower = model.adapter.vision_tower(base)
     vision_before = tower.config._attn_implementation if tower is not None else None
-    if device.type == "cpu":
-        base.set_attn_implementation("eager")
+    # The language model counts with eager attention (the same matmuls): torch's CUDA SDPA
+    # formula rejects grouped-query attention (torch 2.11), and it has none for the CPU kernel.
+    # On CUDA the vision tower keeps its SDPA (per image, counted; eager would keep a
+    # [heads, patches, patches] matrix per image and layer for the backward).
+    base.set_attn_implementation("eager")
+    if tower is not None and device.type == "cuda":
+        tower.config._attn_implementation = vision_before
     autocast = torch.autocast(suite.device, dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
         with FlopCounterMode(display=False) as counter, autocast:

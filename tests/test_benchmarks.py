@@ -102,8 +102,11 @@ def check_step_flops_against_forward(tmp_path: Path, device: str = "cpu") -> dic
         assert 0 < step["vision"] < step["total"]
         assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients
         base = model.backbone.get_base_model() if model.has_lora else model.backbone
-        if device == "cpu":
-            base.set_attn_implementation("eager")  # as the harness counts on CPU
+        tower = model.adapter.vision_tower(base)
+        vision = tower.config._attn_implementation
+        base.set_attn_implementation("eager")  # as the harness counts
+        if device == "cuda":
+            tower.config._attn_implementation = vision
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
         with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
             model([*batch["query"], *batch["positive"]])

@@ -74,7 +74,9 @@ def _assert_same(a, b, atol=1e-5):
     assert loss_a == pytest.approx(loss_b, abs=1e-6)
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=1e-4, msg=name)
+        torch.testing.assert_close(
+            grads_a[name], grads_b[name], atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("single_backward", [False, True])

@@ -229,6 +229,11 @@ class ChunkReplay:
         with self.frozen_outputs():
             return fn(*args)
 
+    def replayed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``call`` under the captured random state (the state outside is left untouched)."""
+        with self.random_state():
+            return self.call(fn, *args)
+
 
 def _in_row_order(emb: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     """Embeddings [b, d] in chunk order -> row order (``order[j]`` = row of position j)."""

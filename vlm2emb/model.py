@@ -489,9 +489,13 @@ class EmbeddingModel(nn.Module):
 
             out = []
             for x, replay in zip(inputs, replays, strict=True):
-                with replay.random_state():
-                    # replay.call serves the kept outputs to the forward and its recompute.
-                    out.append(checkpoint(replay.call, self._embed, x, use_reentrant=False))
+                # The forward and its recompute both run under the replay's random state and
+                # with its kept outputs served. checkpoint's own RNG stashing is off: it saves
+                # the CUDA state only for CUDA tensors among the arguments, and a chunk arrives
+                # on the CPU, so on a GPU the recompute drew other dropout masks (CUDA test).
+                out.append(
+                    checkpoint(replay.replayed, self._embed, x, use_reentrant=False, preserve_rng_state=False)
+                )
         elif isinstance(inputs, (list, tuple)):
             out = [self._embed(x) for x in inputs]
         else:
