@@ -155,6 +155,22 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
+def _grad_free(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs an EmbeddingModel method under ``torch.inference_mode``, or ``torch.no_grad`` when
+    the weights are DeepSpeed ZeRO-3 partitions: ZeRO-3 gathers them into buffers it keeps
+    for later forwards, and buffers made under inference mode are inference tensors that a
+    later training step cannot save for its backward (an evaluation before or during
+    training broke the next step)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        zero3 = any(hasattr(p, "ds_id") for p in self.parameters())
+        with torch.no_grad() if zero3 else torch.inference_mode():
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 class EmbeddingModel(nn.Module):
     """A vision-language model used as an embedding model.
 
@@ -520,7 +536,7 @@ class EmbeddingModel(nn.Module):
         return emb
 
     # ------------------------------------------------------------------ encode
-    @torch.inference_mode()
+    @_grad_free
     def encode(
         self,
         items: Any | Sequence[Any],

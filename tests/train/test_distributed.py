@@ -218,3 +218,31 @@ def test_homogeneous_batches_hold_across_two_processes(tmp_path):
             assert len(set(a) | set(b)) == 1, f"step {step}: rank slices from {set(a)} and {set(b)}"
         seen.add(t0[0])
     assert seen == {"a", "b", "c"}  # all datasets take turns
+
+
+def test_zero3_evaluates_before_during_and_after_training(tmp_path):
+    """ZeRO-3 loads the weights partitioned: the evaluation before training must run through
+    the engine (it crashed on the partitioned weights), and an evaluation between steps must
+    not leave the next training step with inference tensors (ZeRO-3 keeps gathered buffers).
+    The reports equal one process's on the same weights."""
+    with_eval = ("data.eval=demo:digits/eval", "train.eval_steps=2")
+
+    def cmd(base: list[str]) -> list[str]:
+        return [a for a in base if a != "data.eval=[]"] + list(with_eval)
+
+    single, z3 = tmp_path / "single", tmp_path / "zero3"
+    _run(cmd(_train_cmd(single)))
+    _run(cmd(_launch_cmd("zero3", z3)))
+    for name in ("eval_before.json", "eval.json"):
+        ref, got = (json.loads((out / name).read_text())["average"] for out in (single, z3))
+        assert ref.keys() == got.keys() and ref["n_tasks"] > 0
+        for metric in ref:
+            assert got[metric] == pytest.approx(ref[metric], abs=1e-3), (name, metric)
+    evals = [json.loads(line) for line in (z3 / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals, "no evaluation between steps was logged"
+    assert _losses_of(z3) == pytest.approx(_losses_of(single), abs=1e-5)
+
+
+def _losses_of(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [rec["loss"] for rec in lines if "loss" in rec]

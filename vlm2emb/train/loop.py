@@ -443,13 +443,6 @@ class _Trainer:
                 tokenizer=model.adapter.tokenizer,
             )
 
-        report_before = None
-        if self.eval_examples and cfg.train.eval_before and resume_dir is None:
-            report_before = _evaluate(model, self.eval_examples, cfg)
-            if self.is_main:
-                (self.out / "eval_before.json").write_text(json.dumps(report_before, indent=2) + "\n")
-                print("Before training:\n" + format_report(report_before), flush=True)
-
         self.params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(_numel(p) for p in self.params)
         n_total = sum(_numel(p) for p in model.parameters())
@@ -463,6 +456,15 @@ class _Trainer:
         if self.deepspeed:
             _configure_deepspeed(acc, cfg, local_batch)
         self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
+        report_before = None
+        if self.eval_examples and cfg.train.eval_before and resume_dir is None:
+            # After prepare: under ZeRO-3 the loaded weights are partitioned, and only the
+            # engine's hooks gather them for a forward. Every process evaluates (the forwards
+            # are collective); the main one reports.
+            report_before = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
+            if self.is_main:
+                (self.out / "eval_before.json").write_text(json.dumps(report_before, indent=2) + "\n")
+                print("Before training:\n" + format_report(report_before), flush=True)
         if resume_dir is not None:
             acc.load_state(str(resume_dir / "state"))
             if self.is_main:
