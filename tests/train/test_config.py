@@ -330,7 +330,7 @@ def test_mmeb_negatives_key() -> None:
     base = ["data.train=demo:digits/train"]
     assert load_recipe(None, base).data.mmeb_negatives is True  # vlm2emb trains on them
     assert load_recipe(None, [*base, "data.mmeb_negatives=false"]).data.mmeb_negatives is False
-    with pytest.raises(ConfigError, match="data.mmeb_negatives"):
+    with pytest.raises(ConfigError, match=r"data\.mmeb_negatives"):
         load_recipe(None, [*base, "data.mmeb_negatives=maybe"])
 
 
