@@ -108,7 +108,10 @@ def test_mmeb_rows_convert_to_canonical_items() -> None:
     }
     second = convert_mmeb(MMEB_ROWS[1])
     assert second["query"] == {"text": MMEB_ROWS[1]["qry"]}
-    assert second["positive"] == {"text": "<|image_1|> Represent the given image.", "image": "images/blue.png"}
+    assert second["positive"] == {
+        "text": "<|image_1|> Represent the given image.",
+        "image": "images/blue.png",
+    }
     assert second["negatives"] == [{"text": "<|image_1|>", "image": "images/red.png"}]
 
 
