@@ -121,3 +121,11 @@ def test_marker_count_must_match_the_images_in_vlm2vec_style(digit_images) -> No
     model = EmbeddingModel.from_pretrained("tiny:qwen2_vl", prompt_style="vlm2vec")
     with pytest.raises(ValueError, match="2 <\\|image_N\\|> markers for 1 images"):
         model.render({"text": "<|image_1|> and <|image_2|>", "image": digit_images[0]})
+
+
+def test_vlm2emb_style_changes_only_texts_with_markers(digit_images) -> None:
+    model = EmbeddingModel.from_pretrained("tiny:qwen2_vl")
+    assert model.render("  two spaces ").prompt == "  two spaces "  # unchanged, as before
+    assert model.render({"text": "<|image_1|> a cat ", "image": digit_images[0]}).prompt == (
+        "<|vision_start|><|image_pad|><|vision_end|>a cat"
+    )

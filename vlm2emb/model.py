@@ -496,9 +496,11 @@ class EmbeddingModel(nn.Module):
         """
         if self.config.prompt_style == "vlm2vec":
             return self.adapter.render_vlm2vec_prompt(text, num_images, instruction)
-        from vlm2emb.prompts import strip_image_markers
+        from vlm2emb.prompts import count_image_markers, strip_image_markers
 
-        return self.adapter.render_prompt(strip_image_markers(text), num_images, instruction)
+        if count_image_markers(text):  # other texts keep their exact characters, spaces included
+            text = strip_image_markers(text)
+        return self.adapter.render_prompt(text, num_images, instruction)
 
     def set_prompt_style(self, style: str) -> None:
         """Switches the prompt style (saved with the model by :meth:`save_pretrained`).
