@@ -64,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
         "--target-instruction", default=None, help="instruction for candidates (default: the model's)"
     )
     p_eval.add_argument(
+        "--instruction-fallback",
+        choices=["auto", "always", "never"],
+        default=None,
+        help="--suite: when the model's saved (or the flags') instructions apply to rows without "
+        "one; auto: not to MMEB rows (default: the suite's, else auto)",
+    )
+    p_eval.add_argument(
+        "--prompt-style",
+        default=None,
+        help="vlm2emb | vlm2vec: VLM2Vec's exact prompts for a VLM2Vec checkpoint (default: the model's)",
+    )
+    p_eval.add_argument(
         "--media-root", default=None, help="folder for relative image paths (default: the file's)"
     )
     p_eval.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
@@ -127,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     p_doctor.add_argument(
         "--pooling", default=None, help="last | eos | embed_token | mean (default: the model's)"
     )
+    p_doctor.add_argument(
+        "--prompt-style", default=None, help="vlm2emb | vlm2vec (default: the model's; docs/evaluation.md)"
+    )
+    p_doctor.add_argument(
+        "--text", default=None, help="text of the item whose prompt and token ids are shown (with an image)"
+    )
+    p_doctor.add_argument("--instruction", default=None, help="instruction of that item ('' for none)")
     p_doctor.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
     p_doctor.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda when available)")
     p_doctor.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
@@ -217,13 +236,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         suite = load_suite(args.suite)
         for task in suite.tasks:  # --media-root is the default of tasks that name none
             task.media_root = task.media_root or args.media_root
+        if args.instruction_fallback is not None:  # the flag beats the suite and its tasks
+            suite.instruction_fallback = args.instruction_fallback
+            for task in suite.tasks:
+                task.instruction_fallback = None
+        if args.prompt_style is not None:
+            suite.prompt_style = args.prompt_style
         loaded = load_suite_tasks(suite)
     else:
         from vlm2emb.data.schema import load_eval_examples
 
         examples = load_eval_examples(args.data, media_root=args.media_root)
     # Load before joining a process group: transformers writes a tiny: build only on rank 0 then.
-    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype)
+    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype, prompt_style=args.prompt_style)
     state = _distributed_state()
     device = args.device or (str(state.device) if state else "cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -341,7 +366,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
-    from vlm2emb.doctor import run_doctor
+    from vlm2emb.doctor import SAMPLE_INSTRUCTION, SAMPLE_TEXT, run_doctor
     from vlm2emb.model import EmbeddingModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -349,11 +374,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         args.model,
         attention=args.attention,
         pooling=args.pooling,
+        prompt_style=args.prompt_style,
         torch_dtype=args.dtype,
         device=device,
         trust_remote_code=args.trust_remote_code,
     )
-    report = run_doctor(model, args.model)
+    instruction = SAMPLE_INSTRUCTION if args.instruction is None else (args.instruction or None)
+    report = run_doctor(model, args.model, text=args.text or SAMPLE_TEXT, instruction=instruction)
     print(report.format())
     return 0 if report.ok else 1
 

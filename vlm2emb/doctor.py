@@ -11,7 +11,9 @@ wrong when a VLM becomes an embedder:
 - every embedding is finite;
 
 and reports what a user wants to know before training: parameter counts, how many modules the
-family's default LoRA targets match, and the prompt rendered for a text + image item.
+family's default LoRA targets match, and the prompt rendered for a text + image item: the
+string and the exact token ids the model gets (:meth:`EmbeddingModel.render`), in the model's
+prompt style.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class DoctorReport:
     lora: dict[str, Any] = field(default_factory=dict)
     prompt: str = ""
     prompt_tokens: dict[str, int] = field(default_factory=dict)
+    prompt_style: str = "vlm2emb"
+    prompt_ids: list[int] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -66,6 +70,7 @@ class DoctorReport:
             f"  attention       {self.attention}",
             f"  pooling         {self.pooling}",
             f"  dtype           {self.dtype}",
+            f"  prompt style    {self.prompt_style}",
             f"  embedding dim   {self.embedding_dim}",
             "",
             "Parameters",
@@ -82,6 +87,7 @@ class DoctorReport:
             "Prompt for a text + image item (before the processor expands image placeholders)",
             f"  {self.prompt!r}",
             f"  -> {self.prompt_tokens['total']} tokens, {self.prompt_tokens['image']} of them image tokens",
+            f"  ids {format_ids(self.prompt_ids)}",
             "",
             "Checks",
         ]
@@ -90,6 +96,19 @@ class DoctorReport:
         failed = sum(not c.passed for c in self.checks)
         lines += ["", "all checks passed" if not failed else f"{failed} check(s) failed"]
         return "\n".join(lines)
+
+
+def format_ids(ids: list[int]) -> str:
+    """Token ids with runs of one id written ``id x n`` (image placeholders expand to hundreds)."""
+    parts: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and ids[j] == ids[i]:
+            j += 1
+        parts.append(str(ids[i]) if j - i == 1 else f"{ids[i]} x{j - i}")
+        i = j
+    return "[" + ", ".join(parts) + "]"
 
 
 def sample_image(size: int = 64) -> Any:
@@ -174,12 +193,21 @@ def lora_summary(model: EmbeddingModel) -> dict[str, Any]:
     }
 
 
-def run_doctor(model: EmbeddingModel, name: str) -> DoctorReport:
+def run_doctor(
+    model: EmbeddingModel,
+    name: str,
+    *,
+    text: str = SAMPLE_TEXT,
+    instruction: str | None = SAMPLE_INSTRUCTION,
+) -> DoctorReport:
     """Runs every check on a loaded model.
 
     Args:
         model: The model to check (any device or dtype).
         name: How the user named it, for the report header.
+        text: The text of the item whose prompt is shown (with one sample image); an MMEB
+            text with ``<|image_1|>`` shows how the prompt style treats the marker.
+        instruction: The instruction of that item.
 
     Returns:
         The report; ``report.ok`` is False when a check failed.
@@ -203,13 +231,14 @@ def run_doctor(model: EmbeddingModel, name: str) -> DoctorReport:
         },
         lora=lora_summary(model),
     )
-    report.prompt = model.adapter.render_prompt(SAMPLE_TEXT, 1, SAMPLE_INSTRUCTION)
-    inputs = model.collate([{"text": SAMPLE_TEXT, "image": image}], SAMPLE_INSTRUCTION)
-    ids = inputs["input_ids"][0]
+    rendered = model.render({"text": text, "image": image}, instruction)
+    report.prompt = rendered.prompt
+    report.prompt_style = rendered.prompt_style
+    report.prompt_ids = rendered.input_ids
     image_id = _image_token_id(model)
     report.prompt_tokens = {
-        "total": int(inputs["attention_mask"][0].sum()),
-        "image": int((ids == image_id).sum()) if image_id is not None else 0,
+        "total": len(rendered.input_ids),
+        "image": sum(i == image_id for i in rendered.input_ids) if image_id is not None else 0,
     }
     lora = report.lora
     report.checks.append(

@@ -318,11 +318,14 @@ def _chat_template(model: EmbeddingModel) -> str | None:
     (:meth:`BackboneAdapter.render_prompt`). sentence-transformers sends images and texts
     as chat messages (its prompt as a system message) through the processor's chat template,
     so a template that emits the placeholders, then the system text, then the user text,
-    gives the same tokens. None for families with their own prompt layout.
+    gives the same tokens. None for families with their own prompt layout, and for the
+    ``vlm2vec`` prompt style (its layout is not this one).
     """
     from vlm2emb.backbones.base import BackboneAdapter
 
     placeholder = model.adapter.image_placeholder
+    if model.config.prompt_style != "vlm2emb":
+        return None
     if not placeholder or type(model.adapter).render_prompt is not BackboneAdapter.render_prompt:
         return None
 

@@ -63,6 +63,9 @@ class EmbeddingConfig:
             ``truncate_dim`` dimensions (re-normalised when ``normalize``). None = all.
         matryoshka_dims: The prefix sizes the model was trained with (a record for model
             cards; ``train.matryoshka_dims``).
+        prompt_style: How items become prompt strings (:mod:`vlm2emb.prompts`): ``vlm2emb``
+            (the default, what vlm2emb trains with) or ``vlm2vec`` (VLM2Vec's exact token
+            sequence, for checkpoints VLM2Vec trained).
         format_version: Layout version of the saved directory.
     """
 
@@ -77,6 +80,7 @@ class EmbeddingConfig:
     base_model: str | None = None
     truncate_dim: int | None = None
     matryoshka_dims: list[int] | None = None
+    prompt_style: str = "vlm2emb"
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -90,11 +94,31 @@ class EmbeddingConfig:
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.truncate_dim is not None and (isinstance(self.truncate_dim, bool) or self.truncate_dim < 1):
             raise ValueError(f"truncate_dim must be a positive integer or None, got {self.truncate_dim!r}")
+        from vlm2emb.prompts import check_prompt_style
+
+        check_prompt_style(self.prompt_style)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RenderedItem:
+    """One item as the backbone sees it (:meth:`EmbeddingModel.render`).
+
+    Attributes:
+        prompt: The prompt string, before the processor expands image placeholders.
+        input_ids: The token ids the model gets (placeholders expanded, no padding).
+        tokens: The same ids as token strings.
+        prompt_style: The style that rendered it.
+    """
+
+    prompt: str
+    input_ids: list[int]
+    tokens: list[str]
+    prompt_style: str
 
 
 def as_item(x: Any) -> dict[str, Any]:
@@ -190,6 +214,8 @@ class EmbeddingModel(nn.Module):
         self.adapter = adapter
         self.config = config
         self.adapter.padding_side = config.padding_side
+        if config.prompt_style == "vlm2vec":
+            self.adapter.render_vlm2vec_prompt("", 0, None)  # refuses a family VLM2Vec does not train
         self.adapter.configure_backbone(backbone)
         self.adapter.set_attention(backbone, config.attention)
         self.base_dir: Path | None = None  # relative image paths in encode() resolve here
@@ -216,6 +242,7 @@ class EmbeddingModel(nn.Module):
         seed: int = 0,
         truncate_dim: int | None = None,
         base_model: str | os.PathLike[str] | None = None,
+        prompt_style: str | None = None,
     ) -> EmbeddingModel:
         """Loads a raw VLM checkpoint or a saved vlm2emb model.
 
@@ -238,6 +265,9 @@ class EmbeddingModel(nn.Module):
             truncate_dim: Matryoshka truncation applied by :meth:`encode` (default: saved).
             base_model: For an adapter-only export (``adapter_config.json`` and no weights):
                 where the base weights are, overriding the recorded ``base_model``.
+            prompt_style: ``vlm2emb`` or ``vlm2vec`` (:mod:`vlm2emb.prompts`). Default: the
+                saved value, else ``vlm2emb``. Use ``vlm2vec`` for a checkpoint VLM2Vec
+                trained, so it sees the tokens it was trained on; it is saved with the model.
 
         Returns:
             The model in eval mode.
@@ -259,6 +289,7 @@ class EmbeddingModel(nn.Module):
                 "attention": attention,
                 "padding_side": padding_side,
                 "truncate_dim": truncate_dim,
+                "prompt_style": prompt_style,
             },
             dtype=resolve_dtype(torch_dtype),
             attn_implementation=attn_implementation,
@@ -416,6 +447,19 @@ class EmbeddingModel(nn.Module):
         Returns:
             The backbone's input tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], ...).
         """
+        prompts, images, dummy = self._prompts_and_images(items, instructions, base_dir)
+        out = self.adapter.build_inputs(prompts, images)
+        if dummy:
+            out[DUMMY_ROWS] = dummy
+        return out
+
+    def _prompts_and_images(
+        self,
+        items: Sequence[Any],
+        instructions: str | Sequence[str | None] | None,
+        base_dir: str | Path | None,
+    ) -> tuple[list[str], list[list[Any]], int]:
+        """collate()'s prompt strings and decoded images per item, plus the dummy row count."""
         from vlm2emb.data.media import VideoRef, load_image, load_video_frames
 
         if instructions is None or isinstance(instructions, str):
@@ -441,7 +485,7 @@ class EmbeddingModel(nn.Module):
                     )
                 else:
                     imgs.append(load_image(ref, base_dir=root))
-            prompts.append(self.adapter.render_prompt(item["text"], len(imgs), instruction) + suffix)
+            prompts.append(self.render_prompt(item["text"], len(imgs), instruction) + suffix)
             images.append(imgs)
         dummy = 0
         if getattr(self.adapter, "always_run_vision", False) and not any(images):
@@ -452,15 +496,64 @@ class EmbeddingModel(nn.Module):
             from PIL import Image
 
             try:
-                prompts.append(self.adapter.render_prompt(None, 1, None) + suffix)
+                prompts.append(self.render_prompt(None, 1, None) + suffix)
                 images.append([Image.new("RGB", (32, 32), (255, 255, 255))])
                 dummy = 1
             except ValueError:  # a text-only backbone has no image path to keep in step
                 pass
-        out = self.adapter.build_inputs(prompts, images)
-        if dummy:
-            out[DUMMY_ROWS] = dummy
-        return out
+        return prompts, images, dummy
+
+    def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
+        """The prompt string for one item in the model's ``prompt_style``.
+
+        ``vlm2emb``: ``<|image_N|>`` markers are removed and the adapter places the images
+        (:meth:`BackboneAdapter.render_prompt`). ``vlm2vec``: VLM2Vec's form
+        (:meth:`BackboneAdapter.render_vlm2vec_prompt`).
+        """
+        if self.config.prompt_style == "vlm2vec":
+            return self.adapter.render_vlm2vec_prompt(text, num_images, instruction)
+        from vlm2emb.prompts import count_image_markers, strip_image_markers
+
+        if count_image_markers(text):  # other texts keep their exact characters, spaces included
+            text = strip_image_markers(text)
+        return self.adapter.render_prompt(text, num_images, instruction)
+
+    def set_prompt_style(self, style: str) -> None:
+        """Switches the prompt style (saved with the model by :meth:`save_pretrained`).
+
+        Raises:
+            ValueError: Unknown style, or a family without that style.
+        """
+        from vlm2emb.prompts import check_prompt_style
+
+        check_prompt_style(style)
+        if style == "vlm2vec":
+            self.adapter.render_vlm2vec_prompt("", 0, None)
+        self.config.prompt_style = style
+
+    def render(self, item: Any, instruction: str | None = None) -> RenderedItem:
+        """What the backbone gets for one item: the prompt string and its token ids.
+
+        The ids are those :meth:`encode` feeds the model (image placeholders expanded to
+        one token per image feature, pooling suffix included, padding left out), so a
+        user can check them against another implementation's.
+
+        Args:
+            item: A string, a PIL image or an item dict (see :func:`as_item`).
+            instruction: The instruction, as given to :meth:`encode`.
+
+        Returns:
+            A :class:`RenderedItem`.
+        """
+        prompts, images, _ = self._prompts_and_images([item], instruction, None)
+        batch = self.adapter.build_inputs(prompts[:1], images[:1])
+        prompt = prompts[0]
+        mask = batch["attention_mask"][0].bool()
+        ids = [int(i) for i in batch["input_ids"][0][mask]]
+        tokens = self.adapter.tokenizer.convert_ids_to_tokens(ids)
+        return RenderedItem(
+            prompt=prompt, input_ids=ids, tokens=list(tokens), prompt_style=self.config.prompt_style
+        )
 
     # ------------------------------------------------------------------ forward
     def enable_learnable_temperature(self, temperature: float, max_scale: float = 100.0) -> None:

@@ -99,15 +99,38 @@ MMEB_ROWS = [
 
 
 def test_mmeb_rows_convert_to_canonical_items() -> None:
+    # The <|image_1|> markers stay in the text: the model's prompt style renders them
+    # (removed for vlm2emb, VLM2Vec's bare image token for vlm2vec; tests/test_prompts.py).
     first = convert_mmeb(MMEB_ROWS[0])
     assert first == {
-        "query": {"text": "Represent the given image for classification", "image": "images/red.png"},
+        "query": {"text": MMEB_ROWS[0]["qry"], "image": "images/red.png"},
         "positive": {"text": "red"},
     }
     second = convert_mmeb(MMEB_ROWS[1])
     assert second["query"] == {"text": MMEB_ROWS[1]["qry"]}
-    assert second["positive"] == {"text": "Represent the given image.", "image": "images/blue.png"}
-    assert second["negatives"] == [{"text": None, "image": "images/red.png"}]
+    assert second["positive"] == {
+        "text": "<|image_1|> Represent the given image.",
+        "image": "images/blue.png",
+    }
+    assert second["negatives"] == [{"text": "<|image_1|>", "image": "images/red.png"}]
+
+
+def test_mmeb_negatives_are_a_choice(tmp_path: Path) -> None:
+    """data.mmeb_negatives: false trains as VLM2Vec does (its collators drop neg_text/neg_image_path)."""
+    from vlm2emb.data.schema import load_train_examples
+
+    assert "negatives" not in convert_mmeb(MMEB_ROWS[1], negatives=False)
+    jsonl, parquet = _mmeb_files(tmp_path)
+    for spec in (jsonl, parquet):
+        kept = load_train_examples([str(spec)])
+        dropped = load_train_examples([str(spec)], mmeb_negatives=False)
+        assert [len(ex.negatives) for ex in kept] == [0, 1]
+        assert [len(ex.negatives) for ex in dropped] == [0, 0]
+        assert [ex.query for ex in dropped] == [ex.query for ex in kept]
+    # Canonical rows keep their negatives either way (data.max_negatives caps those).
+    canonical = tmp_path / "canonical.jsonl"
+    canonical.write_text(json.dumps({"query": "a", "positive": "b", "negatives": ["c"]}) + "\n")
+    assert len(load_train_examples([str(canonical)], mmeb_negatives=False)[0].negatives) == 1
 
 
 def _mmeb_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -129,8 +152,8 @@ def test_mmeb_jsonl_and_parquet_load(tmp_path: Path, data_format: str) -> None:
     ex = load_train_examples([str(jsonl), str(parquet)], data_format=data_format)
     assert len(ex) == 4
     red = str((tmp_path / "images" / "red.png").resolve())
-    assert ex[0].query == {"text": "Represent the given image for classification", "images": [red]}
-    assert ex[1].negatives == [{"text": None, "images": [red]}]
+    assert ex[0].query == {"text": MMEB_ROWS[0]["qry"], "images": [red]}  # marker kept for rendering
+    assert ex[1].negatives == [{"text": "<|image_1|>", "images": [red]}]
     assert [e.dataset for e in ex] == ["ImageNet_1K"] * 2 + ["N24News"] * 2  # file names
     assert ex[2].query == ex[0].query  # Parquet gives the same rows
 

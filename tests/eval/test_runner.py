@@ -268,3 +268,64 @@ def test_invalid_rows_raise(bad_row: dict, message: str) -> None:
 def test_empty_rows_raise() -> None:
     with pytest.raises(ValueError, match="at least one row"):
         evaluate(TableModel({}), [])
+
+
+def test_a_copy_of_the_positive_is_the_positive_but_ties_between_different_items_stay_pessimistic() -> None:
+    table = {"q": onehot(0), "pos": onehot(0), "other": onehot(1), "twin": onehot(0)}
+    model = TableModel(table)
+    # Candidate 2 has the positive's content: it shares its embedding and counts as a hit.
+    rows = [{"query": item("q"), "candidates": [item("pos"), item("other"), item("pos")], "task": "copy"}]
+    # "twin" is a different item with the positive's score: the tie goes against relevance.
+    rows.append({"query": item("q"), "candidates": [item("pos"), item("other"), item("twin")], "task": "tie"})
+    report = evaluate(model, rows, ks=(1, 2))["tasks"]
+    assert report["copy"]["hit@1"] == 1.0 and report["copy"]["mrr"] == 1.0
+    assert report["copy"]["recall@2"] == 1.0  # both copies are relevant and in the top 2
+    assert report["tie"]["hit@1"] == 0.0 and report["tie"]["mrr"] == 0.5
+
+
+def test_mmeb_rows_with_repeated_candidates_score_as_vlm2vec_row_by_row(tmp_path) -> None:
+    """Real tiny model, MMEB-eval file: per row, hit@1 equals VLM2Vec v1 (argmax, positive at
+    index 0) and V2 (label match), computed by transcriptions of their code."""
+    import json
+    import random
+
+    import numpy as np
+
+    from tests import vlm2vec_reference as ref
+    from vlm2emb.eval.mmeb import load_local_rows
+    from vlm2emb.model import EmbeddingModel
+
+    names = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray"]
+    rng = random.Random(0)
+    mmeb = [
+        # The issue's row: the query is the positive's text, so the positive wins, twice.
+        {"qry_text": "tench", "tgt_text": ["tench", "goldfish", "tench", "great white shark"]},
+    ]
+    for _ in range(40):
+        cands = [rng.choice(names) for _ in range(5)]
+        query = rng.choice([cands[0], *names, "a photo of a " + cands[0]])
+        mmeb.append({"qry_text": query, "tgt_text": cands})
+    path = tmp_path / "ImageNet-1K.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({**r, "qry_img_path": "", "tgt_img_path": [""] * len(r["tgt_text"])}) + "\n"
+            for r in mmeb
+        )
+    )
+    rows = load_local_rows([str(path)])
+    model = EmbeddingModel.from_pretrained("tiny:qwen2_vl")
+    report = evaluate(model, [{**row, "task": f"row{i}"} for i, row in enumerate(rows)], ks=(1,))["tasks"]
+
+    texts = sorted({t for r in mmeb for t in [r["qry_text"], *r["tgt_text"]]})
+    emb = dict(zip(texts, model.encode(texts).numpy()))
+    repeated_hits = 0
+    for i, r in enumerate(mmeb):
+        keys = list(r["tgt_text"])
+        v1 = ref.v1_hit(emb[r["qry_text"]], emb, keys)
+        v2 = ref.v2_hit_at_1(emb[r["qry_text"]], emb, keys)
+        assert v1 == v2
+        assert report[f"row{i}"]["hit@1"] == float(v1), (i, r)
+        repeated_hits += v1 and keys.count(keys[0]) > 1
+    assert report["row0"]["hit@1"] == 1.0  # a miss before: the later copy outranked the positive
+    assert repeated_hits >= 2
+    assert np.isfinite(list(emb.values())).all()

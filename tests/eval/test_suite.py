@@ -84,7 +84,12 @@ def test_mmeb_rows_strip_placeholders_and_match_canonical_rows(
     assert len(mmeb) == 100
     first = mmeb[0]
     assert first["positive"] == [0] and first["instruction"] == T2I
-    assert first["candidates"][0]["text"] is None  # "<|image_1|>" removed
+    # The marker stays in the item; the vlm2emb prompt style removes it when rendering.
+    assert first["candidates"][0]["text"] == "<|image_1|>" and first["layout"] == "mmeb"
+    assert (
+        model.render(first["candidates"][0]).prompt
+        == model.render({"images": first["candidates"][0]["images"]}).prompt
+    )
     assert Path(first["candidates"][0]["images"][0]).is_file()  # resolved against the file
     # The same rows in the canonical schema give exactly the same metrics.
     canonical = load_local_rows([str(root / "eval.jsonl")])
@@ -257,3 +262,90 @@ def test_the_mmeb_v1_example_suite_lists_36_tasks_in_4_meta_tasks() -> None:
     assert counts == {"classification": 10, "vqa": 10, "retrieval": 12, "grounding": 4}
     assert all(t.format == "mmeb" and t.metric == "hit@1" for t in suite.tasks)
     assert all(t.media_root and t.media_root.endswith("eval_images") for t in suite.tasks)
+
+
+class RecordingModel:
+    """The real tiny model, recording the instruction of every encode call and its texts."""
+
+    def __init__(self, model: EmbeddingModel) -> None:
+        self.model = model
+        self.config = model.config
+        self.calls: list[tuple[str | None, list[str | None]]] = []
+
+    def encode(self, items, instruction=None, **kwargs):
+        self.calls.append((instruction, [i.get("text") if isinstance(i, dict) else i for i in items]))
+        return self.model.encode(items, instruction=instruction, **kwargs)
+
+
+def _mixed_suite(
+    suite_file: Path, tmp_path: Path, extra: str = "", tasks: tuple[str, ...] = ("mmeb", "canonical")
+) -> Path:
+    """A suite of 20 MMEB-layout rows and 20 canonical rows without their own instruction."""
+    root = suite_file.parent
+    lines = {
+        "mmeb": (root / "t2i_mmeb.jsonl").read_text().splitlines()[:20],
+        "canonical": [
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "instruction"})
+            for line in (root / "i2t.jsonl").read_text().splitlines()[:20]
+        ],
+    }
+    for name, rows in lines.items():  # next to the demo's images (relative paths)
+        (root / f"mini_{name}.jsonl").write_text("\n".join(rows) + "\n")
+    body = "".join(f"  - name: {t}\n    data: {root / f'mini_{t}.jsonl'}\n" for t in tasks)
+    return write(tmp_path / "mixed.yaml", f"{extra}tasks:\n{body}")
+
+
+def test_mmeb_rows_get_no_model_instruction_unless_the_suite_asks(
+    suite_file: Path, model: EmbeddingModel, tmp_path: Path
+) -> None:
+    """The documented behaviour: MMEB rows carry their instruction in the text; the model's
+    saved instructions (run_suite's defaults, as the CLI passes them) do not apply to them."""
+
+    def instructions(task: str, extra: str = "") -> set[str | None]:
+        recorder = RecordingModel(model)
+        suite = load_suite(_mixed_suite(suite_file, tmp_path, extra, (task,)))
+        run_suite(recorder, suite, default_query_instruction="MODEL-Q", default_target_instruction="MODEL-T")
+        return {instruction for instruction, _ in recorder.calls}
+
+    assert instructions("mmeb") == {None}  # got MODEL-Q before
+    assert instructions("canonical") == {"MODEL-Q", "MODEL-T"}
+    always = "instruction_fallback: always\n"
+    assert instructions("mmeb", always) == {"MODEL-Q", "MODEL-T"}
+    assert instructions("canonical", "instruction_fallback: never\n") == {None}
+    bad = _mixed_suite(suite_file, tmp_path, "instruction_fallback: sometimes\n")
+    with pytest.raises(DataError, match=r"mixed\.yaml: 'instruction_fallback' is 'sometimes'; choose one of"):
+        load_suite(bad)
+
+
+def test_cli_eval_leaves_mmeb_rows_without_the_saved_instruction(
+    suite_file: Path, tmp_path: Path, model: EmbeddingModel
+) -> None:
+    saved = EmbeddingModel.from_pretrained("tiny:qwen2_vl")
+    saved.config.query_instruction = "Represent the given image for classification."
+    saved.config.target_instruction = "Represent the given image."
+    path = saved.save_pretrained(tmp_path / "with-instructions")
+    suite = _mixed_suite(suite_file, tmp_path)
+    argv = ["eval", "--model", str(path), "--suite", str(suite), "--no-cache"]
+    assert main([*argv, "--out", str(tmp_path / "auto.json")]) == 0
+    assert main([*argv, "--instruction-fallback", "always", "--out", str(tmp_path / "always.json")]) == 0
+    auto, always = (json.loads((tmp_path / f"{n}.json").read_text())["tasks"] for n in ("auto", "always"))
+    plain = run_suite(saved, load_suite(suite))["tasks"]  # no defaults at all
+    assert auto["mmeb"]["mrr"] == plain["mmeb"]["mrr"]
+    assert always["mmeb"]["mrr"] != plain["mmeb"]["mrr"]  # the fallback is there when asked for
+    assert auto["canonical"]["mrr"] == always["canonical"]["mrr"]
+
+
+def test_suite_prompt_style_is_used_for_the_run_and_restored(suite_file: Path, tmp_path: Path) -> None:
+    mine = EmbeddingModel.from_pretrained("tiny:qwen2_vl")
+    theirs = EmbeddingModel.from_pretrained("tiny:qwen2_vl", prompt_style="vlm2vec")
+    styled = load_suite(_mixed_suite(suite_file, tmp_path, "prompt_style: vlm2vec\n"))
+    assert styled.prompt_style == "vlm2vec"
+    got = run_suite(CachedEncoder(mine, tmp_path / "cache"), styled)["tasks"]
+    want = run_suite(theirs, load_suite(_mixed_suite(suite_file, tmp_path)))["tasks"]
+    assert got["mmeb"]["mrr"] == pytest.approx(want["mmeb"]["mrr"])
+    assert mine.config.prompt_style == "vlm2emb"
+    default = run_suite(mine, load_suite(_mixed_suite(suite_file, tmp_path)))["tasks"]
+    assert default["mmeb"]["mrr"] != got["mmeb"]["mrr"]
+    bad = _mixed_suite(suite_file, tmp_path, "prompt_style: vlm3vec\n")
+    with pytest.raises(DataError, match=r"mixed\.yaml: prompt_style: unknown prompt style 'vlm3vec'"):
+        load_suite(bad)

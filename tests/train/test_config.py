@@ -324,3 +324,17 @@ def test_recipe_to_dict_round_trips(tmp_path: Path) -> None:
     cfg_off = load_recipe(DEMO)
     path.write_text(yaml.safe_dump(recipe_to_dict(cfg_off)))
     assert load_recipe(path) == cfg_off
+
+
+def test_mmeb_negatives_key() -> None:
+    base = ["data.train=demo:digits/train"]
+    assert load_recipe(None, base).data.mmeb_negatives is True  # vlm2emb trains on them
+    assert load_recipe(None, [*base, "data.mmeb_negatives=false"]).data.mmeb_negatives is False
+    with pytest.raises(ConfigError, match=r"data\.mmeb_negatives"):
+        load_recipe(None, [*base, "data.mmeb_negatives=maybe"])
+
+
+def test_the_vlm2vec_reproduction_recipe_matches_vlm2vec() -> None:
+    cfg = load_recipe(Path(__file__).parents[2] / "recipes" / "qwen2_vl" / "2b_lora.yaml")
+    assert cfg.data.mmeb_negatives is False  # VLM2Vec's collators drop MMEB's negatives
+    assert cfg.model.prompt_style == "vlm2vec"  # and its backbone sees VLM2Vec's tokens

@@ -51,6 +51,10 @@ class BackboneAdapter:
     default_attention: ClassVar[str] = "causal"
     embed_token: ClassVar[str] = "<|embed|>"
     image_placeholder: ClassVar[str] = ""  # the prompt text standing for one image ("" = no images)
+    # The bare image token VLM2Vec writes for this family (its VLM_IMAGE_TOKENS), for the
+    # ``vlm2vec`` prompt style (vlm2emb/prompts.py); None = VLM2Vec does not train the family,
+    # and the style is refused.
+    vlm2vec_image_token: ClassVar[str | None] = None
     # A batch without images skips the processor and goes to the tokenizer alone: the same
     # ids and mask at less cost (some processors also build a per-token modality map with
     # NumPy, which text needs not). Opt-in per family; tests check the ids and embeddings
@@ -130,6 +134,38 @@ class BackboneAdapter:
         if text:
             parts.append(text)
         return "".join(parts)
+
+    def render_vlm2vec_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
+        """Returns the prompt VLM2Vec builds for one item (the ``vlm2vec`` prompt style).
+
+        With ``<|image_N|>`` markers in ``text`` (MMEB rows), each marker is replaced in
+        place by :attr:`vlm2vec_image_token` and the whitespace around it is kept, as
+        VLM2Vec's datasets do. Without markers, VLM2Vec-V2's ``process_input_text`` form:
+        ``TOKEN + " "`` per image, then instruction and text joined by one space.
+
+        Raises:
+            ValueError: The family has no VLM2Vec form, or the markers do not match the
+                images in number.
+        """
+        from vlm2emb.prompts import IMAGE_MARKER, count_image_markers
+
+        token = self.vlm2vec_image_token
+        if token is None:
+            raise ValueError(
+                f"prompt_style: backbone {self.family!r} has no 'vlm2vec' prompt form "
+                "(VLM2Vec trains qwen2_vl, qwen2_5_vl and llava_next); use 'vlm2emb'"
+            )
+        markers = count_image_markers(text)
+        if markers and markers != num_images:
+            raise ValueError(
+                f"the text holds {markers} <|image_N|> markers for {num_images} images: {text!r}"
+            )
+        # A lambda: the token holds no regex escapes, but re.sub would read backslashes in it.
+        body = IMAGE_MARKER.sub(lambda _: token, text) if markers else (text or "")
+        prompt = " ".join(part for part in (instruction, body) if part)
+        if not markers:
+            prompt = (token + " ") * num_images + prompt
+        return prompt
 
     def special_token(self, kind: str) -> str:
         """Returns the token string appended for ``eos`` or ``embed_token`` pooling."""

@@ -23,6 +23,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family: ClassVar[str] = "llava_next"
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
+    # VLM2Vec's LLaVA-NeXT token (its VLM_IMAGE_TOKENS): the bare <image>, no newline added.
+    vlm2vec_image_token: ClassVar[str | None] = "<image>"
 
     @classmethod
     def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:

@@ -38,6 +38,8 @@ class Qwen2VLAdapter(BackboneAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     lora_target_modules: ClassVar[str] = _LM_PROJ
     image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
+    # VLM2Vec writes the bare pad token, without vision start/end (its VLM_IMAGE_TOKENS).
+    vlm2vec_image_token: ClassVar[str | None] = "<|image_pad|>"
     # Special tokens of the Qwen-VL tokenizers that the tiny builders (this family and its
     # Qwen2.5-VL / Qwen3-VL subclasses) reproduce.
     tiny_specials: ClassVar[tuple[str, ...]] = (

@@ -22,6 +22,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     family: ClassVar[str] = "qwen3_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl",)
+    # VLM2Vec trains no Qwen3-VL model, so there is no token sequence to reproduce.
+    vlm2vec_image_token: ClassVar[str | None] = None
 
     @classmethod
     def build_tiny(cls, path: Path, *, seed: int = 0) -> Path:

@@ -367,9 +367,12 @@ def _check_fields(
 
 
 def train_row_builder(
-    data_format: str = "auto", max_negatives: int | None = None
+    data_format: str = "auto", max_negatives: int | None = None, mmeb_negatives: bool = True
 ) -> Callable[[_RowChecker, int, dict[str, Any], int, Source], TrainExample]:
     """The function that validates one training row (canonical or MMEB layout).
+
+    ``mmeb_negatives`` False leaves out MMEB-train rows' ``neg_text`` / ``neg_image_path``
+    (as VLM2Vec's collators do); canonical rows' ``negatives`` are not affected.
 
     Raises:
         ValueError: Unknown ``data_format``.
@@ -384,7 +387,7 @@ def train_row_builder(
     ) -> TrainExample:
         if data_format == "mmeb" or (data_format == "auto" and is_mmeb(rec)):
             try:
-                rec = convert_mmeb(rec)
+                rec = convert_mmeb(rec, negatives=mmeb_negatives)
             except ValueError as exc:
                 raise check.fail(lineno, f"MMEB row: {exc}", "invalid") from None
         _check_fields(check, lineno, rec, "training", TRAIN_KEYS, ("query", "positive"))
@@ -415,6 +418,7 @@ def load_train_examples(
     max_negatives: int | None = None,
     work_dir: str | Path | None = None,
     data_format: str = "auto",
+    mmeb_negatives: bool = True,
     on_bad_example: str = "error",
     report: DataReport | None = None,
     max_rows: list[int] | None = None,
@@ -433,6 +437,8 @@ def load_train_examples(
         work_dir: Where ``demo:`` data is materialised.
         data_format: ``auto`` (MMEB-train rows detected by their columns), ``canonical``
             or ``mmeb``.
+        mmeb_negatives: Train on MMEB-train rows' ``neg_text`` / ``neg_image_path``
+            (recipe key ``data.mmeb_negatives``; VLM2Vec does not).
         on_bad_example: ``error`` stops at the first bad row; ``skip`` leaves it out and
             counts it in ``report``.
         report: Collects row counts and skip reasons (a new one when None).
@@ -444,7 +450,7 @@ def load_train_examples(
     Raises:
         DataError: One line naming file, line and reason.
     """
-    build = train_row_builder(data_format, max_negatives)
+    build = train_row_builder(data_format, max_negatives, mmeb_negatives)
     return _load(
         specs,
         "training",

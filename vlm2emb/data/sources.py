@@ -223,19 +223,28 @@ def _mmeb_item(text: Any, image: Any, side: str) -> dict[str, Any] | None:
         raise ValueError(f"{side} text has an <|image_N|> marker but its image path is empty")
     if not clean and image is None:
         return None
-    item: dict[str, Any] = {"text": clean or None}
+    # The text keeps its markers: the model's prompt style decides at render time whether
+    # they are removed (vlm2emb) or become the backbone's image token in place (vlm2vec).
+    item: dict[str, Any] = {"text": text if clean or has_marker else None}
     if image is not None:
         item["image"] = image
     return item
 
 
-def convert_mmeb(rec: dict[str, Any]) -> dict[str, Any]:
+def convert_mmeb(rec: dict[str, Any], *, negatives: bool = True) -> dict[str, Any]:
     """Converts an MMEB-train row to a canonical training row.
 
     ``qry`` + ``qry_image_path`` become the query, ``pos_text`` + ``pos_image_path`` the
-    positive, ``neg_text`` + ``neg_image_path`` (when not empty) one hard negative. The
-    ``<|image_N|>`` markers are removed; the instruction VLM2Vec writes into ``qry`` stays
-    part of the query text, which is how VLM2Vec embeds it.
+    positive, ``neg_text`` + ``neg_image_path`` (when not empty, and ``negatives``) one hard
+    negative. The ``<|image_N|>`` markers stay in the text (the prompt style handles them,
+    :mod:`vlm2emb.prompts`); the instruction VLM2Vec writes into ``qry`` stays part of the
+    query text, which is how VLM2Vec embeds it.
+
+    Args:
+        rec: The MMEB-train row.
+        negatives: Keep the row's negative (recipe key ``data.mmeb_negatives``). VLM2Vec
+            reads ``neg_text`` / ``neg_image_path`` but its training collators drop them;
+            False trains as VLM2Vec does.
 
     Raises:
         ValueError: The reason, for the caller to prefix with file and line.
@@ -249,7 +258,7 @@ def convert_mmeb(rec: dict[str, Any]) -> dict[str, Any]:
         "positive": _mmeb_item(rec.get("pos_text"), rec.get("pos_image_path"), "pos"),
     }
     neg = _mmeb_item(rec.get("neg_text"), rec.get("neg_image_path"), "neg")
-    if neg is not None:
+    if neg is not None and negatives:
         out["negatives"] = [neg]
     if rec.get("dataset") is not None:
         out["dataset"] = rec["dataset"]

@@ -68,6 +68,7 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
         on_bad_example: str = "error",
         options: MediaOptions | None = None,
         report: DataReport | None = None,
+        mmeb_negatives: bool = True,
     ) -> None:
         super().__init__()
         from vlm2emb.data.sources import resolve_source
@@ -83,7 +84,7 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.max_rows = max_rows
         self.report = report if report is not None else DataReport()
-        self.build = train_row_builder(data_format, max_negatives)
+        self.build = train_row_builder(data_format, max_negatives, mmeb_negatives)
         self.read_kwargs: dict[str, Any] = dict(
             media_root=media_root,
             verify_images=verify_images,
@@ -192,4 +193,5 @@ def streaming_for(
         on_bad_example=data.on_bad_example,
         options=options,
         report=report,
+        mmeb_negatives=data.mmeb_negatives,
     )

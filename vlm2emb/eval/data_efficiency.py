@@ -93,6 +93,8 @@ def run_data_efficiency(cfg: Any, fractions: list[float], *, metric: str = "hit@
         verify_images=cfg.data.verify_images,
         max_negatives=cfg.data.max_negatives,
         work_dir=out,
+        data_format=cfg.data.format,
+        mmeb_negatives=cfg.data.mmeb_negatives,
     )
     # demo: eval data is written once here instead of once per run.
     eval_files = [str(resolve_demo(s, out)) if s.startswith("demo:") else s for s in cfg.data.eval]

@@ -11,19 +11,27 @@ Report layout (``vlm2emb eval --suite``)::
 
 ``score`` is each task's headline metric; a meta-task's ``score`` is the mean of its tasks'
 scores and the overall ``score`` the mean over all tasks (MMEB's overall number).
+
+Instructions: a task's own ``query_instruction`` / ``target_instruction`` always apply. The
+defaults passed to :func:`run_suite` (the model's saved instructions, or the CLI's) apply
+as the task's ``instruction_fallback`` says (:mod:`vlm2emb.eval.suite`): under ``auto``,
+never to MMEB-layout rows, whose text already holds MMEB's instruction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vlm2emb.eval.cache import CachedEncoder
+from vlm2emb.data.schema import DataError
+from vlm2emb.eval.cache import CachedEncoder, model_fingerprint
 from vlm2emb.eval.corpus import evaluate_corpus, load_corpus_task
 from vlm2emb.eval.metrics import metric_names
-from vlm2emb.eval.mmeb import load_local_rows
+from vlm2emb.eval.mmeb import MMEB_LAYOUT, load_local_rows
 from vlm2emb.eval.runner import evaluate, format_report
 from vlm2emb.eval.suite import SuiteConfig
 
@@ -83,36 +91,93 @@ def run_suite(
         loaded: The output of :func:`load_suite_tasks` (read here when omitted).
         batch_size: Encoding batch size.
         cache_dir: Embedding cache root; ``None`` disables the cache.
-        default_query_instruction: For tasks and rows without one (the model's own).
-        default_target_instruction: For tasks without ``target_instruction``.
+        default_query_instruction: For tasks and rows without one (the model's own), as
+            the task's ``instruction_fallback`` allows.
+        default_target_instruction: For tasks without ``target_instruction``, likewise.
 
     Returns:
         The report described in the module docstring (plus ``seconds``).
     """
     start = time.perf_counter()
     loaded = loaded if loaded is not None else load_suite_tasks(suite)
-    encoder = model if isinstance(model, CachedEncoder) else CachedEncoder(model, cache_dir)
+    with _prompt_style(model, suite.prompt_style):
+        encoder = model if isinstance(model, CachedEncoder) else CachedEncoder(model, cache_dir)
+        tasks = _run_tasks(
+            encoder, suite, loaded, batch_size, default_query_instruction, default_target_instruction
+        )
+    report = summarize(tasks, metric_names(tuple(suite.ks)))
+    report = {"suite": suite.name, **report}
+    report["cache"] = asdict(encoder.stats)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+@contextlib.contextmanager
+def _prompt_style(model: Any, style: str | None) -> Iterator[None]:
+    """Runs with the model's prompt style set to ``style`` (None: unchanged), then restores it.
+
+    A CachedEncoder's model fingerprint covers the style, so it is recomputed both ways.
+    """
+    inner = model.model if isinstance(model, CachedEncoder) else model
+    config = getattr(inner, "config", None)
+    if style is None or getattr(config, "prompt_style", style) == style:
+        yield
+        return
+    if not hasattr(inner, "set_prompt_style"):
+        raise DataError(f"prompt_style: {type(inner).__name__} has no prompt styles")
+    before = config.prompt_style
+    inner.set_prompt_style(style)
+    try:
+        if isinstance(model, CachedEncoder) and model.cache_dir is not None:
+            model.fingerprint = model_fingerprint(inner)
+        yield
+    finally:
+        inner.set_prompt_style(before)
+        if isinstance(model, CachedEncoder) and model.cache_dir is not None:
+            model.fingerprint = model_fingerprint(inner)
+
+
+def _run_tasks(
+    encoder: CachedEncoder,
+    suite: SuiteConfig,
+    loaded: list[Any],
+    batch_size: int,
+    default_query_instruction: str | None,
+    default_target_instruction: str | None,
+) -> dict[str, dict[str, Any]]:
+    """Every task's metrics, in suite order (see :func:`run_suite`)."""
     ks = tuple(suite.ks)
     tasks: dict[str, dict[str, Any]] = {}
     for spec, payload in zip(suite.tasks, loaded, strict=True):
-        target_instruction = spec.target_instruction or default_target_instruction
+        fallback = spec.instruction_fallback or suite.instruction_fallback
         if spec.kind == "local":
-            rows = [
-                {**row, "task": spec.name, "instruction": row["instruction"] or default_query_instruction}
-                for row in payload
-            ]
+            has_mmeb = any(row.get("layout") == MMEB_LAYOUT for row in payload)
+            # MMEB rows hold their instruction in the text: under "auto" the model's saved
+            # instructions would add a second one (and move the scores), so they get none.
+            candidates_fall_back = fallback == "always" or (fallback == "auto" and not has_mmeb)
+            target_instruction = spec.target_instruction or (
+                default_target_instruction if candidates_fall_back else None
+            )
+            rows = []
+            for row in payload:
+                falls_back = fallback == "always" or (fallback == "auto" and row.get("layout") != MMEB_LAYOUT)
+                instruction = row["instruction"] or (default_query_instruction if falls_back else None)
+                rows.append({**row, "task": spec.name, "instruction": instruction})
             result = evaluate(
                 encoder, rows, batch_size=batch_size, ks=ks, target_instruction=target_instruction
             )
             metrics = result["tasks"][spec.name]
         else:
+            falls_back = fallback != "never"
             metrics = evaluate_corpus(
                 encoder,
                 payload,
                 ks=ks,
                 batch_size=batch_size,
-                query_instruction=spec.query_instruction or default_query_instruction,
-                target_instruction=target_instruction,
+                query_instruction=spec.query_instruction
+                or (default_query_instruction if falls_back else None),
+                target_instruction=spec.target_instruction
+                or (default_target_instruction if falls_back else None),
             )
         tasks[spec.name] = {
             **metrics,
@@ -121,11 +186,7 @@ def run_suite(
             "metric": spec.metric,
             "score": metrics[str(spec.metric)],
         }
-    report = summarize(tasks, metric_names(ks))
-    report = {"suite": suite.name, **report}
-    report["cache"] = asdict(encoder.stats)
-    report["seconds"] = round(time.perf_counter() - start, 3)
-    return report
+    return tasks
 
 
 def summarize(tasks: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:

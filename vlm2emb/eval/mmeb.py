@@ -7,33 +7,39 @@ An MMEB-eval row (one per query) reads::
      "tgt_text": ["tench", "goldfish", ...],          # candidates; the first is the positive
      "tgt_img_path": ["", "", ...]}                   # "" = no image for that candidate
 
-The ``<|image_1|>`` placeholder (VLM2Vec's Phi-3-V image marker) is removed: our backbone
-adapters place images themselves. The remaining text keeps MMEB's instruction wording,
-so such tasks are evaluated with no separate instruction unless the suite gives one.
+The ``<|image_1|>`` placeholder (VLM2Vec's Phi-3-V image marker) stays in the item text; the
+model's prompt style handles it when the prompt is rendered (:mod:`vlm2emb.prompts`): the
+``vlm2emb`` style removes it (the backbone adapter places images itself), the ``vlm2vec``
+style puts the backbone's bare image token in its place, as VLM2Vec does. The text keeps
+MMEB's instruction wording, so such rows get no separate instruction unless the task sets
+``query_instruction`` (the model's saved instructions only with
+``instruction_fallback: always``; see :mod:`vlm2emb.eval.harness`).
+
+Rows read from this layout carry ``"layout": "mmeb"``.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from vlm2emb.data.media import MediaOptions
 from vlm2emb.data.schema import DataError, _RowChecker, load_eval_examples
 from vlm2emb.data.sources import Source, iter_records, resolve_source
+from vlm2emb.prompts import count_image_markers, strip_image_markers
 
-__all__ = ["MMEB_KEYS", "load_local_rows", "strip_image_placeholder"]
+__all__ = ["MMEB_KEYS", "MMEB_LAYOUT", "load_local_rows", "strip_image_placeholder"]
 
 MMEB_KEYS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
-_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
+MMEB_LAYOUT = "mmeb"  # the "layout" value of rows read from MMEB-eval files
 
 
 def strip_image_placeholder(text: str | None) -> str | None:
-    """Removes ``<|image_N|>`` markers and surrounding whitespace; empty text becomes None."""
-    if text is None:
-        return None
-    cleaned = _PLACEHOLDER.sub("", text).strip()
-    return cleaned or None
+    """Removes ``<|image_N|>`` markers and surrounding whitespace; empty text becomes None.
+
+    What the ``vlm2emb`` prompt style does with an MMEB text (:func:`vlm2emb.prompts.strip_image_markers`).
+    """
+    return strip_image_markers(text)
 
 
 def resolve_path(spec: str, work_dir: str | Path | None = None) -> Path:
@@ -98,7 +104,13 @@ def _mmeb_rows(source: Source, media_root: str | None, verify_images: bool) -> l
             )
 
         def item(where: str, text: Any, image: Any, lineno: int = lineno) -> dict[str, Any]:
-            raw: dict[str, Any] = {"text": strip_image_placeholder(text) if isinstance(text, str) else text}
+            if isinstance(text, str):
+                if count_image_markers(text) and not image:
+                    raise check.fail(lineno, f"{where}: the text has an <|image_N|> marker but no image path")
+                # The marker stays (the prompt style handles it); a text that is nothing
+                # but whitespace is no text.
+                text = text if strip_image_markers(text) or count_image_markers(text) else None
+            raw: dict[str, Any] = {"text": text}
             if image:
                 raw["image"] = image
             return check.item(lineno, where, raw)
@@ -112,6 +124,7 @@ def _mmeb_rows(source: Source, media_root: str | None, verify_images: bool) -> l
                 ],
                 "positive": [0],
                 "instruction": None,
+                "layout": MMEB_LAYOUT,
             }
         )
     if not rows:

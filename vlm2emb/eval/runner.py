@@ -72,7 +72,10 @@ def evaluate(
 
     Scores are cosine similarities: embeddings are L2-normalised again here (the model should
     already do it, but an un-normalised model would otherwise silently favour long vectors).
-    Ties rank relevant candidates last (pessimistic), see :mod:`vlm2emb.eval.metrics`.
+    A candidate whose content equals a positive's (same text and image; it gets the same
+    embedding) is relevant too, so MMEB rows that repeat the positive score as in VLM2Vec.
+    Ties between different candidates rank relevant ones last (pessimistic), see
+    :mod:`vlm2emb.eval.metrics`.
 
     Rows of one task may have different candidate counts; metrics are then computed per
     candidate count and combined weighted by the number of queries, which equals averaging the
@@ -321,7 +324,7 @@ def _evaluate_task(
         scores = _score_rows(
             query_emb, cand_emb, [query_idx[r] for r in row_ids], [cand_idx[r] for r in row_ids]
         )
-        relevant = [_positives(task_rows[r][1], task_rows[r][0]) for r in row_ids]
+        relevant = [_relevant(cand_idx[r], _positives(task_rows[r][1], task_rows[r][0])) for r in row_ids]
         metrics = ranking_metrics(scores, relevant, ks=ks)
         # Metrics are per-query means, so weighting by group size gives the task-wide mean.
         # (The weight is exactly 1.0 in the common single-group case, so values stay exact.)
@@ -330,6 +333,18 @@ def _evaluate_task(
             weighted[name] = weighted.get(name, 0.0) + value * weight
         logger.debug("%d rows with %d candidates: %s", len(row_ids), n_cand, metrics)
     return weighted
+
+
+def _relevant(row_cand_idx: list[int], positives: list[int]) -> list[int]:
+    """A row's relevant candidate positions: its positives and every candidate equal to one.
+
+    Equal candidates share one embedding (one ``cand_idx`` entry), so they always tie; a
+    candidate whose content equals a positive is that positive. Otherwise the pessimistic
+    tie rule would rank the positive after its own copy, where VLM2Vec counts a hit (v1:
+    argmax over the candidate list; V2: the top candidate's label equals the positive's).
+    """
+    wanted = {row_cand_idx[p] for p in positives}
+    return [i for i, c in enumerate(row_cand_idx) if c in wanted]
 
 
 def _score_rows(

@@ -6,6 +6,8 @@ Example (paths are relative to the suite file's folder)::
     metric: hit@1             # default headline metric of every task
     ks: [1, 5, 10]
     media_root: images/      # optional default for every task
+    instruction_fallback: auto  # when the model's saved instructions apply (see below)
+    prompt_style: null       # vlm2emb | vlm2vec; null = the model's own
     tasks:
       - name: digits-i2t
         meta_task: classification
@@ -18,6 +20,16 @@ Example (paths are relative to the suite file's folder)::
         queries: queries.jsonl
         qrels: qrels.tsv
         metric: ndcg@10
+
+``instruction_fallback`` (suite default, overridable per task) says when rows and tasks
+without their own instruction get the model's saved query / target instruction:
+
+- ``auto``: canonical rows and corpus tasks do; MMEB-layout rows do not (their text holds
+  MMEB's instruction), and in a task with MMEB rows the candidates do not either;
+- ``always``: every row and task does;
+- ``never``: none does.
+
+A task's own ``query_instruction`` / ``target_instruction`` always applies.
 
 Unknown keys are errors naming the file and the key, like recipes.
 """
@@ -38,6 +50,7 @@ __all__ = ["SuiteConfig", "TaskSpec", "load_suite"]
 
 KINDS = ("local", "corpus")
 FORMATS = ("auto", "vlm2emb", "mmeb")
+FALLBACKS = ("auto", "always", "never")
 
 
 @dataclass
@@ -61,6 +74,8 @@ class TaskSpec:
         target_instruction: Instruction for candidates / corpus items.
         media_root: Folder for relative image paths (default: each file's folder).
         metric: Headline metric (default: the suite's ``metric``).
+        instruction_fallback: ``auto``, ``always`` or ``never`` (module docstring);
+            None = the suite's.
     """
 
     name: str
@@ -75,16 +90,24 @@ class TaskSpec:
     target_instruction: str | None = None
     media_root: str | None = None
     metric: str | None = None
+    instruction_fallback: str | None = None
 
 
 @dataclass
 class SuiteConfig:
-    """A whole suite: tasks plus defaults."""
+    """A whole suite: tasks plus defaults.
+
+    ``prompt_style`` asks for a prompt style for the run (``vlm2emb`` or ``vlm2vec``,
+    :mod:`vlm2emb.prompts`); None keeps the model's. The style itself belongs to the model's
+    config; the harness switches it for the run and back.
+    """
 
     name: str = "suite"
     metric: str = "hit@1"
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     media_root: str | None = None  # default media_root of every task
+    instruction_fallback: str = "auto"  # default of every task (module docstring)
+    prompt_style: str | None = None
     tasks: list[TaskSpec] = field(default_factory=list)
     source: str = ""  # the YAML file, for messages
 
@@ -122,7 +145,7 @@ def _task(where: str, raw: Any, base: Path) -> TaskSpec:
     for key in ("kind", "meta_task", "format", "corpus", "queries", "qrels", "query_instruction"):
         if key in raw:
             values[key] = _check_str(where, key, raw[key])
-    for key in ("target_instruction", "media_root", "metric"):
+    for key in ("target_instruction", "media_root", "metric", "instruction_fallback"):
         if key in raw:
             values[key] = _check_str(where, key, raw[key])
     data = raw.get("data", [])
@@ -139,6 +162,10 @@ def _task(where: str, raw: Any, base: Path) -> TaskSpec:
         raise DataError(f"{where}: 'kind' is {spec.kind!r}; choose one of {', '.join(KINDS)}")
     if spec.format not in FORMATS:
         raise DataError(f"{where}: 'format' is {spec.format!r}; choose one of {', '.join(FORMATS)}")
+    if spec.instruction_fallback is not None and spec.instruction_fallback not in FALLBACKS:
+        raise DataError(
+            f"{where}: 'instruction_fallback' is {spec.instruction_fallback!r}; choose one of {', '.join(FALLBACKS)}"
+        )
     if spec.kind == "local":
         if not spec.data:
             raise DataError(f"{where}: a local task needs 'data'")
@@ -188,11 +215,24 @@ def load_suite(path: str | Path) -> SuiteConfig:
     ):
         raise DataError(f"{p}: 'ks' must be a list of positive integers")
     media_root = _check_str(str(p), "media_root", raw.get("media_root"))
+    fallback = str(raw.get("instruction_fallback") or "auto")
+    if fallback not in FALLBACKS:
+        raise DataError(f"{p}: 'instruction_fallback' is {fallback!r}; choose one of {', '.join(FALLBACKS)}")
+    style = _check_str(str(p), "prompt_style", raw.get("prompt_style"))
+    if style is not None:
+        from vlm2emb.prompts import check_prompt_style
+
+        try:
+            check_prompt_style(style)
+        except ValueError as exc:
+            raise DataError(f"{p}: {exc}") from None
     suite = SuiteConfig(
         name=str(raw.get("name") or p.stem),
         media_root=_resolve(p.parent, media_root) if media_root else None,
         metric=str(raw.get("metric") or "hit@1"),
         ks=ks,
+        instruction_fallback=fallback,
+        prompt_style=style,
         tasks=[_task(f"{p}: tasks[{i}]", t, p.parent) for i, t in enumerate(tasks_raw)],
         source=str(p),
     )

@@ -43,6 +43,9 @@ class ModelConfig:
     normalize: bool = True
     attention: str | None = None  # None = the family's default (causal for AR, bidirectional for diffusion)
     padding_side: str = "right"
+    # vlm2emb | vlm2vec: how items become prompt strings (vlm2emb/prompts.py); saved with the
+    # model. vlm2vec reproduces VLM2Vec's token sequence (qwen2_vl, qwen2_5_vl, llava_next).
+    prompt_style: str = "vlm2emb"
     dtype: str = "fp32"  # weight dtype (auto = as stored); mixed precision is train.precision
     attn_implementation: str | None = None
     lora: LoraConfig | None = None  # YAML: false/true or a mapping of LoraConfig keys
@@ -64,6 +67,10 @@ class DataConfig:
     max_negatives: int | None = None  # cap hard negatives per row (None = all)
     num_workers: int = 0
     format: str = "auto"  # auto | canonical | mmeb (VLM2Vec's qry/pos_text/... columns)
+    # Train on MMEB-train rows' neg_text/neg_image_path as hard negatives. VLM2Vec reads
+    # them but its collators drop them: false reproduces VLM2Vec. Canonical rows' negatives
+    # are not affected (data.max_negatives caps those).
+    mmeb_negatives: bool = True
     weights: list[float] = field(default_factory=list)  # mixing weight per data.train entry ([] = sizes)
     max_rows: list[int] = field(default_factory=list)  # cap per data.train entry (one value = all; 0 = none)
     homogeneous: bool = False  # every global batch from one dataset (VLM2Vec's same-task batches)
@@ -134,11 +141,13 @@ class RecipeConfig:
         """Checks values that the types alone do not constrain."""
         from vlm2emb.backbones.base import ATTENTION_MODES
         from vlm2emb.pooling import POOLING_METHODS
+        from vlm2emb.prompts import PROMPT_STYLES
 
         checks = [
             ("model.pooling", self.model.pooling, POOLING_METHODS),
             ("model.attention", self.model.attention, ATTENTION_MODES),
             ("model.padding_side", self.model.padding_side, ("left", "right")),
+            ("model.prompt_style", self.model.prompt_style, PROMPT_STYLES),
             (
                 "model.dtype",
                 self.model.dtype,
