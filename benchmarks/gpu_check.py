@@ -162,6 +162,47 @@ def _oom_types() -> tuple[type[BaseException], ...]:
     return (torch.cuda.OutOfMemoryError,) if torch.cuda.is_available() else ()
 
 
+def time_steps(stepper: Callable[[], Any], device: str, rounds: int, deadline: float) -> dict[str, Any]:
+    """A warm-up call (timed apart: it holds any compilation), then up to ``rounds`` timed
+    calls, fewer when the next one would overrun ``deadline``; peak memory of the timed ones."""
+    t0 = time.perf_counter()
+    stepper()
+    _sync(device)
+    first = time.perf_counter() - t0
+    _reset_peak(device)
+    times: list[float] = []
+    for _ in range(rounds):
+        if len(times) >= 2 and deadline - time.time() < 2 * times[-1]:
+            break
+        _sync(device)
+        s0 = time.perf_counter()
+        stepper()
+        _sync(device)
+        times.append(time.perf_counter() - s0)
+    med = statistics.median(times)
+    return {
+        "first_step_s": round(first, 2),
+        "all_s": [round(t, 4) for t in times],
+        "median_s": round(med, 4),
+        "peak_memory_gib": _peak_gib(device),
+    }
+
+
+@contextlib.contextmanager
+def recorded(record: dict[str, Any], model: Any, device: str) -> Iterator[None]:
+    """Records an exception of the block as the record's ``error`` (one failing variant must
+    not cost the others) and frees gradients and cached memory afterwards."""
+    try:
+        yield
+    except Exception as exc:
+        record["error"] = _error(exc)
+        record["peak_memory_gib"] = _peak_gib(device)
+    finally:
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------- model
 def build_model(sizes: Sizes, lora: bool) -> Any:
     """The 2B architecture (random weights, fp32 master weights) on CUDA, or the tiny
@@ -332,7 +373,7 @@ def section_mfu(sizes: Sizes, results: Results, deadline: float, mode: str) -> N
         v0 = time.perf_counter()
         record: dict[str, Any] = {"batch_size": sizes_by_name[variant.batch], **dataclasses.asdict(variant)}
         del record["name"]
-        try:
+        with recorded(record, model, sizes.device):
             if variant.compiled and not getattr(model, "_gpu_check_compiled", False):
                 record["blocks_compiled"] = model.compile_blocks()
                 model._gpu_check_compiled = True
@@ -349,40 +390,18 @@ def section_mfu(sizes: Sizes, results: Results, deadline: float, mode: str) -> N
             record["flops"] = flops_cache[key]
             with checkpointing(model, variant.ckpt), vision_attention(model, variant.packed_vision):
                 stepper = harness._Stepper(model, [batch], 0, suite)
-                t_first = time.perf_counter()
-                stepper()  # warm-up (and the compile, for compiled variants)
-                _sync(sizes.device)
-                record["first_step_s"] = round(time.perf_counter() - t_first, 2)
-                _reset_peak(sizes.device)
-                times = []
-                for _ in range(max(3, sizes.rounds)):
-                    _sync(sizes.device)
-                    s0 = time.perf_counter()
-                    stepper()
-                    _sync(sizes.device)
-                    times.append(time.perf_counter() - s0)
+                record |= time_steps(stepper, sizes.device, max(3, sizes.rounds), deadline)
                 del stepper
-            med = statistics.median(times)
-            achieved = record["flops"]["model"] / med
+            achieved = record["flops"]["model"] / record["median_s"]
             record |= {
-                "all_s": [round(t, 4) for t in times],
-                "median_s": round(med, 4),
-                "samples_per_s": round(record["batch_size"] / med, 2),
-                "real_tokens_per_s": round(real / med, 1),
+                "samples_per_s": round(record["batch_size"] / record["median_s"], 2),
+                "real_tokens_per_s": round(real / record["median_s"], 1),
                 "achieved_tflops": round(achieved / 1e12, 2),
                 "mfu": round(achieved / peak, 4) if peak else None,
                 "mfu_vs_matmul_ceiling": round(achieved / (MATMUL_CEILING_TFLOPS * 1e12), 4)
                 if sizes.device == "cuda"
                 else None,
-                "peak_memory_gib": _peak_gib(sizes.device),
             }
-        except Exception as exc:  # one variant's failure must not cost the others
-            record["error"] = _error(exc)
-            record["peak_memory_gib"] = _peak_gib(sizes.device)
-        finally:
-            model.zero_grad(set_to_none=True)
-            if sizes.device == "cuda":
-                torch.cuda.empty_cache()
         last_cost = time.perf_counter() - v0
         record["wall_s"] = round(last_cost, 1)
         info["variants"][variant.name] = record
@@ -416,35 +435,12 @@ def section_gradcache(sizes: Sizes, results: Results, deadline: float) -> None:
             out["steps"][name] = {"skipped": f"time budget ({left:.0f} s left)"}
             continue
         record: dict[str, Any] = {"gradient_checkpointing": ckpt}
-        try:
+        with recorded(record, model, sizes.device):
             with checkpointing(model, ckpt):
                 stepper = make()
-                stepper()  # warm-up
-                _sync(sizes.device)
-                _reset_peak(sizes.device)
-                times = []
-                for _ in range(max(2, sizes.rounds)):
-                    if times and deadline - time.time() < 2 * times[-1]:
-                        break
-                    _sync(sizes.device)
-                    s0 = time.perf_counter()
-                    stepper()
-                    _sync(sizes.device)
-                    times.append(time.perf_counter() - s0)
+                record |= time_steps(stepper, sizes.device, max(2, sizes.rounds), deadline)
                 del stepper
-            record |= {
-                "all_s": [round(t, 3) for t in times],
-                "median_s": round(statistics.median(times), 3),
-                "samples_per_s": round(n / statistics.median(times), 2),
-                "peak_memory_gib": _peak_gib(sizes.device),
-            }
-        except Exception as exc:  # one contender's failure must not cost the others
-            record["error"] = _error(exc)
-            record["peak_memory_gib"] = _peak_gib(sizes.device)
-        finally:
-            model.zero_grad(set_to_none=True)
-            if sizes.device == "cuda":
-                torch.cuda.empty_cache()
+            record["samples_per_s"] = round(n / record["median_s"], 2)
         out["steps"][name] = record
         for ref in ("plain", "plain/ckpt"):
             if "median_s" in out["steps"].get(ref, {}) and "median_s" in out["steps"].get("gradcache", {}):
