@@ -183,3 +183,18 @@ def test_error_policy_stops_before_the_first_step_naming_the_row(
     with pytest.raises(DataError, match=r"thin\.jsonl:3: query: the model's processor refuses it"):
         _train(tmp_path, "stop", tiny_qwen2_vl_dir, thin)
     assert not (tmp_path / "stop" / "metrics.jsonl").exists()  # no step was taken
+
+
+def test_streaming_skips_what_a_batch_would_choke_on(data_file, tiny_qwen2_vl_dir, tmp_path) -> None:
+    summary = _train(
+        tmp_path,
+        "stream",
+        tiny_qwen2_vl_dir,
+        data_file,
+        "data.streaming=true",
+        "data.shuffle_buffer=4",
+        "data.on_bad_example=skip",
+    )
+    assert math.isfinite(summary["final_loss"])
+    report = json.loads((tmp_path / "stream" / "data_report.json").read_text())
+    assert report["reasons"]["unprocessable"] >= 1 and report["reasons"]["bad_media"] >= 1
