@@ -215,8 +215,8 @@ def load_preparer(name_or_path: str, *, trust_remote_code: bool = False) -> Prep
 # A preparer turns decoded items and their instructions into backbone inputs: the training
 # path's own ``EmbeddingModel.collate`` (the adapter's processor, with its limits).
 Prepare = Callable[[list[dict[str, Any]], list[str | None]], Any]
-# Rows checked per processor call; a failing chunk is re-checked one row at a time.
-PREFLIGHT_ROWS = 16
+# Distinct items checked per processor call; a failing chunk is re-checked item by item.
+PREFLIGHT_ITEMS = 32
 
 
 def example_items(
@@ -245,51 +245,40 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _row_problem(
-    example: Any, media: Any, query_instruction: str | None, target_instruction: str | None
-) -> tuple[list[dict[str, Any]], list[str | None], DataError | None]:
-    """Decodes one row's items; returns them, their instructions, and the first problem."""
+def _item_key(item: Any, instruction: str | None) -> str:
+    # Items are plain data (text, resolved paths, bytes, media refs): their repr identifies
+    # them, so an item many rows share (a class caption, an image used twice) is checked once.
+    return repr((sorted(item.items()) if isinstance(item, dict) else item, instruction))
+
+
+def _check_items(
+    pending: list[tuple[str, Any, str | None]], prepare: Prepare, media: Any
+) -> dict[str, tuple[str, str] | None]:
+    """``key -> None`` for items the preprocessing accepts, else ``(kind, problem)``."""
     from vlm2emb.data.media import decode_item
 
-    decoded: list[dict[str, Any]] = []
-    instructions: list[str | None] = []
-    for where, item, instruction in example_items(example, query_instruction, target_instruction):
+    verdict: dict[str, tuple[str, str] | None] = {}
+    decoded: list[tuple[str, dict[str, Any], str | None]] = []
+    for key, item, instruction in pending:
         try:
-            decoded.append(decode_item(item, media))
-        except Exception as exc:  # any decoder failure is this row's problem, whatever its type
+            decoded.append((key, decode_item(item, media), instruction))
+        except Exception as exc:  # any decoder failure is this item's problem, whatever its type
             message = _one_line(exc)
             kind = "image_too_large" if "data.max_image_pixels" in message else "bad_media"
-            return [], [], DataError(f"{example.source}: {where}: {message}", kind)
-        instructions.append(instruction)
-    return decoded, instructions, None
-
-
-def _prepare_problem(
-    example: Any,
-    decoded: list[dict[str, Any]],
-    instructions: list[str | None],
-    prepare: Prepare,
-    query_instruction: str | None,
-    target_instruction: str | None,
-) -> DataError | None:
-    """Runs the processor on one row's items, item by item on failure to name the culprit."""
+            verdict[key] = (kind, message)
     try:
-        prepare(decoded, instructions)
-        return None
-    except Exception:
+        prepare([d for _, d, _ in decoded], [i for _, _, i in decoded])
+        verdict.update((key, None) for key, _, _ in decoded)
+        return verdict
+    except Exception:  # some item of the chunk is refused: find which, one at a time
         pass
-    wheres = [w for w, _, _ in example_items(example, query_instruction, target_instruction)]
-    for where, item, instruction in zip(wheres, decoded, instructions):
+    for key, item, instruction in decoded:
         try:
             prepare([item], [instruction])
+            verdict[key] = None
         except Exception as exc:  # processors raise ValueError, TypeError, IndexError, ...
-            return DataError(
-                f"{example.source}: {where}: the model's processor refuses it ({_one_line(exc)})",
-                "unprocessable",
-            )
-    return DataError(
-        f"{example.source}: the model's processor refuses this row's items together", "unprocessable"
-    )
+            verdict[key] = ("unprocessable", f"the model's processor refuses it ({_one_line(exc)})")
+    return verdict
 
 
 def preflight(
@@ -308,8 +297,9 @@ def preflight(
     through ``prepare``, the same ``EmbeddingModel.collate`` training calls, so anything
     a batch would choke on later (a JPEG cut inside its data, an image whose aspect ratio
     the processor refuses, text the tokenizer cannot encode) is found here, before the
-    first step. Rows are prepared a few at a time; a chunk that fails is prepared again
-    row by row, and a failing row item by item, to name the item at fault.
+    first step. Each distinct item (with its instruction) is checked once, a chunk of
+    items per processor call; a chunk that fails is prepared again item by item to name
+    the item at fault.
 
     Args:
         examples: Validated :class:`~vlm2emb.data.schema.TrainExample` or
@@ -319,37 +309,35 @@ def preflight(
         query_instruction: Default query instruction (``data.query_instruction``).
         target_instruction: Default target instruction (``data.target_instruction``).
         indices: Only check these rows (a process's share); default all.
-        stop_at_first: Return at the first bad row (the ``error`` policy).
+        stop_at_first: Return only the first bad row (the ``error`` policy).
 
     Returns:
-        ``(row index, DataError)`` for every bad row, in row order.
+        ``(row index, DataError)`` for every bad row (its first bad item), in row order.
     """
+    todo = list(range(len(examples))) if indices is None else sorted(indices)
+    rows: list[tuple[int, list[tuple[str, str]]]] = []  # row -> [(where, key)]
+    distinct: dict[str, tuple[Any, str | None]] = {}
+    for i in todo:
+        keys = []
+        for where, item, instruction in example_items(examples[i], query_instruction, target_instruction):
+            key = _item_key(item, instruction)
+            distinct.setdefault(key, (item, instruction))
+            keys.append((where, key))
+        rows.append((i, keys))
+    verdict: dict[str, tuple[str, str] | None] = {}
+    pending = [(key, item, instruction) for key, (item, instruction) in distinct.items()]
+    for start in range(0, len(pending), PREFLIGHT_ITEMS):
+        verdict.update(_check_items(pending[start : start + PREFLIGHT_ITEMS], prepare, media))
     bad: list[tuple[int, DataError]] = []
-    todo = list(range(len(examples))) if indices is None else list(indices)
-    args = (query_instruction, target_instruction)
-    for start in range(0, len(todo), PREFLIGHT_ROWS):
-        chunk = todo[start : start + PREFLIGHT_ROWS]
-        rows: list[tuple[int, list[dict[str, Any]], list[str | None]]] = []
-        for i in chunk:
-            decoded, instructions, problem = _row_problem(examples[i], media, *args)
-            if problem is not None:
-                bad.append((i, problem))
-                if stop_at_first:
-                    return bad
-            else:
-                rows.append((i, decoded, instructions))
-        try:
-            prepare([d for _, ds, _ in rows for d in ds], [x for _, _, xs in rows for x in xs])
+    for i, keys in rows:
+        problem = next(((where, verdict[key]) for where, key in keys if verdict[key] is not None), None)
+        if problem is None:
             continue
-        except Exception:  # some row of the chunk is refused: find it
-            pass
-        for i, decoded, instructions in rows:
-            problem = _prepare_problem(examples[i], decoded, instructions, prepare, *args)
-            if problem is not None:
-                bad.append((i, problem))
-                if stop_at_first:
-                    return sorted(bad, key=lambda b: b[0])
-    return sorted(bad, key=lambda b: b[0])
+        where, (kind, message) = problem
+        bad.append((i, DataError(f"{examples[i].source}: {where}: {message}", kind)))
+        if stop_at_first:
+            break
+    return bad
 
 
 def preflight_filter(
