@@ -8,8 +8,10 @@ reason, and the run writes ``{output_dir}/data_report.json``::
      "reasons": {"missing_file": 2, "malformed_json": 1},
      "examples": ["train.jsonl:4: query.image file not found: /data/x.png", ...]}
 
-``vlm2emb data check FILE...`` validates files before training, decoding every media item
-fully (a header check can miss a truncated JPEG; a full decode cannot).
+Before the first step, :func:`preflight` runs every row through the batch preprocessing
+(full media decode, then the model's ``collate`` with its processor's limits), so a row a
+batch would choke on is found then, not halfway through training; ``vlm2emb data check
+FILE...`` runs the same checks on files before a run.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class DataReport:
         skipped: Rows left out.
         reasons: Skipped rows per reason kind (``missing_file``, ``bad_image``, ...).
         examples: The first few ``file:line: reason`` messages.
+        warnings: Data warnings (a file of identical rows), each once.
     """
 
     rows: int = 0
