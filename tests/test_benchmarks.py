@@ -174,7 +174,10 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
     writes its three files; on the CPU the GPU tests are collected and skipped."""
     gc = _gpu_check()
     out = tmp_path / "out"
-    assert gc.main(["--dry-run", "--out", str(out), "--budget-s", "900"]) == 0
+    # A budget no machine load can exhaust: with 900 s a loaded machine ran out of a
+    # section's share and skipped variants, failing the test by timing alone. The budget
+    # logic itself is tested deterministically below (a budget too small to start anything).
+    assert gc.main(["--dry-run", "--out", str(out), "--budget-s", "1000000"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "results.json", "summary.md"]
     data = json.loads((out / "results.json").read_text())
     assert {s["status"] for s in data["sections"].values()} == {"ok"}, data["sections"]

@@ -184,32 +184,74 @@ def _add_data_parser(sub: Any) -> None:
     data_sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p_check = data_sub.add_parser(
         "check",
-        help="validate data files, decoding every image, video and PDF page",
-        description="Report every bad row as FILE:LINE: REASON and a summary; exit status 1 if any row is bad.",
-        epilog="example: vlm2emb data check train.jsonl --media-root /data/images",
+        help="validate data files: every row through the training path's decoding and processor",
+        description=(
+            "Report every bad row as FILE:LINE: REASON and a summary; exit status 1 if any row is bad. "
+            "Each row goes through the preprocessing training runs: media decoded fully with the "
+            "data.* limits, then the model's processor (its image size and aspect-ratio limits, its "
+            "tokenizer)."
+        ),
+        epilog="example: vlm2emb data check train.jsonl --recipe my.yaml   (model, media root and limits from the recipe)",
     )
     p_check.add_argument("files", nargs="+", help="JSONL / Parquet files, datasets folders or hf: ids")
     p_check.add_argument("--eval", action="store_true", help="the files hold evaluation rows")
     p_check.add_argument("--media-root", default=None, help="folder for relative media paths")
     p_check.add_argument("--format", default="auto", choices=["auto", "canonical", "mmeb"])
     p_check.add_argument("--max-image-pixels", type=int, default=None, help="decompression-bomb limit")
+    p_check.add_argument(
+        "--recipe",
+        default=None,
+        help="training recipe: its model's processor, media root, format and data.* limits are used",
+    )
+    p_check.add_argument(
+        "--model",
+        default=None,
+        help="model whose processor the rows must pass (default: the recipe's, else tiny:qwen2_vl, "
+        "a Qwen2-VL processor); 'none' = decode media only",
+    )
     p_check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from vlm2emb.data.check import check_files
-    from vlm2emb.data.media import MediaOptions
+    import dataclasses
+    import warnings
 
-    options = MediaOptions(**({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
-    report = check_files(
+    from vlm2emb.data.check import DataWarning, load_preparer
+    from vlm2emb.data.media import media_options
+    from vlm2emb.train.config import RecipeConfig, load_recipe
+
+    cfg = load_recipe(args.recipe) if args.recipe else RecipeConfig()
+    options = media_options(cfg.data)
+    if args.max_image_pixels:
+        options = dataclasses.replace(options, max_image_pixels=args.max_image_pixels)
+    model = args.model or cfg.model.name_or_path
+    prepare = None
+    if model.lower() != "none":
+        prepare = load_preparer(model, trust_remote_code=cfg.model.trust_remote_code)
+    with warnings.catch_warnings():
+        # Data warnings are printed below, once, as plain lines.
+        warnings.simplefilter("ignore", DataWarning)
+        report = _check(args, cfg, options, prepare)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    processor = f"; processor of {model}" if prepare is not None else "; no processor (--model none)"
+    print(report.summary() + processor)
+    return 1 if report.skipped else 0
+
+
+def _check(args: argparse.Namespace, cfg: Any, options: Any, prepare: Any) -> Any:
+    from vlm2emb.data.check import check_files
+
+    return check_files(
         args.files,
         kind="eval" if args.eval else "train",
-        media_root=args.media_root,
-        data_format=args.format,
+        media_root=args.media_root or cfg.data.media_root,
+        data_format=args.format if args.format != "auto" or not args.recipe else cfg.data.format,
         options=options,
+        prepare=prepare,
+        query_instruction=cfg.data.query_instruction,
+        target_instruction=cfg.data.target_instruction,
     )
-    print(report.summary())
-    return 1 if report.skipped else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

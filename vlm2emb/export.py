@@ -203,6 +203,8 @@ def export_model(
         raise ExportError(f"{out}: already exists and is not empty (use --overwrite)")
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise ExportError(f"{out}: the export cannot go inside the checkpoint {source}")
+    if out.exists():
+        _check_replaceable(out, source)
     if isinstance(max_shard_size, str):
         from transformers.utils.hub import convert_file_size_to_int
 
@@ -274,13 +276,55 @@ def export_model(
             )
         )
         files = _no_pickles(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, source, mode, format, _DTYPE_NAMES[target], files, verifications)
+
+
+def _check_replaceable(out: Path, source: Path) -> None:
+    """Refuses an ``OUT_DIR`` that ``--overwrite`` must never delete.
+
+    ``export run/final run --overwrite`` would delete the run (the checkpoint, its
+    siblings, the metrics) and ``export final . --overwrite`` the working folder: a folder
+    that holds the source or the current directory is never replaced, and neither is a
+    non-empty folder that is not an export (no ``vlm2emb_config.json``).
+
+    Raises:
+        ExportError: ``out`` is one of those.
+    """
+    resolved = out.resolve()
+    if resolved == source.resolve() or resolved in source.resolve().parents:
+        raise ExportError(f"{out}: holds the checkpoint {source}; export to a new folder instead")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ExportError(f"{out}: holds the current directory; export to a new folder instead")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
+        raise ExportError(
+            f"{out}: not a vlm2emb export (no {CONFIG_NAME}); --overwrite only replaces an earlier export"
+        )
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Moves the finished export ``tmp`` to ``out``, replacing an earlier export there.
+
+    The old folder is renamed aside first and deleted only once the new one is in place,
+    so an interrupted swap leaves one of the two complete exports, never neither.
+    """
+    if not out.exists() and not out.is_symlink():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
+    aside = old / "previous"
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside, out)  # put the earlier export back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _stored_dtype(source: Path) -> torch.dtype:

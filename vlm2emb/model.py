@@ -195,6 +195,27 @@ def _grad_free(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def check_model_path(name: str) -> str:
+    """``name`` as a local folder if it is one, else as a hub id; refuses a mistyped path.
+
+    A name that is neither an existing path nor shaped like a hub id would otherwise go to
+    the hub, which retries for about 30 seconds before failing with a network message.
+
+    Raises:
+        FileNotFoundError: ``name`` looks local (``./x``, ``a/b/c``, ``x`` without an owner,
+            or ``runs/x`` where the folder ``runs`` exists here) and does not exist.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    owner = name.split("/", 1)[0]
+    if _looks_like_local_path(name) or "/" not in name or Path(owner).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model path not found: {name} (no such folder; hub ids are written OWNER/NAME)"
+        )
+    return name
+
+
 class EmbeddingModel(nn.Module):
     """A vision-language model used as an embedding model.
 
@@ -308,10 +329,7 @@ class EmbeddingModel(nn.Module):
                 tiny_backbone(family, tmp, seed=seed)
                 model = load(tmp, trust_remote_code=False)
         else:
-            path = Path(name).expanduser()
-            if not path.exists() and _looks_like_local_path(name):
-                raise FileNotFoundError(f"model path not found: {name}")
-            model = load(str(path) if path.exists() else name, trust_remote_code=trust_remote_code)
+            model = load(check_model_path(name), trust_remote_code=trust_remote_code)
         if device is not None:
             model.to(device)
         return model.eval()

@@ -142,7 +142,7 @@ def test_data_check_cli_passes_clean_files(tmp_path: Path, capsys) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(GOOD) + "\n")
     assert main(["data", "check", str(path)]) == 0
-    assert capsys.readouterr().out.strip() == "1 rows: 1 good, 0 bad"
+    assert capsys.readouterr().out.strip() == "1 rows: 1 good, 0 bad; processor of tiny:qwen2_vl"
 
 
 def test_data_check_cli_eval_rows(tmp_path: Path, capsys) -> None:

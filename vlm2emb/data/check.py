@@ -8,8 +8,10 @@ reason, and the run writes ``{output_dir}/data_report.json``::
      "reasons": {"missing_file": 2, "malformed_json": 1},
      "examples": ["train.jsonl:4: query.image file not found: /data/x.png", ...]}
 
-``vlm2emb data check FILE...`` validates files before training, decoding every media item
-fully (a header check can miss a truncated JPEG; a full decode cannot).
+Before the first step, :func:`preflight` runs every row through the batch preprocessing
+(full media decode, then the model's ``collate`` with its processor's limits), so a row a
+batch would choke on is found then, not halfway through training; ``vlm2emb data check
+FILE...`` runs the same checks on files before a run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from typing import Any
 from vlm2emb.data.schema import DataError
 
 ON_BAD_EXAMPLE = ("error", "skip")
+
+
+class DataWarning(UserWarning):
+    """Data that loads but will not train well (every row of a file identical)."""
+
+
 MAX_EXAMPLES = 20
 
 
@@ -37,6 +45,7 @@ class DataReport:
         skipped: Rows left out.
         reasons: Skipped rows per reason kind (``missing_file``, ``bad_image``, ...).
         examples: The first few ``file:line: reason`` messages.
+        warnings: Data warnings (a file of identical rows), each once.
     """
 
     rows: int = 0
@@ -44,6 +53,8 @@ class DataReport:
     skipped: int = 0
     reasons: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    # Problems that do not make a row bad (a file of identical rows), shown once each.
+    warnings: list[str] = field(default_factory=list)
     # Called with every bad row's message (``vlm2emb data check`` prints them all).
     listener: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
@@ -56,6 +67,15 @@ class DataReport:
         if self.listener is not None:
             self.listener(str(error))
 
+    def warn(self, message: str) -> None:
+        """Records a data warning and shows it (once per message) through :mod:`warnings`."""
+        import warnings
+
+        if message in self.warnings:
+            return
+        self.warnings.append(message)
+        warnings.warn(message, DataWarning, stacklevel=2)
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON form written to ``data_report.json``."""
         return {
@@ -64,6 +84,7 @@ class DataReport:
             "skipped": self.skipped,
             "reasons": dict(sorted(self.reasons.items())),
             "examples": list(self.examples),
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
         }
 
     def write(self, path: str | Path) -> Path:
@@ -88,22 +109,29 @@ def check_files(
     media_root: str | Path | None = None,
     data_format: str = "auto",
     options: Any = None,
+    prepare: Prepare | None = None,
+    query_instruction: str | None = None,
+    target_instruction: str | None = None,
     print_fn: Any = print,
 ) -> DataReport:
-    """Validates data files and fully decodes every media item; prints every bad row.
+    """Validates data files and runs the training path's preprocessing; prints every bad row.
 
     Args:
         specs: Data sources (files, dataset folders, ``hf:`` ids).
         kind: ``train`` or ``eval`` rows.
         media_root: Folder for relative media paths (default: each file's folder).
         data_format: ``auto`` | ``canonical`` | ``mmeb`` (training rows).
-        options: :class:`vlm2emb.data.media.MediaOptions` for limits and frames.
+        options: :class:`vlm2emb.data.media.MediaOptions` for limits, frames and the text cap.
+        prepare: The model's preprocessing (``EmbeddingModel.collate`` or
+            :func:`load_preparer`); None = decode media only, no processor limits.
+        query_instruction: Default query instruction, as training would use it.
+        target_instruction: Default target instruction.
         print_fn: Where each bad row's line goes.
 
     Returns:
         The report; ``report.skipped`` is the number of bad rows.
     """
-    from vlm2emb.data.media import MediaOptions, decode_item
+    from vlm2emb.data.media import MediaOptions
     from vlm2emb.data.schema import load_eval_examples, load_train_examples
 
     opts = options or MediaOptions()
@@ -115,12 +143,258 @@ def check_files(
         examples: list[Any] = load_eval_examples(specs, **common)
     else:
         examples = load_train_examples(specs, data_format=data_format, allow_empty=True, **common)
-    for ex in examples:
-        items = [ex.query, *ex.candidates] if kind == "eval" else [ex.query, ex.positive, *ex.negatives]
-        try:
-            for item in items:
-                decode_item(item, opts)
-        except Exception as exc:  # a full decode can still fail where the header check passed
-            report.used -= 1
-            report.add_bad(DataError(f"{ex.source}: {exc}", kind="bad_media"))
+    found = preflight(
+        examples,
+        prepare if prepare is not None else _no_processor,
+        media=opts,
+        query_instruction=query_instruction,
+        target_instruction=target_instruction,
+    )
+    for _, error in found:
+        report.used -= 1
+        report.add_bad(error)
     return report
+
+
+def _no_processor(items: list[dict[str, Any]], instructions: list[str | None]) -> None:
+    """The preparer when no model is given: decoding (done before it is called) only."""
+
+
+def load_preparer(name_or_path: str, *, trust_remote_code: bool = False) -> Prepare:
+    """The preprocessing a model's training run applies, without loading its weights.
+
+    ``data check`` needs the processor (its image size and aspect-ratio limits, its
+    tokenizer), not the weights: a 7B checkpoint's processor loads in a second.
+
+    Args:
+        name_or_path: What ``model.name_or_path`` names: a local folder, a hub id or
+            ``tiny:FAMILY``.
+
+    Raises:
+        FileNotFoundError: A local path that does not exist.
+    """
+    import tempfile
+
+    from vlm2emb.backbones.registry import get_adapter_class
+    from vlm2emb.model import CONFIG_NAME, TINY_PREFIX, check_model_path
+
+    name = str(name_or_path)
+    saved: dict[str, Any] = {}
+    if name.startswith(TINY_PREFIX):
+        from vlm2emb.testing import tiny_backbone
+
+        family = name[len(TINY_PREFIX) :]
+        adapter_cls = get_adapter_class(family)
+        with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
+            tiny_backbone(family, tmp)
+            processor = adapter_cls.load_processor(tmp)
+    else:
+        path = check_model_path(name)
+        cfg_file = Path(path) / CONFIG_NAME
+        if cfg_file.is_file():
+            saved = json.loads(cfg_file.read_text())
+        if "family" in saved:
+            family = saved["family"]
+        else:
+            from transformers import AutoConfig
+
+            family = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+        adapter_cls = get_adapter_class(family)
+        processor = adapter_cls.load_processor(path, trust_remote_code=trust_remote_code)
+    adapter = adapter_cls(processor)
+
+    def prepare(items: list[dict[str, Any]], instructions: list[str | None]) -> Any:
+        # What EmbeddingModel.collate does with decoded items (less the pooling suffix token).
+        prompts = [
+            adapter.render_prompt(it.get("text"), len(it["images"]), ins)
+            for it, ins in zip(items, instructions)
+        ]
+        return adapter.build_inputs(prompts, [it["images"] for it in items])
+
+    return prepare
+
+
+# ---------------------------------------------------------------------- preflight
+# A preparer turns decoded items and their instructions into backbone inputs: the training
+# path's own ``EmbeddingModel.collate`` (the adapter's processor, with its limits).
+Prepare = Callable[[list[dict[str, Any]], list[str | None]], Any]
+# Distinct items checked per processor call; a failing chunk is re-checked item by item.
+PREFLIGHT_ITEMS = 32
+
+
+def example_items(
+    example: Any, query_instruction: str | None = None, target_instruction: str | None = None
+) -> list[tuple[str, Any, str | None]]:
+    """``(where, item, instruction)`` for every item the training path embeds for a row.
+
+    Training rows give the query, the positive and the hard negatives; evaluation rows the
+    query and the candidates. Instructions follow the collator's rule: the row's own, else
+    the default.
+    """
+    if hasattr(example, "candidates"):  # an EvalExample
+        q = example.instruction or query_instruction
+        return [("query", example.query, q)] + [
+            (f"candidates[{i}]", c, target_instruction) for i, c in enumerate(example.candidates)
+        ]
+    q = example.instruction or query_instruction
+    t = example.target_instruction or target_instruction
+    return [("query", example.query, q), ("positive", example.positive, t)] + [
+        (f"negatives[{i}]", n, t) for i, n in enumerate(example.negatives)
+    ]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _item_key(item: Any, instruction: str | None) -> str:
+    # Items are plain data (text, resolved paths, bytes, media refs): their repr identifies
+    # them, so an item many rows share (a class caption, an image used twice) is checked once.
+    return repr((sorted(item.items()) if isinstance(item, dict) else item, instruction))
+
+
+def _check_items(
+    pending: list[tuple[str, Any, str | None]], prepare: Prepare, media: Any
+) -> dict[str, tuple[str, str] | None]:
+    """``key -> None`` for items the preprocessing accepts, else ``(kind, problem)``."""
+    from vlm2emb.data.media import decode_item
+
+    verdict: dict[str, tuple[str, str] | None] = {}
+    decoded: list[tuple[str, dict[str, Any], str | None]] = []
+    for key, item, instruction in pending:
+        try:
+            decoded.append((key, decode_item(item, media), instruction))
+        except Exception as exc:  # any decoder failure is this item's problem, whatever its type
+            message = _one_line(exc)
+            kind = "image_too_large" if "data.max_image_pixels" in message else "bad_media"
+            verdict[key] = (kind, message)
+    try:
+        prepare([d for _, d, _ in decoded], [i for _, _, i in decoded])
+        verdict.update((key, None) for key, _, _ in decoded)
+        return verdict
+    except Exception:  # some item of the chunk is refused: find which, one at a time
+        pass
+    for key, item, instruction in decoded:
+        try:
+            prepare([item], [instruction])
+            verdict[key] = None
+        except Exception as exc:  # processors raise ValueError, TypeError, IndexError, ...
+            verdict[key] = ("unprocessable", f"the model's processor refuses it ({_one_line(exc)})")
+    return verdict
+
+
+def preflight(
+    examples: list[Any],
+    prepare: Prepare,
+    *,
+    media: Any = None,
+    query_instruction: str | None = None,
+    target_instruction: str | None = None,
+    indices: list[int] | None = None,
+    stop_at_first: bool = False,
+) -> list[tuple[int, DataError]]:
+    """Runs the training path's preprocessing on rows and returns the ones it fails on.
+
+    Every item is decoded fully with ``media`` (the ``data.*`` media options) and passed
+    through ``prepare``, the same ``EmbeddingModel.collate`` training calls, so anything
+    a batch would choke on later (a JPEG cut inside its data, an image whose aspect ratio
+    the processor refuses, text the tokenizer cannot encode) is found here, before the
+    first step. Each distinct item (with its instruction) is checked once, a chunk of
+    items per processor call; a chunk that fails is prepared again item by item to name
+    the item at fault.
+
+    Args:
+        examples: Validated :class:`~vlm2emb.data.schema.TrainExample` or
+            :class:`~vlm2emb.data.schema.EvalExample` rows.
+        prepare: ``prepare(decoded_items, instructions)``; raises on input it cannot take.
+        media: :class:`vlm2emb.data.media.MediaOptions`.
+        query_instruction: Default query instruction (``data.query_instruction``).
+        target_instruction: Default target instruction (``data.target_instruction``).
+        indices: Only check these rows (a process's share); default all.
+        stop_at_first: Return only the first bad row (the ``error`` policy).
+
+    Returns:
+        ``(row index, DataError)`` for every bad row (its first bad item), in row order.
+    """
+    todo = list(range(len(examples))) if indices is None else sorted(indices)
+    rows: list[tuple[int, list[tuple[str, str]]]] = []  # row -> [(where, key)]
+    distinct: dict[str, tuple[Any, str | None]] = {}
+    for i in todo:
+        keys = []
+        for where, item, instruction in example_items(examples[i], query_instruction, target_instruction):
+            key = _item_key(item, instruction)
+            distinct.setdefault(key, (item, instruction))
+            keys.append((where, key))
+        rows.append((i, keys))
+    verdict: dict[str, tuple[str, str] | None] = {}
+    pending = [(key, item, instruction) for key, (item, instruction) in distinct.items()]
+    for start in range(0, len(pending), PREFLIGHT_ITEMS):
+        verdict.update(_check_items(pending[start : start + PREFLIGHT_ITEMS], prepare, media))
+    bad: list[tuple[int, DataError]] = []
+    for i, keys in rows:
+        problem = next(((where, verdict[key]) for where, key in keys if verdict[key] is not None), None)
+        if problem is None:
+            continue
+        where, (kind, message) = problem
+        bad.append((i, DataError(f"{examples[i].source}: {where}: {message}", kind)))
+        if stop_at_first:
+            break
+    return bad
+
+
+def preflight_filter(
+    examples: list[Any],
+    prepare: Prepare,
+    *,
+    on_bad_example: str,
+    report: DataReport,
+    media: Any = None,
+    query_instruction: str | None = None,
+    target_instruction: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[list[Any]], list[Any]] | None = None,
+) -> list[Any]:
+    """:func:`preflight` with the bad-row policy applied: the rows to keep.
+
+    With several processes each checks every ``world_size``-th row and ``gather`` (an
+    all-gather of Python lists, e.g. accelerate's ``gather_object``) shares the results,
+    so every process keeps the same rows and takes the same decision.
+
+    Raises:
+        DataError: ``on_bad_example="error"`` and a row is bad (the first one, by row
+            order), or every row is bad.
+    """
+    if not examples:
+        return examples
+    mine = list(range(rank, len(examples), world_size))
+    stop = on_bad_example == "error"
+    found = preflight(
+        examples,
+        prepare,
+        media=media,
+        query_instruction=query_instruction,
+        target_instruction=target_instruction,
+        indices=mine,
+        stop_at_first=stop,
+    )
+    shared = [(i, str(e), e.kind) for i, e in found]
+    if world_size > 1 and gather is not None:
+        shared = gather(shared)
+    shared.sort(key=lambda b: b[0])
+    if not shared:
+        return examples
+    if stop:
+        _, message, kind = shared[0]
+        raise DataError(message, kind)
+    drop = {i for i, _, _ in shared}
+    for _, message, kind in shared:
+        report.used -= 1
+        report.add_bad(DataError(message, kind))
+    kept = [ex for i, ex in enumerate(examples) if i not in drop]
+    if not kept:
+        raise DataError(
+            f"no usable rows: all {len(examples)} rows fail preprocessing (first: {shared[0][1]})"
+        )
+    return kept

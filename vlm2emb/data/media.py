@@ -42,6 +42,9 @@ class MediaOptions:
             decoding them: the decompression-bomb guard. None = no limit.
         video_frames: Frames sampled uniformly from each video.
         pdf_dpi: Resolution PDF pages are rendered at.
+        max_text_chars: Cut item texts longer than this many characters when rows are
+            loaded (``data.max_text_chars``); None = no cap. It lives here, with the other
+            per-item limits, because every loader already carries these options.
     """
 
     min_pixels: int | None = None
@@ -49,6 +52,7 @@ class MediaOptions:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     video_frames: int = 8
     pdf_dpi: int = 144
+    max_text_chars: int | None = None
 
 
 def media_options(data: Any) -> MediaOptions:
@@ -59,6 +63,7 @@ def media_options(data: Any) -> MediaOptions:
         max_image_pixels=data.max_image_pixels,
         video_frames=data.video_frames,
         pdf_dpi=data.pdf_dpi,
+        max_text_chars=data.max_text_chars,
     )
 
 
@@ -123,10 +128,17 @@ def load_image(
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """EXIF orientation applied, then RGB (transparency composited on white)."""
+    """EXIF orientation applied, then 8-bit RGB.
+
+    Transparency is composited on white. High-bit-depth images (16-bit PNG or TIFF as
+    ``I;16*`` or ``I``, 32-bit float ``F``) are rescaled to 8 bits: PIL's own ``convert``
+    clips every value above 255, which turns a 16-bit image almost entirely white.
+    """
     img = ImageOps.exif_transpose(img) or img
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _high_depth_to_l(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white: dropping alpha directly leaves arbitrary colours under it.
         rgba = img.convert("RGBA")
@@ -134,6 +146,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """A single-channel image of more than 8 bits, rescaled to 8-bit ``L``.
+
+    ``I;16`` modes hold 0..65535 and map linearly onto 0..255. ``I`` (32-bit integers, how
+    older PIL versions open 16-bit PNGs) uses the 16-bit scale when its values fit in it,
+    else its own range. ``F`` (float) treats 0..1 as the full scale when the values lie in
+    it, else uses the value range.
+    """
+    import numpy as np
+
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        scale_lo, scale_hi = 0.0, 65535.0
+    elif img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scale_lo, scale_hi = 0.0, 1.0
+    elif img.mode != "F" and lo >= 0.0 and hi <= 65535.0:
+        # Values up to 255 in an ``I`` image are already 8-bit data stored wide.
+        scale_lo, scale_hi = 0.0, (255.0 if hi <= 255.0 else 65535.0)
+    else:
+        scale_lo, scale_hi = lo, (hi if hi > lo else lo + 1.0)
+    out = np.clip((arr - scale_lo) * (255.0 / (scale_hi - scale_lo)), 0.0, 255.0)
+    return Image.fromarray(np.rint(out).astype(np.uint8), mode="L")
 
 
 def fit_pixels(img: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:

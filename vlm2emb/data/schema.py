@@ -21,6 +21,7 @@ folders, hub ids, MMEB-train rows) are read by :mod:`vlm2emb.data.sources`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -136,6 +137,13 @@ class _RowChecker:
         text = raw.get("text")
         if text is not None and not isinstance(text, str):
             raise self.fail(lineno, f"{where}.text must be a string", "wrong_type")
+        if text is not None:
+            self.check_unicode(lineno, f"{where}.text", text)
+            cap = self.options.max_text_chars
+            if cap is not None and len(text) > cap:
+                # One very long text pads every item of its batch to its length (a 50k
+                # character row made a whole run 9x slower): cut it to the cap.
+                text = text[:cap]
         refs: list[Any] = []
         if raw.get("image") is not None:
             refs.append(self.image(lineno, f"{where}.image", raw["image"]))
@@ -237,10 +245,36 @@ class _RowChecker:
         self._verified(lineno, where, (full, page), probe)
         return PdfPageRef(str(full), page)
 
-    @staticmethod
-    def optional_str(rec: dict[str, Any], key: str) -> str | None:
+    def check_unicode(self, lineno: int, where: str, text: str) -> None:
+        """Refuses text that cannot be encoded as UTF-8 (a lone surrogate such as ``\\ud800``).
+
+        JSON allows ``"\\ud800"`` escapes that decode to half a character; every tokenizer
+        fails on it later, in the middle of training, without naming the row.
+        """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise self.fail(
+                lineno,
+                f"{where} holds a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start} "
+                "(not valid Unicode; fix the \\uXXXX escape in the file)",
+                "bad_text",
+            ) from None
+
+    def optional_str(self, rec: dict[str, Any], key: str, lineno: int = 0) -> str | None:
+        """The string field ``key`` of a row, or None when absent.
+
+        Raises:
+            DataError: The value is not a string (a number or a list given as an
+                instruction is a mistake in the file, not something to stringify).
+        """
         value = rec.get(key)
-        return None if value is None else str(value)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(lineno, f"{key} must be a string, got {type(value).__name__}", "wrong_type")
+        self.check_unicode(lineno, key, value)
+        return value
 
 
 def _raise(message: str) -> None:
@@ -273,7 +307,7 @@ def iter_source(
         Other arguments: see :func:`load_train_examples`.
     """
     from vlm2emb.data.check import DataReport
-    from vlm2emb.data.sources import iter_records, resolve_source
+    from vlm2emb.data.sources import ENCODING_PROBLEM, iter_records, resolve_source
 
     if on_bad_example not in ("error", "skip"):
         raise ValueError(f"data.on_bad_example: {on_bad_example!r} is not one of error, skip")
@@ -281,6 +315,8 @@ def iter_source(
     source = resolve_source(spec, work_dir)
     check = _RowChecker(source, media_root, verify_images, options or MediaOptions())
     n_rows = n_used = 0
+    first: Any = None  # the first good row, without its position
+    all_same = True
     for lineno, rec, problem in iter_records(source):
         if cap is not None and n_used >= cap:
             break
@@ -288,7 +324,8 @@ def iter_source(
         report.rows += 1
         try:
             if problem is not None:
-                raise check.fail(lineno, problem, "malformed_json")
+                reason = "bad_encoding" if problem.startswith(ENCODING_PROBLEM) else "malformed_json"
+                raise check.fail(lineno, problem, reason)
             if not isinstance(rec, dict):
                 raise check.fail(
                     lineno, f"a row must be a JSON object, got {type(rec).__name__}", "not_an_object"
@@ -301,9 +338,21 @@ def iter_source(
             continue
         n_used += 1
         report.used += 1
+        content = dataclasses.replace(example, source="")
+        if first is None:
+            first = content
+        elif all_same and content != first:
+            all_same = False
         yield example
     if not n_rows and not allow_empty:
         raise DataError(f"{source.name}: no {kind} rows", "empty_file")
+    if n_used > 1 and all_same:
+        # Every query then has only copies of its own positive as candidates: all are
+        # masked as false negatives and the loss is 0 at every step, so nothing trains.
+        report.warn(
+            f"{source.name}: all {n_used} {kind} rows are identical; a batch of them has nothing "
+            "to contrast (the loss is 0 at every step)"
+        )
 
 
 def _load(
@@ -391,18 +440,24 @@ def train_row_builder(
             except ValueError as exc:
                 raise check.fail(lineno, f"MMEB row: {exc}", "invalid") from None
         _check_fields(check, lineno, rec, "training", TRAIN_KEYS, ("query", "positive"))
-        negs_raw = rec.get("negatives") or []
+        # Only an absent field (or null) means "no negatives": "" or 0 is a mistake in the
+        # file, and reading it as an empty list would hide it.
+        negs_raw = rec.get("negatives")
+        if negs_raw is None:
+            negs_raw = []
         if not isinstance(negs_raw, list):
-            raise check.fail(lineno, "negatives must be a list of items", "wrong_type")
+            raise check.fail(
+                lineno, f"negatives must be a list of items, got {type(negs_raw).__name__}", "wrong_type"
+            )
         if max_negatives is not None:
             negs_raw = negs_raw[:max_negatives]
         return TrainExample(
             query=check.item(lineno, "query", rec["query"]),
             positive=check.item(lineno, "positive", rec["positive"]),
             negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
-            instruction=check.optional_str(rec, "instruction"),
-            target_instruction=check.optional_str(rec, "target_instruction"),
-            dataset=str(rec.get("dataset") or source.stem),
+            instruction=check.optional_str(rec, "instruction", lineno),
+            target_instruction=check.optional_str(rec, "target_instruction", lineno),
+            dataset=check.optional_str(rec, "dataset", lineno) or source.stem,
             source=f"{source.name}:{lineno}",
             origin=index,
         )
@@ -505,8 +560,8 @@ def load_eval_examples(
             query=check.item(lineno, "query", rec["query"]),
             candidates=[check.item(lineno, f"candidates[{i}]", c) for i, c in enumerate(cands)],
             positive=pos_list,
-            task=str(rec.get("task") or source.stem),
-            instruction=check.optional_str(rec, "instruction"),
+            task=check.optional_str(rec, "task", lineno) or source.stem,
+            instruction=check.optional_str(rec, "instruction", lineno),
             source=f"{source.name}:{lineno}",
         )
 

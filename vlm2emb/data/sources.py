@@ -117,22 +117,44 @@ def iter_records(source: Source) -> Iterator[tuple[int, Any, str | None]]:
     """
     if source.kind == "jsonl":
         assert source.path is not None
-        with source.path.open("r", encoding="utf-8", errors="replace") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        # Read as bytes and decode each line strictly: a lenient decode would turn Latin-1
+        # bytes into U+FFFD characters that then train silently as garbage text.
+        with source.path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield lineno, None, _encoding_problem(raw, exc)
+                    continue
                 if not line.strip():
                     continue
-                try:
-                    yield lineno, json.loads(line), None
-                except json.JSONDecodeError as exc:
-                    yield (
-                        lineno,
-                        None,
-                        f"malformed JSON ({exc.msg}); data files hold one JSON object per line",
-                    )
+                yield _parse_json_line(lineno, line)
         return
     ds = _open_dataset(source)
     for i, rec in enumerate(ds, start=1):
         yield i, drop_nulls(rec), None
+
+
+# Marks a row's problem as an encoding error (kind ``bad_encoding``), not malformed JSON.
+ENCODING_PROBLEM = "not valid UTF-8"
+
+
+def _encoding_problem(raw: bytes, exc: UnicodeDecodeError) -> str:
+    bad = raw[exc.start : exc.start + 4].hex(" ")
+    return (
+        f"{ENCODING_PROBLEM} (bytes {bad} at byte {exc.start + 1} of the line); "
+        "data files must be UTF-8 (re-encode it, e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _parse_json_line(lineno: int, line: str) -> tuple[int, Any, str | None]:
+    try:
+        return lineno, json.loads(line), None
+    except json.JSONDecodeError as exc:
+        return lineno, None, f"malformed JSON ({exc.msg}); data files hold one JSON object per line"
+    except RecursionError:
+        # json's C decoder recurses once per nesting level; no real row nests this deep.
+        return lineno, None, "malformed JSON (nested too deeply); data files hold one JSON object per line"
 
 
 def _open_dataset(source: Source) -> Any:

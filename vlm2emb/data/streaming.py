@@ -46,6 +46,12 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
         shuffle_buffer: Rows held for shuffling (1 = stream order).
         max_rows: Cap per source, as in :func:`vlm2emb.data.schema.load_train_examples`.
         report: Counts rows and skipped rows (complete with ``num_workers=0``).
+        prepare: The model's batch preprocessing (``EmbeddingModel.collate``); when given,
+            each row goes through it as it streams in (see
+            :func:`vlm2emb.data.check.preflight`), so a row a batch would fail on is
+            stopped at (``error``) or skipped before it joins a batch.
+        query_instruction: Default query instruction, for ``prepare``.
+        target_instruction: Default target instruction, for ``prepare``.
         Other arguments: see :func:`vlm2emb.data.schema.load_train_examples`.
     """
 
@@ -69,6 +75,9 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
         options: MediaOptions | None = None,
         report: DataReport | None = None,
         mmeb_negatives: bool = True,
+        prepare: Any = None,
+        query_instruction: str | None = None,
+        target_instruction: str | None = None,
     ) -> None:
         super().__init__()
         from vlm2emb.data.sources import resolve_source
@@ -85,6 +94,9 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
         self.max_rows = max_rows
         self.report = report if report is not None else DataReport()
         self.build = train_row_builder(data_format, max_negatives, mmeb_negatives)
+        self.prepare = prepare
+        self.instructions = (query_instruction, target_instruction)
+        self.on_bad_example = on_bad_example
         self.read_kwargs: dict[str, Any] = dict(
             media_root=media_root,
             verify_images=verify_images,
@@ -96,7 +108,7 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
     def _source(self, index: int) -> Iterator[TrainExample]:
         from vlm2emb.data.schema import _cap
 
-        return iter_source(
+        rows = iter_source(
             index,
             self.specs[index],
             "training",
@@ -105,6 +117,27 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
             report=self.report,
             **self.read_kwargs,
         )
+        return rows if self.prepare is None else self._prepared(rows)
+
+    def _prepared(self, rows: Iterator[TrainExample]) -> Iterator[TrainExample]:
+        """The rows that the batch preprocessing accepts (every process decides alike)."""
+        from vlm2emb.data.check import preflight
+
+        for row in rows:
+            bad = preflight(
+                [row],
+                self.prepare,
+                media=self.read_kwargs["options"],
+                query_instruction=self.instructions[0],
+                target_instruction=self.instructions[1],
+            )
+            if not bad:
+                yield row
+                continue
+            if self.on_bad_example == "error":
+                raise bad[0][1]
+            self.report.used -= 1
+            self.report.add_bad(bad[0][1])
 
     def _rows(self, epoch: int, rng: random.Random) -> Iterator[TrainExample]:
         """One epoch's rows, before shuffling."""
@@ -172,9 +205,18 @@ class StreamingTrainData(torch.utils.data.IterableDataset):
 
 
 def streaming_for(
-    cfg: Any, start_step: int, options: MediaOptions, report: DataReport, work_dir: str | Path
+    cfg: Any,
+    start_step: int,
+    options: MediaOptions,
+    report: DataReport,
+    work_dir: str | Path,
+    prepare: Any = None,
 ) -> StreamingTrainData:
-    """The stream a recipe asks for (``cfg`` is a ``RecipeConfig`` with ``data.streaming``)."""
+    """The stream a recipe asks for (``cfg`` is a ``RecipeConfig`` with ``data.streaming``).
+
+    ``prepare`` (the model's ``collate``) checks each row as it streams in when
+    ``data.verify_images`` is on.
+    """
     data = cfg.data
     return StreamingTrainData(
         data.train,
@@ -194,4 +236,7 @@ def streaming_for(
         options=options,
         report=report,
         mmeb_negatives=data.mmeb_negatives,
+        prepare=prepare if data.verify_images else None,
+        query_instruction=data.query_instruction,
+        target_instruction=data.target_instruction,
     )

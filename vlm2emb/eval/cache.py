@@ -162,21 +162,17 @@ class CachedEncoder:
         items = list(items)
         path = self._path(items, instruction)
         rank, world = rank_and_world() if self.shard else (0, 1)
-        hit = path is not None and path.is_file()
+        cached = _read_entry(path, len(items), load_file) if path is not None and path.is_file() else None
+        hit = cached is not None
         if world > 1:
             from vlm2emb.distributed import all_true
 
             # Every process must take the same branch, or the gather below would hang.
             hit = all_true(hit, _collective_device())
-        if hit:
+        if hit and cached is not None:
             self.stats.hits += 1
             self.stats.items_from_cache += len(items)
-            emb = load_file(str(path))["embeddings"]  # [n, d]
-            if emb.shape[0] != len(items):
-                raise ValueError(
-                    f"embedding cache file {path} holds {emb.shape[0]} rows for {len(items)} items"
-                )
-            return emb
+            return cached
         self.stats.misses += 1
         self.stats.items_encoded += len(items)
         self.stats.processes = max(self.stats.processes, world)
@@ -195,6 +191,31 @@ class CachedEncoder:
             save_file({"embeddings": emb}, str(tmp), metadata={"instruction": str(instruction)})
             os.replace(tmp, path)  # readers never see a half-written file
         return emb
+
+
+def _read_entry(path: Path, n_items: int, load_file: Any) -> torch.Tensor | None:
+    """A cache entry's embeddings ``[n, d]``, or None (with a warning) when it is unusable.
+
+    A cache is only a shortcut: an entry cut short by a full disk, overwritten by hand, or
+    holding the wrong number of rows is recomputed (and rewritten), never a failed run.
+    """
+    import warnings
+
+    try:
+        emb = load_file(str(path))["embeddings"]
+        problem = None
+        if emb.ndim != 2 or emb.shape[0] != n_items:
+            problem = f"holds shape {tuple(emb.shape)} for {n_items} items"
+        elif not bool(torch.isfinite(emb).all()):
+            problem = "holds non-finite values"
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        problem = (
+            f"cannot be read ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+        )
+    if problem is None:
+        return emb
+    warnings.warn(f"embedding cache entry {path} {problem}; recomputing it", stacklevel=3)
+    return None
 
 
 def _collective_device() -> torch.device:

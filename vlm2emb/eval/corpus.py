@@ -63,7 +63,7 @@ def _id_rows(
         if rid in seen:
             raise check.fail(lineno, f"duplicate {kind} id {rid!r}")
         seen.add(rid)
-        instruction = check.optional_str(rec, "instruction")
+        instruction = check.optional_str(rec, "instruction", lineno)
         out.append((rid, check.item(lineno, "item", rec["item"]), instruction))
     if not out:
         raise DataError(f"{source.name}: no {kind} rows")

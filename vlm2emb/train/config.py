@@ -83,6 +83,9 @@ class DataConfig:
     max_image_pixels: int | None = 89_478_485  # refuse larger images undecoded (decompression bombs)
     video_frames: int = 8  # frames sampled uniformly per video (VLM2Vec: 8)
     pdf_dpi: int = 144  # resolution PDF pages render at
+    # Item texts longer than this many characters are cut when rows load (None = no cap):
+    # one huge text pads its whole batch to its length.
+    max_text_chars: int | None = None
     streaming: bool = False  # read data.train lazily (corpora larger than memory)
     shuffle_buffer: int = 10_000  # rows held for shuffling when streaming
 
@@ -235,6 +238,7 @@ def _validate_data_config(data: DataConfig) -> None:
         ("data.max_image_pixels", data.max_image_pixels),
         ("data.video_frames", data.video_frames),
         ("data.pdf_dpi", data.pdf_dpi),
+        ("data.max_text_chars", data.max_text_chars),
         ("data.mega_batch", data.mega_batch),
         ("data.shuffle_buffer", data.shuffle_buffer),
     ):
@@ -377,7 +381,14 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     # YAML parsing gives numbers, booleans, null and [lists]; typed coercion follows.
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if raw.lstrip().startswith(("[", "{")):
+            # "[a.jsonl" is a list with its bracket left open, not a file named so.
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise ConfigError(
+                f"override {override!r}: {key}: {raw.strip()!r} is not a valid list or mapping "
+                f"({problem}); write lists as [a, b]"
+            ) from None
         value = raw
     if isinstance(value, dict):
         # "Find: the image" is a sentence, not a mapping; nested keys use dotted names.

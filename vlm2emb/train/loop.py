@@ -203,6 +203,41 @@ class _Trainer:
                     )
             self.accelerator.wait_for_everyone()
 
+    def _preflight(self, model: Any) -> None:
+        """Runs every row through the batch preprocessing once, before the first step.
+
+        The load-time check reads headers only; a JPEG cut inside its data, an image
+        whose aspect ratio the processor refuses, or anything else ``model.collate``
+        raises on would otherwise stop the run in the middle (both policies). The rows
+        go through the same decode and ``model.collate`` a batch does, split over the
+        processes; with ``skip`` the failing ones are left out and counted.
+        """
+        from accelerate.utils import gather_object
+
+        from vlm2emb.data.check import preflight_filter
+
+        cfg, acc = self.cfg, self.accelerator
+        common: dict[str, Any] = dict(
+            on_bad_example=cfg.data.on_bad_example,
+            report=self.report,
+            media=self.media,
+            query_instruction=cfg.data.query_instruction,
+            target_instruction=cfg.data.target_instruction,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            gather=gather_object,
+        )
+        before = self.report.skipped
+        self.train_examples = preflight_filter(self.train_examples, model.collate, **common)
+        self.eval_examples = preflight_filter(self.eval_examples, model.collate, **common)
+        if self.is_main and cfg.data.on_bad_example == "skip" and self.report.skipped > before:
+            self.report.write(self.out / "data_report.json")
+            print(
+                f"Skipped rows that fail preprocessing: {self.report.summary()}; "
+                f"see {self.out / 'data_report.json'}",
+                flush=True,
+            )
+
     def _zero3_init(self) -> bool:
         """Whether the launch config asks for partitioned loading (ZeRO-3 ``zero3_init_flag``)."""
         if not self.deepspeed:
@@ -433,7 +468,10 @@ class _Trainer:
                 self.train_examples, cfg.data, cfg.train.batch_size, cfg.seed, start_step=start_step
             )
         model = self._load_model()
-        if sampler is not None and cfg.data.group_by_length:
+        n_rows = len(self.train_examples)
+        if cfg.data.verify_images:
+            self._preflight(model)
+        if sampler is not None and (cfg.data.group_by_length or len(self.train_examples) != n_rows):
             # Exact token counts group better than the character estimate used above (which
             # checked the data order before the model was loaded).
             sampler = sampler_for(
@@ -494,7 +532,7 @@ class _Trainer:
             from vlm2emb.data.streaming import streaming_for
 
             loader = torch.utils.data.DataLoader(
-                streaming_for(cfg, start_step, self.media, self.report, self.out),
+                streaming_for(cfg, start_step, self.media, self.report, self.out, model.collate),
                 batch_size=None,
                 collate_fn=collator,
                 num_workers=cfg.data.num_workers,
