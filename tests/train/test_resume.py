@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -104,11 +103,11 @@ def test_killed_run_resumes_bit_exact(tmp_path: Path, mode: str) -> None:
         if not (killed / "final").exists():
             break
     assert not (killed / "final").exists(), "the run finished before it could be killed"
-    assert (killed / "checkpoints" / "step-2" / "manifest.json").is_file()
 
     resumed = _run([*_cmd(killed, *steps), "train.resume_from=auto"])
     assert "Resumed from" in resumed.stdout
     _assert_same_run(ref, killed)
+    assert (killed / "checkpoints" / "step-2" / "manifest.json").is_file()
     # Trainer state is safetensors and JSON only: nothing a resume would have to unpickle.
     pickled = [p for p in (killed / "checkpoints").rglob("*") if p.suffix in (".pkl", ".bin", ".pt", ".pth")]
     assert not pickled
@@ -141,6 +140,13 @@ def _interrupted_copy(reference: Path, tmp_path: Path) -> Path:
     return out
 
 
+def _state_file(checkpoint: Path, kind: str) -> Path:
+    """A state file by role (the names of this version, or accelerate's of older ones)."""
+    patterns = {"model": "model.safetensors", "optimizer": "optimizer.*", "rng": "r*[-_]0.*"}
+    (path,) = (checkpoint / "state").glob(patterns[kind])
+    return path
+
+
 def _one_error_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
     captured = capsys.readouterr()
     assert code == 2, captured.err
@@ -150,12 +156,23 @@ def _one_error_line(capsys: pytest.CaptureFixture[str], code: int) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("damaged", ["state/model.safetensors", "state/optimizer.safetensors"])
+def test_resumed_log_holds_each_step_once(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _interrupted_copy(reference, tmp_path)  # metrics.jsonl has steps 1..6, checkpoint 4
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')  # a line cut short by the kill
+    assert _train(out, "train.resume_from=auto") == 0, capsys.readouterr().err
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
+    _assert_same_run(reference, out)
+
+
+@pytest.mark.parametrize("damaged", ["model", "optimizer"])
 def test_damaged_newest_checkpoint_falls_back_to_the_whole_one(
     reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damaged: str
 ) -> None:
     out = _interrupted_copy(reference, tmp_path)
-    bad = out / "checkpoints" / "step-4" / damaged
+    bad = _state_file(out / "checkpoints" / "step-4", damaged)
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
     capsys.readouterr()
     assert _train(out, "train.resume_from=auto") == 0
@@ -170,7 +187,7 @@ def test_damaged_checkpoint_given_by_path_is_a_one_line_error(
     reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = _interrupted_copy(reference, tmp_path)
-    bad = out / "checkpoints" / "step-4" / "state" / "optimizer.safetensors"
+    bad = _state_file(out / "checkpoints" / "step-4", "optimizer")
     bad.write_bytes(bad.read_bytes()[:100])
     line = _one_error_line(capsys, _train(out, f"train.resume_from={out / 'checkpoints' / 'step-4'}"))
     assert str(bad) in line and "truncated" in line
@@ -182,7 +199,7 @@ def test_every_checkpoint_damaged_is_an_error(
 ) -> None:
     out = _interrupted_copy(reference, tmp_path)
     for step in ("step-2", "step-4"):
-        (out / "checkpoints" / step / "state" / "rng-0.safetensors").unlink()
+        _state_file(out / "checkpoints" / step, "rng").unlink()
     line = _one_error_line(capsys, _train(out, "train.resume_from=auto"))
     assert "no whole checkpoint" in line and "rng-0.safetensors: missing" in line
 
@@ -190,12 +207,13 @@ def test_every_checkpoint_damaged_is_an_error(
 def test_garbage_rng_state_is_an_error_not_silence(
     reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vlm2emb.train.state import write_manifest
-
     out = _interrupted_copy(reference, tmp_path)
-    rng = out / "checkpoints" / "step-4" / "state" / "rng-0.safetensors"
+    rng = _state_file(out / "checkpoints" / "step-4", "rng")
     rng.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage}")
-    write_manifest(out / "checkpoints" / "step-4")  # consistent manifest: the load itself must refuse
+    if (out / "checkpoints" / "step-4" / "manifest.json").exists():
+        from vlm2emb.train.state import write_manifest
+
+        write_manifest(out / "checkpoints" / "step-4")  # consistent manifest: the load itself must refuse
     line = _one_error_line(capsys, _train(out, "train.resume_from=auto"))
     assert str(rng) in line and "unreadable" in line
 
@@ -211,11 +229,14 @@ def test_resume_never_unpickles_from_the_run_folder(
             return (os.mkdir, (str(marker),))
 
     state = out / "checkpoints" / "step-4" / "state"
-    # The names accelerate's save_state used (LR scheduler and RNG pickles, optimizer).
+    # The names accelerate's save_state uses. custom_checkpoint_0.pkl (the LR scheduler) is
+    # what accelerate loads with weights_only=False; the others are planted where absent.
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
-        (state / name).write_bytes(pickle.dumps(Planted()))
-    assert _train(out, "train.resume_from=auto") == 0, capsys.readouterr().err
-    assert not marker.exists()
+        if name == "custom_checkpoint_0.pkl" or not (state / name).exists():
+            torch.save(Planted(), state / name)
+    code = _train(out, "train.resume_from=auto")
+    assert not marker.exists(), "a planted pickle ran code"
+    assert code == 0, capsys.readouterr().err
     _assert_same_run(reference, out)
 
 
