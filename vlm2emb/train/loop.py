@@ -575,9 +575,14 @@ class _Trainer:
             )
         rng_state = load_tree(rng)
         if self.deepspeed:
-            self.prepared.load_checkpoint(
-                str(state_dir), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=True
-            )
+            from vlm2emb.train.state import deepspeed_weights_only
+
+            with deepspeed_weights_only(self.prepared):
+                loaded, _ = self.prepared.load_checkpoint(
+                    str(state_dir), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=True
+                )
+            if loaded is None:  # DeepSpeed logs a missing checkpoint and carries on
+                raise CheckpointError(f"{state_dir / 'deepspeed'}: no DeepSpeed checkpoint")
         else:
             model_file = state_dir / "model.safetensors"
             try:

@@ -18,11 +18,15 @@ whole checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import math
 import os
+import pickle
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +189,52 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: missing") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+# ---------------------------------------------------------------- DeepSpeed
+# The only non-tensor objects DeepSpeed's ZeRO checkpoints hold (checked for ZeRO-2 and -3):
+# plain data classes and enums that rebuild without running code.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextlib.contextmanager
+def deepspeed_weights_only(engine: Any) -> Iterator[None]:
+    """Makes a DeepSpeed engine read its checkpoint files with ``weights_only=True``.
+
+    DeepSpeed's own partitioned model and optimizer files are ``torch.save`` pickles, which
+    its checkpoint engine loads with ``weights_only=False``. Inside this block the engine's
+    loader accepts tensors, plain containers and the classes in ``DEEPSPEED_SAFE_GLOBALS``
+    only, so a planted file cannot run code.
+
+    Raises:
+        CheckpointError: A file holds anything else (names it).
+    """
+    allowed = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module, name = dotted.rsplit(".", 1)
+        with contextlib.suppress(ImportError, AttributeError):
+            allowed.append(getattr(importlib.import_module(module), name))
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"{path}: holds objects other than tensors and DeepSpeed's plain state; not unpickled"
+                ) from None
+
+    checkpoint_engine.load = load  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 # ---------------------------------------------------------------- manifests
