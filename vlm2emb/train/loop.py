@@ -695,7 +695,9 @@ class _Trainer:
             self._claim_output_dir()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))
+            from vlm2emb.train.state import write_text_atomic
+
+            write_text_atomic(self.out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))
         set_seed(cfg.seed)
 
         self._load_data()  # a bad row stops the run before a large model is loaded

@@ -264,6 +264,11 @@ def verify_checkpoint(checkpoint: Path) -> None:
     Raises:
         CheckpointError: Naming the first missing, truncated or altered file (or the manifest).
     """
+    if not (checkpoint / MANIFEST).is_file():
+        raise CheckpointError(
+            f"{checkpoint / MANIFEST}: missing (a checkpoint of an older vlm2emb, whose pickled state "
+            "is not loaded, or not a whole checkpoint)"
+        )
     manifest = read_json(checkpoint / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != STATE_FORMAT:
         raise CheckpointError(
