@@ -261,8 +261,11 @@ def test_overrides_may_follow_options_and_eval_uses_the_query_instruction(
         json.loads(other.read_text())["tasks"]["toy-words"]["mrr"]
         != train_report["tasks"]["toy-words"]["mrr"]
     )
-    # A rerun into the same folder starts a fresh metrics log instead of appending.
+    # A rerun into the same folder needs train.overwrite_output_dir (else it is refused) and
+    # starts a fresh metrics log instead of appending.
     rerun = ["train", DEMO_RECIPE, f"output_dir={out}", f"data.train={train_file}", "data.eval=[]"]
-    assert main([*rerun, "train.max_steps=2", "train.batch_size=2", "--no-progress"]) == 0
+    rerun += ["train.max_steps=2", "train.batch_size=2", "--no-progress"]
+    assert "train.overwrite_output_dir=true" in user_error(capsys, rerun)
+    assert main([*rerun, "train.overwrite_output_dir=true"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2]  # one run's single log step, no eval record

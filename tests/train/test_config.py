@@ -233,6 +233,20 @@ def test_wrong_types_name_the_key(override: str, key: str, expected: str) -> Non
         (("model.lora.r=0",), r"model\.lora\.r: must be > 0"),
         (("model.lora.dropout=1.5",), r"model\.lora\.dropout: must be in \[0, 1\)"),
         (("model.dtype=int8",), r"model\.dtype: 'int8' is not one of"),
+        # NaN passed every "<= 0" check; negative rates and decay were not checked at all.
+        (("train.learning_rate=-1e-4",), r"train\.learning_rate: must be > 0, got -0\.0001"),
+        (("train.learning_rate=0",), r"train\.learning_rate: must be > 0"),
+        (("train.learning_rate=nan",), r"train\.learning_rate: must be a finite number, got nan"),
+        (("train.learning_rate=inf",), r"train\.learning_rate: must be a finite number"),
+        (("train.weight_decay=-0.1",), r"train\.weight_decay: must be >= 0, got -0\.1"),
+        (("train.weight_decay=nan",), r"train\.weight_decay: must be a finite number, got nan"),
+        (("train.temperature=nan",), r"train\.temperature: must be a finite number"),
+        (("train.max_grad_norm=nan",), r"train\.max_grad_norm: must be a finite number"),
+        (("model.lora.dropout=nan",), r"model\.lora\.dropout: must be a finite number"),
+        (
+            ("train.matryoshka_weights=[1.0, nan]", "train.matryoshka_dims=[4, 8]"),
+            r"train\.matryoshka_weights",
+        ),
     ],
 )
 def test_validate_errors(overrides: tuple[str, ...], match: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,32 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept == ["step-18", "step-21"]  # save_total_limit=2
     assert not list((killed / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("ddp", ("model.lora.r=4", "model.lora.dropout=0.1")), ("zero3", ())],
+    ids=["ddp-lora-dropout", "zero3"],
+)
+def test_two_process_resume_is_exact(tmp_path, config, extra):
+    """Two processes: one RNG file per process; DeepSpeed's own files loaded weights-only."""
+    steps = ("train.max_steps=6", "train.save_steps=2", *extra)
+    ref = tmp_path / "ref"
+    _run(_launch_cmd(config, ref, *steps))
+    # As a kill after step 4 leaves it (test_resume.py kills single-process runs for real).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ref, resumed)
+    shutil.rmtree(resumed / "final")
+    out = _run([*_launch_cmd(config, resumed, *steps), "train.resume_from=auto"])
+    assert "Resumed from" in out
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert _losses(resumed) == _losses(ref)
+    for f in (ref / "final").rglob("*.safetensors"):
+        a, b = load_file(f), load_file(resumed / f.relative_to(ref))
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    state = resumed / "checkpoints" / "step-2" / "state"
+    assert sorted(p.name for p in state.glob("rng-*")) == ["rng-0.safetensors", "rng-1.safetensors"]
 
 
 def _homogeneous_worker(rank: int, world: int, data: str, port: int, out: str) -> None:

@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,7 +119,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     save_steps: int = 0  # 0 = only final/
     save_total_limit: int | None = None  # keep only the newest N checkpoints (None = all)
-    resume_from: str | None = None  # auto = newest complete checkpoint in output_dir, or a path
+    resume_from: str | None = None  # auto = newest whole checkpoint in output_dir, or a path
+    # A new (not resumed) run refuses an output_dir holding another run unless this is true;
+    # then the other run's outputs are deleted first, so resume_from=auto cannot pick them.
+    overwrite_output_dir: bool = False
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each is skipped)
     log_steps: int = 10
     eval_batch_size: int = 64
@@ -142,6 +146,18 @@ class RecipeConfig:
 
     def validate(self) -> None:
         """Checks values that the types alone do not constrain."""
+        # NaN passes every "<= 0" check below, so non-finite numbers are refused first.
+        sections = [("train", self.train)] + ([("model.lora", self.model.lora)] if self.model.lora else [])
+        for prefix, section in sections:
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                values = value if isinstance(value, list) else [value]
+                if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                    raise ConfigError(f"{prefix}.{f.name}: must be a finite number, got {value}")
+        if self.train.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate: must be > 0, got {self.train.learning_rate}")
+        if self.train.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: must be >= 0, got {self.train.weight_decay}")
         from vlm2emb.backbones.base import ATTENTION_MODES
         from vlm2emb.pooling import POOLING_METHODS
         from vlm2emb.prompts import PROMPT_STYLES

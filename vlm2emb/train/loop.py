@@ -103,25 +103,141 @@ def _configure_deepspeed(accelerator: Any, cfg: RecipeConfig, local_batch: int) 
         zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
-def find_checkpoint(output_dir: Path, resume_from: str) -> Path:
-    """Resolves ``train.resume_from``: ``auto`` = newest complete checkpoint, or a path.
+# Keys a resumed run may change: where to resume from, and how long to train.
+RESUME_KEYS = ("output_dir", "train.resume_from", "train.overwrite_output_dir", "train.max_steps")
+# What a run leaves in output_dir (demo-data/ and tiny-backbone/ are inputs, not outputs).
+RUN_OUTPUTS = (
+    "recipe.yaml",
+    "metrics.jsonl",
+    "final",
+    "checkpoints",
+    "best",
+    "best.json",
+    "eval.json",
+    "eval_before.json",
+    "data_report.json",
+)
 
-    A checkpoint directory only ever appears complete (it is renamed into place), so any
-    ``step-N`` directory is usable; half-written ones keep their ``.tmp-`` name.
-    """
-    if resume_from != "auto":
-        path = Path(resume_from)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"train.resume_from: {path} is not a vlm2emb checkpoint")
-        return path
-    steps = [
+
+def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """``checkpoints/step-N`` directories of a run, oldest first."""
+    return sorted(
         (int(m.group(1)), p)
         for p in (output_dir / "checkpoints").glob("step-*")
-        if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()
-    ]
-    if not steps:
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    )
+
+
+def find_checkpoint(output_dir: Path, resume_from: str, warn: Any = None) -> Path:
+    """Resolves ``train.resume_from``: ``auto`` = newest whole checkpoint, or a path.
+
+    Every candidate is verified against its manifest (size and SHA-256 of each file) before
+    it is chosen. With ``auto`` a damaged checkpoint is passed over with a one-line warning
+    naming the damaged file, and the next older one is tried; a path must be whole.
+
+    Args:
+        output_dir: The run's output folder.
+        resume_from: ``auto`` or a checkpoint directory.
+        warn: Called with each warning line (None: print).
+
+    Raises:
+        FileNotFoundError: No checkpoint there.
+        CheckpointError: The given checkpoint, or every checkpoint, is damaged.
+    """
+    from vlm2emb.train.state import TRAINER_STATE, CheckpointError, verify_checkpoint
+
+    warn = warn or (lambda line: print(line, flush=True))
+    if resume_from != "auto":
+        path = Path(resume_from)
+        if not (path / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"train.resume_from: {path} is not a vlm2emb checkpoint")
+        verify_checkpoint(path)
+        return path
+    found = _checkpoint_dirs(output_dir)
+    if not found:
         raise FileNotFoundError(f"train.resume_from=auto: no checkpoint in {output_dir / 'checkpoints'}")
-    return max(steps)[1]
+    damaged: list[str] = []
+    for _, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            damaged.append(str(exc))
+            warn(f"warning: skipping damaged checkpoint {path.name}: {exc}")
+            continue
+        return path
+    raise CheckpointError(
+        f"train.resume_from=auto: no whole checkpoint in {output_dir / 'checkpoints'} ({damaged[0]})"
+    )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return {prefix: data}
+
+
+def check_resume_recipe(cfg: RecipeConfig, checkpoint: Path) -> None:
+    """Refuses to resume a checkpoint trained under a different recipe.
+
+    Only the keys in ``RESUME_KEYS`` may differ (a longer ``train.max_steps`` continues the run).
+
+    Raises:
+        CheckpointError: Naming the keys that differ, with both values of the first.
+    """
+    from vlm2emb.train.state import TRAINER_STATE, CheckpointError, read_json
+
+    saved = read_json(checkpoint / TRAINER_STATE).get("recipe")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: no recipe (a checkpoint of an older vlm2emb)")
+    now, then = _flatten(recipe_to_dict(cfg)), _flatten(saved)
+    differ = [
+        k for k in sorted(now.keys() | then.keys()) if k not in RESUME_KEYS and now.get(k) != then.get(k)
+    ]
+    if differ:
+        first = differ[0]
+        raise CheckpointError(
+            f"train.resume_from: {checkpoint} was trained with a different recipe: {', '.join(differ)} "
+            f"({first}: {then.get(first)!r} there, {now.get(first)!r} now); only "
+            f"{', '.join(RESUME_KEYS)} may change on resume"
+        )
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line: strict JSON, a non-finite number written as null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(record), allow_nan=False) + "\n"
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Keeps the records of steps up to ``last_step`` (a resumed run writes the rest again).
+
+    A line cut short by a kill is dropped too. The file is rewritten beside and renamed.
+    """
+    from vlm2emb.train.state import write_text_atomic
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(_json_line(record))  # also rewrites a bare NaN of an older log
+    write_text_atomic(path, "".join(kept))
 
 
 def _count_tokens(batch: dict[str, Any]) -> int:
@@ -344,6 +460,57 @@ class _Trainer:
         model.adapter.always_run_vision = self.accelerator.num_processes > 1
         return model.to(self.accelerator.device)
 
+    # ------------------------------------------------------------------ output_dir
+    def _resume_dir(self) -> Path:
+        """The checkpoint to resume from, chosen (and verified) once, by the main process.
+
+        Raises:
+            FileNotFoundError, CheckpointError: On every process, with the main one's message.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        from vlm2emb.train.state import CheckpointError
+
+        found: list[Any] = [None]
+        if self.is_main:
+            try:
+                path = find_checkpoint(self.out, self.cfg.train.resume_from or "auto")
+                check_resume_recipe(self.cfg, path)
+                found[0] = ("ok", str(path))
+            except (FileNotFoundError, CheckpointError) as exc:
+                found[0] = (type(exc).__name__, str(exc))
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        kind, value = found[0]
+        if kind == "FileNotFoundError":
+            raise FileNotFoundError(value)
+        if kind != "ok":
+            raise CheckpointError(value)
+        return Path(value)
+
+    def _claim_output_dir(self) -> None:
+        """Refuses an output_dir holding another run, unless ``train.overwrite_output_dir``.
+
+        A new run would replace the other run's ``final/``, and a later ``resume_from=auto``
+        would pick the other run's checkpoints. With the overwrite key, the other run's
+        outputs (``RUN_OUTPUTS``) are deleted first, so nothing of it can be resumed.
+        """
+        present = [name for name in RUN_OUTPUTS if (self.out / name).exists()]
+        # Every process looks before the main one deletes anything.
+        self.accelerator.wait_for_everyone()
+        if present and not self.cfg.train.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir {self.out} holds another run ({', '.join(present)}); "
+                "resume it with train.resume_from=auto, replace it with train.overwrite_output_dir=true, "
+                "or choose another output_dir"
+            )
+        if present and self.is_main:
+            for name in present:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print(f"train.overwrite_output_dir: removed the previous run's {', '.join(present)}", flush=True)
+        self.accelerator.wait_for_everyone()
+
     # ------------------------------------------------------------------ saving
     def _full_state(self) -> dict[str, torch.Tensor] | None:
         """The model's full state dict on the main process (collective under ZeRO-3)."""
@@ -360,10 +527,13 @@ class _Trainer:
     def _save(self, target: Path, step: int, *, with_state: bool) -> None:
         """Writes an EmbeddingModel directory (+ training state) atomically under ``target``.
 
-        Every process writes into ``.tmp-NAME`` (DeepSpeed saves one optimizer shard per
-        process), then the main process renames it: a run killed at any moment leaves
-        either the complete directory or a temporary one, never a partial ``target``.
+        Every process writes into ``.tmp-NAME`` (each its RNG state; DeepSpeed one optimizer
+        shard per process), then the main process writes the manifest and renames it: a run
+        killed at any moment leaves either the complete directory or a temporary one, never a
+        partial ``target``.
         """
+        from vlm2emb.train.state import TRAINER_STATE, write_manifest
+
         acc = self.accelerator
         tmp = target.parent / f".tmp-{target.name}"
         if self.is_main:
@@ -373,33 +543,118 @@ class _Trainer:
             tmp.mkdir()
         acc.wait_for_everyone()
         if with_state:
-            acc.save_state(str(tmp / "state"))
+            self._save_state(tmp / "state")
         state = self._full_state()
+        acc.wait_for_everyone()  # every process's state files are on disk before the manifest
         if self.is_main:
             acc.unwrap_model(self.prepared).save_pretrained(tmp, state_dict=state)
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}, indent=2) + "\n")
+            trainer_state = {
+                "step": step,
+                "world_size": acc.num_processes,
+                "recipe": recipe_to_dict(self.cfg),
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+            if with_state:
+                write_manifest(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
             self._prune_checkpoints()
         acc.wait_for_everyone()
 
+    def _save_state(self, state_dir: Path) -> None:
+        """Optimizer, LR scheduler and RNG states, without pickle (see vlm2emb.train.state).
+
+        Under DeepSpeed the engine writes its own (partitioned) model and optimizer files.
+        """
+        from safetensors.torch import save_model
+
+        from vlm2emb.train.state import rng_file, rng_state, save_tree
+
+        acc = self.accelerator
+        if self.is_main:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if self.deepspeed:
+            self.prepared.save_checkpoint(str(state_dir), tag="deepspeed", save_latest=False)
+        elif self.is_main:
+            save_model(acc.unwrap_model(self.prepared), str(state_dir / "model.safetensors"))
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            save_tree(
+                state_dir / "optimizer.safetensors",
+                {"optimizer": self.optimizer.state_dict(), "scaler": scaler},
+            )
+        if self.is_main:
+            (state_dir / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()) + "\n")
+        save_tree(rng_file(state_dir, acc.process_index), rng_state())
+
+    def _load_state(self, checkpoint: Path) -> dict[str, Any]:
+        """Restores model, optimizer and scheduler from ``checkpoint``; returns its RNG state.
+
+        The RNG state is applied by the caller right before the first step, so nothing that
+        draws random numbers on the way there (building the data iterator) shifts it.
+
+        Raises:
+            CheckpointError: A state file is missing or unreadable (named).
+        """
+        from safetensors.torch import load_model
+
+        from vlm2emb.train.state import CheckpointError, load_tree, read_json, rng_file
+
+        acc = self.accelerator
+        state_dir = checkpoint / "state"
+        rng = rng_file(state_dir, acc.process_index)
+        if not rng.is_file():
+            written = read_json(checkpoint / "trainer_state.json").get("world_size")
+            raise CheckpointError(
+                f"{rng}: missing (the checkpoint was written by {written} process(es), "
+                f"this run has {acc.num_processes})"
+            )
+        rng_state = load_tree(rng)
+        if self.deepspeed:
+            from vlm2emb.train.state import deepspeed_weights_only
+
+            with deepspeed_weights_only(self.prepared):
+                loaded, _ = self.prepared.load_checkpoint(
+                    str(state_dir), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=True
+                )
+            if loaded is None:  # DeepSpeed logs a missing checkpoint and carries on
+                raise CheckpointError(f"{state_dir / 'deepspeed'}: no DeepSpeed checkpoint")
+        else:
+            model_file = state_dir / "model.safetensors"
+            try:
+                load_model(acc.unwrap_model(self.prepared), str(model_file))
+            except Exception as exc:  # damaged after verification, or another model's weights
+                raise CheckpointError(
+                    f"{model_file}: cannot be loaded ({str(exc).splitlines()[0]})"
+                ) from None
+            saved = load_tree(state_dir / "optimizer.safetensors")
+            try:
+                self.optimizer.load_state_dict(saved["optimizer"])
+                if acc.scaler is not None and saved["scaler"] is not None:
+                    acc.scaler.load_state_dict(saved["scaler"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(
+                    f"{state_dir / 'optimizer.safetensors'}: does not fit this run ({exc})"
+                ) from None
+        scheduler_file = state_dir / "scheduler.json"
+        try:
+            self.scheduler.load_state_dict(read_json(scheduler_file))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{scheduler_file}: not a scheduler state ({exc})") from None
+        return rng_state
+
     def _prune_checkpoints(self) -> None:
         limit = self.cfg.train.save_total_limit
         if limit is None:
             return
-        found = sorted(
-            (int(m.group(1)), p)
-            for p in (self.out / "checkpoints").glob("step-*")
-            if (m := _STEP_DIR.match(p.name))
-        )
-        for _, path in found[:-limit]:
+        for _, path in _checkpoint_dirs(self.out)[:-limit]:
             shutil.rmtree(path, ignore_errors=True)
 
     def _track_best(self, best: Any, step: int, report: dict[str, Any], metrics_file: Any) -> None:
         """Logs an in-training eval; saves ``best/`` and ``best.json`` when it is the best so far."""
         if metrics_file is not None:
-            metrics_file.write(json.dumps({"step": step, "eval": report["average"]}) + "\n")
+            metrics_file.write(_json_line({"step": step, "eval": report["average"]}))
             metrics_file.flush()
         # Every process computed the same report, so all take the same (collective) branch.
         if best.update(step, report):
@@ -421,15 +676,32 @@ class _Trainer:
         else:
             self.accelerator.backward(loss)
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> bool:
+        """Clips and steps; False (nothing changed) when the gradients are not finite.
+
+        A finite loss can still give an infinite gradient (a huge learning rate): stepping
+        would write NaN into the weights, so such a step counts as non-finite and is skipped.
+        Under DeepSpeed and with fp16's loss scaler the engine or scaler decides instead.
+        """
+        from vlm2emb.distributed import all_true
+
         if self.deepspeed:
             self.prepared.step()  # clipping (ds gradient_clipping), optimizer, zero_grad
+            self.scheduler.step()
+            return True
+        acc = self.accelerator
+        if self.cfg.train.max_grad_norm > 0:
+            norm = acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         else:
-            if self.cfg.train.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-            self.optimizer.step()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if acc.scaler is None and not all_true(bool(torch.isfinite(norm)), acc.device):
             self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return True
 
     def _skip_step(self) -> None:
         if self.deepspeed:
@@ -454,10 +726,15 @@ class _Trainer:
         if cfg.train.batch_size % world:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
         local_batch = cfg.train.batch_size // world
-        resume_dir = find_checkpoint(self.out, cfg.train.resume_from) if cfg.train.resume_from else None
+        # Before anything is written or loaded: which checkpoint, and whether output_dir is ours.
+        resume_dir = self._resume_dir() if cfg.train.resume_from else None
+        if resume_dir is None:
+            self._claim_output_dir()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))
+            from vlm2emb.train.state import write_text_atomic
+
+            write_text_atomic(self.out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))
         set_seed(cfg.seed)
 
         self._load_data()  # a bad row stops the run before a large model is loaded
@@ -490,9 +767,9 @@ class _Trainer:
             self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
         )
         # Our own scheduler, stepped by us: accelerate would hand a LambdaLR to DeepSpeed as
-        # a no-op wrapper. Registered so checkpoints hold its state.
+        # a no-op wrapper. Not registered with accelerate, which would pickle it: checkpoints
+        # keep its state as JSON (_save_state).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
-        acc.register_for_checkpointing(self.scheduler)
         if self.deepspeed:
             _configure_deepspeed(acc, cfg, local_batch)
         self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
@@ -505,8 +782,9 @@ class _Trainer:
             if self.is_main:
                 (self.out / "eval_before.json").write_text(json.dumps(report_before, indent=2) + "\n")
                 print("Before training:\n" + format_report(report_before), flush=True)
+        resumed_rng = None
         if resume_dir is not None:
-            acc.load_state(str(resume_dir / "state"))
+            resumed_rng = self._load_state(resume_dir)
             if self.is_main:
                 print(f"Resumed from {resume_dir} at step {start_step}", flush=True)
 
@@ -528,6 +806,9 @@ class _Trainer:
             length_buckets=cfg.train.length_buckets,
             media=self.media,
         )
+        # iter(loader) draws a worker base seed from this generator; from the global one it
+        # would shift the dropout masks of a resumed run against the uninterrupted one.
+        loader_generator = torch.Generator().manual_seed(cfg.seed)
         if cfg.data.streaming:
             from vlm2emb.data.streaming import streaming_for
 
@@ -536,6 +817,7 @@ class _Trainer:
                 batch_size=None,
                 collate_fn=collator,
                 num_workers=cfg.data.num_workers,
+                generator=loader_generator,
             )
         else:
             loader = torch.utils.data.DataLoader(
@@ -543,6 +825,7 @@ class _Trainer:
                 batch_sampler=sampler,
                 collate_fn=collator,
                 num_workers=cfg.data.num_workers,
+                generator=loader_generator,
             )
         step_fn = ContrastiveStep(
             self.prepared,
@@ -562,8 +845,13 @@ class _Trainer:
                 flush=True,
             )
 
-        # A new run starts a new log; a resumed run continues it.
-        metrics_file = (self.out / "metrics.jsonl").open("a" if resume_dir else "w") if self.is_main else None
+        # A new run starts a new log; a resumed run continues it after the checkpoint's step
+        # (the records of steps it is about to redo are dropped, so no step appears twice).
+        metrics_file = None
+        if self.is_main:
+            if resume_dir is not None:
+                _trim_metrics(self.out / "metrics.jsonl", start_step)
+            metrics_file = (self.out / "metrics.jsonl").open("a" if resume_dir else "w")
         best = None
         if cfg.train.eval_steps and self.eval_examples:
             from vlm2emb.eval.best import BestTracker
@@ -583,6 +871,12 @@ class _Trainer:
         running_n, bad_in_row, skipped = 0, 0, 0
         last_loss = float("nan")
         data_iter = iter(loader)
+        if resumed_rng is not None:
+            from vlm2emb.train.state import set_rng_state
+
+            # Last, right before the first step: the uninterrupted run drew nothing between
+            # its checkpoint and this point, so neither may the resumed one.
+            set_rng_state(resumed_rng, resume_dir / "state")
         for step in range(start_step + 1, cfg.train.max_steps + 1):
             batch = next(data_iter)
             window_samples += cfg.train.batch_size
@@ -590,20 +884,25 @@ class _Trainer:
             with acc.autocast():
                 loss = step_fn.forward_loss(batch, self._sync_context)
             # Every process must take the same decision, or collectives would hang.
+            stepped = False
             if all_true(bool(torch.isfinite(loss.detach())), acc.device):
                 with acc.autocast():  # GradCache re-runs forwards in here
                     step_fn.backward(loss, self._backward, self._sync_context)
-                self._optimizer_step()
+                stepped = self._optimizer_step()
+                what = "non-finite gradients"
+            else:
+                step_fn.discard()
+                self._skip_step()
+                what = "non-finite loss"
+            if stepped:
                 running += loss.detach()
                 running_n += 1
                 bad_in_row = 0
             else:
-                step_fn.discard()
-                self._skip_step()
                 bad_in_row += 1
                 skipped += 1
                 if self.is_main:
-                    print(f"step {step}: non-finite loss, step skipped ({bad_in_row} in a row)", flush=True)
+                    print(f"step {step}: {what}, step skipped ({bad_in_row} in a row)", flush=True)
                 if bad_in_row >= cfg.train.max_bad_steps:
                     raise TrainingError(
                         f"stopping: {bad_in_row} non-finite losses in a row (last at step {step}); "
@@ -633,7 +932,7 @@ class _Trainer:
                     record["skipped_steps"] = skipped
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=record["samples_per_s"])
                 if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.write(_json_line(record))
                     metrics_file.flush()
                 running.zero_()
                 running_n = 0
@@ -643,12 +942,27 @@ class _Trainer:
                 report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
                 self._track_best(best, step, report, metrics_file)
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < cfg.train.max_steps:
-                self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
+                if bad_in_row:
+                    # Finite weights can still give NaN embeddings (a huge learning rate): a
+                    # checkpoint taken inside a non-finite streak would resume into it.
+                    if self.is_main:
+                        print(
+                            f"step {step}: checkpoint not saved: the last {bad_in_row} step(s) had "
+                            "non-finite losses",
+                            flush=True,
+                        )
+                else:
+                    self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
         bar.close()
         train_seconds = time.perf_counter() - start
         if cfg.data.streaming and cfg.data.on_bad_example == "skip" and self.is_main:
             self.report.write(self.out / "data_report.json")  # the rows streamed so far
 
+        if bad_in_row:
+            raise TrainingError(
+                f"the last {bad_in_row} step(s) had non-finite losses; final/ not written "
+                "(lower train.learning_rate, check the data, or resume from an earlier checkpoint)"
+            )
         self._save(self.out / "final", cfg.train.max_steps, with_state=False)
         if self.is_main:
             print(
@@ -664,7 +978,7 @@ class _Trainer:
                 (self.out / "eval.json").write_text(json.dumps(report_after, indent=2) + "\n")
                 if metrics_file is not None:
                     metrics_file.write(
-                        json.dumps({"step": cfg.train.max_steps, "eval": report_after["average"]}) + "\n"
+                        _json_line({"step": cfg.train.max_steps, "eval": report_after["average"]})
                     )
                 print("After training:\n" + format_report(report_after), flush=True)
                 if report_before is not None:
@@ -696,6 +1010,9 @@ def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
     Returns:
         A summary: ``{"output_dir", "steps", "final_loss", "train_seconds", "eval_before", "eval"}``.
     """
+    # A RecipeConfig built in Python skipped load_recipe's checks: bad values stop here,
+    # before any model is loaded.
+    cfg.validate()
     return _Trainer(cfg, progress).run()
 
 
