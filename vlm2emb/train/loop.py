@@ -125,8 +125,9 @@ def find_checkpoint(output_dir: Path, resume_from: str) -> Path:
 
 
 def _count_tokens(batch: dict[str, Any]) -> int:
+    # A packed chunk (model.pack_sequences) has no mask: every token in it is real.
     return sum(
-        int(chunk["attention_mask"].sum())
+        int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
         for key in ("query", "positive", "negatives")
         for chunk in batch[key]
     )
@@ -274,6 +275,7 @@ class _Trainer:
             attention=cfg.model.attention,
             padding_side=cfg.model.padding_side,
             prompt_style=cfg.model.prompt_style,
+            pack_sequences=cfg.model.pack_sequences,
             torch_dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
