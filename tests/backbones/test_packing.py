@@ -203,9 +203,16 @@ def test_encode_with_packing_equals_padded_encode(pair, digit_images):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-def test_a_recipe_trains_packed_to_the_padded_weights(tmp_path, tiny_qwen2_vl_dir):
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["train.gradcache_chunk_size=2", "model.gradient_checkpointing=true"]],
+    ids=["plain", "gradcache-checkpointing"],
+)
+def test_a_recipe_trains_packed_to_the_padded_weights(tmp_path, tiny_qwen2_vl_dir, extra):
     """``model.pack_sequences`` in a recipe: a few training steps with hard negatives land on
-    the weights padded training reaches, and the final model records the setting."""
+    the weights padded training reaches (plain steps, and GradCache chunks with gradient
+    checkpointing, whose recompute runs the packed attention again), and the final model
+    records the setting."""
     from safetensors.torch import load_file
 
     from vlm2emb.train.config import load_recipe
@@ -236,6 +243,7 @@ def test_a_recipe_trains_packed_to_the_padded_weights(tmp_path, tiny_qwen2_vl_di
                 "train.max_steps=2",
                 "train.batch_size=4",
                 "train.learning_rate=1e-3",
+                *extra,
             ],
         )
         assert cfg.model.pack_sequences is packed
