@@ -42,6 +42,9 @@ What is measured:
   bf16 peak (``PEAK_TFLOPS`` by device name, or ``--peak-tflops``). On CPU torch has no
   FLOP formula for its fused attention kernel, so the CPU count leaves attention out and
   reports achieved TFLOP/s only.
+- **packing** (only with ``--only packing``): items/s of ``encode`` with padded batches
+  against packed ones (``pack_sequences``, same weights and batches), the padding
+  efficiency of encode()'s padded batches, and the embeddings' largest difference.
 
 Text is real English of mixed length without a download: docstrings of the Python standard
 library (query: a function's name and summary line; target: its whole docstring). Images are
@@ -455,6 +458,48 @@ def bench_encode(suite: Suite, path: Path, compile_blocks: bool = False) -> dict
     return result
 
 
+def bench_packing(suite: Suite, path: Path) -> dict[str, Any]:
+    """encode() with padded batches against packed ones (``pack_sequences``), same weights.
+
+    Not in the default modes (``--only packing``): on the CPU suite's tiny model the
+    decoder is a small share of the time, so this measures mostly the packing overhead.
+    """
+    from vlm2emb import EmbeddingModel
+
+    padded = load_vlm2emb(path, suite, suite.dtype)
+    packed = EmbeddingModel.from_pretrained(
+        str(path), device=suite.device, torch_dtype=suite.dtype, pooling="last", pack_sequences=True
+    )
+    rows = training_rows(suite, suite.encode_items, seed=1)
+    texts = [t for i, ex in enumerate(rows) if (t := (ex.positive if i % 2 else ex.query)["text"])]
+    mixed = [_plain_item(ex.query) for ex in rows]
+    bs = suite.encode_batch
+    result: dict[str, Any] = {"batch_size": bs}
+    for name, items in (("text", texts), ("mixed", mixed)):
+        from vlm2emb.model import length_sorted_batches
+
+        plan = length_sorted_batches(items, padded.adapter.tokenizer, bs)
+        masks = [padded.collate([items[i] for i in batch])["attention_mask"] for batch in plan]
+        result[f"{name}_padding_efficiency"] = round(
+            sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks), 3
+        )
+        result[f"{name}_max_abs_diff"] = float(
+            (packed.encode(items[:64], batch_size=bs) - padded.encode(items[:64], batch_size=bs)).abs().max()
+        )
+        times = interleaved(
+            {
+                "padded": lambda items=items: padded.encode(items, batch_size=bs),
+                "packed": lambda items=items: packed.encode(items, batch_size=bs),
+            },
+            suite.rounds,
+            suite.device,
+        )
+        result[name] = {"items": len(items)} | _summary(
+            times, dict.fromkeys(times, len(items)), "items_per_s", "padded"
+        )
+    return result
+
+
 # ---------------------------------------------------------------------------------- train
 def _batches_grouped(rows: list[Any], batch: int, seed: int, tokenizer: Any) -> list[list[Any]]:
     """vlm2emb's length-grouped global batches over ``rows`` (the trainer's sampler with
@@ -815,6 +860,10 @@ def table(results: dict[str, Any]) -> str:
     if enc:
         add("encode text", enc["text"], "items_per_s")
         add("encode image+text", enc["mixed"], "items_per_s")
+    pk = results.get("packing", {})
+    if pk:
+        add("encode text, packed vs padded", pk["text"], "items_per_s")
+        add("encode image+text, packed vs padded", pk["mixed"], "items_per_s")
     if "train" in results:
         add("train step (mixed length)", results["train"]["step"], "samples_per_s")
     if "gradcache" in results:
@@ -850,7 +899,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness runs")
     parser.add_argument(
-        "--only", default=None, help="comma-separated subset of encode,train,gradcache,st,memory,mfu"
+        "--only",
+        default=None,
+        help="comma-separated subset of encode,train,gradcache,st,memory,mfu,packing (packing: not in the default set)",
     )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
@@ -898,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         "st": lambda: bench_st_train(suite, path),
         "memory": lambda: bench_memory(suite, path, args),
         "mfu": lambda: bench_mfu(suite, path, args.peak_tflops),
+        "packing": lambda: bench_packing(suite, path),
     }
     for mode in modes:
         t0 = time.perf_counter()

@@ -217,3 +217,16 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
     sections = json.loads((out / "results.json").read_text())["sections"]
     assert set(sections) == {"tests", "gradcache"}
     assert all(s["status"].startswith("skipped") for s in sections.values())
+
+
+def test_quick_packing_comparison_runs(tmp_path):
+    harness = _harness()
+    out = tmp_path / "results.json"
+    argv = ["--suite", "cpu", "--quick", "--only", "packing", "--rounds", "1"]
+    assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    packing = json.loads(out.read_text())["packing"]
+    for name in ("text", "mixed"):
+        assert packing[f"{name}_max_abs_diff"] < 1e-5  # same embeddings, packed or padded
+        assert 0 < packing[f"{name}_padding_efficiency"] <= 1
+        assert packing[name]["packed"]["items_per_s"] > 0
+    assert "| encode text, packed vs padded |" in harness.table(json.loads(out.read_text()))

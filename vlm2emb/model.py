@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
-from vlm2emb.pooling import POOLING_METHODS, pool
+from vlm2emb.pooling import POOLING_METHODS, pool, pool_packed
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,6 +66,10 @@ class EmbeddingConfig:
         prompt_style: How items become prompt strings (:mod:`vlm2emb.prompts`): ``vlm2emb``
             (the default, what vlm2emb trains with) or ``vlm2vec`` (VLM2Vec's exact token
             sequence, for checkpoints VLM2Vec trained).
+        pack_sequences: Padding-free language-model batches: :meth:`EmbeddingModel.collate`
+            concatenates a batch's rows into one sequence of real tokens and the decoder
+            attends within each row only (same embeddings as padded batches; families with
+            ``supports_packing``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Off by default.
         format_version: Layout version of the saved directory.
     """
 
@@ -81,6 +85,7 @@ class EmbeddingConfig:
     truncate_dim: int | None = None
     matryoshka_dims: list[int] | None = None
     prompt_style: str = "vlm2emb"
+    pack_sequences: bool = False
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -97,6 +102,8 @@ class EmbeddingConfig:
         from vlm2emb.prompts import check_prompt_style
 
         check_prompt_style(self.prompt_style)
+        if not isinstance(self.pack_sequences, bool):
+            raise ValueError(f"pack_sequences must be true or false, got {self.pack_sequences!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
@@ -239,6 +246,8 @@ class EmbeddingModel(nn.Module):
             self.adapter.render_vlm2vec_prompt("", 0, None)  # refuses a family VLM2Vec does not train
         self.adapter.configure_backbone(backbone)
         self.adapter.set_attention(backbone, config.attention)
+        if config.pack_sequences:
+            self.adapter.enable_packing(backbone)  # one-line ValueError for other families
         self.base_dir: Path | None = None  # relative image paths in encode() resolve here
         # Set by enable_learnable_temperature(); a model parameter so that DDP and DeepSpeed
         # (ZeRO-3 only materialises parameters inside forward) treat it like any weight.
@@ -264,6 +273,7 @@ class EmbeddingModel(nn.Module):
         truncate_dim: int | None = None,
         base_model: str | os.PathLike[str] | None = None,
         prompt_style: str | None = None,
+        pack_sequences: bool | None = None,
     ) -> EmbeddingModel:
         """Loads a raw VLM checkpoint or a saved vlm2emb model.
 
@@ -289,6 +299,8 @@ class EmbeddingModel(nn.Module):
             prompt_style: ``vlm2emb`` or ``vlm2vec`` (:mod:`vlm2emb.prompts`). Default: the
                 saved value, else ``vlm2emb``. Use ``vlm2vec`` for a checkpoint VLM2Vec
                 trained, so it sees the tokens it was trained on; it is saved with the model.
+            pack_sequences: Padding-free batches (see :class:`EmbeddingConfig`). Default:
+                the saved value, else False. Needs ``attn_implementation`` ``sdpa``.
 
         Returns:
             The model in eval mode.
@@ -311,6 +323,7 @@ class EmbeddingModel(nn.Module):
                 "padding_side": padding_side,
                 "truncate_dim": truncate_dim,
                 "prompt_style": prompt_style,
+                "pack_sequences": pack_sequences,
             },
             dtype=resolve_dtype(torch_dtype),
             attn_implementation=attn_implementation,
@@ -463,10 +476,14 @@ class EmbeddingModel(nn.Module):
             base_dir: Folder that relative image paths resolve against.
 
         Returns:
-            The backbone's input tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], ...).
+            The backbone's input tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], ...);
+            with ``config.pack_sequences``, one packed row (``input_ids`` [1, T], no mask)
+            and ``cu_seqlens`` [B + 1] (:meth:`BackboneAdapter.pack_inputs`).
         """
         prompts, images, dummy = self._prompts_and_images(items, instructions, base_dir)
         out = self.adapter.build_inputs(prompts, images)
+        if self.config.pack_sequences:
+            out = self.adapter.pack_inputs(out)
         if dummy:
             out[DUMMY_ROWS] = dummy
         return out
@@ -638,8 +655,12 @@ class EmbeddingModel(nn.Module):
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
-        emb = pool(hidden, mask, self.config.pooling).float()  # [B, H]
+        if self.config.pack_sequences:
+            packed, cu_seqlens = self.adapter.forward_packed(self.backbone, inputs)  # [T, H], [B + 1]
+            emb = pool_packed(packed, cu_seqlens, self.config.pooling).float()  # [B, H]
+        else:
+            hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
+            emb = pool(hidden, mask, self.config.pooling).float()  # [B, H]
         if self.config.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
         if dummy_rows:

@@ -54,3 +54,27 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
     idx = last_token_index(mask)  # [B]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx.to(hidden.device)]
+
+
+def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, method: str) -> torch.Tensor:
+    """Pools a packed batch: the same vectors :func:`pool` gives for the padded batch.
+
+    Args:
+        hidden: [T, H] hidden states of the rows' real tokens, rows concatenated.
+        cu_seqlens: [B + 1] cumulative row lengths (row ``i`` is ``hidden[cu[i]:cu[i + 1]]``).
+        method: One of :data:`POOLING_METHODS`.
+
+    Returns:
+        [B, H] pooled embeddings in ``hidden``'s dtype.
+    """
+    if method not in POOLING_METHODS:
+        raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(POOLING_METHODS)}")
+    cu_seqlens = cu_seqlens.to(hidden.device)
+    if method != "mean":
+        return hidden[cu_seqlens[1:] - 1]  # each row's last token
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
+    rows = torch.arange(lengths.numel(), device=hidden.device)
+    # output_size: known from hidden, so no device sync to size the result.
+    row_of_token = torch.repeat_interleave(rows, lengths, output_size=hidden.shape[0])  # [T]
+    sums = hidden.new_zeros(lengths.numel(), hidden.shape[1]).index_add(0, row_of_token, hidden)  # [B, H]
+    return sums / lengths.clamp(min=1).unsqueeze(-1).to(hidden.dtype)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 ATTENTION_MODES = ("causal", "bidirectional")
+# The key of a packed batch's cumulative row lengths [B + 1] (BackboneAdapter.pack_inputs).
+CU_SEQLENS = "cu_seqlens"
 
 
 class BackboneAdapter:
@@ -67,6 +69,10 @@ class BackboneAdapter:
     # the mask out: transformers then builds no [B, 1, L, L] mask and SDPA runs its causal
     # kernel (flash on a GPU). Checked by tests/backbones/test_families.py's padding tests.
     padding_mask_optional_when_causal: ClassVar[bool] = False
+    # The family can run padding-free language-model batches (``pack_sequences``): it
+    # implements pack_inputs and enable_packing. Tests in tests/backbones/test_packing.py
+    # check packed embeddings and gradients equal the padded ones for every such family.
+    supports_packing: ClassVar[bool] = False
 
     def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
         # The adapter holds no reference to the model: EmbeddingModel owns it (so that peft,
@@ -255,6 +261,46 @@ class BackboneAdapter:
             inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
         out = model(**inputs, use_cache=False, return_dict=True)
         return out.last_hidden_state, mask
+
+    # ------------------------------------------------------------------ packed batches
+    def enable_packing(self, model: nn.Module) -> None:
+        """Prepares ``model`` for packed batches (``EmbeddingConfig.pack_sequences``).
+
+        Families with ``supports_packing`` override this (typically: switch the language
+        model to an attention function that attends within each packed row).
+
+        Raises:
+            ValueError: The family cannot run packed batches.
+        """
+        from vlm2emb.backbones.registry import packing_families
+
+        raise ValueError(
+            f"pack_sequences: backbone {self.family!r} does not support packed batches "
+            f"(supported: {', '.join(packing_families())})"
+        )
+
+    def pack_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Turns a padded batch from :meth:`build_inputs` into one packed row.
+
+        Args:
+            inputs: The padded batch (``input_ids`` [B, L], ``attention_mask`` [B, L] ...).
+
+        Returns:
+            The batch with every row's real tokens concatenated ([1, T], no padding, no
+            ``attention_mask``) and :data:`CU_SEQLENS` [B + 1] marking where rows start.
+        """
+        raise ValueError(f"pack_sequences: backbone {self.family!r} does not support packed batches")
+
+    def forward_packed(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs a packed batch once: ``(hidden [T, H], cu_seqlens [B + 1])``.
+
+        Row ``i``'s tokens are ``hidden[cu_seqlens[i]:cu_seqlens[i + 1]]``
+        (:func:`vlm2emb.pooling.pool_packed` pools them).
+        """
+        cu_seqlens = inputs[CU_SEQLENS]
+        model_inputs = {key: value for key, value in inputs.items() if key != CU_SEQLENS}
+        out = model(**model_inputs, use_cache=False, return_dict=True)
+        return out.last_hidden_state[0], cu_seqlens  # [T, H], [B + 1]
 
     def configure_backbone(self, model: nn.Module) -> None:
         """Family-specific runtime settings of a loaded backbone (called once by

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlm2emb.backbones.base import BackboneAdapter, _modality_map, set_output_field
+from vlm2emb.backbones.base import CU_SEQLENS, BackboneAdapter, _modality_map, set_output_field
 from vlm2emb.backbones.registry import register_backbone
-from vlm2emb.backbones.varlen import use_for_vision
+from vlm2emb.backbones.varlen import use_for_packed_language_model, use_for_vision
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -32,6 +32,8 @@ class Qwen2VLAdapter(BackboneAdapter):
 
     # Plain causal + padding decoder masks (see BackboneAdapter).
     padding_mask_optional_when_causal: ClassVar[bool] = True
+    # Padding-free batches (pack_sequences): see pack_inputs and enable_packing.
+    supports_packing: ClassVar[bool] = True
 
     family: ClassVar[str] = "qwen2_vl"
     tokenize_text_directly: ClassVar[bool] = True
@@ -93,6 +95,45 @@ class Qwen2VLAdapter(BackboneAdapter):
         tower = self.vision_tower(model)
         if tower is not None:
             use_for_vision(tower.config)
+
+    def enable_packing(self, model: nn.Module) -> None:
+        # The decoder attends within each packed row (vlm2emb/backbones/varlen.py); the
+        # vision tower is packed already and keeps its own function.
+        use_for_packed_language_model(self.language_model(model).config)
+
+    def pack_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The padded batch as one row of real tokens, with per-row M-RoPE positions.
+
+        transformers' Qwen-VL decoders take ``position_ids`` [4, 1, T]: row 0 the text
+        positions, restarting at 0 with every packed row (transformers' packing convention;
+        the packed attention function reads the row boundaries from it), rows 1-3 the
+        M-RoPE (t, h, w) positions each row has in the padded batch. Images keep their
+        order (rows are concatenated in batch order), so ``pixel_values`` and
+        ``image_grid_thw`` stay as they are.
+
+        Raises:
+            ValueError: An image batch has no precomputed positions (video tokens).
+        """
+        mask = inputs["attention_mask"].bool()  # [B, L]
+        lengths = mask.sum(dim=1)  # [B]
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))  # [B + 1]
+        index = (mask.cumsum(dim=1) - 1)[mask]  # [T] each token's place in its row
+        if "position_ids" in inputs:
+            rope = inputs["position_ids"][:, mask]  # [3, T]
+        elif "image_grid_thw" in inputs or "pixel_values" in inputs:
+            raise ValueError("pack_sequences: this image batch has no M-RoPE positions (video tokens?)")
+        else:  # text: positions count the row's tokens on all three axes, as in the padded path
+            rope = index.expand(3, -1)  # [3, T]
+        out: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if key in ("attention_mask", "position_ids"):
+                continue
+            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                value = value[mask][None]  # [1, T] (input_ids, mm_token_type_ids)
+            out[key] = value
+        out["position_ids"] = torch.cat([index[None], rope])[:, None]  # [4, 1, T]
+        out[CU_SEQLENS] = cu_seqlens
+        return out
 
     def trim_vision_output(self, output: Any, config: Any) -> Any:
         # The forward reads the merged tokens (pooler_output) and, in Qwen3-VL, the deepstack

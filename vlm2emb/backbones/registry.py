@@ -60,3 +60,9 @@ def get_adapter_class(name: str) -> type[BackboneAdapter]:
 def available_families() -> list[str]:
     """Names of all registered backbone families."""
     return sorted(_FAMILY_MODULES)
+
+
+def packing_families() -> list[str]:
+    """Names of the families whose adapters run packed batches (``supports_packing``)."""
+    _load_all()
+    return sorted(family for family in _FAMILY_MODULES if _ADAPTERS[family].supports_packing)

@@ -121,3 +121,108 @@ def use_for_vision(vision_config: Any) -> bool:
         return False
     vision_config._attn_implementation = register()
     return True
+
+
+# ---------------------------------------------------------------------- packed language models
+PACKED_LM_NAME = "vlm2emb_packed_lm_sdpa"
+
+
+def packed_lm_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A decoder's attention over a packed batch: each row attends within itself only.
+
+    Used as a language model's attention function when ``pack_sequences`` is on
+    (:meth:`vlm2emb.backbones.base.BackboneAdapter.enable_packing`). The rows of a batch
+    are concatenated into one sequence of real tokens, and transformers passes this
+    function the text positions ``position_ids`` [1, T], which restart at 0 at the first
+    token of every row. The row boundaries are read from them (no mask exists: this
+    function's name is not in transformers' mask registry, so it builds none), then
+    :func:`varlen_sdpa` attends per row. Causal or bidirectional follows the module's
+    ``is_causal``, which :meth:`BackboneAdapter.set_attention` sets.
+
+    Args:
+        module: The calling attention module (its ``is_causal`` chooses the mask).
+        query: [1, H, T, D] the packed rows' queries.
+        key, value: [1, H_kv, T, D]; grouped-query heads are repeated to H here.
+        attention_mask: Must be None (the rows are the mask).
+        scaling: Softmax scale (default 1/sqrt(D)).
+        dropout: Attention dropout probability.
+        position_ids: [1, T] per-row text positions (0 at each row's first token).
+        sliding_window: Must be None: windowed layers are not packed.
+
+    Returns:
+        ``(output [1, T, H, D], None)``.
+
+    Raises:
+        ValueError: A mask or a sliding window is given, or positions are missing.
+    """
+    if attention_mask is not None or position_ids is None:
+        raise ValueError("packed_lm_sdpa takes a packed batch: per-row position_ids and no attention mask")
+    if sliding_window is not None:
+        raise ValueError("packed_lm_sdpa: sliding-window layers are not supported in packed batches")
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads != heads:  # grouped-query attention: varlen_sdpa wants one K/V head per query head
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        value = value.repeat_interleave(heads // kv_heads, dim=1)
+    cu = packed_cu_seqlens(position_ids)
+    return varlen_sdpa(
+        module,
+        query,
+        key,
+        value,
+        scaling=scaling,
+        dropout=dropout,
+        is_causal=bool(getattr(module, "is_causal", True)),
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+    )
+
+
+def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """[n + 1] cumulative row lengths of a packed batch, from its text positions [1, T].
+
+    A row starts where its position is 0. Every decoder layer gets the same positions
+    tensor, so the result is kept on it (as :func:`_segments` keeps its lengths): one host
+    read per forward, not one per layer.
+    """
+    version = None if position_ids.is_inference() else position_ids._version
+    cached = getattr(position_ids, "_vlm2emb_cu_seqlens", None)
+    if cached is None or cached[0] != version:
+        flat = position_ids.reshape(-1)  # [T]
+        starts = torch.nonzero(flat == 0).flatten()  # [n]
+        if starts.numel() == 0 or int(starts[0]) != 0:
+            raise ValueError("packed positions must start every row at 0")
+        end = torch.tensor([flat.numel()], device=flat.device)
+        cached = (version, torch.cat([starts, end]))
+        position_ids._vlm2emb_cu_seqlens = cached  # dies with the tensor
+    return cached[1]
+
+
+def use_for_packed_language_model(text_config: Any) -> None:
+    """Switches a language model from "sdpa" to :func:`packed_lm_sdpa` (packed batches only).
+
+    Raises:
+        ValueError: The language model runs another attention implementation (eager, flash,
+            flex): packing is built and tested on the SDPA path only.
+    """
+    from transformers import AttentionInterface
+
+    current = getattr(text_config, "_attn_implementation", None)
+    if current == PACKED_LM_NAME:
+        return
+    if current != "sdpa":
+        raise ValueError(
+            f"pack_sequences needs attn_implementation='sdpa' for the language model, got {current!r}"
+        )
+    AttentionInterface.register(PACKED_LM_NAME, packed_lm_sdpa)
+    text_config._attn_implementation = PACKED_LM_NAME

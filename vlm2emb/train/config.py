@@ -47,6 +47,9 @@ class ModelConfig:
     # vlm2emb | vlm2vec: how items become prompt strings (vlm2emb/prompts.py); saved with the
     # model. vlm2vec reproduces VLM2Vec's token sequence (qwen2_vl, qwen2_5_vl, llava_next).
     prompt_style: str = "vlm2emb"
+    # Padding-free language-model batches (EmbeddingConfig.pack_sequences; Qwen-VL families,
+    # attn_implementation sdpa); saved with the model.
+    pack_sequences: bool = False
     dtype: str = "fp32"  # weight dtype (auto = as stored); mixed precision is train.precision
     attn_implementation: str | None = None
     lora: LoraConfig | None = None  # YAML: false/true or a mapping of LoraConfig keys

@@ -241,8 +241,9 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 
 def _count_tokens(batch: dict[str, Any]) -> int:
+    # A packed chunk (model.pack_sequences) has no mask: every token in it is real.
     return sum(
-        int(chunk["attention_mask"].sum())
+        int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
         for key in ("query", "positive", "negatives")
         for chunk in batch[key]
     )
@@ -425,6 +426,7 @@ class _Trainer:
             attention=cfg.model.attention,
             padding_side=cfg.model.padding_side,
             prompt_style=cfg.model.prompt_style,
+            pack_sequences=cfg.model.pack_sequences,
             torch_dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
