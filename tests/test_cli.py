@@ -269,3 +269,27 @@ def test_overrides_may_follow_options_and_eval_uses_the_query_instruction(
     assert main([*rerun, "train.overwrite_output_dir=true"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2]  # one run's single log step, no eval record
+
+
+def test_version_flag_prints_the_installed_version(capsys):
+    import importlib.metadata
+
+    import vlm2emb
+    from vlm2emb.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"vlm2emb {vlm2emb.__version__}"
+    assert vlm2emb.__version__ == importlib.metadata.version("vlm2emb")
+
+
+def test_train_without_a_recipe_prints_its_usage(capsys):
+    from vlm2emb.cli import main
+
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: vlm2emb train")
+    assert "a recipe YAML file is required" in err
+    assert "key=value required" not in err and "arguments are required" not in err

@@ -110,6 +110,26 @@ def test_merged_export_reloads_in_vlm2emb_and_plain_transformers(runs, items, ki
         assert (base_only - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["022", "027"])
+def test_export_honours_the_umask(runs, tmp_path, mask):
+    """An export's folder and files get the permissions the umask gives any new file
+    (mkdtemp made the folder 0700 and safetensors the weights 0600)."""
+    import os
+    import stat
+
+    previous = os.umask(mask)
+    try:
+        export_model(runs["full"] / "final", tmp_path / "export")
+        out = tmp_path / "export"
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~mask
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for path in files:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_adapter_only_export(runs, items, kind, tmp_path):
     from peft import PeftModel

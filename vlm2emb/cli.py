@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Turn vision-language models into embedding models by contrastive fine-tuning.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    from vlm2emb import __version__
+
+    parser.add_argument("--version", action="version", version=f"vlm2emb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_train = sub.add_parser(
@@ -32,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Train from a YAML recipe. Writes OUTPUT_DIR/{final,checkpoints,metrics.jsonl,eval.json}.",
         epilog="example: vlm2emb train recipes/demo.yaml train.max_steps=50 output_dir=runs/try",
     )
-    p_train.add_argument("recipe", help="recipe YAML file (see docs/recipes.md)")
+    # Optional here so that a bare `vlm2emb train` prints this command's help instead of
+    # argparse's "arguments are required" line.
+    p_train.add_argument("recipe", nargs="?", help="recipe YAML file (see docs/recipes.md)")
+    p_train.set_defaults(command_help=p_train.format_help)
     p_train.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=32"
     )
@@ -458,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
+        return EXIT_USER_ERROR
+    if args.command == "train" and args.recipe is None:
+        print(args.command_help(), file=sys.stderr)
+        print("vlm2emb train: error: a recipe YAML file is required", file=sys.stderr)
         return EXIT_USER_ERROR
     handlers = {
         "train": _cmd_train,

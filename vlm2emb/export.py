@@ -312,6 +312,9 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     The old folder is renamed aside first and deleted only once the new one is in place,
     so an interrupted swap leaves one of the two complete exports, never neither.
     """
+    from vlm2emb._files import honour_umask_tree
+
+    honour_umask_tree(tmp)  # mkdtemp made it 0700, safetensors its weights 0600
     if not out.exists() and not out.is_symlink():
         os.replace(tmp, out)
         return

@@ -992,6 +992,10 @@ class EmbeddingModel(nn.Module):
             self.backbone.save_pretrained(out, state_dict=backbone_state)
         self.adapter.processor.save_pretrained(out)
         (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        from vlm2emb._files import honour_umask
+
+        # safetensors writes its files 0600; only the files written here are touched.
+        honour_umask([*out.glob("*.safetensors"), *(out / ADAPTER_DIR).glob("*.safetensors")])
         return out
 
 

@@ -28,6 +28,22 @@ def demo_run(tmp_path_factory, request):
     return out, summary
 
 
+def test_run_folders_honour_the_umask(demo_run):
+    """final/ and checkpoints get the permissions the user's umask gives any new file (the
+    temporary folder and safetensors' 0600 files made them private)."""
+    import os
+    import stat
+
+    from vlm2emb._files import current_umask
+
+    out, _ = demo_run
+    mask = current_umask()
+    for folder in (out / "final", out / "checkpoints" / "step-30", out / "checkpoints" / "step-30" / "state"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~mask, folder
+        for path in folder.glob("*.safetensors"):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path
+
+
 def test_outputs_are_written(demo_run):
     out, summary = demo_run
     assert (out / "recipe.yaml").is_file()

@@ -534,6 +534,7 @@ class _Trainer:
         killed at any moment leaves either the complete directory or a temporary one, never a
         partial ``target``.
         """
+        from vlm2emb._files import honour_umask_tree
         from vlm2emb.train.state import TRAINER_STATE, write_manifest
 
         acc = self.accelerator
@@ -558,6 +559,7 @@ class _Trainer:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
             if with_state:
                 write_manifest(tmp)
+            honour_umask_tree(tmp)  # safetensors writes 0600 files; the run folder is the user's
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
