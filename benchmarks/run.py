@@ -96,6 +96,8 @@ class Suite:
     image_fraction: float
     image_size: int
     length_buckets: int = 4  # train.length_buckets for vlm2emb's plain step
+    # encode's image-only workload: sizes drawn uniformly from this range (pixels per side)
+    varied_image_sizes: tuple[int, int] = (48, 200)
     lora: bool = False
     mfu_batch: int = 16  # the FLOP-utilisation steps (no gradient checkpointing, so smaller on GPU)
     modes: list[str] = field(default_factory=lambda: ["encode", "train", "gradcache", "st", "memory", "mfu"])
@@ -129,6 +131,7 @@ SUITES = {
         max_target_words=190,  # about 256 tokens, VLM2Vec's text bound
         image_fraction=0.5,
         image_size=1000,  # under VLM2Vec's 28*28*1280-pixel bound (about 1003x1003)
+        varied_image_sizes=(224, 1000),
         lora=True,
         # The count runs without gradient checkpointing: at 8 rows a full fine-tune of the 2B
         # model with ~5,000-patch images needs about 90 GiB (fp32 weights, gradients and AdamW
@@ -393,6 +396,20 @@ def _plain_item(item: dict[str, Any]) -> Any:
     return {"text": item["text"], "image": item["images"][0]}
 
 
+def encode_workloads(suite: Suite) -> dict[str, list[Any]]:
+    """encode()'s workloads: ``text`` (queries and docstrings), ``mixed`` (the training
+    queries: image+text and text items) and ``images`` (image-only items of sizes drawn from
+    ``suite.varied_image_sizes``, one processor resize per item, none shared)."""
+    rows = training_rows(suite, suite.encode_items, seed=1)
+    texts = [t for i, ex in enumerate(rows) if (t := (ex.positive if i % 2 else ex.query)["text"])]
+    mixed = [_plain_item(ex.query) for ex in rows]
+    rng = random.Random(7)
+    lo, hi = suite.varied_image_sizes
+    n_images = max(8, int(suite.encode_items * suite.image_fraction))
+    images = [digit_images(1, rng.randint(lo, hi), seed=i)[0][0] for i in range(n_images)]
+    return {"text": texts, "mixed": mixed, "images": images}
+
+
 def bench_encode(suite: Suite, path: Path, compile_blocks: bool = False) -> dict[str, Any]:
     model = load_vlm2emb(path, suite, suite.dtype)
     st = load_st(path, suite, suite.dtype)
@@ -400,10 +417,7 @@ def bench_encode(suite: Suite, path: Path, compile_blocks: bool = False) -> dict
     if compile_blocks:  # a second copy with EmbeddingModel.compile_blocks()
         compiled = load_vlm2emb(path, suite, suite.dtype)
         compiled.compile_blocks()
-    rows = training_rows(suite, suite.encode_items, seed=1)
-    texts = [ex.positive["text"] if i % 2 else ex.query["text"] for i, ex in enumerate(rows)]
-    texts = [t for t in texts if t]
-    mixed = [_plain_item(ex.query) for ex in rows]  # image+text items and text items
+    workloads = encode_workloads(suite)
     bs = suite.encode_batch
 
     def naive(items: list[Any]) -> torch.Tensor:
@@ -426,7 +440,7 @@ def bench_encode(suite: Suite, path: Path, compile_blocks: bool = False) -> dict
                 model(batch).cpu()
 
     result: dict[str, Any] = {"batch_size": bs}
-    for name, items in (("text", texts), ("mixed", mixed)):
+    for name, items in workloads.items():
         probe = items[:8] + [x for x in items if isinstance(x, dict)][:8]
         ours = model.encode(probe, batch_size=bs)
         theirs = torch.as_tensor(st.encode(probe, batch_size=bs, convert_to_numpy=True)).float()
@@ -470,12 +484,9 @@ def bench_packing(suite: Suite, path: Path) -> dict[str, Any]:
     packed = EmbeddingModel.from_pretrained(
         str(path), device=suite.device, torch_dtype=suite.dtype, pooling="last", pack_sequences=True
     )
-    rows = training_rows(suite, suite.encode_items, seed=1)
-    texts = [t for i, ex in enumerate(rows) if (t := (ex.positive if i % 2 else ex.query)["text"])]
-    mixed = [_plain_item(ex.query) for ex in rows]
     bs = suite.encode_batch
     result: dict[str, Any] = {"batch_size": bs}
-    for name, items in (("text", texts), ("mixed", mixed)):
+    for name, items in encode_workloads(suite).items():
         from vlm2emb.model import length_sorted_batches
 
         plan = length_sorted_batches(items, padded.adapter.tokenizer, bs)
@@ -860,6 +871,8 @@ def table(results: dict[str, Any]) -> str:
     if enc:
         add("encode text", enc["text"], "items_per_s")
         add("encode image+text", enc["mixed"], "items_per_s")
+        if "images" in enc:
+            add("encode images (varied sizes)", enc["images"], "items_per_s")
     pk = results.get("packing", {})
     if pk:
         add("encode text, packed vs padded", pk["text"], "items_per_s")

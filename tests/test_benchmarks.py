@@ -46,11 +46,14 @@ def test_quick_encode_comparison_runs(tmp_path):
     argv = ["--suite", "cpu", "--quick", "--only", "encode", "--rounds", "1"]
     assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     enc = json.loads(out.read_text())["encode"]
-    for name in ("text", "mixed"):
+    for name in ("text", "mixed", "images"):
         assert enc[f"{name}_max_abs_diff_vs_st"] < 1e-4
         contenders = {"vlm2emb", "sentence-transformers", "naive", "forward_only"}
         assert contenders <= set(enc[name]) and all(enc[name][c]["items_per_s"] > 0 for c in contenders)
     assert "| encode image+text | forward_only |" in harness.table(json.loads(out.read_text()))
+    # The image-only workload really varies the image size (one resize per item).
+    images = harness.encode_workloads(harness.quick(harness.SUITES["cpu"]))["images"]
+    assert len({img.size for img in images}) > len(images) // 2
 
 
 def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):

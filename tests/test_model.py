@@ -312,6 +312,41 @@ def test_prefetched_encode_equals_the_sequential_one(tiny_qwen2_vl_dir, mixed_it
     assert torch.equal(sequential, prefetched)
 
 
+def test_default_prefetch_leaves_the_cores_to_the_forward(tiny_qwen2_vl_dir, mixed_items):
+    """By default encode() prepares batches in a worker thread only when a CPU core is free
+    beside torch's threads (or the model is on an accelerator): on a CPU whose cores torch
+    already uses, the worker's image kernels slowed the forward."""
+    import os
+    import threading
+
+    from vlm2emb.model import _default_prefetch
+
+    model = _load(tiny_qwen2_vl_dir)
+    threads_seen: list[str] = []
+    collate = model.collate
+
+    def recording_collate(*args, **kwargs):
+        threads_seen.append(threading.current_thread().name)
+        return collate(*args, **kwargs)
+
+    model.collate = recording_collate
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(os.cpu_count() or 1)  # every core for torch: no worker
+        assert _default_prefetch(torch.device("cpu")) == 0
+        model.encode(mixed_items, batch_size=2)
+        assert threads_seen and all(name == threading.current_thread().name for name in threads_seen)
+        if (os.cpu_count() or 1) > 1:
+            torch.set_num_threads(1)  # a free core: the worker prepares batches
+            assert _default_prefetch(torch.device("cpu")) == 2
+            threads_seen.clear()
+            model.encode(mixed_items, batch_size=2)
+            assert all(name.startswith("vlm2emb-prefetch") for name in threads_seen)
+    finally:
+        torch.set_num_threads(before)
+    assert _default_prefetch(torch.device("cuda")) == 2
+
+
 def test_a_bad_item_in_a_prefetched_batch_raises_its_own_error(tiny_qwen2_vl_dir, tmp_path):
     model = _load(tiny_qwen2_vl_dir)
     # Longer texts sort first, so the broken image is in the last batch, prepared ahead.
