@@ -59,6 +59,7 @@ sys.path.insert(0, str(HERE))
 import run as harness  # noqa: E402  (benchmarks/run.py: data, steps, FLOP count, encode)
 
 MATMUL_CEILING_TFLOPS = 790.0  # measured on the lent H200 (8192^3 bf16 products)
+WORK_DIR = Path(tempfile.gettempdir()) / "vlm2emb-gpu-check"  # the encode section's model directories
 
 
 # ---------------------------------------------------------------------------------- sizes
@@ -158,10 +159,6 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:300]
 
 
-def _oom_types() -> tuple[type[BaseException], ...]:
-    return (torch.cuda.OutOfMemoryError,) if torch.cuda.is_available() else ()
-
-
 def time_steps(stepper: Callable[[], Any], device: str, rounds: int, deadline: float) -> dict[str, Any]:
     """A warm-up call (timed apart: it holds any compilation), then up to ``rounds`` timed
     calls, fewer when the next one would overrun ``deadline``; peak memory of the timed ones."""
@@ -221,12 +218,8 @@ def build_model(sizes: Sizes, lora: bool) -> Any:
     return model.train()
 
 
-def _base(model: Any) -> Any:
-    return model.backbone.get_base_model() if model.has_lora else model.backbone
-
-
 def _tower(model: Any) -> Any:
-    return model.adapter.vision_tower(_base(model))
+    return model.adapter.vision_tower(model.base_backbone)
 
 
 @contextlib.contextmanager
@@ -272,7 +265,7 @@ def model_flops(model: Any, batch: dict[str, Any], suite: harness.Suite) -> dict
     from vlm2emb.losses import InfoNCELoss
 
     device = torch.device(suite.device)
-    base = _base(model)
+    base = model.base_backbone
     tower = _tower(model)
     before, vision_impl = base.config._attn_implementation, tower.config._attn_implementation
     # The language model is counted with eager attention (the same matmuls): torch's CUDA
@@ -515,7 +508,7 @@ def section_tests(sizes: Sizes, results: Results, deadline: float) -> None:
 # ---------------------------------------------------------------------------------- driver
 def run_section(name: str, sizes: Sizes, out: Path, deadline: float) -> None:
     results = Results(out / f"part_{name}.json")
-    work = Path(tempfile.gettempdir()) / "vlm2emb-gpu-check"  # model directories stay out of OUT
+    work = WORK_DIR  # model directories stay out of OUT
     work.mkdir(exist_ok=True)
     torch.manual_seed(0)
     if name == "tests":
@@ -700,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     text = summary(results.data)
     (out / "summary.md").write_text(text)
     print(text)
-    shutil.rmtree(Path(tempfile.gettempdir()) / "vlm2emb-gpu-check", ignore_errors=True)
+    shutil.rmtree(WORK_DIR, ignore_errors=True)
     return 0
 
 

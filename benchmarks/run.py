@@ -647,7 +647,7 @@ def count_step_flops(model: Any, batch: dict[str, Any], suite: Suite) -> dict[st
 
     device = torch.device(suite.device)
     step = ContrastiveStep(model, InfoNCELoss(temperature=0.05), gradcache=False, device=device)
-    base = model.backbone.get_base_model() if model.has_lora else model.backbone
+    base = model.base_backbone
     before = base.config._attn_implementation
     # set_attn_implementation(before) below resets every sub-config to ``before``: the vision
     # tower's packed varlen attention is put back by hand.

@@ -233,7 +233,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
     model = args.model or cfg.model.name_or_path
     prepare = None
     if model.lower() != "none":
-        prepare = load_preparer(model, trust_remote_code=cfg.model.trust_remote_code)
+        # The recipe's prompt style only when a recipe gave one; else the saved model's.
+        style = cfg.model.prompt_style if args.recipe else None
+        prepare = load_preparer(model, trust_remote_code=cfg.model.trust_remote_code, prompt_style=style)
     with warnings.catch_warnings():
         # Data warnings are printed below, once, as plain lines.
         warnings.simplefilter("ignore", DataWarning)

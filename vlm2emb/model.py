@@ -186,6 +186,29 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
+def saved_config_and_family(
+    path: str | os.PathLike[str], *, trust_remote_code: bool = False
+) -> tuple[dict[str, Any], str]:
+    """A model directory's saved ``vlm2emb_config.json`` (empty for a raw VLM) and its
+    backbone family (saved, else transformers' ``model_type``).
+
+    Raises:
+        ValueError: The saved config is not valid JSON (the file is named).
+    """
+    saved: dict[str, Any] = {}
+    cfg_file = Path(path) / CONFIG_NAME
+    if cfg_file.is_file():
+        try:
+            saved = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cfg_file}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if "family" in saved:
+        return saved, saved["family"]
+    from transformers import AutoConfig
+
+    return saved, AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).model_type
+
+
 def _grad_free(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Runs an EmbeddingModel method under ``torch.inference_mode``, or ``torch.no_grad`` when
     the weights are DeepSpeed ZeRO-3 partitions: ZeRO-3 gathers them into buffers it keeps
@@ -195,7 +218,8 @@ def _grad_free(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        zero3 = any(hasattr(p, "ds_id") for p in self.parameters())
+        # ZeRO-3 partitions every parameter: the first one tells.
+        zero3 = hasattr(next(self.parameters(), None), "ds_id")
         with torch.no_grad() if zero3 else torch.inference_mode():
             return fn(self, *args, **kwargs)
 
@@ -242,8 +266,7 @@ class EmbeddingModel(nn.Module):
         self.adapter = adapter
         self.config = config
         self.adapter.padding_side = config.padding_side
-        if config.prompt_style == "vlm2vec":
-            self.adapter.render_vlm2vec_prompt("", 0, None)  # refuses a family VLM2Vec does not train
+        self.adapter.check_prompt_style(config.prompt_style)  # refuses a family VLM2Vec does not train
         self.adapter.configure_backbone(backbone)
         self.adapter.set_attention(backbone, config.attention)
         if config.pack_sequences:
@@ -363,20 +386,7 @@ class EmbeddingModel(nn.Module):
     ) -> EmbeddingModel:
         from vlm2emb.backbones.registry import get_adapter_class
 
-        saved: dict[str, Any] = {}
-        cfg_file = Path(path) / CONFIG_NAME
-        if cfg_file.is_file():
-            try:
-                saved = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{cfg_file}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
-        if "family" in saved:
-            family = saved["family"]
-        else:
-            from transformers import AutoConfig
-
-            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            family = hf_config.model_type
+        saved, family = saved_config_and_family(path, trust_remote_code=trust_remote_code)
         adapter_cls = get_adapter_class(family)
         adapter_dir = Path(path) / ADAPTER_DIR
         if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
@@ -545,13 +555,9 @@ class EmbeddingModel(nn.Module):
         (:meth:`BackboneAdapter.render_prompt`). ``vlm2vec``: VLM2Vec's form
         (:meth:`BackboneAdapter.render_vlm2vec_prompt`).
         """
-        if self.config.prompt_style == "vlm2vec":
-            return self.adapter.render_vlm2vec_prompt(text, num_images, instruction)
-        from vlm2emb.prompts import count_image_markers, strip_image_markers
+        from vlm2emb.prompts import render_prompt
 
-        if count_image_markers(text):  # other texts keep their exact characters, spaces included
-            text = strip_image_markers(text)
-        return self.adapter.render_prompt(text, num_images, instruction)
+        return render_prompt(self.adapter, self.config.prompt_style, text, num_images, instruction)
 
     def set_prompt_style(self, style: str) -> None:
         """Switches the prompt style (saved with the model by :meth:`save_pretrained`).
@@ -559,11 +565,7 @@ class EmbeddingModel(nn.Module):
         Raises:
             ValueError: Unknown style, or a family without that style.
         """
-        from vlm2emb.prompts import check_prompt_style
-
-        check_prompt_style(style)
-        if style == "vlm2vec":
-            self.adapter.render_vlm2vec_prompt("", 0, None)
+        self.adapter.check_prompt_style(style)
         self.config.prompt_style = style
 
     def render(self, item: Any, instruction: str | None = None) -> RenderedItem:
@@ -860,7 +862,7 @@ class EmbeddingModel(nn.Module):
         the vision tower's patch embedding too, which makes a frozen tower build a graph and
         run a backward whose gradients go nowhere (tested).
         """
-        base = self.backbone.get_base_model() if self.has_lora else self.backbone
+        base = self.base_backbone
         enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.17
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -884,7 +886,7 @@ class EmbeddingModel(nn.Module):
 
     def disable_gradient_checkpointing(self) -> None:
         """Undoes :meth:`enable_gradient_checkpointing`."""
-        base = self.backbone.get_base_model() if self.has_lora else self.backbone
+        base = self.base_backbone
         disable = (
             getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
         )
@@ -935,6 +937,11 @@ class EmbeddingModel(nn.Module):
     @property
     def has_lora(self) -> bool:
         return hasattr(self.backbone, "peft_config")
+
+    @property
+    def base_backbone(self) -> nn.Module:
+        """The transformers model under a LoRA wrapper (the backbone itself without one)."""
+        return self.backbone.get_base_model() if self.has_lora else self.backbone
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(

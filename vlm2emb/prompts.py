@@ -22,12 +22,14 @@ know which style the model will use.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 __all__ = [
     "IMAGE_MARKER",
     "PROMPT_STYLES",
     "check_prompt_style",
     "count_image_markers",
+    "render_prompt",
     "strip_image_markers",
 ]
 
@@ -65,3 +67,20 @@ def strip_image_markers(text: str | None) -> str | None:
         return None
     cleaned = _MARKER_AND_SPACE.sub(" ", text).strip()
     return cleaned or None
+
+
+def render_prompt(
+    adapter: Any, style: str, text: str | None, num_images: int, instruction: str | None
+) -> str:
+    """The prompt string for one item in ``style`` (the one rule for training, encode and
+    ``vlm2emb data check``).
+
+    ``vlm2emb``: ``<|image_N|>`` markers are removed and the adapter places the images
+    (``BackboneAdapter.render_prompt``). ``vlm2vec``: VLM2Vec's form
+    (``BackboneAdapter.render_vlm2vec_prompt``).
+    """
+    if style == "vlm2vec":
+        return adapter.render_vlm2vec_prompt(text, num_images, instruction)
+    if count_image_markers(text):  # other texts keep their exact characters, spaces included
+        text = strip_image_markers(text)
+    return adapter.render_prompt(text, num_images, instruction)

@@ -141,6 +141,22 @@ class BackboneAdapter:
             parts.append(text)
         return "".join(parts)
 
+    def check_prompt_style(self, style: str) -> None:
+        """Refuses a prompt style this family has no form for (``vlm2vec`` needs
+        :attr:`vlm2vec_image_token`).
+
+        Raises:
+            ValueError: One line naming the family and the style.
+        """
+        from vlm2emb.prompts import check_prompt_style
+
+        check_prompt_style(style)
+        if style == "vlm2vec" and self.vlm2vec_image_token is None:
+            raise ValueError(
+                f"prompt_style: backbone {self.family!r} has no 'vlm2vec' prompt form "
+                "(VLM2Vec trains qwen2_vl, qwen2_5_vl and llava_next); use 'vlm2emb'"
+            )
+
     def render_vlm2vec_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
         """Returns the prompt VLM2Vec builds for one item (the ``vlm2vec`` prompt style).
 
@@ -155,12 +171,8 @@ class BackboneAdapter:
         """
         from vlm2emb.prompts import IMAGE_MARKER, count_image_markers
 
+        self.check_prompt_style("vlm2vec")
         token = self.vlm2vec_image_token
-        if token is None:
-            raise ValueError(
-                f"prompt_style: backbone {self.family!r} has no 'vlm2vec' prompt form "
-                "(VLM2Vec trains qwen2_vl, qwen2_5_vl and llava_next); use 'vlm2emb'"
-            )
         markers = count_image_markers(text)
         if markers and markers != num_images:
             raise ValueError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,18 +94,31 @@ def varlen_sdpa(
     return out.transpose(0, 1).unsqueeze(0), None  # [1, T, H, D]
 
 
-def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
-    """(starts, lengths) of the segments, read to the host once per tensor: every layer of a
-    tower gets the same ``cu_seqlens`` tensor, and on a GPU each read is a device sync."""
-    # Written in place since it was read: read again. Inference tensors (encode runs under
-    # torch.inference_mode) keep no version counter; they are trusted as they are.
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    cached = getattr(cu_seqlens, "_vlm2emb_segments", None)
+def _cached_on(
+    tensor: torch.Tensor, name: str, compute: Callable[[torch.Tensor], tuple[Any, ...]]
+) -> tuple[Any, ...]:
+    """``compute(tensor)`` (a tuple), kept on the tensor as ``(version, *results)``: every
+    layer of a model gets the same ``cu_seqlens`` / ``position_ids`` tensor, and on a GPU
+    each host read is a device sync."""
+    # Written in place since it was read: computed again. Inference tensors (encode runs
+    # under torch.inference_mode) keep no version counter; they are trusted as they are.
+    version = None if tensor.is_inference() else tensor._version
+    cached = getattr(tensor, name, None)
     if cached is None or cached[0] != version:
-        bounds = cu_seqlens.tolist()
-        cached = (version, bounds[:-1], [b - a for a, b in itertools.pairwise(bounds)])
-        cu_seqlens._vlm2emb_segments = cached  # dies with the tensor
-    return cached[1], cached[2]
+        cached = (version, *compute(tensor))
+        setattr(tensor, name, cached)  # dies with the tensor
+    return cached[1:]
+
+
+def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(starts, lengths) of the segments, read to the host once per tensor."""
+
+    def read(cu: torch.Tensor) -> tuple[list[int], list[int]]:
+        bounds = cu.tolist()
+        return bounds[:-1], [b - a for a, b in itertools.pairwise(bounds)]
+
+    starts, lengths = _cached_on(cu_seqlens, "_vlm2emb_segments", read)
+    return starts, lengths
 
 
 def register() -> str:
@@ -191,21 +205,19 @@ def packed_lm_sdpa(
 def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     """[n + 1] cumulative row lengths of a packed batch, from its text positions [1, T].
 
-    A row starts where its position is 0. Every decoder layer gets the same positions
-    tensor, so the result is kept on it (as :func:`_segments` keeps its lengths): one host
-    read per forward, not one per layer.
+    A row starts where its position is 0. Computed once per positions tensor (every decoder
+    layer gets the same one), as :func:`_segments` reads its lengths once.
     """
-    version = None if position_ids.is_inference() else position_ids._version
-    cached = getattr(position_ids, "_vlm2emb_cu_seqlens", None)
-    if cached is None or cached[0] != version:
-        flat = position_ids.reshape(-1)  # [T]
+
+    def bounds(positions: torch.Tensor) -> tuple[torch.Tensor]:
+        flat = positions.reshape(-1)  # [T]
         starts = torch.nonzero(flat == 0).flatten()  # [n]
         if starts.numel() == 0 or int(starts[0]) != 0:
             raise ValueError("packed positions must start every row at 0")
-        end = torch.tensor([flat.numel()], device=flat.device)
-        cached = (version, torch.cat([starts, end]))
-        position_ids._vlm2emb_cu_seqlens = cached  # dies with the tensor
-    return cached[1]
+        return (torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]),)
+
+    (cu,) = _cached_on(position_ids, "_vlm2emb_cu_seqlens", bounds)
+    return cu
 
 
 def use_for_packed_language_model(text_config: Any) -> None:

@@ -160,7 +160,9 @@ def _no_processor(items: list[dict[str, Any]], instructions: list[str | None]) -
     """The preparer when no model is given: decoding (done before it is called) only."""
 
 
-def load_preparer(name_or_path: str, *, trust_remote_code: bool = False) -> Prepare:
+def load_preparer(
+    name_or_path: str, *, trust_remote_code: bool = False, prompt_style: str | None = None
+) -> Prepare:
     """The preprocessing a model's training run applies, without loading its weights.
 
     ``data check`` needs the processor (its image size and aspect-ratio limits, its
@@ -169,6 +171,8 @@ def load_preparer(name_or_path: str, *, trust_remote_code: bool = False) -> Prep
     Args:
         name_or_path: What ``model.name_or_path`` names: a local folder, a hub id or
             ``tiny:FAMILY``.
+        prompt_style: The recipe's ``model.prompt_style`` (default: the saved model's,
+            else ``vlm2emb``).
 
     Raises:
         FileNotFoundError: A local path that does not exist.
@@ -176,7 +180,8 @@ def load_preparer(name_or_path: str, *, trust_remote_code: bool = False) -> Prep
     import tempfile
 
     from vlm2emb.backbones.registry import get_adapter_class
-    from vlm2emb.model import CONFIG_NAME, TINY_PREFIX, check_model_path
+    from vlm2emb.model import TINY_PREFIX, check_model_path, saved_config_and_family
+    from vlm2emb.prompts import render_prompt
 
     name = str(name_or_path)
     saved: dict[str, Any] = {}
@@ -190,23 +195,17 @@ def load_preparer(name_or_path: str, *, trust_remote_code: bool = False) -> Prep
             processor = adapter_cls.load_processor(tmp)
     else:
         path = check_model_path(name)
-        cfg_file = Path(path) / CONFIG_NAME
-        if cfg_file.is_file():
-            saved = json.loads(cfg_file.read_text())
-        if "family" in saved:
-            family = saved["family"]
-        else:
-            from transformers import AutoConfig
-
-            family = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+        saved, family = saved_config_and_family(path, trust_remote_code=trust_remote_code)
         adapter_cls = get_adapter_class(family)
         processor = adapter_cls.load_processor(path, trust_remote_code=trust_remote_code)
     adapter = adapter_cls(processor)
+    style = prompt_style or saved.get("prompt_style") or "vlm2emb"
+    adapter.check_prompt_style(style)
 
     def prepare(items: list[dict[str, Any]], instructions: list[str | None]) -> Any:
         # What EmbeddingModel.collate does with decoded items (less the pooling suffix token).
         prompts = [
-            adapter.render_prompt(it.get("text"), len(it["images"]), ins)
+            render_prompt(adapter, style, it.get("text"), len(it["images"]), ins)
             for it, ins in zip(items, instructions)
         ]
         return adapter.build_inputs(prompts, [it["images"] for it in items])

@@ -137,6 +137,13 @@ def _prompt_style(model: Any, style: str | None) -> Iterator[None]:
             model.fingerprint = model_fingerprint(inner)
 
 
+def _falls_back(fallback: str, mmeb: bool) -> bool:
+    """Whether the default instructions apply under ``instruction_fallback``: ``always``,
+    ``never``, or ``auto`` (all but MMEB-layout rows, whose text holds MMEB's instruction;
+    a second one would move the scores)."""
+    return fallback == "always" or (fallback == "auto" and not mmeb)
+
+
 def _run_tasks(
     encoder: CachedEncoder,
     suite: SuiteConfig,
@@ -152,15 +159,12 @@ def _run_tasks(
         fallback = spec.instruction_fallback or suite.instruction_fallback
         if spec.kind == "local":
             has_mmeb = any(row.get("layout") == MMEB_LAYOUT for row in payload)
-            # MMEB rows hold their instruction in the text: under "auto" the model's saved
-            # instructions would add a second one (and move the scores), so they get none.
-            candidates_fall_back = fallback == "always" or (fallback == "auto" and not has_mmeb)
             target_instruction = spec.target_instruction or (
-                default_target_instruction if candidates_fall_back else None
+                default_target_instruction if _falls_back(fallback, has_mmeb) else None
             )
             rows = []
             for row in payload:
-                falls_back = fallback == "always" or (fallback == "auto" and row.get("layout") != MMEB_LAYOUT)
+                falls_back = _falls_back(fallback, row.get("layout") == MMEB_LAYOUT)
                 instruction = row["instruction"] or (default_query_instruction if falls_back else None)
                 rows.append({**row, "task": spec.name, "instruction": instruction})
             result = evaluate(
@@ -168,7 +172,7 @@ def _run_tasks(
             )
             metrics = result["tasks"][spec.name]
         else:
-            falls_back = fallback != "never"
+            falls_back = _falls_back(fallback, mmeb=False)
             metrics = evaluate_corpus(
                 encoder,
                 payload,

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from vlm2emb.train.config import RecipeConfig, recipe_to_dict
+from vlm2emb.train.state import TRAINER_STATE
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -144,7 +145,7 @@ def find_checkpoint(output_dir: Path, resume_from: str, warn: Any = None) -> Pat
         FileNotFoundError: No checkpoint there.
         CheckpointError: The given checkpoint, or every checkpoint, is damaged.
     """
-    from vlm2emb.train.state import TRAINER_STATE, CheckpointError, verify_checkpoint
+    from vlm2emb.train.state import CheckpointError, verify_checkpoint
 
     warn = warn or (lambda line: print(line, flush=True))
     if resume_from != "auto":
@@ -187,7 +188,7 @@ def check_resume_recipe(cfg: RecipeConfig, checkpoint: Path) -> None:
     Raises:
         CheckpointError: Naming the keys that differ, with both values of the first.
     """
-    from vlm2emb.train.state import TRAINER_STATE, CheckpointError, read_json
+    from vlm2emb.train.state import CheckpointError, read_json
 
     saved = read_json(checkpoint / TRAINER_STATE).get("recipe")
     if not isinstance(saved, dict):
@@ -535,7 +536,7 @@ class _Trainer:
         partial ``target``.
         """
         from vlm2emb._files import honour_umask_tree
-        from vlm2emb.train.state import TRAINER_STATE, write_manifest
+        from vlm2emb.train.state import write_manifest
 
         acc = self.accelerator
         tmp = target.parent / f".tmp-{target.name}"
@@ -609,7 +610,7 @@ class _Trainer:
         state_dir = checkpoint / "state"
         rng = rng_file(state_dir, acc.process_index)
         if not rng.is_file():
-            written = read_json(checkpoint / "trainer_state.json").get("world_size")
+            written = read_json(checkpoint / TRAINER_STATE).get("world_size")
             raise CheckpointError(
                 f"{rng}: missing (the checkpoint was written by {written} process(es), "
                 f"this run has {acc.num_processes})"
@@ -742,7 +743,7 @@ class _Trainer:
         set_seed(cfg.seed)
 
         self._load_data()  # a bad row stops the run before a large model is loaded
-        start_step = json.loads((resume_dir / "trainer_state.json").read_text())["step"] if resume_dir else 0
+        start_step = json.loads((resume_dir / TRAINER_STATE).read_text())["step"] if resume_dir else 0
         sampler = None  # streaming draws its own batches (vlm2emb.data.streaming)
         if not cfg.data.streaming:
             sampler = sampler_for(
