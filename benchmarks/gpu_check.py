@@ -277,7 +277,7 @@ def model_flops(model: Any, batch: dict[str, Any], suite: harness.Suite) -> dict
     if device.type == "cuda":
         tower.config._attn_implementation = vision_impl
     autocast = torch.autocast(suite.device, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    chunks = [*batch["query"], *batch["positive"], *batch["negatives"]]
+    chunks = [*batch.query, *batch.positive, *batch.negatives]
     total = vision = 0
     embs = []
     try:
@@ -290,9 +290,11 @@ def model_flops(model: Any, batch: dict[str, Any], suite: harness.Suite) -> dict
             vision += sum(sum(ops.values()) for name, ops in counts.items() if name.endswith(".visual"))
             embs.append(torch.zeros_like(emb, dtype=torch.float32))
         # The loss on leaves of the embeddings' shapes (its FLOPs do not depend on values).
-        step = ContrastiveStep(model, InfoNCELoss(temperature=0.05), gradcache=False, device=device)
+        step = ContrastiveStep(
+            model, InfoNCELoss(temperature=model.config.temperature), gradcache=False, device=device
+        )
         leaves = [e.requires_grad_() for e in embs]
-        nq, np_ = len(batch["query"]), len(batch["positive"])
+        nq, np_ = len(batch.query), len(batch.positive)
         with FlopCounterMode(display=False) as counter:
             step._loss(batch, *step._split(leaves, nq, np_, batch), None).backward()
         total += counter.get_total_flops()
@@ -347,13 +349,15 @@ def section_mfu(sizes: Sizes, results: Results, deadline: float, mode: str) -> N
     tokenizer = model.adapter.tokenizer
 
     def collate(batch: str, padding_side: str) -> dict[str, Any]:
-        model.adapter.padding_side = padding_side
+        model.config.padding_side = padding_side
         try:
             n = sizes_by_name[batch]
             picked = harness._batches_grouped(rows[:n], n, 0, tokenizer)[0]
-            return ContrastiveCollator(model, chunk_size=0, length_buckets=suite.length_buckets)(picked)
+            return ContrastiveCollator(model.inputs, chunk_size=0, length_buckets=suite.length_buckets)(
+                picked
+            )
         finally:
-            model.adapter.padding_side = "right"
+            model.config.padding_side = "right"
 
     flops_cache: dict[tuple[str, str], dict[str, int]] = {}
     last_cost = 0.0
@@ -374,7 +378,7 @@ def section_mfu(sizes: Sizes, results: Results, deadline: float, mode: str) -> N
             real, computed = harness._tokens(batch)
             record |= {"real_tokens": real, "padded_tokens": computed}
             record["image_patches"] = sum(
-                int(c["pixel_values"].shape[0]) for c in batch["query"] if "pixel_values" in c
+                int(c["pixel_values"].shape[0]) for c in batch.query if "pixel_values" in c
             )
             key = (variant.batch, variant.padding_side)
             if key not in flops_cache:
@@ -413,8 +417,8 @@ def section_gradcache(sizes: Sizes, results: Results, deadline: float) -> None:
     n, chunk = sizes.gradcache_batch, sizes.gradcache_chunk
     rows = harness.training_rows(suite, n, seed=3)
     grouped = harness._batches_grouped(rows, n, 0, model.adapter.tokenizer)[0]
-    plain = ContrastiveCollator(model, chunk_size=0, length_buckets=-(-n // chunk))(grouped)
-    cached = ContrastiveCollator(model, chunk_size=chunk)(grouped)
+    plain = ContrastiveCollator(model.inputs, chunk_size=0, length_buckets=-(-n // chunk))(grouped)
+    cached = ContrastiveCollator(model.inputs, chunk_size=chunk)(grouped)
     out: dict[str, Any] = {"batch_size": n, "chunk": chunk, "lora": True, "steps": {}}
     results.put("gradcache", out)
     contenders: list[tuple[str, bool, Callable[[], Any]]] = [

@@ -98,7 +98,7 @@ def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
     rows, model = _setup(args)
     device = torch.device(args.device)
     chunk = args.chunk if mode == "gradcache" else 0
-    collate = ContrastiveCollator(model, chunk_size=chunk)
+    collate = ContrastiveCollator(model.inputs, chunk_size=chunk)
     sampler = GlobalBatchSampler(len(rows), batch, seed=0)
 
     def batch_at(s: int) -> dict:
@@ -106,7 +106,9 @@ def _measure(args: argparse.Namespace, batch: int, mode: str) -> dict:
         # would put steps x pixel_values into the peak (about 77 MB per batch of 1024 images).
         return collate([rows[i] for i in sampler.global_batch(s)])
 
-    step = ContrastiveStep(model, InfoNCELoss(temperature=0.02), gradcache=chunk > 0, device=device)
+    step = ContrastiveStep(
+        model, InfoNCELoss(temperature=model.config.temperature), gradcache=chunk > 0, device=device
+    )
     run = _train_step(model, step, 1e-5, device)
 
     def now() -> float:
@@ -155,9 +157,11 @@ def _interleaved(args: argparse.Namespace, batch: int) -> dict:
     # The plain step embeds each side in the same length-sorted sub-batches as GradCache's
     # chunks, so the ratio is GradCache's extra work, not a difference in padding.
     buckets = -(-batch // args.chunk)
-    plain_batches = [ContrastiveCollator(model, length_buckets=buckets)([rows[i] for i in b]) for b in ids]
-    gc_batches = [ContrastiveCollator(model, chunk_size=args.chunk)([rows[i] for i in b]) for b in ids]
-    loss = InfoNCELoss(temperature=0.02)
+    plain_batches = [
+        ContrastiveCollator(model.inputs, length_buckets=buckets)([rows[i] for i in b]) for b in ids
+    ]
+    gc_batches = [ContrastiveCollator(model.inputs, chunk_size=args.chunk)([rows[i] for i in b]) for b in ids]
+    loss = InfoNCELoss(temperature=model.config.temperature)
 
     def stepper(gradcache: bool, batches: list, reuse: bool = True):
         step = ContrastiveStep(model, loss, gradcache=gradcache, device=device, reuse_frozen_vision=reuse)
@@ -189,7 +193,7 @@ def _interleaved(args: argparse.Namespace, batch: int) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params": sum(p.numel() for p in model.parameters()),
         "pixel_values_per_batch": sum(
-            c["pixel_values"].numel() for c in gc_batches[0]["query"] if "pixel_values" in c
+            c["pixel_values"].numel() for c in gc_batches[0].query if "pixel_values" in c
         ),
         "step_s": {name: round(v, 4) for name, v in med.items()},
         "frozen_vision_tower": frozen,

@@ -429,7 +429,7 @@ def bench_encode(suite: Suite, path: Path, compile_blocks: bool = False) -> dict
 
     def collated(items: list[Any]) -> list[dict[str, Any]]:
         """encode()'s batches, collated before timing."""
-        from vlm2emb.model import length_sorted_batches
+        from vlm2emb.inputs import length_sorted_batches
 
         plan = length_sorted_batches(items, model.adapter.tokenizer, bs)
         return [model.collate([items[i] for i in batch]) for batch in plan]
@@ -487,7 +487,7 @@ def bench_packing(suite: Suite, path: Path) -> dict[str, Any]:
     bs = suite.encode_batch
     result: dict[str, Any] = {"batch_size": bs}
     for name, items in encode_workloads(suite).items():
-        from vlm2emb.model import length_sorted_batches
+        from vlm2emb.inputs import length_sorted_batches
 
         plan = length_sorted_batches(items, padded.adapter.tokenizer, bs)
         masks = [padded.collate([items[i] for i in batch])["attention_mask"] for batch in plan]
@@ -531,7 +531,7 @@ def _batches_random(rows: list[Any], batch: int, seed: int, tokenizer: Any = Non
 def _tokens(batch: dict[str, Any]) -> tuple[int, int]:
     """(real tokens, computed tokens) of a collated training batch."""
     real = computed = 0
-    for chunk in [*batch["query"], *batch["positive"], *batch["negatives"]]:
+    for chunk in [*batch.query, *batch.positive, *batch.negatives]:
         mask = chunk["attention_mask"]
         real += int(mask.sum())
         computed += mask.numel()
@@ -547,7 +547,10 @@ class _Stepper:
 
         self.model, self.batches, self.suite = model, batches, suite
         self.step = ContrastiveStep(
-            model, InfoNCELoss(temperature=0.05), gradcache=chunk > 0, device=torch.device(suite.device)
+            model,
+            InfoNCELoss(temperature=model.config.temperature),
+            gradcache=chunk > 0,
+            device=torch.device(suite.device),
         )
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-6)
@@ -578,7 +581,7 @@ def bench_train(suite: Suite, path: Path) -> dict[str, Any]:
     collated = {}
     for name, make in (("vlm2emb", _batches_grouped), ("naive", _batches_random)):
         buckets = suite.length_buckets if name == "vlm2emb" else 1
-        collate = ContrastiveCollator(model, chunk_size=0, length_buckets=buckets)
+        collate = ContrastiveCollator(model.inputs, chunk_size=0, length_buckets=buckets)
         collated[name] = [collate(b) for b in make(rows, suite.train_batch, 0, model.adapter.tokenizer)]
         real, computed = map(sum, zip(*(_tokens(b) for b in collated[name])))
         result[f"padding_efficiency_{name}"] = round(real / computed, 3)
@@ -604,8 +607,8 @@ def bench_gradcache(suite: Suite, path: Path) -> dict[str, Any]:
     # The plain step gets the same length-sorted sub-batches as GradCache's chunks, so the
     # ratio measures GradCache's extra work only, not a difference in padding.
     buckets = -(-suite.train_batch // suite.gradcache_chunk)
-    plain = [ContrastiveCollator(model, chunk_size=0, length_buckets=buckets)(b) for b in grouped]
-    cached = [ContrastiveCollator(model, chunk_size=suite.gradcache_chunk)(b) for b in grouped]
+    plain = [ContrastiveCollator(model.inputs, chunk_size=0, length_buckets=buckets)(b) for b in grouped]
+    cached = [ContrastiveCollator(model.inputs, chunk_size=suite.gradcache_chunk)(b) for b in grouped]
     times = interleaved(
         {"plain": _Stepper(model, plain, 0, suite), "gradcache": _Stepper(model, cached, 1, suite)},
         suite.rounds,
@@ -646,7 +649,9 @@ def count_step_flops(model: Any, batch: dict[str, Any], suite: Suite) -> dict[st
     from vlm2emb.losses import InfoNCELoss
 
     device = torch.device(suite.device)
-    step = ContrastiveStep(model, InfoNCELoss(temperature=0.05), gradcache=False, device=device)
+    step = ContrastiveStep(
+        model, InfoNCELoss(temperature=model.config.temperature), gradcache=False, device=device
+    )
     base = model.base_backbone
     before = base.config._attn_implementation
     # set_attn_implementation(before) below resets every sub-config to ``before``: the vision
@@ -698,13 +703,13 @@ def _mfu_mode(suite: Suite, path: Path, rows: list[Any], mode: str, peak: float 
     if mode == "lora":
         model.apply_lora(r=16, alpha=64, dropout=0.0, seed=0)
     model.train()
-    collate = ContrastiveCollator(model, chunk_size=0, length_buckets=suite.length_buckets)
+    collate = ContrastiveCollator(model.inputs, chunk_size=0, length_buckets=suite.length_buckets)
     batches = [collate(b) for b in _batches_grouped(rows, suite.mfu_batch, 0, model.adapter.tokenizer)]
     flops = [count_step_flops(model, b, suite) for b in batches]
     total = sum(f["total"] for f in flops)
     times = interleaved({mode: _Stepper(model, batches, 0, suite)}, suite.rounds, suite.device)[mode]
     med = statistics.median(times)
-    patches = sum(int(c["pixel_values"].shape[0]) for b in batches for c in b["query"] if "pixel_values" in c)
+    patches = sum(int(c["pixel_values"].shape[0]) for b in batches for c in b.query if "pixel_values" in c)
     return {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params": sum(p.numel() for p in model.parameters()),
@@ -763,9 +768,14 @@ def bench_st_train(suite: Suite, path: Path) -> dict[str, Any]:
         return run
 
     fns = {
-        "vlm2emb": _Stepper(ours, [ContrastiveCollator(ours, chunk_size=0)(b) for b in batches], 0, suite),
+        "vlm2emb": _Stepper(
+            ours, [ContrastiveCollator(ours.inputs, chunk_size=0)(b) for b in batches], 0, suite
+        ),
         "vlm2emb-gradcache": _Stepper(
-            ours, [ContrastiveCollator(ours, chunk_size=suite.gradcache_chunk)(b) for b in batches], 1, suite
+            ours,
+            [ContrastiveCollator(ours.inputs, chunk_size=suite.gradcache_chunk)(b) for b in batches],
+            1,
+            suite,
         ),
         **{name: st_step(fn) for name, fn in st_losses.items()},
     }
@@ -789,7 +799,7 @@ def _memory_worker(suite: Suite, path: Path, mode: str) -> dict[str, Any]:
     chunk = suite.gradcache_chunk if mode == "gradcache" else 0
     make = _batches_random if mode == "naive" else _batches_grouped
     buckets = suite.length_buckets if mode == "vlm2emb" else 1
-    collate = ContrastiveCollator(model, chunk_size=chunk, length_buckets=buckets)
+    collate = ContrastiveCollator(model.inputs, chunk_size=chunk, length_buckets=buckets)
     batches = [collate(b) for b in make(rows, suite.train_batch, 0, model.adapter.tokenizer)]
     stepper = _Stepper(model, batches, chunk, suite)
     if suite.device == "cuda":

@@ -99,8 +99,8 @@ def check_step_flops_against_forward(tmp_path: Path, device: str = "cpu") -> dic
         model = harness.load_vlm2emb(path, suite, "fp32")
         if mode == "lora":
             model.apply_lora(r=4, alpha=8, dropout=0.0, seed=0)
-        batch = ContrastiveCollator(model, chunk_size=0)(rows)
-        assert any("pixel_values" in c for c in batch["query"])  # images in the count
+        batch = ContrastiveCollator(model.inputs, chunk_size=0)(rows)
+        assert any("pixel_values" in c for c in batch.query)  # images in the count
         step = harness.count_step_flops(model, batch, suite)
         assert 0 < step["vision"] < step["total"]
         assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients
@@ -112,7 +112,7 @@ def check_step_flops_against_forward(tmp_path: Path, device: str = "cpu") -> dic
             tower.config._attn_implementation = vision
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
         with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
-            model([*batch["query"], *batch["positive"]])
+            model([*batch.query, *batch.positive])
         ratios[mode] = step["total"] / counter.get_total_flops()
     return ratios
 
@@ -162,8 +162,8 @@ def test_gpu_check_counts_the_whole_step_chunk_by_chunk(lora):
     suite = gc.suite_for(gc.DRY)
     model = gc.build_model(gc.DRY, lora=lora)
     rows = gc.harness.training_rows(suite, 8, seed=5)
-    batch = ContrastiveCollator(model, chunk_size=0, length_buckets=2)(rows)
-    assert len(batch["query"]) == 2  # really more than one chunk per side
+    batch = ContrastiveCollator(model.inputs, chunk_size=0, length_buckets=2)(rows)
+    assert len(batch.query) == 2  # really more than one chunk per side
     impl = gc._tower(model).config._attn_implementation
     ours = gc.model_flops(model, batch, suite)
     whole = gc.harness.count_step_flops(model, batch, suite)

@@ -53,12 +53,13 @@ def _grads(
 ):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # seeds CUDA too
+    assert (model.logit_scale is not None) == learnable
+    model.config.temperature = 0.05  # the model owns the training temperature
     step = ContrastiveStep(
         model,
         InfoNCELoss(temperature=0.05, symmetric=True),
         gradcache=gradcache,
         device=torch.device(device),
-        learnable_temperature=learnable,
         single_backward=single_backward,
         reuse_frozen_vision=reuse_vision,
     )
@@ -81,9 +82,9 @@ def _assert_same(a, b, atol=1e-5):
 
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_gradcache_equals_the_full_batch_step(model, rows, single_backward):
-    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
-    chunked = ContrastiveCollator(model, chunk_size=2)(rows)
-    assert len(chunked["query"]) == 3 and len(chunked["negatives"]) == 3  # 6 negatives in chunks of 2
+    plain = _grads(model, ContrastiveCollator(model.inputs)(rows), gradcache=False)
+    chunked = ContrastiveCollator(model.inputs, chunk_size=2)(rows)
+    assert len(chunked.query) == 3 and len(chunked.negatives) == 3  # 6 negatives in chunks of 2
     _assert_same(_grads(model, chunked, gradcache=True, single_backward=single_backward), plain)
 
 
@@ -92,7 +93,7 @@ def check_gradcache_replays_dropout(model, rows, single_backward, device="cpu", 
     for module in model.backbone.modules():
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.3  # randomness in every attention layer
-    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    batch = ContrastiveCollator(model.inputs, chunk_size=2)(rows)
     # Plain step over the same chunks draws the same random numbers in the same order.
     plain = _grads(model, batch, gradcache=False, seed=3, device=device)
     other_seed = _grads(model, batch, gradcache=False, seed=4, device=device)
@@ -108,10 +109,10 @@ def test_gradcache_replays_dropout(model, rows, single_backward):
 
 def test_gradcache_with_learnable_temperature(model, rows):
     model.enable_learnable_temperature(0.05)
-    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False, learnable=True)
+    plain = _grads(model, ContrastiveCollator(model.inputs)(rows), gradcache=False, learnable=True)
     assert "logit_scale" in plain[1] and plain[1]["logit_scale"].abs() > 0
     for single_backward in (False, True):
-        batch = ContrastiveCollator(model, chunk_size=4)(rows)
+        batch = ContrastiveCollator(model.inputs, chunk_size=4)(rows)
         _assert_same(
             _grads(model, batch, gradcache=True, single_backward=single_backward, learnable=True), plain
         )
@@ -121,9 +122,9 @@ def test_gradcache_with_learnable_temperature(model, rows):
 def test_gradcache_with_lora_and_gradient_checkpointing(model, rows, single_backward):
     lora(model)
     model.enable_gradient_checkpointing()
-    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
+    plain = _grads(model, ContrastiveCollator(model.inputs)(rows), gradcache=False)
     assert plain[1] and all("lora_" in name for name in plain[1])  # only adapters get gradients
-    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    batch = ContrastiveCollator(model.inputs, chunk_size=2)(rows)
     _assert_same(_grads(model, batch, gradcache=True, single_backward=single_backward), plain)
 
 
@@ -135,23 +136,23 @@ def test_length_sorted_sub_batches_give_the_plain_step(model, rows):
         TrainExample(query={"text": "q " * (1 + (7 * i) % 5)}, positive=r.positive, negatives=r.negatives)
         for i, r in enumerate(rows)
     ]
-    plain = _grads(model, ContrastiveCollator(model)(rows), gradcache=False)
-    bucketed = ContrastiveCollator(model, length_buckets=3)(rows)
-    assert len(bucketed["query"]) == 3
-    assert bucketed["query_order"].tolist() != list(range(6))
+    plain = _grads(model, ContrastiveCollator(model.inputs)(rows), gradcache=False)
+    bucketed = ContrastiveCollator(model.inputs, length_buckets=3)(rows)
+    assert len(bucketed.query) == 3
+    assert bucketed.query_order.tolist() != list(range(6))
     _assert_same(_grads(model, bucketed, gradcache=False), plain)
-    _assert_same(_grads(model, ContrastiveCollator(model, chunk_size=4)(rows), gradcache=True), plain)
+    _assert_same(_grads(model, ContrastiveCollator(model.inputs, chunk_size=4)(rows), gradcache=True), plain)
 
 
 def test_gradcache_keeps_the_most_expensive_chunk(model, rows):
     """The chunk kept from the first pass (embedded once, never re-run) is the costliest by
     chunk_cost (here an image query chunk, not the last chunk, a caption one), and every
     other chunk is embedded twice: once without a graph, once with."""
-    batch = ContrastiveCollator(model, chunk_size=2)(rows)
-    chunks = [*batch["query"], *batch["positive"], *batch["negatives"]]
+    batch = ContrastiveCollator(model.inputs, chunk_size=2)(rows)
+    chunks = [*batch.query, *batch.positive, *batch.negatives]
     costs = [chunk_cost(c) for c in chunks]
     expensive = max(range(len(chunks)), key=lambda i: (costs[i], i))
-    assert expensive < len(batch["query"]) and costs[expensive] > costs[-1]  # an image chunk
+    assert expensive < len(batch.query) and costs[expensive] > costs[-1]  # an image chunk
     seen: list[tuple[int, bool]] = []
     forward = model.forward
 
@@ -169,7 +170,7 @@ def test_gradcache_keeps_the_most_expensive_chunk(model, rows):
         [(expensive, True)] + [(i, g) for i in range(len(chunks)) if i != expensive for g in (False, True)]
     )
     assert seen[expensive] == (expensive, True)  # embedded in its place: same random draws as plain
-    _assert_same(got, _grads(model, ContrastiveCollator(model)(rows), gradcache=False))
+    _assert_same(got, _grads(model, ContrastiveCollator(model.inputs)(rows), gradcache=False))
 
 
 def check_frozen_vision_is_served(model, rows, single_backward, device="cpu", atol=1e-5):
@@ -188,7 +189,7 @@ def check_frozen_vision_is_served(model, rows, single_backward, device="cpu", at
     leaf = next(m for m in tower.modules() if next(m.parameters(recurse=False), None) is not None)
     runs: list[int] = []
     handle = leaf.register_forward_hook(lambda *_: runs.append(1))
-    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    batch = ContrastiveCollator(model.inputs, chunk_size=2)(rows)
     try:
         plain = _grads(model, batch, gradcache=False, device=device)
         n_plain, runs[:] = len(runs), []
@@ -239,7 +240,7 @@ def check_random_tower_runs_again(model, rows, single_backward, device="cpu", at
     for module in model.backbone.modules():
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.3
-    batch = ContrastiveCollator(model, chunk_size=2)(rows)
+    batch = ContrastiveCollator(model.inputs, chunk_size=2)(rows)
     plain = _grads(model, batch, gradcache=False, seed=3, device=device)
     assert _grads(model, batch, gradcache=False, seed=4, device=device)[0] != pytest.approx(
         plain[0], abs=1e-6
@@ -250,7 +251,7 @@ def check_random_tower_runs_again(model, rows, single_backward, device="cpu", at
         cached = _grads(model, batch, gradcache=True, single_backward=single_backward, seed=3, device=device)
     finally:
         handle.remove()
-    image_chunks = sum("pixel_values" in c for c in batch["query"])
+    image_chunks = sum("pixel_values" in c for c in batch.query)
     assert len(calls) > image_chunks  # ran again in the re-forward
     _assert_same(cached, plain, atol=atol)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vlm2emb import EmbeddingModel
-from vlm2emb.model import CONFIG_NAME, as_item
+from vlm2emb.items import Item
+from vlm2emb.model import CONFIG_NAME
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_input_forms(tiny_qwen2_vl_dir, digit_images, tmp_path):
 )
 def test_bad_items_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
-        as_item(bad)
+        Item.parse(bad)
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
@@ -283,12 +284,14 @@ def test_bf16_weights_give_float32_embeddings(tiny_qwen2_vl_dir, mixed_items):
 
 
 def test_always_run_vision_adds_a_dropped_blank_image_row(tiny_qwen2_vl_dir):
-    from vlm2emb.model import DUMMY_ROWS
+    from vlm2emb.inputs import DUMMY_ROWS, InputBuilder
 
     model = _load(tiny_qwen2_vl_dir)
     texts = ["one two three", "a longer text about a handwritten digit"]
     plain = model.encode(texts)
-    model.adapter.always_run_vision = True  # what multi-process training sets
+    assert not model.inputs.always_run_vision  # built outside a process group
+    # What a model built in a multi-process run gets.
+    model.inputs = InputBuilder(model.adapter, model.config, always_run_vision=True)
     inputs = model.collate(texts)
     # The text-only batch now runs the image path too (same modules on every process)...
     assert inputs[DUMMY_ROWS] == 1 and "pixel_values" in inputs
@@ -357,7 +360,7 @@ def test_a_bad_item_in_a_prefetched_batch_raises_its_own_error(tiny_qwen2_vl_dir
 
 
 def test_length_keys_follow_media_then_tokens(tiny_qwen2_vl_dir, digit_images):
-    from vlm2emb.model import length_keys
+    from vlm2emb.inputs import length_keys
 
     model = _load(tiny_qwen2_vl_dir)
     tok = model.adapter.tokenizer
@@ -381,3 +384,34 @@ def test_compiled_blocks_encode_like_eager(tiny_qwen2_vl_dir, mixed_items):
     compiled = model.encode(mixed_items, batch_size=2)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     assert list(model.state_dict()) == keys
+
+
+def test_learnable_temperature_gets_gradient_and_is_clamped(tiny_qwen2_vl_dir):
+    """The model owns the learnable temperature (one clamp, in learned_temperature)."""
+    import math
+
+    from vlm2emb.losses import info_nce_loss
+
+    model = _load(tiny_qwen2_vl_dir)
+    model.enable_learnable_temperature(0.05)
+    assert isinstance(model.logit_scale, torch.nn.Parameter)
+    assert model.logit_scale.item() == pytest.approx(math.log(20.0))
+    torch.manual_seed(0)
+    q, p = torch.randn(5, 8), torch.randn(5, 8)
+    n = torch.randn(5, 3, 8)
+    loss = info_nce_loss(q, p, n, temperature=model.learned_temperature())
+    torch.testing.assert_close(loss, info_nce_loss(q, p, n, temperature=0.05), rtol=0, atol=1e-5)
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs().item() > 0
+    # The scale is capped at max_scale = 100, i.e. temperature >= 0.01, and gets no gradient there.
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    model.logit_scale.grad = None
+    t = model.learned_temperature()
+    assert float(t.detach()) == pytest.approx(0.01)
+    loss = info_nce_loss(q, p, n, temperature=t)
+    torch.testing.assert_close(loss, info_nce_loss(q, p, n, temperature=0.01), rtol=0, atol=1e-5)
+    loss.backward()
+    assert model.logit_scale.grad is None or model.logit_scale.grad.abs().item() == 0
+    with pytest.raises(ValueError, match="max_scale"):
+        model.enable_learnable_temperature(0.001)

@@ -276,6 +276,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from vlm2emb.eval import evaluate, format_report
     from vlm2emb.eval.cache import CachedEncoder, default_cache_dir
+    from vlm2emb.items import resolve_instruction
     from vlm2emb.model import EmbeddingModel
 
     # Read and check all data before the model loads: a bad row fails in seconds.
@@ -302,8 +303,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     state = _distributed_state()
     device = args.device or (str(state.device) if state else "cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    query_instruction = args.query_instruction or model.config.query_instruction
-    target_instruction = args.target_instruction or model.config.target_instruction
+    query_instruction = resolve_instruction(args.query_instruction, model.config.query_instruction)
+    target_instruction = resolve_instruction(args.target_instruction, model.config.target_instruction)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     encoder = CachedEncoder(model, cache_dir)
     if args.suite:

@@ -52,7 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm2emb.losses import InfoNCELoss
+from vlm2emb.items import ContrastiveBatch
+from vlm2emb.losses.base import ContrastiveLoss
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
 SyncContext = Callable[[bool], contextlib.AbstractContextManager[Any]]
@@ -284,11 +285,13 @@ class ContrastiveStep:
     process) before any gradient is produced.
 
     Args:
-        model: The (possibly DDP- or DeepSpeed-wrapped) EmbeddingModel.
-        loss_fn: The InfoNCE module; its ``gathered`` method spans all processes.
+        model: The (possibly DDP- or DeepSpeed-wrapped) EmbeddingModel. It owns the
+            temperature: its recorded ``config.temperature``, or the learnable logit scale
+            (``enable_learnable_temperature``), which its forward returns.
+        loss_fn: The objective (:class:`vlm2emb.losses.ContrastiveLoss`); its
+            ``training_loss`` spans all processes.
         gradcache: Use cached embedding gradients (chunks come from the collator).
         device: Where embeddings live.
-        learnable_temperature: The model owns a learnable temperature (forward returns it).
         single_backward: Re-embed all chunks in one checkpointed forward and backpropagate
             once (needed under DeepSpeed), instead of one backward per chunk.
         reuse_frozen_vision: Serve a frozen vision tower's first-pass outputs to the
@@ -298,11 +301,10 @@ class ContrastiveStep:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: InfoNCELoss,
+        loss_fn: ContrastiveLoss,
         *,
         gradcache: bool,
         device: torch.device,
-        learnable_temperature: bool = False,
         single_backward: bool = False,
         reuse_frozen_vision: bool = True,
     ) -> None:
@@ -312,26 +314,34 @@ class ContrastiveStep:
         self.loss_fn = loss_fn
         self.gradcache = gradcache
         self.device = device
-        self.learnable_temperature = learnable_temperature
+        inner = _embedding_model(model)
+        if inner is None:
+            raise ValueError("ContrastiveStep needs an EmbeddingModel (possibly DDP- or DeepSpeed-wrapped)")
+        self.learnable_temperature = inner.logit_scale is not None
+        self.fixed_temperature = float(inner.config.temperature)
+        standalone = getattr(loss_fn, "temperature", None)
+        if not self.learnable_temperature and standalone is not None and standalone != self.fixed_temperature:
+            # The model owns the training temperature; a loss built with another one would
+            # be silently overridden.
+            raise ValueError(
+                f"the loss's temperature {standalone:g} differs from the model's config.temperature "
+                f"{self.fixed_temperature:g}; the model owns the training temperature (set model.config.temperature)"
+            )
         self._pending: dict[str, Any] | None = None
 
-    def _loss(self, batch: dict[str, Any], q: torch.Tensor, p: torch.Tensor, flat_neg, temperature):
-        negs = _scatter_negatives(
-            flat_neg, batch.get("local_negative_mask"), batch.get("negatives_padded", False)
-        )
-        keys = batch.get("negative_keys")
-        mask = batch.get("negative_mask")
-        return self.loss_fn.gathered(
-            q,
-            p,
-            negs,
-            positive_keys=batch["positive_keys"].to(q.device),
-            negative_keys=keys.to(q.device) if keys is not None else None,
-            negative_mask=mask.to(q.device) if mask is not None else None,
-            temperature=temperature,
-        )
+    def _loss(
+        self,
+        batch: ContrastiveBatch,
+        q: torch.Tensor,
+        p: torch.Tensor,
+        flat_neg: torch.Tensor | None,
+        temperature: torch.Tensor | None,
+    ) -> torch.Tensor:
+        negs = _scatter_negatives(flat_neg, batch.local_negative_mask, batch.negatives_padded)  # [b, K, d]
+        t = temperature if temperature is not None else self.fixed_temperature
+        return self.loss_fn.training_loss(q, p, negs, batch, t)
 
-    def forward_loss(self, batch: dict[str, Any], sync_context: SyncContext | None = None) -> torch.Tensor:
+    def forward_loss(self, batch: ContrastiveBatch, sync_context: SyncContext | None = None) -> torch.Tensor:
         """Phase 1: the loss (a graph to the parameters, or to cached embeddings).
 
         Args:
@@ -339,8 +349,8 @@ class ContrastiveStep:
             sync_context: As in :meth:`backward`; wraps the forward of the chunk whose graph
                 is kept (GradCache), so that DDP does not arm a reduction for it.
         """
-        chunks: list[dict[str, Any]] = [*batch["query"], *batch["positive"], *batch["negatives"]]
-        nq, np_ = len(batch["query"]), len(batch["positive"])
+        chunks = batch.chunks
+        nq, np_ = len(batch.query), len(batch.positive)
         if not self.gradcache:
             out = self.model(chunks, with_temperature=self.learnable_temperature)
             embs, temperature = out if self.learnable_temperature else (out, None)
@@ -393,9 +403,9 @@ class ContrastiveStep:
         self._pending = None
 
     @staticmethod
-    def _split(embs: Sequence[torch.Tensor], nq: int, np_: int, batch: dict[str, Any]):
-        q = _in_row_order(torch.cat(list(embs[:nq])), batch.get("query_order"))  # [b, d]
-        p = _in_row_order(torch.cat(list(embs[nq : nq + np_])), batch.get("positive_order"))  # [b, d]
+    def _split(embs: Sequence[torch.Tensor], nq: int, np_: int, batch: ContrastiveBatch):
+        q = _in_row_order(torch.cat(list(embs[:nq])), batch.query_order)  # [b, d]
+        p = _in_row_order(torch.cat(list(embs[nq : nq + np_])), batch.positive_order)  # [b, d]
         rest = list(embs[nq + np_ :])
         flat = torch.cat(rest) if rest else None  # [n_real_negatives, d]
         return q, p, flat

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
+from vlm2emb.inputs import DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
+from vlm2emb.items import resolve_instruction
 from vlm2emb.pooling import POOLING_METHODS, pool, pool_packed
 
 T = TypeVar("T")
@@ -31,7 +33,6 @@ CONFIG_NAME = "vlm2emb_config.json"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 TINY_PREFIX = "tiny:"
-DUMMY_ROWS = "vlm2emb_dummy_rows"  # collate() -> forward(): trailing rows to drop
 
 _DTYPES = {
     "float32": torch.float32,
@@ -111,64 +112,6 @@ class EmbeddingConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-@dataclass
-class RenderedItem:
-    """One item as the backbone sees it (:meth:`EmbeddingModel.render`).
-
-    Attributes:
-        prompt: The prompt string, before the processor expands image placeholders.
-        input_ids: The token ids the model gets (placeholders expanded, no padding).
-        tokens: The same ids as token strings.
-        prompt_style: The style that rendered it.
-    """
-
-    prompt: str
-    input_ids: list[int]
-    tokens: list[str]
-    prompt_style: str
-
-
-def as_item(x: Any) -> dict[str, Any]:
-    """Normalises an input to ``{"text": str | None, "images": [refs]}``.
-
-    Accepts a string (text), a ``PIL.Image.Image``, or a dict with ``text`` and/or
-    ``image`` / ``images``.
-
-    Raises:
-        ValueError: For other types, unknown keys, or an empty item.
-    """
-    from PIL import Image
-
-    if isinstance(x, str):
-        return {"text": x, "images": []}
-    if isinstance(x, Image.Image):
-        return {"text": None, "images": [x]}
-    if not isinstance(x, dict):
-        raise ValueError(f"an item must be a str, a PIL image or a dict, got {type(x).__name__}")
-    unknown = set(x) - {"text", "image", "images", "video", "pdf", "page"}
-    if unknown:
-        raise ValueError(
-            f"unknown item key(s) {sorted(unknown)}; an item has text, image, images, video or pdf"
-        )
-    images = list(x.get("images") or [])
-    if x.get("image") is not None:
-        images.insert(0, x["image"])
-    # A video (file or frame folder) and a PDF page are references, decoded in collate().
-    from vlm2emb.data.media import PdfPageRef, VideoRef
-
-    if x.get("video") is not None:
-        video = x["video"]
-        images.append(video if isinstance(video, VideoRef) else VideoRef(str(video)))
-    if x.get("pdf") is not None:
-        images.append(PdfPageRef(str(x["pdf"]), int(x.get("page") or 0)))
-    text = x.get("text")
-    if text is not None and not isinstance(text, str):
-        raise ValueError(f"item text must be a string, got {type(text).__name__}")
-    if not text and not images:
-        raise ValueError("an item needs text or at least one image")
-    return {"text": text, "images": images}
-
-
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     """Maps ``"bf16"``/``"bfloat16"``/... or a torch dtype to a torch dtype.
 
@@ -207,6 +150,31 @@ def saved_config_and_family(
     from transformers import AutoConfig
 
     return saved, AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).model_type
+
+
+# Set by the named arguments (whose defaults depend on the saved config) or by loading.
+_LOAD_OWNED = (
+    "family",
+    "format_version",
+    "pooling",
+    "normalize",
+    "attention",
+    "padding_side",
+    "truncate_dim",
+    "prompt_style",
+    "pack_sequences",
+)
+
+
+def _checked_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``from_pretrained``'s ``config_overrides``, refusing keys EmbeddingConfig lacks."""
+    known = {f.name for f in fields(EmbeddingConfig)} - set(_LOAD_OWNED)
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ValueError(
+            f"config_overrides: unknown key(s) {unknown}; choose from {', '.join(sorted(known))}"
+        )
+    return dict(overrides or {})
 
 
 def _grad_free(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -265,13 +233,18 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone
         self.adapter = adapter
         self.config = config
-        self.adapter.padding_side = config.padding_side
+        # The config owns padding_side and attention; the adapter reads them from it.
+        self.adapter.settings = config
         self.adapter.check_prompt_style(config.prompt_style)  # refuses a family VLM2Vec does not train
         self.adapter.configure_backbone(backbone)
         self.adapter.set_attention(backbone, config.attention)
         if config.pack_sequences:
             self.adapter.enable_packing(backbone)  # one-line ValueError for other families
-        self.base_dir: Path | None = None  # relative image paths in encode() resolve here
+        from vlm2emb.distributed import is_distributed
+
+        # Built inside a process group of several processes (the trainer loads the model after
+        # the accelerator starts): keep every process's modules in step (InputBuilder).
+        self.inputs = InputBuilder(adapter, config, always_run_vision=is_distributed())
         # Set by enable_learnable_temperature(); a model parameter so that DDP and DeepSpeed
         # (ZeRO-3 only materialises parameters inside forward) treat it like any weight.
         self.logit_scale: nn.Parameter | None = None
@@ -297,6 +270,7 @@ class EmbeddingModel(nn.Module):
         base_model: str | os.PathLike[str] | None = None,
         prompt_style: str | None = None,
         pack_sequences: bool | None = None,
+        config_overrides: dict[str, Any] | None = None,
     ) -> EmbeddingModel:
         """Loads a raw VLM checkpoint or a saved vlm2emb model.
 
@@ -324,6 +298,10 @@ class EmbeddingModel(nn.Module):
                 trained, so it sees the tokens it was trained on; it is saved with the model.
             pack_sequences: Padding-free batches (see :class:`EmbeddingConfig`). Default:
                 the saved value, else False. Needs ``attn_implementation`` ``sdpa``.
+            config_overrides: Further :class:`EmbeddingConfig` fields to set at load time
+                (``query_instruction``, ``target_instruction``, ``temperature``,
+                ``matryoshka_dims``, ``base_model``); the trainer records the recipe's here,
+                so the config is never rewritten after loading.
 
         Returns:
             The model in eval mode.
@@ -331,6 +309,7 @@ class EmbeddingModel(nn.Module):
         Raises:
             FileNotFoundError: A local path does not exist.
             KeyError: The checkpoint's model type has no registered adapter.
+            ValueError: An unknown key in ``config_overrides``.
         """
         from vlm2emb._quiet import quiet_third_party
         from vlm2emb.backbones.registry import get_adapter_class
@@ -348,6 +327,7 @@ class EmbeddingModel(nn.Module):
                 "prompt_style": prompt_style,
                 "pack_sequences": pack_sequences,
             },
+            config_overrides=_checked_overrides(config_overrides),
             dtype=resolve_dtype(torch_dtype),
             attn_implementation=attn_implementation,
             merge_lora=merge_lora,
@@ -376,6 +356,7 @@ class EmbeddingModel(nn.Module):
         path: str,
         *,
         overrides: dict[str, Any],
+        config_overrides: dict[str, Any],
         dtype: torch.dtype | str | None,
         attn_implementation: str | None,
         trust_remote_code: bool,
@@ -419,6 +400,8 @@ class EmbeddingModel(nn.Module):
         config = EmbeddingConfig.from_dict({**saved, "family": adapter_cls.family})
         if config.base_model is None:
             config.base_model = base_model
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
         for key, value in overrides.items():
             if value is not None:
                 setattr(config, key, value)
@@ -430,7 +413,7 @@ class EmbeddingModel(nn.Module):
             config.attention = adapter_cls.default_attention
         if overrides.get("pooling") is None and "pooling" not in saved:
             config.pooling = "mean" if config.attention == "bidirectional" else "last"
-        adapter = adapter_cls(processor, padding_side=config.padding_side)
+        adapter = adapter_cls(processor, settings=config)
         model = cls(backbone, adapter, config)
         model._ensure_pool_token()
         return model
@@ -478,86 +461,31 @@ class EmbeddingModel(nn.Module):
         *,
         base_dir: str | Path | None = None,
     ) -> dict[str, Any]:
-        """Turns items into one padded backbone batch (CPU tensors).
+        """Turns items into one backbone batch (CPU tensors): :attr:`inputs` called.
 
         Args:
-            items: Strings, PIL images or item dicts (see :func:`as_item`).
+            items: Strings, PIL images or item dicts (see :class:`vlm2emb.items.Item`).
             instructions: One instruction for all items, or one per item (None = none).
             base_dir: Folder that relative image paths resolve against.
 
         Returns:
-            The backbone's input tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], ...);
-            with ``config.pack_sequences``, one packed row (``input_ids`` [1, T], no mask)
-            and ``cu_seqlens`` [B + 1] (:meth:`BackboneAdapter.pack_inputs`).
+            The backbone's input tensors (see :meth:`vlm2emb.inputs.InputBuilder.__call__`).
         """
-        prompts, images, dummy = self._prompts_and_images(items, instructions, base_dir)
-        out = self.adapter.build_inputs(prompts, images)
-        if self.config.pack_sequences:
-            out = self.adapter.pack_inputs(out)
-        if dummy:
-            out[DUMMY_ROWS] = dummy
-        return out
+        return self.inputs(items, instructions, base_dir=base_dir)
 
-    def _prompts_and_images(
-        self,
-        items: Sequence[Any],
-        instructions: str | Sequence[str | None] | None,
-        base_dir: str | Path | None,
-    ) -> tuple[list[str], list[list[Any]], int]:
-        """collate()'s prompt strings and decoded images per item, plus the dummy row count."""
-        from vlm2emb.data.media import VideoRef, load_image, load_video_frames
+    @property
+    def base_dir(self) -> str | Path | None:
+        """Folder that relative image paths in :meth:`encode` resolve against."""
+        return self.inputs.base_dir
 
-        if instructions is None or isinstance(instructions, str):
-            instructions = [instructions] * len(items)
-        if len(instructions) != len(items):
-            raise ValueError(f"got {len(instructions)} instructions for {len(items)} items")
-        suffix = ""
-        if self.config.pooling == "eos":
-            suffix = self.adapter.special_token("eos")
-        elif self.config.pooling == "embed_token":
-            suffix = self.adapter.embed_token
-        prompts: list[str] = []
-        images: list[list[Any]] = []
-        for raw, instruction in zip(items, instructions):
-            item = as_item(raw)
-            root = base_dir if base_dir is not None else self.base_dir
-            imgs = []
-            for ref in item["images"]:
-                if isinstance(ref, VideoRef):  # several frames, given as several images
-                    path = Path(ref.path)
-                    imgs.extend(
-                        load_video_frames(path if path.is_absolute() or root is None else Path(root) / path)
-                    )
-                else:
-                    imgs.append(load_image(ref, base_dir=root))
-            prompts.append(self.render_prompt(item["text"], len(imgs), instruction) + suffix)
-            images.append(imgs)
-        dummy = 0
-        if getattr(self.adapter, "always_run_vision", False) and not any(images):
-            # Multi-process training: every process must run the same modules in the same
-            # order (ZeRO-3 gathers each module's weights collectively), so a batch without
-            # images gets one blank-image row. It runs the family's own image path and its
-            # embedding is dropped in forward(); the other rows do not depend on it.
-            from PIL import Image
-
-            try:
-                prompts.append(self.render_prompt(None, 1, None) + suffix)
-                images.append([Image.new("RGB", (32, 32), (255, 255, 255))])
-                dummy = 1
-            except ValueError:  # a text-only backbone has no image path to keep in step
-                pass
-        return prompts, images, dummy
+    @base_dir.setter
+    def base_dir(self, value: str | Path | None) -> None:
+        self.inputs.base_dir = value
 
     def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
-        """The prompt string for one item in the model's ``prompt_style``.
-
-        ``vlm2emb``: ``<|image_N|>`` markers are removed and the adapter places the images
-        (:meth:`BackboneAdapter.render_prompt`). ``vlm2vec``: VLM2Vec's form
-        (:meth:`BackboneAdapter.render_vlm2vec_prompt`).
-        """
-        from vlm2emb.prompts import render_prompt
-
-        return render_prompt(self.adapter, self.config.prompt_style, text, num_images, instruction)
+        """The prompt string for one item in the model's ``prompt_style``
+        (:func:`vlm2emb.prompts.render_prompt`)."""
+        return self.inputs.render_prompt(text, num_images, instruction)
 
     def set_prompt_style(self, style: str) -> None:
         """Switches the prompt style (saved with the model by :meth:`save_pretrained`).
@@ -568,6 +496,15 @@ class EmbeddingModel(nn.Module):
         self.adapter.check_prompt_style(style)
         self.config.prompt_style = style
 
+    def set_attention(self, mode: str) -> None:
+        """Switches the backbone between ``causal`` and ``bidirectional`` attention; the
+        config (saved with the model) records it.
+
+        Raises:
+            ValueError: A mode the family does not support.
+        """
+        self.adapter.set_attention(self.backbone, mode)  # writes config.attention
+
     def render(self, item: Any, instruction: str | None = None) -> RenderedItem:
         """What the backbone gets for one item: the prompt string and its token ids.
 
@@ -576,25 +513,34 @@ class EmbeddingModel(nn.Module):
         user can check them against another implementation's.
 
         Args:
-            item: A string, a PIL image or an item dict (see :func:`as_item`).
+            item: A string, a PIL image or an item dict (see :class:`vlm2emb.items.Item`).
             instruction: The instruction, as given to :meth:`encode`.
 
         Returns:
-            A :class:`RenderedItem`.
+            A :class:`vlm2emb.inputs.RenderedItem`.
         """
-        prompts, images, _ = self._prompts_and_images([item], instruction, None)
-        batch = self.adapter.build_inputs(prompts[:1], images[:1])
-        prompt = prompts[0]
-        mask = batch["attention_mask"][0].bool()
-        ids = [int(i) for i in batch["input_ids"][0][mask]]
-        tokens = self.adapter.tokenizer.convert_ids_to_tokens(ids)
-        return RenderedItem(
-            prompt=prompt, input_ids=ids, tokens=list(tokens), prompt_style=self.config.prompt_style
-        )
+        return self.inputs.render(item, instruction)
 
     # ------------------------------------------------------------------ forward
     def enable_learnable_temperature(self, temperature: float, max_scale: float = 100.0) -> None:
-        """Adds a learnable logit scale ``log(1 / temperature)``, clamped to ``max_scale`` (CLIP)."""
+        """Learns the temperature, CLIP-style: a parameter ``logit_scale = log(1 / temperature)``.
+
+        Optimising the log keeps the scale positive and makes multiplicative updates. The
+        scale is clamped to ``max_scale`` (CLIP's 100, a temperature of at least 0.01) so the
+        logits cannot blow up; while clamped the parameter gets no gradient. It is a model
+        parameter so that DDP and DeepSpeed (ZeRO-3 materialises parameters only inside a
+        forward) treat it like any weight; :meth:`save_pretrained` records the learned value
+        in ``config.temperature``.
+
+        Raises:
+            ValueError: ``temperature`` not positive, or ``1 / temperature`` above ``max_scale``.
+        """
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if 1.0 / temperature > max_scale:
+            raise ValueError(
+                f"initial scale 1/temperature = {1.0 / temperature:g} exceeds max_scale={max_scale:g}"
+            )
         value = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32, device=self.device)
         self.logit_scale = nn.Parameter(value)
         self.max_logit_scale = float(max_scale)
@@ -603,7 +549,7 @@ class EmbeddingModel(nn.Module):
         """[] the current temperature ``1 / clamp(exp(logit_scale), max=max_scale)``."""
         if self.logit_scale is None:
             raise ValueError("this model has no learnable temperature (enable_learnable_temperature)")
-        return 1.0 / self.logit_scale.float().exp().clamp(max=self.max_logit_scale)
+        return _temperature_of(self.logit_scale, self.max_logit_scale)
 
     def forward(
         self,
@@ -759,11 +705,15 @@ class EmbeddingModel(nn.Module):
 
     def encode_queries(self, items: Any, instruction: str | None = None, **kwargs: Any) -> torch.Tensor:
         """:meth:`encode` with the model's default query instruction unless one is given."""
-        return self.encode(items, instruction=instruction or self.config.query_instruction, **kwargs)
+        return self.encode(
+            items, instruction=resolve_instruction(instruction, self.config.query_instruction), **kwargs
+        )
 
     def encode_targets(self, items: Any, instruction: str | None = None, **kwargs: Any) -> torch.Tensor:
         """:meth:`encode` with the model's default target instruction unless one is given."""
-        return self.encode(items, instruction=instruction or self.config.target_instruction, **kwargs)
+        return self.encode(
+            items, instruction=resolve_instruction(instruction, self.config.target_instruction), **kwargs
+        )
 
     @staticmethod
     def similarity(a: Any, b: Any) -> torch.Tensor:
@@ -974,8 +924,9 @@ class EmbeddingModel(nn.Module):
                 k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")
             }
             if "logit_scale" in state_dict:
-                scale = state_dict["logit_scale"].float().exp().clamp(max=self.max_logit_scale)
-                self.config.temperature = float(1.0 / scale)
+                self.config.temperature = float(
+                    _temperature_of(state_dict["logit_scale"], self.max_logit_scale)
+                )
         elif self.logit_scale is not None:
             self.config.temperature = float(self.learned_temperature())
         if self.has_lora and not merge_lora:
@@ -1007,6 +958,11 @@ class EmbeddingModel(nn.Module):
         # safetensors writes its files 0600; only the files written here are touched.
         honour_umask([*out.glob("*.safetensors"), *(out / ADAPTER_DIR).glob("*.safetensors")])
         return out
+
+
+def _temperature_of(logit_scale: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """[] ``1 / clamp(exp(logit_scale), max=max_scale)``: the one place the clamp is written."""
+    return 1.0 / logit_scale.float().exp().clamp(max=max_scale)
 
 
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -1083,67 +1039,3 @@ def _prefetched(fn: Callable[[T], R], args: Sequence[T], depth: int) -> Iterator
         for future in queue:
             future.cancel()
         pool.shutdown(wait=True)
-
-
-def length_sorted_batches(items: Sequence[Any], tokenizer: Any, batch_size: int) -> list[list[int]]:
-    """encode()'s batches: item indices sorted by :func:`length_keys`, longest first, in
-    groups of ``batch_size`` (similar lengths share a batch, so less padding is computed,
-    and an out-of-memory batch shows up first)."""
-    keys = length_keys(items, tokenizer)
-    order = sorted(range(len(items)), key=keys.__getitem__, reverse=True)
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def length_keys(items: Sequence[Any], tokenizer: Any) -> list[tuple[int, int]]:
-    """Sort keys that follow items' token counts: (media count, text tokens).
-
-    One tokenizer call for all texts (a fast tokenizer takes about 50 ms for a thousand
-    passages); the instruction adds the same tokens to every item and is left out. Sorting
-    by these keys gives batches of near-equal lengths, so little padding is computed.
-
-    Args:
-        items: Strings, PIL images or item dicts (``text``, ``image``, ``images``, ``video``,
-            ``pdf``).
-        tokenizer: The backbone's tokenizer.
-    """
-    texts: list[str] = []
-    media: list[int] = []
-    for x in items:
-        if isinstance(x, str):
-            texts.append(x)
-            media.append(0)
-        elif isinstance(x, dict):
-            texts.append(x.get("text") or "")
-            media.append(
-                len(x.get("images") or []) + sum(x.get(key) is not None for key in ("image", "video", "pdf"))
-            )
-        else:  # an image
-            texts.append("")
-            media.append(1)
-    return list(zip(media, token_counts(texts, tokenizer)))
-
-
-def token_counts(texts: Sequence[str], tokenizer: Any) -> list[int]:
-    """Each text's token count without special tokens, for sorting by length.
-
-    A fast tokenizer's Rust backend is asked directly, without character offsets:
-    transformers' call converts every encoding into Python lists and offsets, which took
-    about as long as the tokenisation itself (tested equal to the tokenizer's own call).
-    The backend keeps the padding and truncation of the tokenizer's last call; both are
-    switched off first (transformers sets its own again on every call).
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-    if encode is not None:
-        if backend.padding is not None:
-            backend.no_padding()
-        if backend.truncation is not None:
-            backend.no_truncation()
-    out: list[int] = []
-    for start in range(0, len(texts), 4096):
-        part = list(texts[start : start + 4096])
-        if encode is not None:
-            out.extend(len(e) for e in encode(part, add_special_tokens=False))
-        else:
-            out.extend(len(ids) for ids in tokenizer(part, add_special_tokens=False)["input_ids"])
-    return out

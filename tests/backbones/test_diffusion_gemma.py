@@ -49,7 +49,7 @@ def test_embedding_does_not_depend_on_batch_mates(tiny_dir, items, attention):
     alone = torch.stack([model.encode(item) for item in items])
     assert torch.isfinite(alone).all()
     for side in ("left", "right"):
-        model.adapter.padding_side = side
+        model.config.padding_side = side
         torch.testing.assert_close(model.encode(items, batch_size=len(items)), alone, atol=1e-5, rtol=0)
 
 

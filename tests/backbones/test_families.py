@@ -119,11 +119,9 @@ def _configure(
         model.config.pooling = pooling
         model._ensure_pool_token()
     if attention is not None:
-        model.config.attention = attention
-        model.adapter.set_attention(model.backbone, attention)
+        model.set_attention(attention)
     if padding_side is not None:
-        model.config.padding_side = padding_side
-        model.adapter.padding_side = padding_side
+        model.config.padding_side = padding_side  # the adapter reads it from the config
 
 
 @pytest.fixture(scope="module")
@@ -629,7 +627,7 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
     from vlm2emb.backbones.base import BackboneAdapter
 
     adapter = model.adapter
-    adapter.padding_side = padding_side
+    model.config.padding_side = padding_side
     overridden = type(adapter).build_inputs is not BackboneAdapter.build_inputs
     own = tiny.family in {"gemma3", "llava_onevision", "paligemma", "smolvlm"}
     assert overridden == (own or tiny.family in QWEN_VL)
@@ -680,7 +678,7 @@ def test_collated_tensors_equal_the_processors_own(tiny, model, digit_images, mo
 
 def test_token_counts_equal_the_tokenizers_own(model):
     """Length keys ask the Rust backend directly; the counts are the tokenizer call's."""
-    from vlm2emb.model import token_counts
+    from vlm2emb.inputs import token_counts
 
     tok = model.adapter.tokenizer
     texts = ["", "a cat", "Two dogs   run by a lake.\nThen 3 more!", "naïve café – 東京", "x" * 300]
@@ -701,7 +699,7 @@ def test_qwen_image_batches_carry_transformers_rope_positions(tiny, model, digit
 
     adapter = model.adapter
     qwen = isinstance(adapter, Qwen2VLAdapter)
-    adapter.padding_side = padding_side
+    model.config.padding_side = padding_side
     wide = digit_images[3].resize((48, 32))
     images = [[digit_images[0]], [], [wide, digit_images[1]], [digit_images[2]]]
     texts = ["a cat", "a much longer caption that pads the others", "two", "d"]

@@ -68,7 +68,7 @@ def test_embedding_does_not_depend_on_batch_mates(tiny_dirs, items, mask_input, 
     alone = torch.stack([model.encode(item) for item in items])  # no padding at all
     assert alone.shape == (len(items), model.embedding_dim) and torch.isfinite(alone).all()
     for side in ("left", "right"):
-        model.adapter.padding_side = side
+        model.config.padding_side = side
         batched = model.encode(items, batch_size=len(items))  # text, image and mixed, padded together
         torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     perm = [3, 0, 4, 2, 1]

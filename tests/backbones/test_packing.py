@@ -62,10 +62,9 @@ def _batches(images: list[Any]) -> dict[str, list[Any]]:
 
 def _configure(model: EmbeddingModel, *, pooling: str, padding_side: str, attention: str) -> None:
     model.config.pooling = pooling
-    model.config.padding_side = model.adapter.padding_side = padding_side
-    if model.adapter.attention != attention:
-        model.adapter.set_attention(model.backbone, attention)
-        model.config.attention = attention
+    model.config.padding_side = padding_side  # the adapter reads it from the config
+    if model.config.attention != attention:
+        model.set_attention(attention)
 
 
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])

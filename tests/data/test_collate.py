@@ -115,18 +115,18 @@ def test_collator_output_without_negatives(model: EmbeddingModel, image_path: st
         ex({"text": "a handwritten digit seven"}, {"text": None, "images": [image_path]}),
         ex({"text": "what is this"}, {"text": "a handwritten digit seven"}),
     ]
-    batch = ContrastiveCollator(model)(examples)
-    assert batch["negatives"] == []
-    assert batch["negative_keys"] is None and batch["negative_mask"] is None
+    batch = ContrastiveCollator(model.inputs)(examples)
+    assert batch.negatives == []
+    assert batch.negative_keys is None and batch.negative_mask is None
     for side in ("query", "positive"):
-        assert len(batch[side]) == 1  # no GradCache: one chunk holds the whole batch
-        inputs = batch[side][0]
+        assert len(getattr(batch, side)) == 1  # no GradCache: one chunk holds the whole batch
+        inputs = getattr(batch, side)[0]
         assert inputs["input_ids"].shape[0] == 3
         assert inputs["attention_mask"].shape == inputs["input_ids"].shape
         # One image on each side: its pixels and grid come along.
         assert inputs["image_grid_thw"].shape == (1, 3)
         assert inputs["pixel_values"].shape[0] == int(inputs["image_grid_thw"].prod())
-    keys = batch["positive_keys"]
+    keys = batch.positive_keys
     assert keys.shape == (3,)
     assert keys.dtype == torch.int64
     # Rows 0 and 2 share the positive (same text, no instruction): equal keys, masked as duplicates.
@@ -134,7 +134,7 @@ def test_collator_output_without_negatives(model: EmbeddingModel, image_path: st
     assert keys[0] != keys[1]
     # The batch embeds.
     with torch.no_grad():
-        emb = model(batch["query"][0])
+        emb = model(batch.query[0])
     assert emb.shape == (3, model.embedding_dim)
     assert torch.isfinite(emb).all()
 
@@ -145,9 +145,9 @@ def test_collator_ragged_negatives(model: EmbeddingModel) -> None:
         ex({"text": "q1"}, {"text": "p1"}),
         ex({"text": "q2"}, {"text": "p2"}, [{"text": "n20"}]),
     ]
-    batch = ContrastiveCollator(model, target_instruction="Find it.")(examples)
-    mask = batch["negative_mask"]
-    keys = batch["negative_keys"]
+    batch = ContrastiveCollator(model.inputs, target_instruction="Find it.")(examples)
+    mask = batch.negative_mask
+    keys = batch.negative_keys
     assert mask.dtype == torch.bool
     assert mask.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
     assert keys.shape == (3, 3)
@@ -155,12 +155,12 @@ def test_collator_ragged_negatives(model: EmbeddingModel) -> None:
     assert (keys[~mask] == -1).all()
     assert (keys[mask] >= 0).all()
     # Negatives are flattened in row order: 3 + 0 + 1.
-    assert batch["negatives"][0]["input_ids"].shape[0] == 4
-    texts = decode_rows(model, batch["negatives"][0])
+    assert batch.negatives[0]["input_ids"].shape[0] == 4
+    texts = decode_rows(model, batch.negatives[0])
     assert [t.split("\n")[-1] for t in texts] == ["n00", "n01", "p1", "n20"]
     assert all(t.startswith("Find it.\n") for t in texts)
     # A negative equal to another row's positive (same text, same instruction) has its key.
-    assert keys[0, 2] == batch["positive_keys"][1]
+    assert keys[0, 2] == batch.positive_keys[1]
     assert len({int(k) for k in keys[mask]}) == 4
 
 
@@ -170,13 +170,13 @@ def test_target_instruction_is_part_of_the_key(model: EmbeddingModel) -> None:
         ex({"text": "q1"}, {"text": "same"}, target_instruction="Retrieve the caption of the image."),
         ex({"text": "q2"}, {"text": "same"}),
     ]
-    keys = ContrastiveCollator(model)(examples)["positive_keys"]
+    keys = ContrastiveCollator(model.inputs)(examples).positive_keys
     assert keys[0] == keys[2]
     assert keys[0] != keys[1]
     # With a default target instruction, rows without their own get the default.
-    keys_default = ContrastiveCollator(model, target_instruction="Retrieve the caption of the image.")(
+    keys_default = ContrastiveCollator(model.inputs, target_instruction="Retrieve the caption of the image.")(
         examples
-    )["positive_keys"]
+    ).positive_keys
     assert keys_default[0] == keys_default[1] == keys_default[2]
 
 
@@ -187,15 +187,15 @@ def test_row_instruction_overrides_default_query_instruction(model: EmbeddingMod
         ex({"text": "a handwritten digit two"}, {"text": "p"}, instruction=own),
         ex({"text": "a handwritten digit three"}, {"text": "p"}),
     ]
-    batch = ContrastiveCollator(model, query_instruction=default)(examples)
-    q0, q1 = decode_rows(model, batch["query"][0])
+    batch = ContrastiveCollator(model.inputs, query_instruction=default)(examples)
+    q0, q1 = decode_rows(model, batch.query[0])
     assert own in q0
     assert default not in q0
     assert q0.endswith("a handwritten digit two")
     assert default in q1
     assert q1.endswith("a handwritten digit three")
     # Query instructions never leak into the positives.
-    for text in decode_rows(model, batch["positive"][0]):
+    for text in decode_rows(model, batch.positive[0]):
         assert own not in text
         assert default not in text
 
@@ -208,7 +208,7 @@ def test_collator_error_names_rows(model: EmbeddingModel, tmp_path: Path) -> Non
         TrainExample(query={"images": [str(broken)]}, positive={"text": "p"}, source="a.jsonl:2"),
     ]
     with pytest.raises(ValueError, match=r"a\.jsonl:1, a\.jsonl:2.*broken\.png"):
-        ContrastiveCollator(model)(examples)
+        ContrastiveCollator(model.inputs)(examples)
 
 
 def test_rows_sharing_a_query_share_a_false_negative_group(model: EmbeddingModel) -> None:
@@ -219,7 +219,7 @@ def test_rows_sharing_a_query_share_a_false_negative_group(model: EmbeddingModel
         ex({"text": "seven"}, {"text": "img b"}),
         ex({"text": "one"}, {"text": "img c"}),
     ]
-    keys = ContrastiveCollator(model)(rows)["positive_keys"].tolist()
+    keys = ContrastiveCollator(model.inputs)(rows).positive_keys.tolist()
     assert keys[0] == keys[1] != keys[2]
 
 
@@ -235,40 +235,40 @@ def test_hard_negative_equal_to_another_rows_positive_joins_its_group(model: Emb
         ex({"text": "q1"}, {"text": "seven"}, [{"text": "one"}]),
         ex({"text": "q2"}, {"text": "one"}),
     ]
-    batch = ContrastiveCollator(model)(rows)
-    assert batch["negative_keys"][0, 0].item() == batch["positive_keys"][1].item()
+    batch = ContrastiveCollator(model.inputs)(rows)
+    assert batch.negative_keys[0, 0].item() == batch.positive_keys[1].item()
 
 
 def test_collator_slices_the_global_batch_and_chunks(model: EmbeddingModel) -> None:
     rows = [ex({"text": f"q{i}"}, {"text": f"p{i % 3}"}, [{"text": f"n{i}"}] * (i % 2)) for i in range(6)]
-    full = ContrastiveCollator(model)(rows)
+    full = ContrastiveCollator(model.inputs)(rows)
     for rank in (0, 1):
-        part = ContrastiveCollator(model, rank=rank, world_size=2, chunk_size=2)(rows)
+        part = ContrastiveCollator(model.inputs, rank=rank, world_size=2, chunk_size=2)(rows)
         # Keys and negative layout describe the GLOBAL batch on every process.
-        assert torch.equal(part["positive_keys"], full["positive_keys"])
-        assert torch.equal(part["negative_mask"], full["negative_mask"])
-        assert torch.equal(part["local_negative_mask"], full["negative_mask"][3 * rank : 3 * rank + 3])
+        assert torch.equal(part.positive_keys, full.positive_keys)
+        assert torch.equal(part.negative_mask, full.negative_mask)
+        assert torch.equal(part.local_negative_mask, full.negative_mask[3 * rank : 3 * rank + 3])
         # Local rows only, in chunks of at most 2.
-        assert [c["input_ids"].shape[0] for c in part["query"]] == [2, 1]
-        texts = [t for c in part["query"] for t in decode_rows(model, c)]
-        order = part["query_order"].tolist()  # equal lengths: the sort keeps row order
+        assert [c["input_ids"].shape[0] for c in part.query] == [2, 1]
+        texts = [t for c in part.query for t in decode_rows(model, c)]
+        order = part.query_order.tolist()  # equal lengths: the sort keeps row order
         assert order == [0, 1, 2]
         assert texts == [f"q{i}" for i in range(3 * rank, 3 * rank + 3)]
         # Multi-process: every row is filled to K negatives so all processes embed alike.
-        assert part["negatives_padded"] is True
-        assert sum(c["input_ids"].shape[0] for c in part["negatives"]) == 3 * 1
+        assert part.negatives_padded is True
+        assert sum(c["input_ids"].shape[0] for c in part.negatives) == 3 * 1
 
 
 def test_a_side_in_several_chunks_is_sorted_by_length_and_mapped_back(model: EmbeddingModel) -> None:
     lengths = [3, 40, 9, 25, 1, 14]
     rows = [ex({"text": "q" * n}, {"text": f"p{i}"}) for i, n in enumerate(lengths)]
-    batch = ContrastiveCollator(model, length_buckets=2)(rows)
-    order = batch["query_order"].tolist()
+    batch = ContrastiveCollator(model.inputs, length_buckets=2)(rows)
+    order = batch.query_order.tolist()
     assert order == sorted(range(6), key=lambda i: -lengths[i])  # longest first
-    texts = [t for c in batch["query"] for t in decode_rows(model, c)]
+    texts = [t for c in batch.query for t in decode_rows(model, c)]
     assert texts == ["q" * lengths[i] for i in order]  # chunk j holds rows order[j]
     # Padding: each chunk pads to its own longest, less than one chunk of all six would.
-    padded = sum(c["attention_mask"].numel() for c in batch["query"])
-    whole = ContrastiveCollator(model)(rows)["query"][0]["attention_mask"].numel()
+    padded = sum(c["attention_mask"].numel() for c in batch.query)
+    whole = ContrastiveCollator(model.inputs)(rows).query[0]["attention_mask"].numel()
     assert padded < whole
-    assert ContrastiveCollator(model)(rows)["query_order"] is None  # one chunk: row order
+    assert ContrastiveCollator(model.inputs)(rows).query_order is None  # one chunk: row order

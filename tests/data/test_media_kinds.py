@@ -198,8 +198,8 @@ def test_collator_decodes_video_pdf_and_several_images_for_the_model(
     examples = load_train_examples([str(data)])
     model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir)
     media = MediaOptions(video_frames=3, max_pixels=32 * 32)
-    batch = ContrastiveCollator(model, media=media)(examples)
-    (query,) = batch["query"]
+    batch = ContrastiveCollator(model.inputs, media=media)(examples)
+    (query,) = batch.query
     # Qwen2-VL: one image_grid_thw row per image: 3 frames + 1 page + 2 images.
     assert query["image_grid_thw"].shape[0] == 6
     emb = model.encode([decode_item(ex.query, media) for ex in examples])

@@ -11,8 +11,9 @@ adding one line to :mod:`vlm2emb.backbones.registry`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +25,21 @@ if TYPE_CHECKING:  # pragma: no cover
 ATTENTION_MODES = ("causal", "bidirectional")
 # The key of a packed batch's cumulative row lengths [B + 1] (BackboneAdapter.pack_inputs).
 CU_SEQLENS = "cu_seqlens"
+
+
+class AdapterSettings(Protocol):
+    """The settings an adapter reads; :class:`vlm2emb.model.EmbeddingConfig` is one."""
+
+    padding_side: str
+    attention: str
+
+
+@dataclass
+class StandaloneSettings:
+    """An adapter's settings when no EmbeddingModel owns it (tests, data checks)."""
+
+    padding_side: str = "right"
+    attention: str = "causal"
 
 
 class BackboneAdapter:
@@ -74,18 +90,30 @@ class BackboneAdapter:
     # check packed embeddings and gradients equal the padded ones for every such family.
     supports_packing: ClassVar[bool] = False
 
-    def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
+    def __init__(
+        self, processor: Any, *, padding_side: str = "right", settings: AdapterSettings | None = None
+    ) -> None:
         # The adapter holds no reference to the model: EmbeddingModel owns it (so that peft,
         # DDP or DeepSpeed wrapping it stays visible) and passes it into each call.
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.padding_side = padding_side
-        self.attention = "causal"
-        # Set for multi-process training: see EmbeddingModel.collate (a batch without images
-        # gets one blank image row so every process runs the same modules).
-        self.always_run_vision = False
+        if settings is None:
+            if padding_side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            settings = StandaloneSettings(padding_side=padding_side)
+        # Read, never copied: under an EmbeddingModel this is its EmbeddingConfig, the one
+        # owner of padding_side and attention (set_attention writes the attention there).
+        self.settings = settings
+
+    @property
+    def padding_side(self) -> str:
+        """``right`` or ``left``, read from :attr:`settings` (change it there)."""
+        return self.settings.padding_side
+
+    @property
+    def attention(self) -> str:
+        """``causal`` or ``bidirectional``, read from :attr:`settings` (:meth:`set_attention`)."""
+        return self.settings.attention
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -337,7 +365,7 @@ class BackboneAdapter:
         for module in lm.modules():
             if hasattr(module, "is_causal") and not isinstance(module, type(lm)):
                 module.is_causal = causal
-        self.attention = mode
+        self.settings.attention = mode
 
     @staticmethod
     def hidden_size(model: nn.Module) -> int:

@@ -109,7 +109,7 @@ class DiffusionGemmaAdapter(BackboneAdapter):
         for module in lm.modules():
             if hasattr(module, "is_causal") and module is not lm:
                 module.is_causal = mode == "causal"
-        self.attention = mode
+        self.settings.attention = mode
 
     def _masks(self, model: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
         """Per-layer-type attention masks in the form the attention backend expects."""

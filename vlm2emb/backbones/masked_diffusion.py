@@ -155,8 +155,8 @@ class MaskedDiffusionAdapter(BackboneAdapter):
     default_attention: ClassVar[str] = "bidirectional"
     spec: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, processor: Any, *, padding_side: str = "right") -> None:
-        super().__init__(processor, padding_side=padding_side)
+    def __init__(self, processor: Any, **kwargs: Any) -> None:
+        super().__init__(processor, **kwargs)
         self._spec: MaskedDiffusionSpec | None = None
 
     # ------------------------------------------------------------------ loading
@@ -210,7 +210,7 @@ class MaskedDiffusionAdapter(BackboneAdapter):
                 "models are trained with bidirectional attention only; use attention='bidirectional'"
             )
         self.bind(model)
-        self.attention = mode
+        self.settings.attention = mode
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return _attr(_base(model), self.spec_.language_model)

@@ -230,13 +230,14 @@ def example_items(
     query and the candidates. Instructions follow the collator's rule: the row's own, else
     the default.
     """
+    from vlm2emb.items import resolve_instruction
+
+    q = resolve_instruction(example.instruction, query_instruction)
     if hasattr(example, "candidates"):  # an EvalExample
-        q = example.instruction or query_instruction
         return [("query", example.query, q)] + [
             (f"candidates[{i}]", c, target_instruction) for i, c in enumerate(example.candidates)
         ]
-    q = example.instruction or query_instruction
-    t = example.target_instruction or target_instruction
+    t = resolve_instruction(example.target_instruction, target_instruction)
     return [("query", example.query, q), ("positive", example.positive, t)] + [
         (f"negatives[{i}]", n, t) for i, n in enumerate(example.negatives)
     ]

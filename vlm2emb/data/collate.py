@@ -7,18 +7,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlm2emb.data.keys import item_keys
 from vlm2emb.data.sampler import GlobalBatchSampler
+from vlm2emb.items import ContrastiveBatch, resolve_instruction
 
 __all__ = ["ContrastiveCollator", "GlobalBatchSampler", "false_negative_groups"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm2emb.data.media import MediaOptions
     from vlm2emb.data.schema import TrainExample
-    from vlm2emb.model import EmbeddingModel
+    from vlm2emb.inputs import InputBuilder
 
 
 class ContrastiveCollator:
-    """Turns a global batch of training examples into this process's backbone batches.
+    """Turns a global batch of training examples into this process's :class:`ContrastiveBatch`.
 
     It receives the whole global batch (every process sees the same one) so that the
     false-negative ids and the hard-negative layout are computed over the global batch, and
@@ -30,24 +32,23 @@ class ContrastiveCollator:
     embeddings back in row order. Media references (paths, bytes, videos, PDF pages) are
     decoded here with ``media`` (pixel bounds, frames per video), only for the local rows.
 
-    The output holds CPU tensors:
-        ``query``, ``positive``: lists of backbone-input chunks covering the b local items.
-        ``query_order``, ``positive_order`` [b]: the local row of each item in chunk order
-        (None when the items are in row order).
-        ``negatives``: chunks of the local rows' hard negatives, flattened in row order
-        (empty list when the batch has none).
-        ``positive_keys`` [B]: false-negative group ids of the global batch (see
-        :func:`false_negative_groups`).
-        ``negative_keys``, ``negative_mask`` [B, K]: ids and real-negative mask of the
-        global batch's hard negatives (K = most negatives of any global row), or None.
-        ``local_negative_mask`` [b, K]: this process's rows of ``negative_mask``.
-        ``negatives_padded``: True when ``negatives`` holds all b * K slots (multi-process
-        runs), padding included; else only the real negatives.
+    It holds the model's :class:`~vlm2emb.inputs.InputBuilder` (processor and settings),
+    never the weights, so DataLoader workers get no copy of the model.
+
+    Args:
+        inputs: ``model.inputs``.
+        query_instruction: Instruction for queries of rows without their own.
+        target_instruction: Instruction for positives and negatives of rows without their own.
+        rank: This process's rank.
+        world_size: Processes sharing the global batch.
+        chunk_size: Items per chunk (0 = ``length_buckets`` chunks per side).
+        length_buckets: Length-sorted chunks per side when ``chunk_size`` is 0.
+        media: How media are decoded.
     """
 
     def __init__(
         self,
-        model: EmbeddingModel,
+        inputs: InputBuilder,
         *,
         query_instruction: str | None = None,
         target_instruction: str | None = None,
@@ -59,8 +60,12 @@ class ContrastiveCollator:
     ) -> None:
         if length_buckets < 1:
             raise ValueError(f"length_buckets must be >= 1, got {length_buckets}")
+        if not callable(inputs) or not hasattr(inputs, "length_keys"):
+            raise TypeError(
+                f"ContrastiveCollator takes model.inputs (an InputBuilder), got {type(inputs).__name__}"
+            )
         self.length_buckets = length_buckets
-        self.model = model
+        self.inputs = inputs
         self.media = media
         self.query_instruction = query_instruction
         self.target_instruction = target_instruction
@@ -68,48 +73,42 @@ class ContrastiveCollator:
         self.world_size = world_size
         self.chunk_size = chunk_size
 
-    def __call__(self, examples: Sequence[TrainExample]) -> dict[str, Any]:
-        from vlm2emb.losses import content_keys
-
+    def __call__(self, examples: Sequence[TrainExample]) -> ContrastiveBatch:
         if len(examples) % self.world_size:
             raise ValueError(
                 f"a global batch of {len(examples)} rows does not split over {self.world_size} processes"
             )
-        q_instr = [ex.instruction or self.query_instruction for ex in examples]
-        t_instr = [ex.target_instruction or self.target_instruction for ex in examples]
-        # Keys include the instruction: the same text under another instruction embeds differently.
-        pos_content = content_keys([[ex.positive, t] for ex, t in zip(examples, t_instr)])  # [B]
-        query_content = content_keys([[ex.query, i] for ex, i in zip(examples, q_instr)])  # [B]
+        q_instr = [resolve_instruction(ex.instruction, self.query_instruction) for ex in examples]
+        t_instr = [resolve_instruction(ex.target_instruction, self.target_instruction) for ex in examples]
+        pos_content = item_keys([ex.positive for ex in examples], t_instr)  # [B]
+        query_content = item_keys([ex.query for ex in examples], q_instr)  # [B]
         groups = false_negative_groups(query_content.tolist(), pos_content.tolist())
         b = len(examples) // self.world_size
         lo, hi = self.rank * b, (self.rank + 1) * b
         local = examples[lo:hi]
         query_chunks, query_order = self._sorted_chunks([ex.query for ex in local], q_instr[lo:hi], local)
         pos_chunks, pos_order = self._sorted_chunks([ex.positive for ex in local], t_instr[lo:hi], local)
-        batch: dict[str, Any] = {
-            "query": query_chunks,
-            "query_order": query_order,
-            "positive": pos_chunks,
-            "positive_order": pos_order,
-            "positive_keys": torch.tensor(groups, dtype=torch.int64),
-            "negatives": [],
-            "negative_keys": None,
-            "negative_mask": None,
-            "local_negative_mask": None,
-            "negatives_padded": False,
-        }
+        batch = ContrastiveBatch(
+            query=query_chunks,
+            query_order=query_order,
+            positive=pos_chunks,
+            positive_order=pos_order,
+            positive_keys=torch.tensor(groups, dtype=torch.int64),
+        )
         k = max(len(ex.negatives) for ex in examples)
         if k:
             group_of_content = dict(zip(pos_content.tolist(), groups))
             mask = torch.zeros(len(examples), k, dtype=torch.bool)
-            keys_flat: list[Any] = []
+            neg_items: list[Any] = []
+            neg_instr: list[str | None] = []
             for row, (ex, t) in enumerate(zip(examples, t_instr)):
                 mask[row, : len(ex.negatives)] = True
-                keys_flat.extend([neg, t] for neg in ex.negatives)
+                neg_items.extend(ex.negatives)
+                neg_instr.extend([t] * len(ex.negatives))
             key_tensor = torch.full((len(examples), k), -1, dtype=torch.int64)
             # A hard negative equal to some row's positive belongs to that row's group.
             key_tensor[mask] = torch.tensor(
-                [group_of_content.get(key, key) for key in content_keys(keys_flat).tolist()],
+                [group_of_content.get(key, key) for key in item_keys(neg_items, neg_instr).tolist()],
                 dtype=torch.int64,
             )
             if self.world_size > 1:
@@ -120,14 +119,14 @@ class ContrastiveCollator:
                     neg for ex in local for neg in [*ex.negatives, *[ex.positive] * (k - len(ex.negatives))]
                 ]
                 flat_instr = [t for t in t_instr[lo:hi] for _ in range(k)]
-                batch["negatives_padded"] = True
+                batch.negatives_padded = True
             else:
                 flat = [neg for ex in local for neg in ex.negatives]
                 flat_instr = [t for ex, t in zip(local, t_instr[lo:hi]) for _ in ex.negatives]
-            batch["negatives"] = self._chunks(flat, flat_instr, local) if flat else []
-            batch["negative_keys"] = key_tensor
-            batch["negative_mask"] = mask
-            batch["local_negative_mask"] = mask[lo:hi]
+            batch.negatives = self._chunks(flat, flat_instr, local) if flat else []
+            batch.negative_keys = key_tensor
+            batch.negative_mask = mask
+            batch.local_negative_mask = mask[lo:hi]
         return batch
 
     def _chunk_size(self, n: int) -> int:
@@ -149,21 +148,19 @@ class ContrastiveCollator:
         side takes more than one chunk; else the row-order chunks and None."""
         if len(items) <= self._chunk_size(len(items)):
             return self._chunks(items, instructions, examples), None
-        from vlm2emb.model import length_keys
-
-        keys = length_keys(items, self.model.adapter.tokenizer)
+        keys = self.inputs.length_keys(items)
         order = sorted(range(len(items)), key=keys.__getitem__, reverse=True)
         chunks = self._chunks([items[i] for i in order], [instructions[i] for i in order], examples)
         return chunks, torch.tensor(order, dtype=torch.int64)
 
     def _collate(
         self, items: list[Any], instructions: list[str | None], examples: Sequence[TrainExample]
-    ) -> Any:
+    ) -> dict[str, Any]:
         from vlm2emb.data.media import decode_item
 
         try:
             decoded = [decode_item(item, self.media) for item in items]
-            return self.model.collate(decoded, instructions)
+            return self.inputs(decoded, instructions)
         except (OSError, ValueError) as exc:
             sources = ", ".join(ex.source for ex in examples[:3])
             raise ValueError(f"cannot build a batch from rows {sources}...: {exc}") from exc

@@ -22,6 +22,8 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from vlm2emb.items import Item, PdfPageRef, VideoRef
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # PIL's own default (about 89.5 megapixels, a 1024 MiB RGB buffer) is a sane bound for data.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -65,24 +67,6 @@ def media_options(data: Any) -> MediaOptions:
         pdf_dpi=data.pdf_dpi,
         max_text_chars=data.max_text_chars,
     )
-
-
-@dataclass(frozen=True)
-class VideoRef:
-    """A video: a video file (decoded with PyAV) or a folder of frame images.
-
-    The dataclass repr is stable, so :func:`vlm2emb.losses.content_keys` can hash it.
-    """
-
-    path: str
-
-
-@dataclass(frozen=True)
-class PdfPageRef:
-    """One page of a PDF file; ``page`` is 0-based (0 = the first page)."""
-
-    path: str
-    page: int = 0
 
 
 def load_image(
@@ -394,22 +378,18 @@ def load_visuals(ref: Any, options: MediaOptions | None = None) -> list[Image.Im
 
 
 def decode_item(item: Any, options: MediaOptions | None = None) -> dict[str, Any]:
-    """A validated item with every media reference decoded to RGB PIL images.
+    """An item with every media reference decoded to RGB PIL images.
 
     Args:
-        item: ``{"text": ..., "images": [refs]}`` as :mod:`vlm2emb.data.schema` builds it
-            (``image`` and ``video`` keys, a bare string or a PIL image are accepted too).
+        item: Anything :meth:`vlm2emb.items.Item.parse` accepts (a row's stored
+            ``{"text": ..., "images": [refs]}``, a string, a PIL image, an item dict).
         options: Pixel bounds, limits, frames per video.
 
     Returns:
         ``{"text": ..., "images": [PIL images]}``, which ``EmbeddingModel.collate`` accepts.
     """
-    if isinstance(item, (str, Image.Image)):
-        item = {"text": item} if isinstance(item, str) else {"images": [item]}
-    refs = ([item["image"]] if item.get("image") is not None else []) + list(item.get("images") or [])
-    if item.get("video") is not None:
-        refs.append(item["video"] if isinstance(item["video"], VideoRef) else VideoRef(str(item["video"])))
+    parsed = Item.parse(item)
     images: list[Image.Image] = []
-    for ref in refs:
+    for ref in parsed.media:
         images.extend(load_visuals(ref, options))
-    return {"text": item.get("text"), "images": images}
+    return {"text": parsed.text, "images": images}

@@ -233,7 +233,7 @@ def grouping_keys(examples: Sequence[Any], tokenizer: Any = None) -> list[tuple[
     def counts(texts: list[str]) -> list[int]:
         if tokenizer is None:
             return [len(t) // 4 for t in texts]
-        from vlm2emb.model import token_counts
+        from vlm2emb.inputs import token_counts
 
         return token_counts(texts, tokenizer)
 
@@ -275,11 +275,13 @@ def sampler_for(
     """
     dedup = None
     if data.dedup_positives:
-        from vlm2emb.losses import content_keys
+        from vlm2emb.data.keys import item_keys
+        from vlm2emb.items import resolve_instruction
 
         # The same key the collator's false-negative masking uses: item plus instruction.
-        dedup = content_keys(
-            [[ex.positive, ex.target_instruction or data.target_instruction] for ex in examples]
+        dedup = item_keys(
+            [ex.positive for ex in examples],
+            [resolve_instruction(ex.target_instruction, data.target_instruction) for ex in examples],
         ).tolist()
     return GlobalBatchSampler(
         len(examples),

@@ -31,19 +31,17 @@ from typing import TYPE_CHECKING, Any
 from vlm2emb.data.media import (
     MediaError,
     MediaOptions,
-    PdfPageRef,
-    VideoRef,
     frame_files,
     pdf_page_count,
     probe_image,
     video_frame_count,
 )
+from vlm2emb.items import ItemError, PdfPageRef, VideoRef, media_refs, resolve_instruction
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm2emb.data.check import DataReport
     from vlm2emb.data.sources import Source
 
-ITEM_KEYS = ("text", "image", "images", "video", "pdf", "page")
 TRAIN_KEYS = ("query", "positive", "negatives", "instruction", "dataset", "target_instruction")
 EVAL_KEYS = ("query", "candidates", "positive", "task", "instruction")
 
@@ -97,7 +95,7 @@ class EvalExample:
             "candidates": self.candidates,
             "positive": self.positive,
             "task": self.task,
-            "instruction": self.instruction or default_instruction,
+            "instruction": resolve_instruction(self.instruction, default_instruction),
         }
 
 
@@ -127,13 +125,12 @@ class _RowChecker:
                 f"{where} must be an object with text and/or image, got {type(raw).__name__}",
                 "wrong_type",
             )
-        unknown = sorted(set(raw) - set(ITEM_KEYS))
-        if unknown:
+        try:
+            parts = media_refs(raw)  # unknown keys and the media order: one rule (vlm2emb.items)
+        except ItemError as exc:
             raise self.fail(
-                lineno,
-                f"{where} has unknown key(s) {unknown}; items hold {', '.join(ITEM_KEYS)}",
-                "unknown_field",
-            )
+                lineno, f"{where} has {exc}" if exc.kind == "unknown_field" else f"{where}.{exc}", exc.kind
+            ) from None
         text = raw.get("text")
         if text is not None and not isinstance(text, str):
             raise self.fail(lineno, f"{where}.text must be a string", "wrong_type")
@@ -144,19 +141,13 @@ class _RowChecker:
                 # One very long text pads every item of its batch to its length (a 50k
                 # character row made a whole run 9x slower): cut it to the cap.
                 text = text[:cap]
+        check = {"image": self.image, "video": self.video}
         refs: list[Any] = []
-        if raw.get("image") is not None:
-            refs.append(self.image(lineno, f"{where}.image", raw["image"]))
-        images = raw.get("images") or []
-        if not isinstance(images, list):
-            raise self.fail(lineno, f"{where}.images must be a list", "wrong_type")
-        refs.extend(self.image(lineno, f"{where}.images[{i}]", ref) for i, ref in enumerate(images))
-        if raw.get("video") is not None:
-            refs.append(self.video(lineno, f"{where}.video", raw["video"]))
-        if raw.get("pdf") is not None:
-            refs.append(self.pdf(lineno, f"{where}.pdf", raw["pdf"], raw.get("page", 0)))
-        elif raw.get("page") is not None:
-            raise self.fail(lineno, f"{where}.page is given without a pdf", "wrong_type")
+        for key, kind, ref in parts:
+            if kind == "pdf":
+                refs.append(self.pdf(lineno, f"{where}.pdf", ref[0], raw.get("page", 0)))
+            else:
+                refs.append(check[kind](lineno, f"{where}.{key}", ref))
         if not text and not refs:
             raise self.fail(lineno, f"{where} is empty (needs text or an image)", "empty_item")
         out: dict[str, Any] = {"text": text}

@@ -24,6 +24,7 @@ from vlm2emb.data.schema import DataError
 from vlm2emb.data.sources import resolve_source
 from vlm2emb.eval.metrics import ranking_metrics
 from vlm2emb.eval.mmeb import records, resolve_path, row_checker
+from vlm2emb.items import resolve_instruction
 
 __all__ = ["CorpusTask", "evaluate_corpus", "load_corpus_task", "read_qrels"]
 
@@ -187,7 +188,7 @@ def evaluate_corpus(
     # Queries: one encode call per distinct instruction (the instruction is part of the prompt).
     by_instr: dict[str | None, list[int]] = {}
     for i in keep:
-        by_instr.setdefault(task.query_instructions[i] or query_instruction, []).append(i)
+        by_instr.setdefault(resolve_instruction(task.query_instructions[i], query_instruction), []).append(i)
     query_emb = torch.empty(len(task.query_ids), corpus_emb.shape[1])  # [Q_all, d]
     for instruction, idx in by_instr.items():
         emb = torch.as_tensor(

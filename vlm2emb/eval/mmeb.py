@@ -26,6 +26,7 @@ from typing import Any
 from vlm2emb.data.media import MediaOptions
 from vlm2emb.data.schema import DataError, _RowChecker, load_eval_examples
 from vlm2emb.data.sources import Source, iter_records, resolve_source
+from vlm2emb.items import resolve_instruction
 from vlm2emb.prompts import count_image_markers, strip_image_markers
 
 __all__ = ["MMEB_KEYS", "MMEB_LAYOUT", "load_local_rows", "strip_image_placeholder"]
@@ -168,7 +169,7 @@ def load_local_rows(
             )
             part = [ex.as_row() for ex in examples]
         for row in part:
-            row["instruction"] = row.get("instruction") or query_instruction
+            row["instruction"] = resolve_instruction(row.get("instruction"), query_instruction)
             row.pop("task", None)
         rows.extend(part)
     return rows

@@ -104,6 +104,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     lr_scheduler: str = "linear"  # linear | cosine | constant
+    # The objective (vlm2emb.losses registry: infonce, or one added with register_loss) and
+    # its own settings, passed to its factory.
+    loss: str = "infonce"
+    loss_args: dict[str, Any] = field(default_factory=dict)
     temperature: float = 0.02
     learnable_temperature: bool = False  # CLIP-style logit scale, clamped to max_logit_scale
     max_logit_scale: float = 100.0
@@ -161,6 +165,12 @@ class RecipeConfig:
             raise ConfigError(f"train.learning_rate: must be > 0, got {self.train.learning_rate}")
         if self.train.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: must be >= 0, got {self.train.weight_decay}")
+        from vlm2emb.losses import available_losses
+
+        if self.train.loss not in available_losses():
+            raise ConfigError(
+                f"train.loss: unknown loss {self.train.loss!r}; choose one of {', '.join(available_losses())}"
+            )
         from vlm2emb.backbones.base import ATTENTION_MODES
         from vlm2emb.pooling import POOLING_METHODS
         from vlm2emb.prompts import PROMPT_STYLES
@@ -352,6 +362,12 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
         return str(value)
+    if typing.get_origin(inner) is dict:
+        if isinstance(value, str) and value.startswith("{"):
+            value = yaml.safe_load(value)  # an override: train.loss_args={margin: 0.2}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {str(k): v for k, v in value.items()}
     if typing.get_origin(inner) is list:
         (elem,) = typing.get_args(inner)
         if isinstance(value, str):

@@ -241,15 +241,6 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def _count_tokens(batch: dict[str, Any]) -> int:
-    # A packed chunk (model.pack_sequences) has no mask: every token in it is real.
-    return sum(
-        int(chunk["attention_mask"].sum()) if "attention_mask" in chunk else chunk["input_ids"].numel()
-        for key in ("query", "positive", "negatives")
-        for chunk in batch[key]
-    )
-
-
 def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, Any]:
     from vlm2emb.eval import evaluate
 
@@ -432,12 +423,15 @@ class _Trainer:
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
             seed=cfg.seed,
+            # What the recipe records with the model, set once at load time.
+            config_overrides={
+                "base_model": cfg.model.name_or_path,
+                "query_instruction": cfg.data.query_instruction,
+                "target_instruction": cfg.data.target_instruction,
+                "temperature": cfg.train.temperature,
+                "matryoshka_dims": list(cfg.train.matryoshka_dims) or None,
+            },
         )
-        model.config.base_model = cfg.model.name_or_path
-        model.config.query_instruction = cfg.data.query_instruction
-        model.config.target_instruction = cfg.data.target_instruction
-        model.config.temperature = cfg.train.temperature
-        model.config.matryoshka_dims = list(cfg.train.matryoshka_dims) or None
         if cfg.model.freeze_vision:
             tower = model.adapter.vision_tower(model.backbone)
             if tower is None:
@@ -459,8 +453,6 @@ class _Trainer:
             model.enable_gradient_checkpointing()
         if cfg.train.learnable_temperature:
             model.enable_learnable_temperature(cfg.train.temperature, cfg.train.max_logit_scale)
-        # Same modules on every process in every step (see EmbeddingModel.collate).
-        model.adapter.always_run_vision = self.accelerator.num_processes > 1
         return model.to(self.accelerator.device)
 
     # ------------------------------------------------------------------ output_dir
@@ -724,7 +716,7 @@ class _Trainer:
         from vlm2emb.distributed import all_true
         from vlm2emb.eval import format_report
         from vlm2emb.gradcache import ContrastiveStep
-        from vlm2emb.losses import InfoNCELoss
+        from vlm2emb.losses import build_loss
 
         cfg, acc = self.cfg, self.accelerator
         world, rank = acc.num_processes, acc.process_index
@@ -793,16 +785,9 @@ class _Trainer:
             if self.is_main:
                 print(f"Resumed from {resume_dir} at step {start_step}", flush=True)
 
-        loss_fn = InfoNCELoss(temperature=cfg.train.temperature, symmetric=cfg.train.symmetric_loss)
-        if cfg.train.matryoshka_dims:
-            from vlm2emb.losses import MatryoshkaLoss
-
-            weights = cfg.train.matryoshka_weights or None
-            loss_fn = MatryoshkaLoss(
-                loss_fn, cfg.train.matryoshka_dims, weights, normalize=cfg.model.normalize
-            )
+        loss_fn = build_loss(cfg.train, normalize=cfg.model.normalize)
         collator = ContrastiveCollator(
-            model,
+            model.inputs,
             query_instruction=cfg.data.query_instruction,
             target_instruction=cfg.data.target_instruction,
             rank=rank,
@@ -837,7 +822,6 @@ class _Trainer:
             loss_fn,
             gradcache=cfg.train.gradcache_chunk_size > 0,
             device=acc.device,
-            learnable_temperature=cfg.train.learnable_temperature,
             single_backward=self.deepspeed,
             reuse_frozen_vision=cfg.train.gradcache_reuse_vision,
         )
@@ -885,7 +869,7 @@ class _Trainer:
         for step in range(start_step + 1, cfg.train.max_steps + 1):
             batch = next(data_iter)
             window_samples += cfg.train.batch_size
-            window_tokens += _count_tokens(batch)
+            window_tokens += batch.real_tokens()
             with acc.autocast():
                 loss = step_fn.forward_loss(batch, self._sync_context)
             # Every process must take the same decision, or collectives would hang.

@@ -1,7 +1,6 @@
-r"""Contrastive losses for training embedding models.
+r"""InfoNCE, the default training objective (registered as ``infonce``).
 
-Every contrastive objective of vlm2emb lives in this module. The central one is
-InfoNCE, also known as NT-Xent (SimCLR) or the multiple-negatives ranking loss
+Also known as NT-Xent (SimCLR) or the multiple-negatives ranking loss
 (sentence-transformers).
 
 The formula
@@ -49,25 +48,26 @@ Example
 >>> loss = info_nce_loss(q, t, neg, temperature=0.02)
 >>> loss.shape
 torch.Size([])
->>> criterion = InfoNCELoss(temperature=0.05, symmetric=True, learnable_temperature=True)
+>>> criterion = InfoNCELoss(temperature=0.05, symmetric=True)
 >>> criterion(q, t, neg).ndim
 0
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Sequence
-from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["InfoNCELoss", "MatryoshkaLoss", "content_keys", "info_nce_loss"]
+from vlm2emb.losses.base import ContrastiveLoss
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlm2emb.items import ContrastiveBatch
+
+__all__ = ["InfoNCELoss", "info_nce_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -203,7 +203,7 @@ def info_nce_loss(
             target-to-query term only sees this process's queries, so in a
             distributed setting it is exact for the local block only.
         positive_keys: ``[Bt]`` integer content ids of the positives (see
-            :func:`content_keys`). A candidate whose key equals query ``i``'s positive
+            :func:`vlm2emb.data.keys.content_keys`). A candidate whose key equals query ``i``'s positive
             key, other than that positive itself, is a false negative and is masked.
         negative_keys: ``[Bt, K]`` integer content ids of the hard negatives, masked
             the same way. Requires ``positive_keys``.
@@ -312,35 +312,28 @@ def info_nce_loss(
     return loss
 
 
-class InfoNCELoss(nn.Module):
-    """Module wrapper around :func:`info_nce_loss`, optionally with a learnable temperature.
+class InfoNCELoss(ContrastiveLoss):
+    """Module wrapper around :func:`info_nce_loss`; the registered loss ``infonce``.
 
-    With ``learnable_temperature=True`` the module stores ``logit_scale = log(1 /
-    temperature)`` as a parameter, as CLIP does: optimizing the log keeps the scale
-    positive and makes multiplicative updates. The scale is clamped to
-    ``max_scale`` (100 by default, CLIP's bound) in the forward pass so the logits
-    cannot blow up; while clamped the parameter gets no gradient.
+    Recipe: ``train.loss: infonce`` (the default), with ``train.symmetric_loss`` and
+    ``train.temperature``.
+
+    The temperature given here is the one a standalone call uses. In training the model
+    owns the temperature (``EmbeddingModel.temperature()``: the recorded value, or the
+    learnable logit scale of ``enable_learnable_temperature``) and the training step passes
+    it into :meth:`training_loss`, as open_clip passes the model's ``logit_scale`` into its
+    loss: one owner, however the temperature is set.
 
     Args:
-        temperature: Initial (or fixed) temperature.
+        temperature: The temperature of standalone calls (``scale = 1 / temperature``).
         symmetric: Default for ``info_nce_loss(symmetric=...)``.
-        learnable_temperature: Learn the temperature instead of fixing it.
-        max_scale: Upper bound on ``1 / temperature`` for the learnable case.
         reduction: Default reduction, ``"mean"``, ``"sum"`` or ``"none"``.
 
     Raises:
-        ValueError: If ``temperature`` is not positive or the initial scale exceeds
-            ``max_scale`` for a learnable temperature.
+        ValueError: If ``temperature`` is not positive or the reduction unknown.
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.02,
-        symmetric: bool = False,
-        learnable_temperature: bool = False,
-        max_scale: float = 100.0,
-        reduction: str = "mean",
-    ) -> None:
+    def __init__(self, temperature: float = 0.02, symmetric: bool = False, reduction: str = "mean") -> None:
         super().__init__()
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
@@ -348,38 +341,22 @@ class InfoNCELoss(nn.Module):
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.symmetric = symmetric
         self.reduction = reduction
-        self.learnable_temperature = learnable_temperature
-        self.max_scale = float(max_scale)
-        if learnable_temperature:
-            if 1.0 / temperature > self.max_scale:
-                raise ValueError(
-                    f"initial scale 1/temperature = {1.0 / temperature:g} exceeds max_scale={self.max_scale:g}"
-                )
-            # float32 parameter: the loss runs in float32 anyway.
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature), dtype=torch.float32))
-            self._fixed_temperature: float | None = None
-        else:
-            self.logit_scale = None
-            self._fixed_temperature = float(temperature)
+        self._temperature = float(temperature)
 
-    def _temperature(self) -> float | Tensor:
-        """Temperature fed to the loss: a differentiable tensor if learnable, else a float."""
-        if self.logit_scale is None:
-            assert self._fixed_temperature is not None
-            return self._fixed_temperature
-        scale = self.logit_scale.float().exp().clamp(max=self.max_scale)  # []
-        return 1.0 / scale
+    @classmethod
+    def from_config(cls, train: Any) -> InfoNCELoss:
+        """The loss a recipe's ``train`` section asks for (the registry's factory)."""
+        return cls(temperature=train.temperature, symmetric=train.symmetric_loss)
 
     @property
     def temperature(self) -> float:
-        """Current temperature as a Python float (for logging; syncs the device if learnable)."""
-        t = self._temperature()
-        return float(t.detach()) if isinstance(t, Tensor) else t
+        """The standalone temperature."""
+        return self._temperature
 
     @property
     def scale(self) -> float:
-        """Current ``1 / temperature`` as a Python float (for logging)."""
-        return 1.0 / self.temperature
+        """``1 / temperature``."""
+        return 1.0 / self._temperature
 
     def forward(
         self,
@@ -404,7 +381,7 @@ class InfoNCELoss(nn.Module):
             raise TypeError("InfoNCELoss owns the temperature; do not pass it to forward()")
         kwargs.setdefault("symmetric", self.symmetric)
         kwargs.setdefault("reduction", self.reduction)
-        return info_nce_loss(query, positive, negatives, temperature=self._temperature(), **kwargs)
+        return info_nce_loss(query, positive, negatives, temperature=self._temperature, **kwargs)
 
     def gathered(
         self,
@@ -434,8 +411,7 @@ class InfoNCELoss(nn.Module):
             positive_keys: [B] false-negative ids of the GLOBAL batch, rank order.
             negative_keys: [B, K] ids of the global batch's hard negatives.
             negative_mask: [B, K] bool, the global batch's real-negative mask.
-            temperature: Overrides this module's temperature (a model that owns a learnable
-                temperature passes it here).
+            temperature: Overrides this module's temperature (training passes the model's).
 
         Returns:
             The scalar loss.
@@ -447,7 +423,7 @@ class InfoNCELoss(nn.Module):
         all_pos = gather_with_grad(positive)  # [B, d]
         all_neg = gather_with_grad(negatives) if negatives is not None else None  # [B, K, d]
         if temperature is None:
-            temperature = self._temperature()
+            temperature = self._temperature
         loss = info_nce_loss(
             query,
             all_pos,
@@ -473,153 +449,26 @@ class InfoNCELoss(nn.Module):
             loss = 0.5 * (loss + reverse)
         return loss
 
-    def extra_repr(self) -> str:
-        kind = "learnable" if self.learnable_temperature else "fixed"
-        return (
-            f"temperature={self.temperature:.4g} ({kind}), symmetric={self.symmetric}, "
-            f"reduction={self.reduction!r}"
-        )
-
-
-class MatryoshkaLoss(nn.Module):
-    r"""InfoNCE summed over embedding prefixes (Matryoshka representation learning).
-
-    For prefix sizes :math:`m_1 < \dots < m_K` (the full size :math:`D` is always
-    included) and weights :math:`w_k`:
-
-    .. math::
-
-        \mathcal{L} = \sum_k w_k \, \mathcal{L}_{\text{InfoNCE}}\big(
-            \mathrm{trunc}_{m_k}(q), \mathrm{trunc}_{m_k}(t), \mathrm{trunc}_{m_k}(n)\big),
-        \qquad \mathrm{trunc}_m(x) = \frac{x_{1:m}}{\lVert x_{1:m} \rVert}
-
-    (without the division when ``normalize=False``). Each prefix is then a usable embedding
-    on its own, which is what ``truncate_dim`` at inference relies on. The inner loss's
-    temperature, symmetric term, masks and gathering apply at every prefix unchanged.
-
-    Args:
-        loss: The :class:`InfoNCELoss` applied at every prefix (owns the temperature).
-        dims: Prefix sizes, e.g. ``[64, 128, 256]``.
-        weights: One weight per entry of ``dims`` (default 1 each); the full size gets
-            weight 1 unless it is listed in ``dims``.
-        normalize: Re-normalise each prefix (match a model with ``normalize=True``).
-
-    Raises:
-        ValueError: Empty or non-positive dims, or weights of the wrong length.
-    """
-
-    def __init__(
+    def training_loss(
         self,
-        loss: InfoNCELoss,
-        dims: Sequence[int],
-        weights: Sequence[float] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__()
-        dims = [int(m) for m in dims]
-        if not dims or any(m <= 0 for m in dims):
-            raise ValueError(f"matryoshka dims must be positive integers, got {dims}")
-        if weights is not None and len(weights) != len(dims):
-            raise ValueError(f"got {len(weights)} matryoshka weights for {len(dims)} dims")
-        self.loss = loss
-        self.weights = dict(
-            zip(dims, [float(w) for w in weights] if weights is not None else [1.0] * len(dims))
+        query: Tensor,
+        positive: Tensor,
+        negatives: Tensor | None,
+        batch: ContrastiveBatch,
+        temperature: float | Tensor,
+    ) -> Tensor:
+        """:meth:`gathered` with the batch's false-negative keys and negative masks."""
+        device = query.device
+        keys, mask = batch.negative_keys, batch.negative_mask
+        return self.gathered(
+            query,
+            positive,
+            negatives,
+            positive_keys=batch.positive_keys.to(device),
+            negative_keys=keys.to(device) if keys is not None else None,
+            negative_mask=mask.to(device) if mask is not None else None,
+            temperature=temperature,
         )
-        self.normalize = normalize
-
-    @property
-    def temperature(self) -> float:
-        return self.loss.temperature
-
-    def _prefixes(self, d: int) -> list[tuple[int, float]]:
-        too_big = [m for m in self.weights if m > d]
-        if too_big:
-            raise ValueError(f"train.matryoshka_dims: {too_big} exceed the embedding size {d}")
-        return sorted({**{d: 1.0}, **self.weights}.items())
-
-    def _trunc(self, x: Tensor | None, m: int) -> Tensor | None:
-        if x is None:
-            return None
-        x = x[..., :m]  # [..., m]
-        return F.normalize(x, dim=-1) if self.normalize else x
-
-    def _combine(
-        self, fn: Any, query: Tensor, positive: Tensor, negatives: Tensor | None, **kw: Any
-    ) -> Tensor:
-        total = None
-        for m, w in self._prefixes(query.shape[-1]):
-            term = w * fn(self._trunc(query, m), self._trunc(positive, m), self._trunc(negatives, m), **kw)
-            total = term if total is None else total + term
-        assert total is not None
-        return total
-
-    def forward(
-        self, query: Tensor, positive: Tensor, negatives: Tensor | None = None, **kwargs: Any
-    ) -> Tensor:
-        """Same arguments as :meth:`InfoNCELoss.forward`; ``query`` [Bq, D], ``positive`` [Bt, D]."""
-        return self._combine(self.loss, query, positive, negatives, **kwargs)
-
-    def gathered(
-        self, query: Tensor, positive: Tensor, negatives: Tensor | None = None, **kwargs: Any
-    ) -> Tensor:
-        """Same arguments as :meth:`InfoNCELoss.gathered` (one gather per prefix)."""
-        return self._combine(self.loss.gathered, query, positive, negatives, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"dims={sorted(self.weights)}, weights={[self.weights[m] for m in sorted(self.weights)]}"
-
-
-def _json_default(obj: Any) -> Any:
-    """Make common non-JSON types serializable in a process-independent way."""
-    if isinstance(obj, PurePath):
-        return {"__path__": obj.as_posix()}
-    if isinstance(obj, (bytes, bytearray)):
-        return {"__bytes__": bytes(obj).hex()}
-    if isinstance(obj, (set, frozenset)):
-        # Set iteration order depends on the per-process string hash seed: sort the
-        # canonical dumps of the members.
-        return {"__set__": sorted(_canonical(x) for x in obj)}
-    if type(obj).__repr__ is not object.__repr__:
-        # A custom repr is assumed to describe the value (e.g. enums, dataclasses).
-        return {"__repr__": f"{type(obj).__module__}.{type(obj).__qualname__}", "value": repr(obj)}
-    # The default repr embeds a memory address, which would make the id differ per process.
-    raise TypeError(
-        f"content_keys cannot derive a stable id for an object of type {type(obj).__qualname__}; "
-        "pass JSON-serializable data (e.g. the text and the image path) instead"
-    )
-
-
-def _canonical(item: Any) -> str:
-    # sort_keys makes dict key order irrelevant; compact separators fix the spacing.
-    return json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-
-
-def content_keys(items: Sequence[Any]) -> Tensor:
-    """Map items to int64 content ids that are identical across processes and runs.
-
-    Python's ``hash()`` of strings is salted per process, so it cannot be used to
-    compare examples across data-loader workers or ranks. Instead each item is dumped
-    to canonical JSON (sorted keys, no whitespace) and hashed with SHA-256; the first
-    63 bits give a non-negative int64. Equal content, e.g. ``{"text": "a", "image":
-    "x.jpg"}`` and ``{"image": "x.jpg", "text": "a"}``, gets the same id, which is what
-    ``info_nce_loss(positive_keys=...)`` needs to spot duplicate positives.
-
-    Note that JSON does not distinguish tuples from lists nor int dict keys from
-    string ones. Paths, bytes and sets are supported; other objects must have a
-    deterministic ``repr``.
-
-    Args:
-        items: A sequence of JSON-serializable (or otherwise supported) items.
-
-    Returns:
-        ``[len(items)]`` int64 tensor of ids in ``[0, 2**63)``.
-
-    Raises:
-        TypeError: If an item cannot be given a stable id.
-    """
-    ids = []
-    for item in items:
-        digest = hashlib.sha256(_canonical(item).encode("utf-8")).digest()
-        # 63 bits so the value fits a signed int64 without wrapping negative.
-        ids.append(int.from_bytes(digest[:8], "big") >> 1)
-    return torch.tensor(ids, dtype=torch.int64)
+        return f"temperature={self.temperature:.4g}, symmetric={self.symmetric}, reduction={self.reduction!r}"

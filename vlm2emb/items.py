@@ -1,0 +1,211 @@
+"""Typed items and batches: what one input is, and what one training step receives.
+
+Every layer that reads an item (the schema checker, :class:`vlm2emb.inputs.InputBuilder`,
+media decoding, length sorting) takes its keys and media order from here, so an item means
+the same thing everywhere:
+
+* An **item** is a string (text), a ``PIL.Image.Image``, or a dict with ``text`` and any of
+  ``image``, ``images``, ``video``, ``pdf`` (+ ``page``). Its media, in this order: ``image``,
+  then ``images``, then ``video``, then the ``pdf`` page (:func:`media_refs`).
+* An **instruction** is the row's own, else the default of its side
+  (:func:`resolve_instruction`), the one rule training, checking and evaluation share.
+* A :class:`ContrastiveBatch` is what the collator hands a training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "ITEM_KEYS",
+    "ContrastiveBatch",
+    "Item",
+    "ItemError",
+    "PdfPageRef",
+    "VideoRef",
+    "media_refs",
+    "resolve_instruction",
+]
+
+# The keys an item dict may hold; anything else is refused (a typo would otherwise drop media).
+ITEM_KEYS = ("text", "image", "images", "video", "pdf", "page")
+
+
+@dataclass(frozen=True)
+class VideoRef:
+    """A video: a video file (decoded with PyAV) or a folder of frame images.
+
+    The dataclass repr is stable, so :func:`vlm2emb.data.keys.content_keys` can hash it.
+    """
+
+    path: str
+
+
+@dataclass(frozen=True)
+class PdfPageRef:
+    """One page of a PDF file; ``page`` is 0-based (0 = the first page)."""
+
+    path: str
+    page: int = 0
+
+
+class ItemError(ValueError):
+    """An item that is not one; ``key`` names the offending part, ``kind`` the problem class
+    (the data report's categories: ``wrong_type``, ``unknown_field``, ``empty_item``)."""
+
+    def __init__(self, message: str, key: str = "", kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.key = key
+        self.kind = kind
+
+
+def resolve_instruction(own: str | None, default: str | None) -> str | None:
+    """The instruction an item is embedded with: the row's own, else its side's default.
+
+    An empty string counts as none, so a row can fall back by leaving the field blank.
+    """
+    return own or default
+
+
+def media_refs(raw: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """An item dict's media in their canonical order, unvalidated.
+
+    Args:
+        raw: An item dict (keys from :data:`ITEM_KEYS`).
+
+    Returns:
+        ``(key, kind, ref)`` triples: ``key`` as written in the row (``image``,
+        ``images[2]``, ``video``, ``pdf``), ``kind`` one of ``image``, ``video``, ``pdf``,
+        and the reference as given (for ``pdf``: ``(path, page)``).
+
+    Raises:
+        ItemError: Unknown keys, ``images`` not a list, or ``page`` without ``pdf``.
+    """
+    unknown = sorted(set(raw) - set(ITEM_KEYS))
+    if unknown:
+        raise ItemError(
+            f"unknown item key(s) {unknown}; an item has text, image, images, video or pdf (and page)",
+            str(unknown[0]),
+            "unknown_field",
+        )
+    out: list[tuple[str, str, Any]] = []
+    if raw.get("image") is not None:
+        out.append(("image", "image", raw["image"]))
+    images = raw.get("images") or []
+    if not isinstance(images, (list, tuple)):
+        raise ItemError("images must be a list", "images", "wrong_type")
+    out.extend(
+        (f"images[{i}]", "video" if isinstance(r, VideoRef) else "image", r) for i, r in enumerate(images)
+    )
+    if raw.get("video") is not None:
+        out.append(("video", "video", raw["video"]))
+    if raw.get("pdf") is not None:
+        out.append(("pdf", "pdf", (raw["pdf"], raw.get("page") or 0)))
+    elif raw.get("page") is not None:
+        raise ItemError("page is given without a pdf", "page", "wrong_type")
+    return out
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input, parsed: its text and its media references in order.
+
+    Attributes:
+        text: The text, or None.
+        media: Image references (path, bytes or ``PIL.Image.Image``), :class:`VideoRef` and
+            :class:`PdfPageRef`, in the order the backbone sees them.
+    """
+
+    text: str | None = None
+    media: tuple[Any, ...] = ()
+
+    @classmethod
+    def parse(cls, x: Any) -> Item:
+        """Parses a string, a PIL image, an item dict or an :class:`Item`.
+
+        Raises:
+            ItemError: Another type, unknown keys, non-string text, or an empty item.
+        """
+        if isinstance(x, Item):
+            return x
+        if isinstance(x, str):
+            return cls(text=x)
+        if not isinstance(x, dict):
+            from PIL import Image
+
+            if isinstance(x, Image.Image):
+                return cls(media=(x,))
+            raise ItemError(
+                f"an item must be a str, a PIL image or a dict, got {type(x).__name__}", "", "wrong_type"
+            )
+        text = x.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ItemError(f"item text must be a string, got {type(text).__name__}", "text", "wrong_type")
+        media: list[Any] = []
+        for _, kind, ref in media_refs(x):
+            if kind == "video" and not isinstance(ref, VideoRef):
+                ref = VideoRef(str(ref))
+            elif kind == "pdf":
+                ref = PdfPageRef(str(ref[0]), int(ref[1]))
+            media.append(ref)
+        if not text and not media:
+            raise ItemError("an item needs text or at least one image", "", "empty_item")
+        return cls(text=text, media=tuple(media))
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"text": ..., "images": [refs]}``, the form rows are stored in."""
+        return {"text": self.text, "images": list(self.media)}
+
+
+@dataclass
+class ContrastiveBatch:
+    """This process's share of one global training batch (CPU tensors).
+
+    Built by :class:`vlm2emb.data.collate.ContrastiveCollator`; read by the training step
+    (:class:`vlm2emb.gradcache.ContrastiveStep`) and the objectives. ``B`` is the global
+    batch, ``b`` this process's rows, ``K`` the most hard negatives of any global row.
+
+    Attributes:
+        query: Backbone-input chunks covering the b local queries.
+        positive: Backbone-input chunks covering the b local positives.
+        positive_keys: [B] false-negative group ids of the global batch
+            (:func:`vlm2emb.data.collate.false_negative_groups`).
+        query_order: [b] the local row of each query in chunk order, or None when the
+            chunks are in row order.
+        positive_order: [b] likewise for the positives.
+        negatives: Chunks of the local rows' hard negatives, flattened in row order
+            (empty when the batch has none).
+        negative_keys: [B, K] ids of the global batch's hard negatives, or None.
+        negative_mask: [B, K] bool, the global batch's real-negative mask, or None.
+        local_negative_mask: [b, K] this process's rows of ``negative_mask``, or None.
+        negatives_padded: True when ``negatives`` holds all b * K slots (multi-process runs),
+            padding included; else only the real negatives.
+    """
+
+    query: list[dict[str, Any]]
+    positive: list[dict[str, Any]]
+    positive_keys: torch.Tensor
+    query_order: torch.Tensor | None = None
+    positive_order: torch.Tensor | None = None
+    negatives: list[dict[str, Any]] = field(default_factory=list)
+    negative_keys: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+    local_negative_mask: torch.Tensor | None = None
+    negatives_padded: bool = False
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        """Every backbone-input chunk: queries, then positives, then negatives."""
+        return [*self.query, *self.positive, *self.negatives]
+
+    def real_tokens(self) -> int:
+        """Non-padding tokens over all chunks (for tokens/s)."""
+        total = 0
+        for chunk in self.chunks:
+            mask = chunk.get("attention_mask")
+            total += int(mask.sum()) if mask is not None else int(chunk["input_ids"].numel())
+        return total
