@@ -395,8 +395,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_efficiency(args: argparse.Namespace) -> int:
-    from vlm2emb.eval.data_efficiency import parse_fractions, run_data_efficiency
     from vlm2emb.train.config import load_recipe
+    from vlm2emb.train.data_efficiency import parse_fractions, run_data_efficiency
 
     cfg = load_recipe(args.recipe, args.overrides)
     result = run_data_efficiency(cfg, parse_fractions(args.fractions), metric=args.metric)

@@ -175,7 +175,7 @@ def test_eval_modules_import_no_plotting_or_model_libraries() -> None:
 
     code = (
         "import sys\n"
-        "import vlm2emb.eval, vlm2emb.eval.analysis, vlm2emb.eval.harness, vlm2emb.eval.data_efficiency\n"
+        "import vlm2emb.eval, vlm2emb.eval.analysis, vlm2emb.eval.harness, vlm2emb.train.data_efficiency\n"
         "print(','.join(m for m in ('matplotlib', 'sklearn', 'transformers', 'accelerate') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

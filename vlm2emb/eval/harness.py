@@ -1,4 +1,4 @@
-"""Run an evaluation suite: local and corpus tasks, cached embeddings, per-meta-task averages.
+"""Run an evaluation suite: every task through its kind, cached embeddings, per-meta-task averages.
 
 Report layout (``vlm2emb eval --suite``)::
 
@@ -12,10 +12,12 @@ Report layout (``vlm2emb eval --suite``)::
 ``score`` is each task's headline metric; a meta-task's ``score`` is the mean of its tasks'
 scores and the overall ``score`` the mean over all tasks (MMEB's overall number).
 
-Instructions: a task's own ``query_instruction`` / ``target_instruction`` always apply. The
-defaults passed to :func:`run_suite` (the model's saved instructions, or the CLI's) apply
-as the task's ``instruction_fallback`` says (:mod:`vlm2emb.eval.suite`): under ``auto``,
-never to MMEB-layout rows, whose text already holds MMEB's instruction.
+Each task is loaded and scored by its kind (:mod:`vlm2emb.eval.kinds`); this module only
+runs them in order and averages. Instructions: a task's own ``query_instruction`` /
+``target_instruction`` always apply. The defaults passed to :func:`run_suite` (the model's
+saved instructions, or the CLI's) apply as the task's ``instruction_fallback`` says
+(:mod:`vlm2emb.eval.suite`); each kind decides what that means for its rows (under
+``auto``, never for MMEB-layout rows, whose text already holds MMEB's instruction).
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ from typing import Any
 
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.cache import CachedEncoder, model_fingerprint
-from vlm2emb.eval.corpus import evaluate_corpus, load_corpus_task
+from vlm2emb.eval.kinds import InstructionDefaults, get_task_kind
 from vlm2emb.eval.metrics import metric_names
-from vlm2emb.eval.mmeb import MMEB_LAYOUT, load_local_rows
-from vlm2emb.eval.runner import evaluate, format_report
+from vlm2emb.eval.runner import format_report
 from vlm2emb.eval.suite import SuiteConfig
 
 __all__ = ["format_suite_report", "load_suite_tasks", "run_suite", "summarize"]
@@ -44,33 +45,13 @@ def load_suite_tasks(
     """Reads every task's files before any model work, so a bad row fails fast.
 
     Returns:
-        One loaded payload per task, in suite order: a list of rows (local) or a
-        :class:`~vlm2emb.eval.corpus.CorpusTask`.
+        One loaded payload per task, in suite order, as its kind's ``load`` returns it (a
+        list of rows for ``local``, a :class:`~vlm2emb.eval.corpus.CorpusTask` for ``corpus``).
     """
-    loaded: list[Any] = []
-    for task in suite.tasks:
-        if task.kind == "local":
-            loaded.append(
-                load_local_rows(
-                    task.data,
-                    fmt=task.format,
-                    media_root=task.media_root,
-                    query_instruction=task.query_instruction,
-                    verify_images=verify_images,
-                    work_dir=work_dir,
-                )
-            )
-        else:
-            loaded.append(
-                load_corpus_task(
-                    str(task.corpus),
-                    str(task.queries),
-                    str(task.qrels),
-                    media_root=task.media_root,
-                    verify_images=verify_images,
-                )
-            )
-    return loaded
+    return [
+        get_task_kind(task.kind).load(task, verify_images=verify_images, work_dir=work_dir)
+        for task in suite.tasks
+    ]
 
 
 def run_suite(
@@ -137,13 +118,6 @@ def _prompt_style(model: Any, style: str | None) -> Iterator[None]:
             model.fingerprint = model_fingerprint(inner)
 
 
-def _falls_back(fallback: str, mmeb: bool) -> bool:
-    """Whether the default instructions apply under ``instruction_fallback``: ``always``,
-    ``never``, or ``auto`` (all but MMEB-layout rows, whose text holds MMEB's instruction;
-    a second one would move the scores)."""
-    return fallback == "always" or (fallback == "auto" and not mmeb)
-
-
 def _run_tasks(
     encoder: CachedEncoder,
     suite: SuiteConfig,
@@ -156,33 +130,14 @@ def _run_tasks(
     ks = tuple(suite.ks)
     tasks: dict[str, dict[str, Any]] = {}
     for spec, payload in zip(suite.tasks, loaded, strict=True):
-        fallback = spec.instruction_fallback or suite.instruction_fallback
-        if spec.kind == "local":
-            has_mmeb = any(row.get("layout") == MMEB_LAYOUT for row in payload)
-            target_instruction = spec.target_instruction or (
-                default_target_instruction if _falls_back(fallback, has_mmeb) else None
-            )
-            rows = []
-            for row in payload:
-                falls_back = _falls_back(fallback, row.get("layout") == MMEB_LAYOUT)
-                instruction = row["instruction"] or (default_query_instruction if falls_back else None)
-                rows.append({**row, "task": spec.name, "instruction": instruction})
-            result = evaluate(
-                encoder, rows, batch_size=batch_size, ks=ks, target_instruction=target_instruction
-            )
-            metrics = result["tasks"][spec.name]
-        else:
-            falls_back = _falls_back(fallback, mmeb=False)
-            metrics = evaluate_corpus(
-                encoder,
-                payload,
-                ks=ks,
-                batch_size=batch_size,
-                query_instruction=spec.query_instruction
-                or (default_query_instruction if falls_back else None),
-                target_instruction=spec.target_instruction
-                or (default_target_instruction if falls_back else None),
-            )
+        defaults = InstructionDefaults(
+            query_instruction=default_query_instruction,
+            target_instruction=default_target_instruction,
+            fallback=spec.instruction_fallback or suite.instruction_fallback,
+        )
+        metrics = get_task_kind(spec.kind).evaluate(
+            encoder, spec, payload, ks=ks, batch_size=batch_size, defaults=defaults
+        )
         tasks[spec.name] = {
             **metrics,
             "kind": spec.kind,

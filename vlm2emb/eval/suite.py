@@ -31,7 +31,11 @@ without their own instruction get the model's saved query / target instruction:
 
 A task's own ``query_instruction`` / ``target_instruction`` always applies.
 
-Unknown keys are errors naming the file and the key, like recipes.
+Each task's ``kind`` picks its keys and behaviour (:mod:`vlm2emb.eval.kinds`: ``local`` and
+``corpus`` are built in; ``local`` when a task names none). The suite and every kind's spec
+are typed dataclasses filled by the recipes' mechanism
+(:func:`vlm2emb._typed_config.build_dataclass`): values are converted to their declared
+types, and unknown keys are errors naming the file and the key, like recipes.
 """
 
 from __future__ import annotations
@@ -43,85 +47,40 @@ from typing import Any
 
 import yaml
 
+from vlm2emb._typed_config import ConfigError, build_dataclass, config_keys, required_keys
 from vlm2emb.data.schema import DataError
+from vlm2emb.eval.kinds import (
+    DEFAULT_KIND,
+    FALLBACKS,
+    PATH,
+    TaskSpec,
+    get_task_kind,
+    task_kind_names,
+)
 from vlm2emb.eval.metrics import metric_names
 
 __all__ = ["SuiteConfig", "TaskSpec", "load_suite"]
-
-KINDS = ("local", "corpus")
-FORMATS = ("auto", "vlm2emb", "mmeb")
-FALLBACKS = ("auto", "always", "never")
-
-
-@dataclass
-class TaskSpec:
-    """One task of a suite.
-
-    Attributes:
-        name: Task name in the report.
-        kind: ``local`` (each row ranks its own candidates) or ``corpus`` (each query ranks
-            a shared corpus; relevance from qrels).
-        meta_task: Group for the per-meta-task averages (MMEB: classification, vqa,
-            retrieval, grounding; any string works).
-        data: ``local``: eval file(s), canonical rows (docs/data.md) or VLM2Vec's MMEB-eval
-            layout (``qry_text``, ``qry_img_path``, ``tgt_text``, ``tgt_img_path``).
-        format: ``auto`` (detected from the first row), ``vlm2emb`` or ``mmeb``.
-        corpus: ``corpus``: JSONL/Parquet rows ``{"id", "item"}``.
-        queries: ``corpus``: rows ``{"id", "item", "instruction"?}``.
-        qrels: ``corpus``: TSV (``query_id  corpus_id  relevance``, optional header) or
-            JSONL ``{"query_id", "corpus_id", "relevance"}``; relevance > 0 is relevant.
-        query_instruction: Instruction for queries without their own.
-        target_instruction: Instruction for candidates / corpus items.
-        media_root: Folder for relative image paths (default: each file's folder).
-        metric: Headline metric (default: the suite's ``metric``).
-        instruction_fallback: ``auto``, ``always`` or ``never`` (module docstring);
-            None = the suite's.
-    """
-
-    name: str
-    kind: str = "local"
-    meta_task: str = "other"
-    data: list[str] = field(default_factory=list)
-    format: str = "auto"
-    corpus: str | None = None
-    queries: str | None = None
-    qrels: str | None = None
-    query_instruction: str | None = None
-    target_instruction: str | None = None
-    media_root: str | None = None
-    metric: str | None = None
-    instruction_fallback: str | None = None
 
 
 @dataclass
 class SuiteConfig:
     """A whole suite: tasks plus defaults.
 
-    ``prompt_style`` asks for a prompt style for the run (``vlm2emb`` or ``vlm2vec``,
-    :mod:`vlm2emb.prompts`); None keeps the model's. The style itself belongs to the model's
-    config; the harness switches it for the run and back.
+    ``tasks`` holds one spec per task, of its kind's spec class (a
+    :class:`~vlm2emb.eval.kinds.TaskSpec` subclass). ``prompt_style`` asks for a prompt
+    style for the run (``vlm2emb`` or ``vlm2vec``, :mod:`vlm2emb.prompts`); None keeps the
+    model's. The style itself belongs to the model's config; the harness switches it for the
+    run and back.
     """
 
-    name: str = "suite"
+    name: str = "suite"  # default: the file's stem
     metric: str = "hit@1"
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    media_root: str | None = None  # default media_root of every task
+    media_root: str | None = field(default=None, metadata=PATH)  # default media_root of every task
     instruction_fallback: str = "auto"  # default of every task (module docstring)
     prompt_style: str | None = None
     tasks: list[TaskSpec] = field(default_factory=list)
-    source: str = ""  # the YAML file, for messages
-
-
-def _fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-
-
-def _check_str(where: str, key: str, value: Any, *, optional: bool = True) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-    return str(value)
+    source: str = field(default="", metadata={"key": False})  # the YAML file, for messages
 
 
 def _resolve(base: Path, ref: str) -> str:
@@ -131,53 +90,58 @@ def _resolve(base: Path, ref: str) -> str:
     return str(base / ref)
 
 
+def _resolve_paths(obj: Any, base: Path) -> None:
+    """Resolves every path field (``metadata=PATH``) of a suite or spec against ``base``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not f.metadata.get("path") or not value:
+            continue
+        if isinstance(value, list):
+            setattr(obj, f.name, [_resolve(base, v) if v else v for v in value])
+        else:
+            setattr(obj, f.name, _resolve(base, value))
+
+
+def _given(raw: dict[str, Any]) -> dict[str, Any]:
+    """The keys a file sets; ``key: null`` means the default, as if absent."""
+    return {k: v for k, v in raw.items() if v is not None}
+
+
 def _task(where: str, raw: Any, base: Path) -> TaskSpec:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: a task must be a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(_fields(TaskSpec)))
-    if unknown:
-        raise DataError(f"{where}: unknown key {unknown[0]!r}; task keys: {', '.join(_fields(TaskSpec))}")
-    name = _check_str(where, "name", raw.get("name"))
-    if not name:
-        raise DataError(f"{where}: missing key 'name'")
-    where = f"{where} ({name})"
-    values: dict[str, Any] = {"name": name}
-    for key in ("kind", "meta_task", "format", "corpus", "queries", "qrels", "query_instruction"):
-        if key in raw:
-            values[key] = _check_str(where, key, raw[key])
-    for key in ("target_instruction", "media_root", "metric", "instruction_fallback"):
-        if key in raw:
-            values[key] = _check_str(where, key, raw[key])
-    data = raw.get("data", [])
-    if isinstance(data, str):
-        data = [data]
-    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-        raise DataError(f"{where}: 'data' must be a path or a list of paths")
-    values["data"] = [_resolve(base, d) for d in data]
-    for key in ("corpus", "queries", "qrels", "media_root"):
-        if values.get(key):
-            values[key] = _resolve(base, values[key])
-    spec = TaskSpec(**{k: v for k, v in values.items() if v is not None or k == "name"})
-    if spec.kind not in KINDS:
-        raise DataError(f"{where}: 'kind' is {spec.kind!r}; choose one of {', '.join(KINDS)}")
-    if spec.format not in FORMATS:
-        raise DataError(f"{where}: 'format' is {spec.format!r}; choose one of {', '.join(FORMATS)}")
+    given = _given(raw)
+    name = given.get("name")
+    named = f"{where} ({name})" if isinstance(name, str) and name else where
+    kind_name = given.get("kind", DEFAULT_KIND)
+    if not isinstance(kind_name, str):
+        raise DataError(f"{named}: 'kind' must be a string, got {type(kind_name).__name__}")
+    try:
+        kind = get_task_kind(kind_name)
+    except ValueError:
+        raise DataError(
+            f"{named}: 'kind' is {kind_name!r}; choose one of {', '.join(task_kind_names())}"
+        ) from None
+    keys = config_keys(kind.spec)
+    for key in given:
+        if key in keys:
+            continue
+        owners = [k for k in task_kind_names() if key in config_keys(get_task_kind(k).spec)]
+        if owners:  # a key of another kind: say which
+            raise DataError(f"{named}: {key!r} belongs to {owners[0]} tasks (set kind: {owners[0]})")
+    missing = [k for k in required_keys(kind.spec) if k not in given]
+    if missing and set(given) <= set(keys):  # an unknown key is reported first (below)
+        raise DataError(f"{named}: a {kind_name} task needs {missing[0]!r}")
+    try:
+        spec = build_dataclass(kind.spec, {**given, "kind": kind_name})
+    except ConfigError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    _resolve_paths(spec, base)
     if spec.instruction_fallback is not None and spec.instruction_fallback not in FALLBACKS:
         raise DataError(
-            f"{where}: 'instruction_fallback' is {spec.instruction_fallback!r}; choose one of {', '.join(FALLBACKS)}"
+            f"{named}: 'instruction_fallback' is {spec.instruction_fallback!r}; choose one of {', '.join(FALLBACKS)}"
         )
-    if spec.kind == "local":
-        if not spec.data:
-            raise DataError(f"{where}: a local task needs 'data'")
-        stray = [k for k in ("corpus", "queries", "qrels") if getattr(spec, k)]
-        if stray:
-            raise DataError(f"{where}: '{stray[0]}' belongs to corpus tasks (set kind: corpus)")
-    else:
-        missing = [k for k in ("corpus", "queries", "qrels") if not getattr(spec, k)]
-        if missing:
-            raise DataError(f"{where}: a corpus task needs '{missing[0]}'")
-        if spec.data:
-            raise DataError(f"{where}: 'data' belongs to local tasks; corpus tasks use corpus/queries/qrels")
+    kind.check(spec, named)
     return spec
 
 
@@ -203,39 +167,35 @@ def load_suite(path: str | Path) -> SuiteConfig:
         raise DataError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise DataError(f"{p}: a suite must be a YAML mapping with a 'tasks' list")
-    unknown = sorted(set(raw) - set(_fields(SuiteConfig)))
-    if unknown:
-        raise DataError(f"{p}: unknown key {unknown[0]!r}; suite keys: {', '.join(_fields(SuiteConfig))}")
-    tasks_raw = raw.get("tasks")
-    if not isinstance(tasks_raw, list) or not tasks_raw:
+
+    def tasks(_key: str, value: Any) -> list[TaskSpec]:
+        if not isinstance(value, list) or not value:
+            raise DataError(f"{p}: 'tasks' must be a non-empty list")
+        return [_task(f"{p}: tasks[{i}]", t, p.parent) for i, t in enumerate(value)]
+
+    given = _given(raw)
+    try:
+        suite = build_dataclass(SuiteConfig, given, converters={"tasks": tasks})
+    except ConfigError as exc:
+        raise DataError(f"{p}: {exc}") from None
+    if not suite.tasks:
         raise DataError(f"{p}: 'tasks' must be a non-empty list")
-    ks = raw.get("ks", [1, 5, 10])
-    if not isinstance(ks, list) or not all(
-        isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks
-    ):
+    suite.source = str(p)
+    suite.name = suite.name if given.get("name") else p.stem
+    _resolve_paths(suite, p.parent)
+    if not all(k > 0 for k in suite.ks):
         raise DataError(f"{p}: 'ks' must be a list of positive integers")
-    media_root = _check_str(str(p), "media_root", raw.get("media_root"))
-    fallback = str(raw.get("instruction_fallback") or "auto")
-    if fallback not in FALLBACKS:
-        raise DataError(f"{p}: 'instruction_fallback' is {fallback!r}; choose one of {', '.join(FALLBACKS)}")
-    style = _check_str(str(p), "prompt_style", raw.get("prompt_style"))
-    if style is not None:
+    if suite.instruction_fallback not in FALLBACKS:
+        raise DataError(
+            f"{p}: 'instruction_fallback' is {suite.instruction_fallback!r}; choose one of {', '.join(FALLBACKS)}"
+        )
+    if suite.prompt_style is not None:
         from vlm2emb.prompts import check_prompt_style
 
         try:
-            check_prompt_style(style)
+            check_prompt_style(suite.prompt_style)
         except ValueError as exc:
             raise DataError(f"{p}: {exc}") from None
-    suite = SuiteConfig(
-        name=str(raw.get("name") or p.stem),
-        media_root=_resolve(p.parent, media_root) if media_root else None,
-        metric=str(raw.get("metric") or "hit@1"),
-        ks=ks,
-        instruction_fallback=fallback,
-        prompt_style=style,
-        tasks=[_task(f"{p}: tasks[{i}]", t, p.parent) for i, t in enumerate(tasks_raw)],
-        source=str(p),
-    )
     valid = metric_names(suite.ks)
     if suite.metric not in valid:
         raise DataError(f"{p}: 'metric' {suite.metric!r} is not one of {', '.join(valid)}")

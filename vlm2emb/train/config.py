@@ -1,6 +1,7 @@
 """Typed recipe configuration: dataclasses filled from YAML plus ``key=value`` overrides.
 
-Every key a recipe may hold is a dataclass field below (docs/recipes.md lists them all).
+Every key a recipe may hold is a dataclass field below (docs/recipes.md lists them all),
+filled by :func:`vlm2emb._typed_config.build_dataclass` (the mechanism eval suites use too).
 Unknown keys are an error that names the key and lists the valid ones, so a typo never
 silently falls back to a default.
 """
@@ -9,17 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe problem; the message names the key or file at fault."""
+from vlm2emb._typed_config import ConfigError, build_dataclass  # ConfigError: public here too
 
 
 @dataclass
@@ -295,103 +292,6 @@ def _validate_data_config(data: DataConfig) -> None:
             raise ConfigError("data.max_rows: must be >= 0 (0 = no cap)")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        if len(args) == 1:
-            return args[0], optional
-        return Union[tuple(args)], optional  # noqa: UP007 - a runtime-built union
-    return tp, False
-
-
-def _coerce(key: str, tp: Any, value: Any) -> Any:
-    """Converts a YAML (or override-string) value to the field's declared type."""
-    inner, optional = _strip_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none", "~")):
-        if optional:
-            return None
-        raise ConfigError(f"{key}: must not be null")
-    if dataclasses.is_dataclass(inner):
-        # A nested section given as true/false (model.lora: true) means defaults / off.
-        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
-            on = value if isinstance(value, bool) else value.lower() == "true"
-            if not optional and not on:
-                raise ConfigError(f"{key}: cannot be disabled")
-            return inner() if on else None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(inner, value, key)
-    if typing.get_origin(inner) in (Union, types.UnionType):
-        # str | list[str]: a list stays a list, anything else is the string form.
-        if isinstance(value, list):
-            return _coerce(key, list[str], value)
-        return _coerce(key, str, value)
-    if inner is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):  # YAML reads an override "=1" as int
-            return bool(value)
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if inner is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if as_float != int(as_float):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
-    if inner is float:
-        # PyYAML reads "1e-4" (no dot) as a string, so strings are parsed here too.
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if inner is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
-        return str(value)
-    if typing.get_origin(inner) is dict:
-        if isinstance(value, str) and value.startswith("{"):
-            value = yaml.safe_load(value)  # an override: train.loss_args={margin: 0.2}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return {str(k): v for k, v in value.items()}
-    if typing.get_origin(inner) is list:
-        (elem,) = typing.get_args(inner)
-        if isinstance(value, str):
-            # Overrides pass lists as "a,b" or "[a, b]".
-            parsed = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
-            value = parsed
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(f"{key}[{i}]", elem, v) for i, v in enumerate(value)]
-    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key {full!r}; valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(full, hints[key], value)
-    return cls(**kwargs)
-
-
 def _to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -472,7 +372,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for override in overrides:
         _expand_bool_section(data, override)
         apply_override(data, override)
-    cfg = _build(RecipeConfig, data)
+    cfg = build_dataclass(RecipeConfig, data)
     cfg.validate()
     return cfg
 

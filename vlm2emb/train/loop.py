@@ -843,7 +843,7 @@ class _Trainer:
             metrics_file = (self.out / "metrics.jsonl").open("a" if resume_dir else "w")
         best = None
         if cfg.train.eval_steps and self.eval_examples:
-            from vlm2emb.eval.best import BestTracker
+            from vlm2emb.train.best import BestTracker
 
             best = BestTracker(self.out, cfg.train.metric_for_best, resume=resume_dir is not None)
         bar = tqdm(

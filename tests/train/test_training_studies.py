@@ -11,10 +11,10 @@ from vlm2emb import EmbeddingModel
 from vlm2emb.cli import main
 from vlm2emb.data.demo import write_digits
 from vlm2emb.eval import evaluate
-from vlm2emb.eval.best import BestTracker
-from vlm2emb.eval.data_efficiency import nested_subsets, parse_fractions
 from vlm2emb.eval.mmeb import load_local_rows
+from vlm2emb.train.best import BestTracker
 from vlm2emb.train.config import ConfigError, load_recipe
+from vlm2emb.train.data_efficiency import nested_subsets, parse_fractions
 from vlm2emb.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
