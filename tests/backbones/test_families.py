@@ -307,7 +307,7 @@ def test_lora_step_trains_only_the_adapter(tiny, items):
 def test_gradcache_serves_the_frozen_vision_tower(tiny, digit_images, single_backward):
     """Every family: with LoRA (tower frozen) GradCache reuses the tower's first-pass
     outputs in the re-forward and still gives the plain step's gradients."""
-    from tests.test_gradcache import check_frozen_vision_is_served, lora
+    from tests.helpers import check_frozen_vision_is_served, lora
     from vlm2emb.data.schema import TrainExample
 
     torch.manual_seed(0)
