@@ -67,6 +67,7 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
     [
@@ -110,6 +111,7 @@ def single_lora(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
     [
@@ -168,6 +170,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert not list((killed / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
     [("ddp", ("model.lora.r=4", "model.lora.dropout=0.1")), ("zero3", ())],
@@ -223,6 +226,7 @@ def _homogeneous_worker(rank: int, world: int, data: str, port: int, out: str) -
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_homogeneous_batches_hold_across_two_processes(tmp_path):
     import socket
 
@@ -250,6 +254,7 @@ def test_homogeneous_batches_hold_across_two_processes(tmp_path):
     assert seen == {"a", "b", "c"}  # all datasets take turns
 
 
+@pytest.mark.distributed
 def test_zero3_evaluates_before_during_and_after_training(tmp_path):
     """ZeRO-3 loads the weights partitioned: the evaluation before training must run through
     the engine (it crashed on the partitioned weights), and an evaluation between steps must
