@@ -10,6 +10,7 @@ import ast
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -56,7 +57,7 @@ class _DerivedAdapter(PaliGemmaAdapter):
 
 
 @pytest.fixture
-def derived() -> type[_DerivedAdapter]:
+def derived() -> Iterator[type[_DerivedAdapter]]:
     with registered_backbone(_DerivedAdapter) as adapter_cls:
         yield adapter_cls
 
