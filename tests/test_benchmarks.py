@@ -46,6 +46,7 @@ def test_quick_encode_comparison_runs(tmp_path):
     assert len({img.size for img in images}) > len(images) // 2
 
 
+@pytest.mark.slow
 def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):
     """benchmarks/gradcache.py --interleaved runs, and its --lora and --image-size flags
     really change what is trained on (an earlier version accepted and ignored them)."""
@@ -126,6 +127,7 @@ def test_gpu_check_counts_the_whole_step_chunk_by_chunk(lora):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_section(tmp_path):
     """The GPU check's dry run (tiny shapes on the CPU) runs every section end to end and
     writes its three files; on the CPU the GPU tests are collected and skipped."""

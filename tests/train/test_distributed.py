@@ -67,6 +67,7 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
@@ -111,6 +112,7 @@ def single_lora(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
@@ -139,6 +141,7 @@ def test_two_processes_match_one_with_lora(single_lora, tmp_path, config, extra)
     assert worst < 2e-5, worst
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     steps = ["train.max_steps=24", "train.save_steps=3", "train.save_total_limit=2"]
     full = tmp_path / "full"
@@ -170,6 +173,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert not list((killed / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
@@ -254,6 +258,7 @@ def test_homogeneous_batches_hold_across_two_processes(tmp_path):
     assert seen == {"a", "b", "c"}  # all datasets take turns
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_zero3_evaluates_before_during_and_after_training(tmp_path):
     """ZeRO-3 loads the weights partitioned: the evaluation before training must run through
