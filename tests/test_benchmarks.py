@@ -6,24 +6,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import ROOT, check_step_flops_against_forward, load_benchmark_harness
 
 
 def test_quick_train_and_gradcache_comparison_runs(tmp_path):
-    harness = _harness()
+    harness = load_benchmark_harness()
     out = tmp_path / "results.json"
     argv = ["--suite", "cpu", "--quick", "--only", "train,gradcache", "--rounds", "1"]
     assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
@@ -41,7 +31,7 @@ def test_quick_train_and_gradcache_comparison_runs(tmp_path):
 def test_quick_encode_comparison_runs(tmp_path):
     """The encode mode embeds like sentence-transformers (the harness checks that first) and
     times every contender, including the forward-only ceiling."""
-    harness = _harness()
+    harness = load_benchmark_harness()
     out = tmp_path / "results.json"
     argv = ["--suite", "cpu", "--quick", "--only", "encode", "--rounds", "1"]
     assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
@@ -56,6 +46,7 @@ def test_quick_encode_comparison_runs(tmp_path):
     assert len({img.size for img in images}) > len(images) // 2
 
 
+@pytest.mark.slow
 def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):
     """benchmarks/gradcache.py --interleaved runs, and its --lora and --image-size flags
     really change what is trained on (an earlier version accepted and ignored them)."""
@@ -81,42 +72,6 @@ def test_interleaved_gradcache_benchmark_applies_lora_and_image_size(tmp_path):
         assert all(v > 0 for v in result["step_s"].values())
 
 
-def check_step_flops_against_forward(tmp_path: Path, device: str = "cpu") -> dict[str, float]:
-    """Step FLOPs / forward FLOPs of the harness's full fine-tune and LoRA steps on one batch
-    (shared with tests/test_gpu.py)."""
-    import dataclasses
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from vlm2emb.data.collate import ContrastiveCollator
-
-    harness = _harness()
-    suite = dataclasses.replace(harness.quick(harness.SUITES["cpu"]), device=device)
-    path = harness.build_model_dir(suite, tmp_path)
-    rows = harness.training_rows(suite, 16, seed=5)
-    ratios = {}
-    for mode in ("full", "lora"):
-        model = harness.load_vlm2emb(path, suite, "fp32")
-        if mode == "lora":
-            model.apply_lora(r=4, alpha=8, dropout=0.0, seed=0)
-        batch = ContrastiveCollator(model.inputs, chunk_size=0)(rows)
-        assert any("pixel_values" in c for c in batch.query)  # images in the count
-        step = harness.count_step_flops(model, batch, suite)
-        assert 0 < step["vision"] < step["total"]
-        assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients
-        base = model.backbone.get_base_model() if model.has_lora else model.backbone
-        tower = model.adapter.vision_tower(base)
-        vision = tower.config._attn_implementation
-        base.set_attn_implementation("eager")  # as the harness counts
-        if device == "cuda":
-            tower.config._attn_implementation = vision
-        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
-            model([*batch.query, *batch.positive])
-        ratios[mode] = step["total"] / counter.get_total_flops()
-    return ratios
-
-
 def test_mfu_flop_count_is_three_forwards_for_a_full_fine_tune(tmp_path):
     """The harness's step FLOP count against an independent count of the forward alone: a
     full fine-tune's backward costs two forwards (input and weight gradients), so the step is
@@ -129,7 +84,7 @@ def test_mfu_flop_count_is_three_forwards_for_a_full_fine_tune(tmp_path):
 
 
 def test_quick_mfu_mode_writes_the_flop_count(tmp_path):
-    harness = _harness()
+    harness = load_benchmark_harness()
     out = tmp_path / "results.json"
     argv = ["--suite", "cpu", "--quick", "--only", "mfu", "--rounds", "1", "--peak-tflops", "1"]
     assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
@@ -143,7 +98,7 @@ def test_quick_mfu_mode_writes_the_flop_count(tmp_path):
 
 
 def _gpu_check():
-    _harness()  # gpu_check imports benchmarks/run.py as ``run``
+    load_benchmark_harness()  # gpu_check imports benchmarks/run.py as ``run``
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = module
@@ -172,6 +127,7 @@ def test_gpu_check_counts_the_whole_step_chunk_by_chunk(lora):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_section(tmp_path):
     """The GPU check's dry run (tiny shapes on the CPU) runs every section end to end and
     writes its three files; on the CPU the GPU tests are collected and skipped."""
@@ -223,7 +179,7 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
 
 
 def test_quick_packing_comparison_runs(tmp_path):
-    harness = _harness()
+    harness = load_benchmark_harness()
     out = tmp_path / "results.json"
     argv = ["--suite", "cpu", "--quick", "--only", "packing", "--rounds", "1"]
     assert harness.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out)]) == 0

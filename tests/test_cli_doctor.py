@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from vlm2emb.backbones.paligemma import PaliGemmaAdapter
-from vlm2emb.backbones.registry import register_backbone
 from vlm2emb.cli import main
 from vlm2emb.model import CONFIG_NAME
+from vlm2emb.testing import registered_backbone
 
 
-@register_backbone
 class _PassThroughPaliGemmaAdapter(PaliGemmaAdapter):
     """A real PaliGemma adapter with a realistic bug: it keeps the processor's ``token_type_ids``.
 
@@ -63,7 +62,14 @@ def test_doctor_honours_attention_and_pooling_flags(capsys):
     assert "<|vision_start|><|image_pad|><|vision_end|>Represent" in out
 
 
-def test_doctor_fails_when_causal_is_silently_bidirectional(capsys):
+@pytest.fixture
+def pass_through_family():
+    """The buggy PaliGemma adapter, registered for one test."""
+    with registered_backbone(_PassThroughPaliGemmaAdapter) as adapter_cls:
+        yield adapter_cls.family
+
+
+def test_doctor_fails_when_causal_is_silently_bidirectional(capsys, pass_through_family):
     status = main(["doctor", "tiny:paligemma_pass_through", "--attention", "causal"])
     out = capsys.readouterr().out
     assert status == 1

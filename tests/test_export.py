@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from vlm2emb import EmbeddingModel
 from vlm2emb.cli import main
-from vlm2emb.export import ExportError, export_model, probe_image
+from vlm2emb.export import ExportError, export_model, verification_image
 from vlm2emb.model import CONFIG_NAME
 from vlm2emb.train.config import load_recipe
 from vlm2emb.train.loop import train
@@ -314,10 +314,10 @@ def test_failed_verification_leaves_nothing(runs, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
-def test_probe_image_is_deterministic():
+def test_verification_image_is_deterministic():
     import numpy as np
 
-    a, b = np.asarray(probe_image()), np.asarray(probe_image())
+    a, b = np.asarray(verification_image()), np.asarray(verification_image())
     assert a.shape == (48, 48, 3) and np.array_equal(a, b) and len(np.unique(a.reshape(-1, 3), axis=0)) > 100
 
 

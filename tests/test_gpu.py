@@ -5,15 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_benchmarks import check_step_flops_against_forward
-from tests.test_gradcache import (  # noqa: F401 (rows is a fixture)
+from tests.helpers import (
     check_frozen_vision_is_served,
     check_gradcache_replays_dropout,
     check_random_tower_runs_again,
+    check_step_flops_against_forward,
+    gradcache_rows,
     lora,
-    rows,
 )
 from vlm2emb import EmbeddingModel
+
+
+@pytest.fixture(scope="module")
+def rows(digit_images, tmp_path_factory):
+    return gradcache_rows(tmp_path_factory.mktemp("gc-images"), digit_images)
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,7 +64,7 @@ def test_training_step_on_cuda_updates_weights(tiny_qwen2_vl_dir, items):
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_gradcache_replays_dropout_on_cuda(tiny_qwen2_vl_dir, rows, single_backward):  # noqa: F811
+def test_gradcache_replays_dropout_on_cuda(tiny_qwen2_vl_dir, rows, single_backward):
     """GradCache's re-forward must replay the CUDA generator, not only the CPU one."""
     model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").train()
     check_gradcache_replays_dropout(model, rows, single_backward, device="cuda", atol=1e-4)
@@ -73,7 +79,7 @@ def test_mfu_flop_count_on_cuda_counts_the_sdpa_kernels(tmp_path):
 
 
 @pytest.mark.parametrize("single_backward", [False, True])
-def test_gradcache_serves_the_frozen_tower_on_cuda(tiny_qwen2_vl_dir, rows, single_backward):  # noqa: F811
+def test_gradcache_serves_the_frozen_tower_on_cuda(tiny_qwen2_vl_dir, rows, single_backward):
     """The frozen tower's outputs are served on CUDA (the determinism check reads the CUDA
     generator too) with the plain step's gradients; with dropout they are not served."""
     model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, device="cuda").train()

@@ -372,6 +372,7 @@ def test_length_keys_follow_media_then_tokens(tiny_qwen2_vl_dir, digit_images):
     assert order == [2, 1, 0]  # the image item first, then the longer text
 
 
+@pytest.mark.slow
 def test_compiled_blocks_encode_like_eager(tiny_qwen2_vl_dir, mixed_items):
     """compile_blocks compiles each decoder and vision layer (real inductor): the same
     embeddings, the same state dict."""

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests import vlm2vec_reference as ref
+from vlm2emb.backbones import available_families, get_adapter_class
 from vlm2emb.model import CONFIG_NAME, EmbeddingModel
 from vlm2emb.prompts import strip_image_markers
 from vlm2emb.train.config import ConfigError, load_recipe
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
+# Every family VLM2Vec trains: the ones whose adapter names VLM2Vec's image token.
+FAMILIES = [f for f in available_families() if get_adapter_class(f).vlm2vec_image_token is not None]
 
 # MMEB rows carry the instruction in the text with the <|image_1|> marker (v1 eval and train).
 MARKER_FORMS = [

@@ -80,8 +80,8 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------- helpers
-def probe_image() -> Any:
-    """A deterministic 48x48 RGB test pattern (gradients and a bright square), made in code."""
+def verification_image() -> Any:
+    """The image export verification embeds: a deterministic 48x48 RGB test pattern made in code."""
     import numpy as np
     from PIL import Image
 
@@ -95,12 +95,12 @@ def probe_items(model: EmbeddingModel) -> list[Any]:
     """Texts, an image and an image with text (images only for backbones that take them)."""
     items: list[Any] = ["a handwritten digit seven", "Find a photo of a cat sitting on the red chair."]
     if model.adapter.image_placeholder:
-        image = probe_image()
+        image = verification_image()
         items += [image, {"text": "which digit is this?", "image": image}]
     return items
 
 
-def resolve_source(checkpoint: str | os.PathLike[str]) -> Path:
+def _resolve_checkpoint_dir(checkpoint: str | os.PathLike[str]) -> Path:
     """The model folder of a checkpoint argument: a model dir, or a run dir holding ``final/``."""
     path = Path(checkpoint).expanduser()
     if not path.exists():
@@ -197,7 +197,7 @@ def export_model(
         raise ExportError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     if format == "sentence-transformers" and mode != "merged":
         raise ExportError("--format sentence-transformers needs a merged export (not --adapter-only)")
-    source = resolve_source(checkpoint)
+    source = _resolve_checkpoint_dir(checkpoint)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out}: already exists and is not empty (use --overwrite)")

@@ -10,7 +10,8 @@ code path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,27 @@ def tiny_backbone(family: str, path: str | Path, *, seed: int = 0) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     return get_adapter_class(family).build_tiny(out, seed=seed)
+
+
+@contextmanager
+def registered_backbone(adapter_cls: type) -> Iterator[type]:
+    """Registers an adapter class for the length of a ``with`` block (test fixtures).
+
+    Tests that need a family of their own (a derived adapter with a deliberate bug, a fake
+    family) register it here instead of at import, so no test leaves the global registry
+    changed for the tests after it.
+
+    Example:
+        >>> with registered_backbone(MyAdapter):  # doctest: +SKIP
+        ...     model = EmbeddingModel.from_pretrained("tiny:my_family")
+    """
+    from vlm2emb.backbones.registry import register_backbone, unregister_backbone
+
+    register_backbone(adapter_cls)
+    try:
+        yield adapter_cls
+    finally:
+        unregister_backbone(adapter_cls.family)
 
 
 def tiny_text_config(tok: Any, model_type: str | None, bos_token: str, **overrides: Any) -> dict[str, Any]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import write_pdf, write_video
 from vlm2emb.data.media import (
     MediaError,
     MediaOptions,
@@ -25,29 +25,6 @@ from vlm2emb.data.media import (
     sample_indices,
 )
 from vlm2emb.data.schema import DataError, load_train_examples
-
-
-def write_video(path: Path, n_frames: int = 20, step: int = 12) -> Path:
-    """A real MPEG-4 clip whose frame i is uniformly grey at level i * step."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * step, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def write_pdf(path: Path) -> Path:
-    """A real two-page PDF: a red 100x50 page then a blue 60x80 page (72 dpi)."""
-    pages = [Image.new("RGB", (100, 50), (255, 0, 0)), Image.new("RGB", (60, 80), (0, 0, 255))]
-    pages[0].save(path, save_all=True, append_images=pages[1:])
-    return path
 
 
 def test_max_pixels_downscales_keeping_the_aspect_ratio() -> None:

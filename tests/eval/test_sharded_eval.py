@@ -18,6 +18,7 @@ from vlm2emb.data.demo import write_digits
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.distributed
 def test_two_process_eval_matches_one_process(tmp_path: Path) -> None:
     root = write_digits(tmp_path / "digits")
     rows = [json.loads(line) for line in (root / "eval.jsonl").read_text().splitlines()]

@@ -35,7 +35,7 @@ def _losses(tmp_path: Path) -> list[float]:
 
 
 def test_skip_policy_trains_past_bad_rows_and_reports_them(tmp_path, tiny_qwen2_vl_dir, digit_images):
-    from tests.data.test_media_kinds import write_pdf, write_video
+    from tests.helpers import write_pdf, write_video
 
     data = tmp_path / "data"
     data.mkdir()

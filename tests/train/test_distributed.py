@@ -67,6 +67,8 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
     [
@@ -110,6 +112,8 @@ def single_lora(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
     [
@@ -137,6 +141,7 @@ def test_two_processes_match_one_with_lora(single_lora, tmp_path, config, extra)
     assert worst < 2e-5, worst
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     steps = ["train.max_steps=24", "train.save_steps=3", "train.save_total_limit=2"]
     full = tmp_path / "full"
@@ -168,6 +173,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert not list((killed / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("config", "extra"),
     [("ddp", ("model.lora.r=4", "model.lora.dropout=0.1")), ("zero3", ())],
@@ -223,6 +230,7 @@ def _homogeneous_worker(rank: int, world: int, data: str, port: int, out: str) -
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_homogeneous_batches_hold_across_two_processes(tmp_path):
     import socket
 
@@ -250,6 +258,8 @@ def test_homogeneous_batches_hold_across_two_processes(tmp_path):
     assert seen == {"a", "b", "c"}  # all datasets take turns
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_evaluates_before_during_and_after_training(tmp_path):
     """ZeRO-3 loads the weights partitioned: the evaluation before training must run through
     the engine (it crashed on the partitioned weights), and an evaluation between steps must

@@ -79,6 +79,7 @@ MODES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 def test_killed_run_resumes_bit_exact(tmp_path: Path, mode: str) -> None:
     steps = ["train.max_steps=30", "train.save_steps=2", *MODES[mode]]

@@ -5,7 +5,8 @@ to load, how an item (text and/or images) becomes a prompt with the family's ima
 placeholders, which special tokens exist, which module is the language model (for
 attention switching and LoRA targets). Everything else in vlm2emb talks to backbones
 through this class, so adding a family means writing one subclass in one new file and
-adding one line to :mod:`vlm2emb.backbones.registry`.
+adding one line to :mod:`vlm2emb.backbones.registry`. Shared LoRA target patterns are in
+:mod:`vlm2emb.backbones.lora_targets`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 import torch
 from torch import nn
+
+from vlm2emb.backbones.registry import packing_families
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -312,8 +315,6 @@ class BackboneAdapter:
         Raises:
             ValueError: The family cannot run packed batches.
         """
-        from vlm2emb.backbones.registry import packing_families
-
         raise ValueError(
             f"pack_sequences: backbone {self.family!r} does not support packed batches "
             f"(supported: {', '.join(packing_families())})"

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import BackboneAdapter
-from vlm2emb.backbones.registry import register_backbone
+from vlm2emb.backbones.lora_targets import decoder_layer_projections
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -39,10 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # these weights (tied), but LoRA layers wrap modules, not tensors, so adapters placed on the
 # encoder change nothing in the (unused) decoder until merged. The MoE experts are fused 3D
 # parameters, not Linear modules, and the vision tower stays frozen as in VLM2Vec.
-_LM_PROJ = (
-    r"encoder\.language_model\.layers\.\d+\."
-    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-)
+_LM_PROJ = decoder_layer_projections(r"encoder\.language_model", anchor="")
 
 
 def _encoder(model: nn.Module) -> nn.Module:
@@ -53,7 +50,6 @@ def _encoder(model: nn.Module) -> nn.Module:
     return base.encoder
 
 
-@register_backbone
 class DiffusionGemmaAdapter(BackboneAdapter):
     """Adapter for DiffusionGemma checkpoints (e.g. ``google/diffusiongemma-26B-A4B-it``)."""
 

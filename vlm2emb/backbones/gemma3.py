@@ -26,21 +26,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlm2emb.backbones.base import BackboneAdapter
-from vlm2emb.backbones.registry import register_backbone
+from vlm2emb.backbones.lora_targets import LANGUAGE_MODEL_PROJECTIONS
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-_LM_PROJ = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
-
-@register_backbone
 class Gemma3Adapter(BackboneAdapter):
     """Adapter for Gemma 3 vision-language checkpoints (SigLIP tower + Gemma 3 decoder)."""
 
     family: ClassVar[str] = "gemma3"
     model_types: ClassVar[tuple[str, ...]] = ("gemma3",)
-    lora_target_modules: ClassVar[str] = _LM_PROJ
+    lora_target_modules: ClassVar[str] = LANGUAGE_MODEL_PROJECTIONS
     image_placeholder: ClassVar[str] = "<start_of_image>"
 
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:

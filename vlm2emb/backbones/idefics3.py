@@ -20,9 +20,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from vlm2emb.backbones.base import BackboneAdapter
-from vlm2emb.backbones.registry import register_backbone
-
-TEXT_MODEL_PROJ = r".*text_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+from vlm2emb.backbones.lora_targets import TEXT_MODEL_PROJECTIONS
 
 # Idefics3/SmolVLM tokenizers carry these, including the tile tags the processor writes
 # when it splits an image into up to 6x6 tiles.
@@ -62,7 +60,6 @@ def tiny_idefics_configs(tok: Any) -> dict[str, Any]:
     }
 
 
-@register_backbone
 class Idefics3Adapter(BackboneAdapter):
     """Adapter for Idefics3 checkpoints (SigLIP-style encoder + pixel-shuffle connector + Llama)."""
 
@@ -72,7 +69,7 @@ class Idefics3Adapter(BackboneAdapter):
     family: ClassVar[str] = "idefics3"
     tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("idefics3",)
-    lora_target_modules: ClassVar[str] = TEXT_MODEL_PROJ
+    lora_target_modules: ClassVar[str] = TEXT_MODEL_PROJECTIONS
     image_placeholder: ClassVar[str] = "<image>"
 
     def language_model(self, model: nn.Module) -> nn.Module:

@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from vlm2emb.backbones.base import BackboneAdapter
-from vlm2emb.backbones.registry import register_backbone
-
-# Qwen2 decoder under ``language_model``; the InternViT tower (``vision_tower``) also has
-# q_proj/k_proj/v_proj, hence the anchor on ``language_model.layers``.
-_LM_PROJ = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+from vlm2emb.backbones.lora_targets import LANGUAGE_MODEL_PROJECTIONS
 
 
-@register_backbone
 class InternVLAdapter(BackboneAdapter):
     """Adapter for transformers-native InternVL checkpoints (InternViT + pixel shuffle + Qwen2)."""
 
@@ -31,7 +26,9 @@ class InternVLAdapter(BackboneAdapter):
 
     family: ClassVar[str] = "internvl"
     model_types: ClassVar[tuple[str, ...]] = ("internvl",)
-    lora_target_modules: ClassVar[str] = _LM_PROJ
+    # Qwen2 decoder under ``language_model``; the InternViT tower (``vision_tower``) also has
+    # q_proj/k_proj/v_proj, hence the anchor on ``language_model.layers``.
+    lora_target_modules: ClassVar[str] = LANGUAGE_MODEL_PROJECTIONS
 
     def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
         # The processor knows the placeholder the checkpoint's tokenizer declares.

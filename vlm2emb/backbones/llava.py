@@ -16,12 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vlm2emb.backbones.base import BackboneAdapter, set_output_field
-from vlm2emb.backbones.registry import register_backbone
-
-# The decoder is ``language_model`` (a LlamaModel / Qwen2Model ...) inside the base model;
-# the CLIP/SigLIP tower lives under ``vision_tower`` and the projector under
-# ``multi_modal_projector`` (linear_1/linear_2), so neither can match this pattern.
-LM_PROJ = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+from vlm2emb.backbones.lora_targets import LANGUAGE_MODEL_PROJECTIONS
 
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", BackboneAdapter.embed_token]
 
@@ -39,7 +34,6 @@ TINY_CLIP_VISION = {
 }
 
 
-@register_backbone
 class LlavaAdapter(BackboneAdapter):
     """Adapter for LLaVA-1.5 style checkpoints (CLIP tower + MLP projector + decoder)."""
 
@@ -49,7 +43,10 @@ class LlavaAdapter(BackboneAdapter):
     family: ClassVar[str] = "llava"
     tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
-    lora_target_modules: ClassVar[str] = LM_PROJ
+    # The decoder is ``language_model`` (a LlamaModel / Qwen2Model ...) inside the base model;
+    # the CLIP/SigLIP tower lives under ``vision_tower`` and the projector under
+    # ``multi_modal_projector`` (linear_1/linear_2), so neither can match this pattern.
+    lora_target_modules: ClassVar[str] = LANGUAGE_MODEL_PROJECTIONS
     image_placeholder: ClassVar[str] = "<image>\n"
 
     def trim_vision_output(self, output: Any, config: Any) -> Any:

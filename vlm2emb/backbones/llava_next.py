@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from vlm2emb.backbones.llava import LLAVA_SPECIALS, TINY_CLIP_VISION, LlavaAdapter
-from vlm2emb.backbones.registry import register_backbone
 
 
-@register_backbone
 class LlavaNextAdapter(LlavaAdapter):
     """Adapter for LLaVA-NeXT (LLaVA-1.6) checkpoints."""
 

@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlm2emb.backbones.llava import LlavaAdapter
-from vlm2emb.backbones.registry import register_backbone
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 
-@register_backbone
 class LlavaOnevisionAdapter(LlavaAdapter):
     """Adapter for LLaVA-OneVision checkpoints (SigLIP tower + Qwen2 decoder)."""
 

@@ -36,7 +36,12 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import BackboneAdapter
-from vlm2emb.backbones.registry import register_backbone
+from vlm2emb.backbones.lora_targets import (
+    ATTENTION_PROJECTIONS,
+    MLP_PROJECTIONS,
+    OLMO_PROJECTIONS,
+    named_projections,
+)
 
 MASK_FORMS = ("2d", "4d_bool", "additive", "none")
 VISION_TYPES = ("features", "vq", "none")
@@ -45,9 +50,9 @@ VLM2EMB_KEY = "masked_diffusion"  # in vlm2emb_config.json
 
 # Common projection names of the LM blocks (LLaMA/Qwen naming plus LLaDA's OLMo naming:
 # attn_out, ff_proj, ff_out). Anchored at the language model so vision towers stay frozen.
-_LM_PROJ = (
-    r".*(language_model|transformer\.blocks|model\.layers).*\."
-    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|attn_out|ff_proj|ff_out)"
+_LM_PROJ = named_projections(
+    r"(language_model|transformer\.blocks|model\.layers)",
+    ATTENTION_PROJECTIONS + MLP_PROJECTIONS + OLMO_PROJECTIONS,
 )
 
 
@@ -137,7 +142,6 @@ def _refuse_untrusted(family: str, path: str | Path, trust_remote_code: bool) ->
         )
 
 
-@register_backbone
 class MaskedDiffusionAdapter(BackboneAdapter):
     """Spec-driven adapter for masked-diffusion VLMs loaded with ``trust_remote_code=True``.
 

@@ -26,23 +26,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlm2emb.backbones.base import BackboneAdapter
-from vlm2emb.backbones.registry import register_backbone
+from vlm2emb.backbones.lora_targets import LANGUAGE_MODEL_PROJECTIONS
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-# Gemma decoder under ``language_model``; the SigLIP tower's layers use q/k/v/out_proj and
-# fc1/fc2 under ``vision_tower``, and the projector is ``multi_modal_projector.linear``.
-_LM_PROJ = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
-
-@register_backbone
 class PaliGemmaAdapter(BackboneAdapter):
     """Adapter for PaliGemma and PaliGemma 2 checkpoints."""
 
     family: ClassVar[str] = "paligemma"
     model_types: ClassVar[tuple[str, ...]] = ("paligemma",)
-    lora_target_modules: ClassVar[str] = _LM_PROJ
+    # Gemma decoder under ``language_model``; the SigLIP tower's layers use q/k/v/out_proj and
+    # fc1/fc2 under ``vision_tower``, and the projector is ``multi_modal_projector.linear``.
+    lora_target_modules: ClassVar[str] = LANGUAGE_MODEL_PROJECTIONS
     default_attention: ClassVar[str] = "bidirectional"
     image_placeholder: ClassVar[str] = "<image>"
 

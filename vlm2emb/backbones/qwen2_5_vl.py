@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from vlm2emb.backbones.qwen2_vl import Qwen2VLAdapter
-from vlm2emb.backbones.registry import register_backbone
 
 
-@register_backbone
 class Qwen2_5VLAdapter(Qwen2VLAdapter):
     """Adapter for Qwen2.5-VL checkpoints."""
 

@@ -17,16 +17,13 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import CU_SEQLENS, BackboneAdapter, _modality_map, set_output_field
-from vlm2emb.backbones.registry import register_backbone
+from vlm2emb.backbones.lora_targets import named_projections
 from vlm2emb.backbones.varlen import use_for_packed_language_model, use_for_vision
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-_LM_PROJ = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-
-@register_backbone
 class Qwen2VLAdapter(BackboneAdapter):
     """Adapter for Qwen2-VL checkpoints."""
 
@@ -38,7 +35,7 @@ class Qwen2VLAdapter(BackboneAdapter):
     family: ClassVar[str] = "qwen2_vl"
     tokenize_text_directly: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
-    lora_target_modules: ClassVar[str] = _LM_PROJ
+    lora_target_modules: ClassVar[str] = named_projections("language_model")
     image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
     # VLM2Vec writes the bare pad token, without vision start/end (its VLM_IMAGE_TOKENS).
     vlm2vec_image_token: ClassVar[str | None] = "<|image_pad|>"

@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from vlm2emb.backbones.qwen2_vl import Qwen2VLAdapter
-from vlm2emb.backbones.registry import register_backbone
 
 
-@register_backbone
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """Adapter for Qwen3-VL (dense) checkpoints."""
 

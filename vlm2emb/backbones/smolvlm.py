@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlm2emb.backbones.idefics3 import IDEFICS_SPECIALS, Idefics3Adapter, tiny_idefics_configs
-from vlm2emb.backbones.registry import register_backbone
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 
-@register_backbone
 class SmolVLMAdapter(Idefics3Adapter):
     """Adapter for SmolVLM and SmolVLM2 checkpoints."""
 

@@ -16,90 +16,14 @@ FILE...`` runs the same checks on files before a run.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm2emb.data.schema import DataError
-
-ON_BAD_EXAMPLE = ("error", "skip")
-
-
-class DataWarning(UserWarning):
-    """Data that loads but will not train well (every row of a file identical)."""
-
-
-MAX_EXAMPLES = 20
-
-
-@dataclass
-class DataReport:
-    """Counts of rows read, used and skipped, by reason.
-
-    Attributes:
-        rows: Rows read (blank lines excluded).
-        used: Rows kept.
-        skipped: Rows left out.
-        reasons: Skipped rows per reason kind (``missing_file``, ``bad_image``, ...).
-        examples: The first few ``file:line: reason`` messages.
-        warnings: Data warnings (a file of identical rows), each once.
-    """
-
-    rows: int = 0
-    used: int = 0
-    skipped: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-    # Problems that do not make a row bad (a file of identical rows), shown once each.
-    warnings: list[str] = field(default_factory=list)
-    # Called with every bad row's message (``vlm2emb data check`` prints them all).
-    listener: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
-
-    def add_bad(self, error: DataError) -> None:
-        """Counts one bad row."""
-        self.skipped += 1
-        self.reasons[error.kind] += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(str(error))
-        if self.listener is not None:
-            self.listener(str(error))
-
-    def warn(self, message: str) -> None:
-        """Records a data warning and shows it (once per message) through :mod:`warnings`."""
-        import warnings
-
-        if message in self.warnings:
-            return
-        self.warnings.append(message)
-        warnings.warn(message, DataWarning, stacklevel=2)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON form written to ``data_report.json``."""
-        return {
-            "rows": self.rows,
-            "used": self.used,
-            "skipped": self.skipped,
-            "reasons": dict(sorted(self.reasons.items())),
-            "examples": list(self.examples),
-            **({"warnings": list(self.warnings)} if self.warnings else {}),
-        }
-
-    def write(self, path: str | Path) -> Path:
-        """Writes the report as JSON to ``path``."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
-        return out
-
-    def summary(self) -> str:
-        """One line: rows, used, skipped and the reasons."""
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
-        return f"{self.rows} rows: {self.used} good, {self.skipped} bad" + (
-            f" ({reasons})" if reasons else ""
-        )
+from vlm2emb.data.errors import DataError, DataReport
+from vlm2emb.data.errors import DataWarning as DataWarning
+from vlm2emb.data.media import MediaOptions, decode_item
+from vlm2emb.data.schema import load_eval_examples, load_train_examples
 
 
 def check_files(
@@ -131,9 +55,6 @@ def check_files(
     Returns:
         The report; ``report.skipped`` is the number of bad rows.
     """
-    from vlm2emb.data.media import MediaOptions
-    from vlm2emb.data.schema import load_eval_examples, load_train_examples
-
     opts = options or MediaOptions()
     report = DataReport(listener=print_fn)
     common: dict[str, Any] = dict(
@@ -258,8 +179,6 @@ def _check_items(
     pending: list[tuple[str, Any, str | None]], prepare: Prepare, media: Any
 ) -> dict[str, tuple[str, str] | None]:
     """``key -> None`` for items the preprocessing accepts, else ``(kind, problem)``."""
-    from vlm2emb.data.media import decode_item
-
     verdict: dict[str, tuple[str, str] | None] = {}
     decoded: list[tuple[str, dict[str, Any], str | None]] = []
     for key, item, instruction in pending:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlm2emb.data.errors import DataError
+
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 I2T_INSTRUCTION = "Represent the given image for classification."
 T2I_INSTRUCTION = "Find the image that matches the caption."
@@ -130,8 +132,6 @@ def resolve_demo(spec: str, work_dir: str | Path | None = None) -> Path:
     """
     name = spec.removeprefix("demo:")
     if name not in ("digits/train", "digits/eval"):
-        from vlm2emb.data.schema import DataError
-
         raise DataError(f"unknown demo data {spec!r}; use demo:digits/train or demo:digits/eval")
     base = Path(work_dir) if work_dir is not None else _cache_dir()
     root = base / "demo-data" / "digits"

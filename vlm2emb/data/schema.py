@@ -15,7 +15,7 @@ it; videos and PDF pages become :class:`~vlm2emb.data.media.VideoRef` and
 :class:`~vlm2emb.data.media.PdfPageRef` references, decoded per batch. Every problem is a
 one-line :class:`DataError` naming the file, the line (row) and the reason; with
 ``on_bad_example="skip"`` bad rows are counted in a
-:class:`~vlm2emb.data.check.DataReport` instead. Sources (JSONL, Parquet, ``datasets``
+:class:`~vlm2emb.data.errors.DataReport` instead. Sources (JSONL, Parquet, ``datasets``
 folders, hub ids, MMEB-train rows) are read by :mod:`vlm2emb.data.sources`.
 """
 
@@ -26,8 +26,9 @@ import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from vlm2emb.data.errors import ON_BAD_EXAMPLE, DataError, DataReport
 from vlm2emb.data.media import (
     MediaError,
     MediaOptions,
@@ -36,27 +37,19 @@ from vlm2emb.data.media import (
     probe_image,
     video_frame_count,
 )
+from vlm2emb.data.sources import (
+    DATA_FORMATS,
+    ENCODING_PROBLEM,
+    Source,
+    convert_mmeb,
+    is_mmeb,
+    iter_records,
+    resolve_source,
+)
 from vlm2emb.items import ItemError, PdfPageRef, VideoRef, media_refs, resolve_instruction
-
-if TYPE_CHECKING:  # pragma: no cover
-    from vlm2emb.data.check import DataReport
-    from vlm2emb.data.sources import Source
 
 TRAIN_KEYS = ("query", "positive", "negatives", "instruction", "dataset", "target_instruction")
 EVAL_KEYS = ("query", "candidates", "positive", "task", "instruction")
-
-
-class DataError(ValueError):
-    """A bad data file or row; the message is one line naming file, line and reason.
-
-    Attributes:
-        kind: A short reason category (``missing_file``, ``bad_image``, ``escapes_root``,
-            ...), the key under which ``data_report.json`` counts skipped rows.
-    """
-
-    def __init__(self, message: str, kind: str = "invalid") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -297,10 +290,7 @@ def iter_source(
         cap: Stop after this many good rows (None = all).
         Other arguments: see :func:`load_train_examples`.
     """
-    from vlm2emb.data.check import DataReport
-    from vlm2emb.data.sources import ENCODING_PROBLEM, iter_records, resolve_source
-
-    if on_bad_example not in ("error", "skip"):
+    if on_bad_example not in ON_BAD_EXAMPLE:
         raise ValueError(f"data.on_bad_example: {on_bad_example!r} is not one of error, skip")
     report = report if report is not None else DataReport()
     source = resolve_source(spec, work_dir)
@@ -357,8 +347,6 @@ def _load(
     **kwargs: Any,
 ) -> list[Any]:
     """Reads every source into a list (see :func:`iter_source`)."""
-    from vlm2emb.data.check import DataReport
-
     report = report if report is not None else DataReport()
     out: list[Any] = []
     for index, spec in enumerate(specs):
@@ -417,8 +405,6 @@ def train_row_builder(
     Raises:
         ValueError: Unknown ``data_format``.
     """
-    from vlm2emb.data.sources import DATA_FORMATS, convert_mmeb, is_mmeb
-
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data.format: {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
 

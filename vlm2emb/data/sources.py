@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlm2emb.data.schema import DataError
+from vlm2emb.data.demo import resolve_demo
+from vlm2emb.data.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 MMEB_KEYS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
@@ -75,8 +76,6 @@ def resolve_source(spec: str, work_dir: str | Path | None = None) -> Source:
         DataError: Missing file, unsupported file type.
     """
     if spec.startswith("demo:"):
-        from vlm2emb.data.demo import resolve_demo
-
         path = resolve_demo(spec, work_dir)
         return Source(spec, str(path), "jsonl", path.parent.resolve(), path=path)
     if spec.startswith("hf:"):

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from vlm2emb.data.check import DataReport
+from vlm2emb.data.errors import DataReport
 from vlm2emb.data.media import MediaOptions
 from vlm2emb.data.schema import DataError, TrainExample, iter_source, train_row_builder
 
