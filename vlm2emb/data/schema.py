@@ -46,7 +46,7 @@ from vlm2emb.data.sources import (
     iter_records,
     resolve_source,
 )
-from vlm2emb.items import ItemError, PdfPageRef, VideoRef, media_refs, resolve_instruction
+from vlm2emb.items import ITEM_KEYS, ItemError, PdfPageRef, VideoRef, media_refs, resolve_instruction
 
 TRAIN_KEYS = ("query", "positive", "negatives", "instruction", "dataset", "target_instruction")
 EVAL_KEYS = ("query", "candidates", "positive", "task", "instruction")
@@ -121,9 +121,12 @@ class _RowChecker:
         try:
             parts = media_refs(raw)  # unknown keys and the media order: one rule (vlm2emb.items)
         except ItemError as exc:
-            raise self.fail(
-                lineno, f"{where} has {exc}" if exc.kind == "unknown_field" else f"{where}.{exc}", exc.kind
-            ) from None
+            if exc.kind == "unknown_field":
+                unknown = sorted(set(raw) - set(ITEM_KEYS))
+                reason = f"{where} has unknown key(s) {unknown}; items hold {', '.join(ITEM_KEYS)}"
+            else:
+                reason = f"{where}.{exc}"
+            raise self.fail(lineno, reason, exc.kind) from None
         text = raw.get("text")
         if text is not None and not isinstance(text, str):
             raise self.fail(lineno, f"{where}.text must be a string", "wrong_type")
