@@ -92,7 +92,9 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]
 
 def _embedding_model(model: nn.Module) -> nn.Module | None:
     """The EmbeddingModel inside DDP / DeepSpeed wrappers (None if there is none)."""
-    while not hasattr(model, "adapter") and isinstance(getattr(model, "module", None), nn.Module):
+    # Unwrap first: DeepSpeed's engine forwards unknown attributes to its module, so it
+    # "has" an adapter too, but its ``config`` is DeepSpeed's.
+    while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model if hasattr(model, "adapter") else None
 

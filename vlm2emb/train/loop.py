@@ -706,60 +706,73 @@ class _Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
 
-    # ------------------------------------------------------------------ run
-    def run(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------ phases
+    # run() is the recipe: each phase below reads what the earlier ones set on self. The
+    # order is part of exact resume (every process, and a resumed run, draws the same random
+    # numbers in the same order), so phases are not reordered lightly.
+
+    def _setup_output(self) -> None:
+        """Which checkpoint to resume, whether output_dir is ours; writes recipe.yaml; seeds."""
         from accelerate.utils import set_seed
-        from tqdm.auto import tqdm
 
-        from vlm2emb.data.collate import ContrastiveCollator
-        from vlm2emb.data.sampler import sampler_for
-        from vlm2emb.distributed import all_true
-        from vlm2emb.eval import format_report
-        from vlm2emb.gradcache import ContrastiveStep
-        from vlm2emb.losses import build_loss
-
-        cfg, acc = self.cfg, self.accelerator
-        world, rank = acc.num_processes, acc.process_index
-        if cfg.train.batch_size % world:
-            raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
-        local_batch = cfg.train.batch_size // world
+        cfg = self.cfg
+        if cfg.train.batch_size % self.accelerator.num_processes:
+            raise ValueError(
+                f"train.batch_size {cfg.train.batch_size} is not divisible by {self.accelerator.num_processes} processes"
+            )
         # Before anything is written or loaded: which checkpoint, and whether output_dir is ours.
-        resume_dir = self._resume_dir() if cfg.train.resume_from else None
-        if resume_dir is None:
+        self.resume_dir = self._resume_dir() if cfg.train.resume_from else None
+        if self.resume_dir is None:
             self._claim_output_dir()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             from vlm2emb.train.state import write_text_atomic
 
             write_text_atomic(self.out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False))
+        self.start_step = (
+            json.loads((self.resume_dir / TRAINER_STATE).read_text())["step"] if self.resume_dir else 0
+        )
         set_seed(cfg.seed)
 
-        self._load_data()  # a bad row stops the run before a large model is loaded
-        start_step = json.loads((resume_dir / TRAINER_STATE).read_text())["step"] if resume_dir else 0
-        sampler = None  # streaming draws its own batches (vlm2emb.data.streaming)
-        if not cfg.data.streaming:
-            sampler = sampler_for(
-                self.train_examples, cfg.data, cfg.train.batch_size, cfg.seed, start_step=start_step
-            )
+    def _batch_sampler(self, tokenizer: Any = None) -> Any:
+        """The global batch order (None when streaming, which draws its own batches)."""
+        from vlm2emb.data.sampler import sampler_for
+
+        if self.cfg.data.streaming:
+            return None
+        return sampler_for(
+            self.train_examples,
+            self.cfg.data,
+            self.cfg.train.batch_size,
+            self.cfg.seed,
+            start_step=self.start_step,
+            tokenizer=tokenizer,
+        )
+
+    def _setup_data(self) -> None:
+        """Rows checked and loaded; the batch order planned, before the model loads, so that
+        a bad row or an impossible batch plan stops the run in seconds."""
+        self._load_data()
+        self.sampler = self._batch_sampler()  # length keys from characters until the tokenizer is here
+
+    def _setup_model(self) -> Any:
+        """The model; every row run through its preprocessing; the final batch order."""
         model = self._load_model()
         n_rows = len(self.train_examples)
-        if cfg.data.verify_images:
+        if self.cfg.data.verify_images:
             self._preflight(model)
-        if sampler is not None and (cfg.data.group_by_length or len(self.train_examples) != n_rows):
-            # Exact token counts group better than the character estimate used above (which
-            # checked the data order before the model was loaded).
-            sampler = sampler_for(
-                self.train_examples,
-                cfg.data,
-                cfg.train.batch_size,
-                cfg.seed,
-                start_step=start_step,
-                tokenizer=model.adapter.tokenizer,
-            )
+        if self.sampler is not None and (self.cfg.data.group_by_length or len(self.train_examples) != n_rows):
+            # Rows were dropped (the plan changes), or length grouping can use exact token
+            # counts now that the tokenizer is loaded.
+            self.sampler = self._batch_sampler(model.adapter.tokenizer)
+        return model
 
+    def _setup_optimizer(self, model: Any) -> None:
+        """AdamW, the LR schedule, and the accelerate/DeepSpeed wrapping (``self.prepared``)."""
+        cfg, acc = self.cfg, self.accelerator
         self.params = [p for p in model.parameters() if p.requires_grad]
-        n_trainable = sum(_numel(p) for p in self.params)
-        n_total = sum(_numel(p) for p in model.parameters())
+        self.n_trainable = sum(_numel(p) for p in self.params)
+        self.n_total = sum(_numel(p) for p in model.parameters())
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
         )
@@ -768,55 +781,60 @@ class _Trainer:
         # keep its state as JSON (_save_state).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         if self.deepspeed:
-            _configure_deepspeed(acc, cfg, local_batch)
+            _configure_deepspeed(acc, cfg, cfg.train.batch_size // acc.num_processes)
         self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
-        report_before = None
-        if self.eval_examples and cfg.train.eval_before and resume_dir is None:
-            # After prepare: under ZeRO-3 the loaded weights are partitioned, and only the
-            # engine's hooks gather them for a forward. Every process evaluates (the forwards
-            # are collective); the main one reports.
-            report_before = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
-            if self.is_main:
-                (self.out / "eval_before.json").write_text(json.dumps(report_before, indent=2) + "\n")
-                print("Before training:\n" + format_report(report_before), flush=True)
-        resumed_rng = None
-        if resume_dir is not None:
-            resumed_rng = self._load_state(resume_dir)
-            if self.is_main:
-                print(f"Resumed from {resume_dir} at step {start_step}", flush=True)
 
+    def _evaluate_now(self, name: str, title: str) -> dict[str, Any]:
+        """Evaluates on data.eval; the main process writes ``name`` and prints the report.
+
+        Every process evaluates (ZeRO-3 forwards are collective: only the engine's hooks
+        gather the partitioned weights); the main one reports.
+        """
+        from vlm2emb.eval import format_report
+
+        report = _evaluate(self.accelerator.unwrap_model(self.prepared), self.eval_examples, self.cfg)
+        if self.is_main:
+            (self.out / name).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"{title}:\n" + format_report(report), flush=True)
+        return report
+
+    def _setup_step(self, model: Any) -> tuple[Any, Any]:
+        """The objective (``train.loss`` from the registry), the collator, the loader and the
+        training step."""
+        from vlm2emb.data.collate import ContrastiveCollator
+        from vlm2emb.gradcache import ContrastiveStep
+        from vlm2emb.losses import build_loss
+
+        cfg, acc = self.cfg, self.accelerator
         loss_fn = build_loss(cfg.train, normalize=cfg.model.normalize)
         collator = ContrastiveCollator(
             model.inputs,
             query_instruction=cfg.data.query_instruction,
             target_instruction=cfg.data.target_instruction,
-            rank=rank,
-            world_size=world,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
             chunk_size=cfg.train.gradcache_chunk_size,
             length_buckets=cfg.train.length_buckets,
             media=self.media,
         )
-        # iter(loader) draws a worker base seed from this generator; from the global one it
-        # would shift the dropout masks of a resumed run against the uninterrupted one.
-        loader_generator = torch.Generator().manual_seed(cfg.seed)
         if cfg.data.streaming:
             from vlm2emb.data.streaming import streaming_for
 
-            loader = torch.utils.data.DataLoader(
-                streaming_for(cfg, start_step, self.media, self.report, self.out, model.collate),
-                batch_size=None,
-                collate_fn=collator,
-                num_workers=cfg.data.num_workers,
-                generator=loader_generator,
+            source: Any = streaming_for(
+                cfg, self.start_step, self.media, self.report, self.out, model.collate
             )
+            batching: dict[str, Any] = {"batch_size": None}
         else:
-            loader = torch.utils.data.DataLoader(
-                self.train_examples,
-                batch_sampler=sampler,
-                collate_fn=collator,
-                num_workers=cfg.data.num_workers,
-                generator=loader_generator,
-            )
+            source, batching = self.train_examples, {"batch_sampler": self.sampler}
+        loader = torch.utils.data.DataLoader(
+            source,
+            collate_fn=collator,
+            num_workers=cfg.data.num_workers,
+            # iter(loader) draws a worker base seed from this generator; from the global one
+            # it would shift the dropout masks of a resumed run against the uninterrupted one.
+            generator=torch.Generator().manual_seed(cfg.seed),
+            **batching,
+        )
         step_fn = ContrastiveStep(
             self.prepared,
             loss_fn,
@@ -826,29 +844,58 @@ class _Trainer:
             reuse_frozen_vision=cfg.train.gradcache_reuse_vision,
         )
         if self.is_main:
+            chunks = cfg.train.gradcache_chunk_size
             print(
-                f"Training {cfg.model.name_or_path}: {n_trainable:,} of {n_total:,} parameters trainable, "
-                f"{len(self.train_examples) or 'streamed'} rows, global batch {cfg.train.batch_size} over {world} process(es)"
-                f"{', GradCache chunks of ' + str(cfg.train.gradcache_chunk_size) if cfg.train.gradcache_chunk_size else ''}"
-                f", steps {start_step + 1}..{cfg.train.max_steps}",
+                f"Training {cfg.model.name_or_path}: {self.n_trainable:,} of {self.n_total:,} parameters trainable, "
+                f"{len(self.train_examples) or 'streamed'} rows, global batch {cfg.train.batch_size} "
+                f"over {acc.num_processes} process(es)"
+                f"{', GradCache chunks of ' + str(chunks) if chunks else ''}"
+                f", steps {self.start_step + 1}..{cfg.train.max_steps}",
                 flush=True,
             )
+        return loader, step_fn
 
-        # A new run starts a new log; a resumed run continues it after the checkpoint's step
-        # (the records of steps it is about to redo are dropped, so no step appears twice).
-        metrics_file = None
-        if self.is_main:
-            if resume_dir is not None:
-                _trim_metrics(self.out / "metrics.jsonl", start_step)
-            metrics_file = (self.out / "metrics.jsonl").open("a" if resume_dir else "w")
-        best = None
-        if cfg.train.eval_steps and self.eval_examples:
-            from vlm2emb.train.best import BestTracker
+    def _open_metrics(self) -> Any:
+        """metrics.jsonl on the main process: a new run starts a new log; a resumed run
+        continues it after the checkpoint's step (records of steps it redoes are dropped)."""
+        if not self.is_main:
+            return None
+        if self.resume_dir is not None:
+            _trim_metrics(self.out / "metrics.jsonl", self.start_step)
+        return (self.out / "metrics.jsonl").open("a" if self.resume_dir else "w")
 
-            best = BestTracker(self.out, cfg.train.metric_for_best, resume=resume_dir is not None)
+    def _step(self, step_fn: Any, batch: Any) -> tuple[torch.Tensor, bool, str]:
+        """One optimizer step: the loss, and (when every process's loss is finite) the
+        backward and the update. Returns (loss, stepped, why-not)."""
+        from vlm2emb.distributed import all_true
+
+        acc = self.accelerator
+        with acc.autocast():
+            loss = step_fn.forward_loss(batch, self._sync_context)
+        # Every process must take the same decision, or collectives would hang.
+        if all_true(bool(torch.isfinite(loss.detach())), acc.device):
+            with acc.autocast():  # GradCache re-runs forwards in here
+                step_fn.backward(loss, self._backward, self._sync_context)
+            return loss, self._optimizer_step(), "non-finite gradients"
+        step_fn.discard()
+        self._skip_step()
+        return loss, False, "non-finite loss"
+
+    def _train(
+        self, loader: Any, step_fn: Any, resumed_rng: Any, metrics_file: Any, best: Any
+    ) -> tuple[float, float]:
+        """Steps start_step + 1 .. max_steps with logging, in-training eval and checkpoints.
+
+        Returns:
+            (last logged loss, training seconds).
+        """
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        world = acc.num_processes
         bar = tqdm(
             total=cfg.train.max_steps,
-            initial=start_step,
+            initial=self.start_step,
             desc="train",
             disable=not (self.progress and self.is_main),
             dynamic_ncols=True,
@@ -857,7 +904,8 @@ class _Trainer:
         start = time.perf_counter()
         window_start, window_samples, window_tokens = start, 0, 0
         running = torch.zeros((), device=acc.device)  # summed on device, read once per log window
-        running_n, bad_in_row, skipped = 0, 0, 0
+        running_n, skipped = 0, 0
+        self.bad_in_row = 0
         last_loss = float("nan")
         data_iter = iter(loader)
         if resumed_rng is not None:
@@ -865,36 +913,24 @@ class _Trainer:
 
             # Last, right before the first step: the uninterrupted run drew nothing between
             # its checkpoint and this point, so neither may the resumed one.
-            set_rng_state(resumed_rng, resume_dir / "state")
-        for step in range(start_step + 1, cfg.train.max_steps + 1):
+            set_rng_state(resumed_rng, self.resume_dir / "state")
+        for step in range(self.start_step + 1, cfg.train.max_steps + 1):
             batch = next(data_iter)
             window_samples += cfg.train.batch_size
             window_tokens += batch.real_tokens()
-            with acc.autocast():
-                loss = step_fn.forward_loss(batch, self._sync_context)
-            # Every process must take the same decision, or collectives would hang.
-            stepped = False
-            if all_true(bool(torch.isfinite(loss.detach())), acc.device):
-                with acc.autocast():  # GradCache re-runs forwards in here
-                    step_fn.backward(loss, self._backward, self._sync_context)
-                stepped = self._optimizer_step()
-                what = "non-finite gradients"
-            else:
-                step_fn.discard()
-                self._skip_step()
-                what = "non-finite loss"
+            loss, stepped, what = self._step(step_fn, batch)
             if stepped:
                 running += loss.detach()
                 running_n += 1
-                bad_in_row = 0
+                self.bad_in_row = 0
             else:
-                bad_in_row += 1
+                self.bad_in_row += 1
                 skipped += 1
                 if self.is_main:
-                    print(f"step {step}: {what}, step skipped ({bad_in_row} in a row)", flush=True)
-                if bad_in_row >= cfg.train.max_bad_steps:
+                    print(f"step {step}: {what}, step skipped ({self.bad_in_row} in a row)", flush=True)
+                if self.bad_in_row >= cfg.train.max_bad_steps:
                     raise TrainingError(
-                        f"stopping: {bad_in_row} non-finite losses in a row (last at step {step}); "
+                        f"stopping: {self.bad_in_row} non-finite losses in a row (last at step {step}); "
                         "lower train.learning_rate, check the data, or raise train.max_bad_steps"
                     )
             bar.update(1)
@@ -931,25 +967,31 @@ class _Trainer:
                 report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
                 self._track_best(best, step, report, metrics_file)
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < cfg.train.max_steps:
-                if bad_in_row:
-                    # Finite weights can still give NaN embeddings (a huge learning rate): a
-                    # checkpoint taken inside a non-finite streak would resume into it.
-                    if self.is_main:
-                        print(
-                            f"step {step}: checkpoint not saved: the last {bad_in_row} step(s) had "
-                            "non-finite losses",
-                            flush=True,
-                        )
-                else:
-                    self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
+                self._save_checkpoint(step)
         bar.close()
-        train_seconds = time.perf_counter() - start
+        return last_loss, time.perf_counter() - start
+
+    def _save_checkpoint(self, step: int) -> None:
+        """A resumable checkpoint, unless the last steps were non-finite."""
+        if self.bad_in_row:
+            # Finite weights can still give NaN embeddings (a huge learning rate): a
+            # checkpoint taken inside a non-finite streak would resume into it.
+            if self.is_main:
+                print(
+                    f"step {step}: checkpoint not saved: the last {self.bad_in_row} step(s) had "
+                    "non-finite losses",
+                    flush=True,
+                )
+            return
+        self._save(self.out / "checkpoints" / f"step-{step}", step, with_state=True)
+
+    def _save_final(self, train_seconds: float) -> None:
+        cfg = self.cfg
         if cfg.data.streaming and cfg.data.on_bad_example == "skip" and self.is_main:
             self.report.write(self.out / "data_report.json")  # the rows streamed so far
-
-        if bad_in_row:
+        if self.bad_in_row:
             raise TrainingError(
-                f"the last {bad_in_row} step(s) had non-finite losses; final/ not written "
+                f"the last {self.bad_in_row} step(s) had non-finite losses; final/ not written "
                 "(lower train.learning_rate, check the data, or resume from an earlier checkpoint)"
             )
         self._save(self.out / "final", cfg.train.max_steps, with_state=False)
@@ -959,24 +1001,45 @@ class _Trainer:
                 flush=True,
             )
 
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._setup_output()
+        self._setup_data()  # a bad row stops the run before a large model is loaded
+        model = self._setup_model()
+        self._setup_optimizer(model)
+        report_before = None
+        if self.eval_examples and cfg.train.eval_before and self.resume_dir is None:
+            # After prepare: under ZeRO-3 the loaded weights are partitioned.
+            report_before = self._evaluate_now("eval_before.json", "Before training")
+        resumed_rng = None
+        if self.resume_dir is not None:
+            resumed_rng = self._load_state(self.resume_dir)
+            if self.is_main:
+                print(f"Resumed from {self.resume_dir} at step {self.start_step}", flush=True)
+        loader, step_fn = self._setup_step(model)
+        metrics_file = self._open_metrics()
+        best = None
+        if cfg.train.eval_steps and self.eval_examples:
+            from vlm2emb.train.best import BestTracker
+
+            best = BestTracker(self.out, cfg.train.metric_for_best, resume=self.resume_dir is not None)
+
+        last_loss, train_seconds = self._train(loader, step_fn, resumed_rng, metrics_file, best)
+        self._save_final(train_seconds)
+
         report_after = None
         if self.eval_examples:
-            # Every process evaluates (ZeRO-3 forwards are collective); the main one reports.
-            report_after = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
-            if self.is_main:
-                (self.out / "eval.json").write_text(json.dumps(report_after, indent=2) + "\n")
-                if metrics_file is not None:
-                    metrics_file.write(
-                        _json_line({"step": cfg.train.max_steps, "eval": report_after["average"]})
-                    )
-                print("After training:\n" + format_report(report_after), flush=True)
-                if report_before is not None:
-                    print(_before_after(report_before, report_after), flush=True)
+            report_after = self._evaluate_now("eval.json", "After training")
+            if metrics_file is not None:
+                metrics_file.write(_json_line({"step": cfg.train.max_steps, "eval": report_after["average"]}))
+            if self.is_main and report_before is not None:
+                print(_before_after(report_before, report_after), flush=True)
             if best is not None:
                 self._track_best(best, cfg.train.max_steps, report_after, None)
         if metrics_file is not None:
             metrics_file.close()
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         return {
             "output_dir": str(self.out),
             "steps": cfg.train.max_steps,

@@ -62,6 +62,19 @@ class InstructionDefaults:
         rows, whose text holds MMEB's instruction; a second one would move the scores)."""
         return self.fallback == "always" or (self.fallback == "auto" and not mmeb)
 
+    def query(self, own: str | None, *, mmeb: bool) -> str | None:
+        """A query's instruction: its own, else the default where the defaults apply
+        (:func:`vlm2emb.items.resolve_instruction`)."""
+        from vlm2emb.items import resolve_instruction
+
+        return resolve_instruction(own, self.query_instruction if self.apply(mmeb=mmeb) else None)
+
+    def target(self, own: str | None, *, mmeb: bool) -> str | None:
+        """A target's instruction: the task's own, else the default where the defaults apply."""
+        from vlm2emb.items import resolve_instruction
+
+        return resolve_instruction(own, self.target_instruction if self.apply(mmeb=mmeb) else None)
+
 
 class TaskKind:
     """One kind of eval task: its spec, value checks, loading and scoring.

@@ -66,14 +66,13 @@ class CorpusKind(TaskKind):
         batch_size: int,
         defaults: InstructionDefaults,
     ) -> dict[str, Any]:
-        applies = defaults.apply(mmeb=False)
         return evaluate_corpus(
             encoder,
             payload,
             ks=ks,
             batch_size=batch_size,
-            query_instruction=spec.query_instruction or (defaults.query_instruction if applies else None),
-            target_instruction=spec.target_instruction or (defaults.target_instruction if applies else None),
+            query_instruction=defaults.query(spec.query_instruction, mmeb=False),
+            target_instruction=defaults.target(spec.target_instruction, mmeb=False),
         )
 
 

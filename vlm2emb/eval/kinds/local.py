@@ -74,13 +74,10 @@ class LocalKind(TaskKind):
         defaults: InstructionDefaults,
     ) -> dict[str, Any]:
         has_mmeb = any(row.get("layout") == MMEB_LAYOUT for row in payload)
-        target_instruction = spec.target_instruction or (
-            defaults.target_instruction if defaults.apply(mmeb=has_mmeb) else None
-        )
+        target_instruction = defaults.target(spec.target_instruction, mmeb=has_mmeb)
         rows = []
         for row in payload:
-            applies = defaults.apply(mmeb=row.get("layout") == MMEB_LAYOUT)
-            instruction = row["instruction"] or (defaults.query_instruction if applies else None)
+            instruction = defaults.query(row["instruction"], mmeb=row.get("layout") == MMEB_LAYOUT)
             rows.append({**row, "task": spec.name, "instruction": instruction})
         result = evaluate(encoder, rows, batch_size=batch_size, ks=ks, target_instruction=target_instruction)
         return result["tasks"][spec.name]
