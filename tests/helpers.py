@@ -130,6 +130,7 @@ def step_grads(
     seed=0,
     device="cpu",
     reuse_vision=True,
+    loss=None,
 ):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # seeds CUDA too
@@ -137,7 +138,7 @@ def step_grads(
     model.config.temperature = 0.05  # the model owns the training temperature
     step = ContrastiveStep(
         model,
-        InfoNCELoss(temperature=0.05, symmetric=True),
+        loss if loss is not None else InfoNCELoss(temperature=0.05, symmetric=True),
         gradcache=gradcache,
         device=torch.device(device),
         single_backward=single_backward,

@@ -3,6 +3,8 @@ checked end to end in tests/train/test_distributed.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,6 +21,8 @@ from vlm2emb import EmbeddingModel
 from vlm2emb.data.collate import ContrastiveCollator
 from vlm2emb.data.schema import TrainExample
 from vlm2emb.gradcache import chunk_cost
+from vlm2emb.losses import InfoNCELoss
+from vlm2emb.losses.distill import DistillationLoss
 
 
 @pytest.fixture
@@ -124,3 +128,25 @@ def test_gradcache_serves_a_tower_frozen_in_a_full_fine_tune(model, rows):
 @pytest.mark.parametrize("single_backward", [False, True])
 def test_a_frozen_tower_that_draws_random_numbers_runs_again(model, rows, single_backward):
     check_random_tower_runs_again(model, rows, single_backward)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        lambda: InfoNCELoss(temperature=0.05, hardness_alpha=4.0, false_negative_margin=0.05),
+        lambda: DistillationLoss(temperature=0.05, kl_weight=0.5, teacher_temperature=0.2),
+    ],
+    ids=["infonce-options", "distill"],
+)
+def test_gradcache_equals_the_full_batch_step_for_other_objectives(model, rows, objective):
+    # Teacher scores on all rows but one (a row without them only adds InfoNCE).
+    scored = [
+        dataclasses.replace(ex, teacher_scores=[1.0 - 0.3 * j for j in range(1 + len(ex.negatives))])
+        if i != 2
+        else ex
+        for i, ex in enumerate(rows)
+    ]
+    plain = _grads(model, ContrastiveCollator(model.inputs)(scored), gradcache=False, loss=objective())
+    chunked = ContrastiveCollator(model.inputs, chunk_size=2)(scored)
+    assert chunked.teacher_scores is not None and chunked.teacher_scores.shape == (6, 3)
+    _assert_same(_grads(model, chunked, gradcache=True, loss=objective()), plain)

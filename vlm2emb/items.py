@@ -184,6 +184,9 @@ class ContrastiveBatch:
         local_negative_mask: [b, K] this process's rows of ``negative_mask``, or None.
         negatives_padded: True when ``negatives`` holds all b * K slots (multi-process runs),
             padding included; else only the real negatives.
+        teacher_scores: [B, 1 + K] a teacher's scores of each global row's positive
+            (column 0) and hard negatives, NaN where a row or slot has none; None when no
+            row of the batch has ``teacher_scores`` (distillation targets).
     """
 
     query: list[dict[str, Any]]
@@ -196,6 +199,7 @@ class ContrastiveBatch:
     negative_mask: torch.Tensor | None = None
     local_negative_mask: torch.Tensor | None = None
     negatives_padded: bool = False
+    teacher_scores: torch.Tensor | None = None
 
     @property
     def chunks(self) -> list[dict[str, Any]]:

@@ -144,6 +144,15 @@ def test_max_negatives_caps_negatives(tmp_path: Path) -> None:
     assert none.negatives == []
 
 
+def test_teacher_scores_load_and_follow_max_negatives(tmp_path: Path) -> None:
+    row = {**good_train_row(), "negatives": [{"text": "n0"}, {"text": "n1"}], "teacher_scores": [3, 2.5, 1]}
+    path = write_jsonl(tmp_path / "t.jsonl", [row, good_train_row()])
+    scored, unscored = load_train_examples([str(path)])
+    assert scored.teacher_scores == [3.0, 2.5, 1.0] and unscored.teacher_scores is None
+    (capped, _) = load_train_examples([str(path)], max_negatives=1)
+    assert capped.teacher_scores == [3.0, 2.5]  # still one score per kept item
+
+
 def test_max_negatives_skips_validation_of_dropped_negatives(tmp_path: Path) -> None:
     # Negatives beyond the cap are never used, so a bad one there does not stop loading.
     row = {**good_train_row(), "negatives": [{"text": "ok"}, {"image": "missing.png"}]}
@@ -234,6 +243,18 @@ def test_parquet_eval_rows_and_row_numbers_in_errors(tmp_path: Path) -> None:
         ({"query": "q", "positive": "p", "negatives": "n"}, ("negatives must be a list",)),
         ({"query": 3, "positive": "p"}, ("query must be an object",)),
         ({"query": {"text": 3}, "positive": "p"}, ("query.text must be a string",)),
+        (
+            {"query": "q", "positive": "p", "teacher_scores": [0.5, 0.1]},
+            ("teacher_scores has 2 values", "needs 1"),
+        ),
+        (
+            {"query": "q", "positive": "p", "teacher_scores": ["0.5"]},
+            ("teacher_scores must be a list of numbers",),
+        ),
+        (
+            {"query": "q", "positive": "p", "teacher_scores": [float("nan")]},
+            ("teacher_scores must be finite",),
+        ),
     ],
 )
 def test_bad_train_rows_name_file_line_and_reason(

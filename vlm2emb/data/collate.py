@@ -127,6 +127,13 @@ class ContrastiveCollator:
             batch.negative_keys = key_tensor
             batch.negative_mask = mask
             batch.local_negative_mask = mask[lo:hi]
+        if any(ex.teacher_scores is not None for ex in examples):
+            # NaN marks "no teacher score" (a row without them, or a padding slot).
+            scores = torch.full((len(examples), 1 + k), float("nan"))  # [B, 1 + K]
+            for row, ex in enumerate(examples):
+                if ex.teacher_scores is not None:
+                    scores[row, : len(ex.teacher_scores)] = torch.tensor(ex.teacher_scores)
+            batch.teacher_scores = scores
         return batch
 
     def _chunk_size(self, n: int) -> int:

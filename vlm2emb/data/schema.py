@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,15 @@ from vlm2emb.data.sources import (
 )
 from vlm2emb.items import ITEM_KEYS, ItemError, PdfPageRef, VideoRef, media_refs, resolve_instruction
 
-TRAIN_KEYS = ("query", "positive", "negatives", "instruction", "dataset", "target_instruction")
+TRAIN_KEYS = (
+    "query",
+    "positive",
+    "negatives",
+    "instruction",
+    "dataset",
+    "target_instruction",
+    "teacher_scores",
+)
 EVAL_KEYS = ("query", "candidates", "positive", "task", "instruction")
 
 
@@ -64,6 +73,8 @@ class TrainExample:
     dataset: str = "default"
     source: str = ""  # "file:line", for error messages
     origin: int = 0  # index of the data.train entry it came from (mixing weights)
+    # A teacher's scores of [positive, *negatives] for this query (distillation targets).
+    teacher_scores: list[float] | None = None
 
 
 @dataclass
@@ -429,8 +440,10 @@ def train_row_builder(
             raise check.fail(
                 lineno, f"negatives must be a list of items, got {type(negs_raw).__name__}", "wrong_type"
             )
+        scores = _teacher_scores(check, lineno, rec.get("teacher_scores"), len(negs_raw))
         if max_negatives is not None:
             negs_raw = negs_raw[:max_negatives]
+            scores = scores[: 1 + max_negatives] if scores is not None else None
         return TrainExample(
             query=check.item(lineno, "query", rec["query"]),
             positive=check.item(lineno, "positive", rec["positive"]),
@@ -440,9 +453,30 @@ def train_row_builder(
             dataset=check.optional_str(rec, "dataset", lineno) or source.stem,
             source=f"{source.name}:{lineno}",
             origin=index,
+            teacher_scores=scores,
         )
 
     return build
+
+
+def _teacher_scores(check: _RowChecker, lineno: int, raw: Any, num_negatives: int) -> list[float] | None:
+    """A row's ``teacher_scores``: finite numbers, one for the positive and one per negative."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw
+    ):
+        raise check.fail(lineno, "teacher_scores must be a list of numbers", "wrong_type")
+    if len(raw) != 1 + num_negatives:
+        raise check.fail(
+            lineno,
+            f"teacher_scores has {len(raw)} values; it needs {1 + num_negatives} "
+            f"(the positive's, then one per negative)",
+            "invalid",
+        )
+    if not all(math.isfinite(v) for v in raw):
+        raise check.fail(lineno, "teacher_scores must be finite numbers", "invalid")
+    return [float(v) for v in raw]
 
 
 def load_train_examples(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
+    from vlm2emb.data.schema import TrainExample
     from vlm2emb.items import ContrastiveBatch
 
 __all__ = ["ContrastiveLoss"]
@@ -26,6 +27,14 @@ class ContrastiveLoss(nn.Module):
     returns the mean over its local queries, so that gradient averaging over N processes
     gives the one-process gradients (see :meth:`vlm2emb.losses.InfoNCELoss.gathered`).
     """
+
+    def check_examples(self, examples: list[TrainExample]) -> None:
+        """Refuses training rows this objective cannot learn from, before the model loads.
+
+        The trainer calls it once on the loaded rows (not when streaming). The default
+        accepts everything; a loss that needs more than query and positive (teacher scores,
+        say) raises a ``ValueError`` saying what is missing.
+        """
 
     def training_loss(
         self,

@@ -167,6 +167,20 @@ def _validate(
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
 
+def _check_options(false_negative_margin: float | None, hardness_alpha: float) -> None:
+    """Raise a ``ValueError`` for a non-finite or negative option value."""
+    if false_negative_margin is not None and not (
+        isinstance(false_negative_margin, (int, float)) and math.isfinite(false_negative_margin)
+    ):
+        raise ValueError(
+            f"false_negative_margin must be a finite number or None, got {false_negative_margin!r}"
+        )
+    if not (
+        isinstance(hardness_alpha, (int, float)) and math.isfinite(hardness_alpha) and hardness_alpha >= 0
+    ):
+        raise ValueError(f"hardness_alpha must be a finite number >= 0, got {hardness_alpha!r}")
+
+
 def info_nce_loss(
     query: Tensor,
     positive: Tensor,
@@ -179,6 +193,8 @@ def info_nce_loss(
     negative_mask: Tensor | None = None,
     query_offset: int = 0,
     reduction: str = "mean",
+    false_negative_margin: float | None = None,
+    hardness_alpha: float = 0.0,
 ) -> Tensor:
     """InfoNCE / multiple-negatives ranking loss with in-batch and hard negatives.
 
@@ -214,6 +230,14 @@ def info_nce_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-query losses ``[Bq]``; with
             ``symmetric`` entry ``i`` is the average of query ``i``'s and its
             positive's losses).
+        false_negative_margin: Score-based false-negative filter: a candidate ``c``
+            other than the target with ``s(q_i, c) > s(q_i, t_i) + margin`` is removed
+            from query ``i``'s softmax (scores compared without gradient). ``None``
+            (default) filters nothing. Only the query-to-target direction is filtered.
+        hardness_alpha: Hardness weighting: every candidate other than the target gets
+            the weight ``exp(alpha * s(q_i, c))`` (no gradient through the weight) in
+            the denominator, so harder negatives count more. ``0`` (default) is plain
+            InfoNCE. Only the query-to-target direction is weighted.
 
     Returns:
         A scalar loss, or a ``[Bq]`` tensor for ``reduction="none"``. The dtype is
@@ -234,6 +258,7 @@ def info_nce_loss(
         reduction,
         temperature,
     )
+    _check_options(false_negative_margin, hardness_alpha)
     bq, d = query.shape
     bt = positive.shape[0]
     device = query.device
@@ -258,9 +283,16 @@ def info_nce_loss(
     else:
         temp = float(temperature)
 
-    logits = q @ candidates.T / temp  # [Bq, C]
+    scores = q @ candidates.T  # [Bq, C]
+    logits = scores / temp  # [Bq, C]
     targets = torch.arange(bq, device=device) + query_offset  # [Bq]
     rows = torch.arange(bq, device=device)  # [Bq]
+    if hardness_alpha:
+        # log(w * exp(s / tau)) = s / tau + alpha * s: the weight enters as a logit offset,
+        # detached so that it only reweights and never pushes the scores itself.
+        bonus = hardness_alpha * scores.detach()  # [Bq, C]
+        bonus[rows, targets] = 0.0
+        logits = logits + bonus
 
     # `invalid[i, c]` is True where candidate c must not compete for query i.
     invalid: Tensor | None = None
@@ -286,6 +318,12 @@ def info_nce_loss(
         if same.shape[1] < num_candidates:
             same = F.pad(same, (0, num_candidates - same.shape[1]), value=False)  # [Bq, C]
         invalid = same if invalid is None else invalid | same
+    if false_negative_margin is not None:
+        detached = scores.detach()  # [Bq, C]
+        pos_score = detached[rows, targets]  # [Bq]
+        too_close = detached > (pos_score + false_negative_margin).unsqueeze(1)  # [Bq, C]
+        too_close[rows, targets] = False
+        invalid = too_close if invalid is None else invalid | too_close
     if invalid is not None:
         # -inf removes a candidate from the softmax exactly (zero probability, zero
         # gradient); the target column is never masked, so every row stays finite.
@@ -328,25 +366,44 @@ class InfoNCELoss(ContrastiveLoss):
         temperature: The temperature of standalone calls (``scale = 1 / temperature``).
         symmetric: Default for ``info_nce_loss(symmetric=...)``.
         reduction: Default reduction, ``"mean"``, ``"sum"`` or ``"none"``.
+        false_negative_margin: Drop candidates scoring more than this above the query's
+            positive (``info_nce_loss``); recipe ``train.loss_args.false_negative_margin``.
+        hardness_alpha: Weight candidates by ``exp(alpha * score)``; recipe
+            ``train.loss_args.hardness_alpha``.
 
     Raises:
-        ValueError: If ``temperature`` is not positive or the reduction unknown.
+        ValueError: If ``temperature`` is not positive, the reduction unknown or an
+            option out of range.
     """
 
-    def __init__(self, temperature: float = 0.02, symmetric: bool = False, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.02,
+        symmetric: bool = False,
+        reduction: str = "mean",
+        false_negative_margin: float | None = None,
+        hardness_alpha: float = 0.0,
+    ) -> None:
         super().__init__()
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _check_options(false_negative_margin, hardness_alpha)
         self.symmetric = symmetric
         self.reduction = reduction
+        self.false_negative_margin = false_negative_margin
+        self.hardness_alpha = float(hardness_alpha)
         self._temperature = float(temperature)
 
     @classmethod
     def from_config(cls, train: Any) -> InfoNCELoss:
-        """The loss a recipe's ``train`` section asks for (the registry's factory)."""
-        return cls(temperature=train.temperature, symmetric=train.symmetric_loss)
+        """The loss a recipe's ``train`` section asks for (the registry's factory).
+
+        ``train.loss_args`` may hold ``false_negative_margin`` and ``hardness_alpha``; any
+        other key is a ``TypeError`` naming it.
+        """
+        return cls(temperature=train.temperature, symmetric=train.symmetric_loss, **train.loss_args)
 
     @property
     def temperature(self) -> float:
@@ -381,6 +438,8 @@ class InfoNCELoss(ContrastiveLoss):
             raise TypeError("InfoNCELoss owns the temperature; do not pass it to forward()")
         kwargs.setdefault("symmetric", self.symmetric)
         kwargs.setdefault("reduction", self.reduction)
+        kwargs.setdefault("false_negative_margin", self.false_negative_margin)
+        kwargs.setdefault("hardness_alpha", self.hardness_alpha)
         return info_nce_loss(query, positive, negatives, temperature=self._temperature, **kwargs)
 
     def gathered(
@@ -434,6 +493,8 @@ class InfoNCELoss(ContrastiveLoss):
             negative_mask=negative_mask,
             query_offset=offset,
             reduction=self.reduction,
+            false_negative_margin=self.false_negative_margin,
+            hardness_alpha=self.hardness_alpha,
         )
         if self.symmetric:
             # Target -> query: local positives retrieve their query among ALL queries
@@ -471,4 +532,11 @@ class InfoNCELoss(ContrastiveLoss):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature:.4g}, symmetric={self.symmetric}, reduction={self.reduction!r}"
+        extra = (
+            f"temperature={self.temperature:.4g}, symmetric={self.symmetric}, reduction={self.reduction!r}"
+        )
+        if self.false_negative_margin is not None:
+            extra += f", false_negative_margin={self.false_negative_margin}"
+        if self.hardness_alpha:
+            extra += f", hardness_alpha={self.hardness_alpha}"
+        return extra

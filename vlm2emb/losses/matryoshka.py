@@ -103,6 +103,10 @@ class MatryoshkaLoss(ContrastiveLoss):
         """Same arguments as :meth:`InfoNCELoss.gathered` (one gather per prefix)."""
         return self._combine(self.loss.gathered, query, positive, negatives, **kwargs)
 
+    def check_examples(self, examples: list[Any]) -> None:
+        """The wrapped loss's check."""
+        self.loss.check_examples(examples)
+
     def training_loss(
         self,
         query: Tensor,

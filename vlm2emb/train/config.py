@@ -148,6 +148,16 @@ class RecipeConfig:
     def _validate_data(self) -> None:
         _validate_data_config(self.data)
 
+    def _validate_loss_args(self) -> None:
+        # Building the objective is cheap (no weights): a misspelt or out-of-range
+        # train.loss_args entry then stops the recipe at load time, not at step 1.
+        from vlm2emb.losses import get_loss
+
+        try:
+            get_loss(self.train.loss)(self.train)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"train.loss_args for loss {self.train.loss!r}: {exc}") from None
+
     def validate(self) -> None:
         """Checks values that the types alone do not constrain."""
         # NaN passes every "<= 0" check below, so non-finite numbers are refused first.
@@ -248,6 +258,7 @@ class RecipeConfig:
             raise ConfigError(
                 "data.train: no training data given (a path, a list of paths or demo:digits/train)"
             )
+        self._validate_loss_args()  # last: the objective's factory reads the values checked above
 
 
 def _validate_data_config(data: DataConfig) -> None:

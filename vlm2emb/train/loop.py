@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from vlm2emb.train.config import RecipeConfig, recipe_to_dict
+from vlm2emb.train.config import ConfigError, RecipeConfig, recipe_to_dict
 from vlm2emb.train.state import TRAINER_STATE
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -752,7 +752,16 @@ class _Trainer:
     def _setup_data(self) -> None:
         """Rows checked and loaded; the batch order planned, before the model loads, so that
         a bad row or an impossible batch plan stops the run in seconds."""
+        from vlm2emb.losses import build_loss
+
         self._load_data()
+        # The objective is built here (it holds no weights) so that it can refuse rows it
+        # cannot learn from before the model loads.
+        self.loss_fn = build_loss(self.cfg.train, normalize=self.cfg.model.normalize)
+        try:
+            self.loss_fn.check_examples(self.train_examples)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.sampler = self._batch_sampler()  # length keys from characters until the tokenizer is here
 
     def _setup_model(self) -> Any:
@@ -803,10 +812,9 @@ class _Trainer:
         training step."""
         from vlm2emb.data.collate import ContrastiveCollator
         from vlm2emb.gradcache import ContrastiveStep
-        from vlm2emb.losses import build_loss
 
         cfg, acc = self.cfg, self.accelerator
-        loss_fn = build_loss(cfg.train, normalize=cfg.model.normalize)
+        loss_fn = self.loss_fn
         collator = ContrastiveCollator(
             model.inputs,
             query_instruction=cfg.data.query_instruction,

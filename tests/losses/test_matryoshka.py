@@ -16,7 +16,7 @@ from vlm2emb.gradcache import ContrastiveStep
 from vlm2emb.losses import InfoNCELoss, MatryoshkaLoss
 from vlm2emb.train.config import ConfigError, load_recipe
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 
 
 def _reference(q, t, n, dims, weights, temperature):
