@@ -157,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     p_doctor.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     p_doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_data_parser(sub)
+    _add_mine_parser(sub)
 
     p_export = sub.add_parser(
         "export",
@@ -446,6 +447,114 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mine_parser(sub: Any) -> None:
+    # `vlm2emb mine`: hard negatives into canonical rows (docs/negatives.md).
+    p = sub.add_parser(
+        "mine",
+        help="mine hard negatives with a model and write them into training rows",
+        description=(
+            "Embed a corpus (default: the distinct positives of DATA) and every query of DATA, "
+            "retrieve each query's best candidates, filter likely positives (score ratio, near "
+            "duplicates), and write the rows with mined negatives to --out. Resumable; sharded "
+            "under accelerate launch."
+        ),
+        epilog="example: vlm2emb mine --model runs/demo/final --data train.jsonl --out mined.jsonl --teacher-scores",
+    )
+    p.add_argument(
+        "--model", required=True, help="EmbeddingModel directory, raw VLM directory or tiny:FAMILY"
+    )
+    p.add_argument("--data", required=True, help="training rows (JSONL, Parquet, datasets folder)")
+    p.add_argument("--out", required=True, help="output JSONL (a .report.json is written beside it)")
+    p.add_argument(
+        "--corpus", default=None, help="corpus rows {id, item} to mine from (default: the positives)"
+    )
+    p.add_argument("--num-negatives", type=int, default=7)
+    p.add_argument("--top-k", type=int, default=30, help="rank window the negatives come from")
+    p.add_argument("--skip-top", type=int, default=0, help="skip this many best candidates first")
+    p.add_argument(
+        "--max-score-ratio",
+        type=float,
+        default=0.95,
+        help="drop candidates scoring above RATIO x the positive's score (negative: off)",
+    )
+    p.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=0.98,
+        help="drop candidates this close (cosine) to the positive",
+    )
+    p.add_argument("--sample", choices=["top", "random"], default="top")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-existing", action="store_true", help="keep the rows' own negatives first")
+    p.add_argument(
+        "--across-datasets",
+        action="store_true",
+        help="default corpus: mine from every dataset's positives (default: the row's own dataset's)",
+    )
+    p.add_argument(
+        "--teacher-scores", action="store_true", help="write teacher_scores (for train.loss=distill)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=4096, help="rows mined and written per block")
+    p.add_argument("--query-instruction", default=None)
+    p.add_argument("--target-instruction", default=None)
+    p.add_argument("--media-root", default=None)
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/vlm2emb/embeddings)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _cmd_mine(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm2emb.eval.cache import default_cache_dir
+    from vlm2emb.mine import MineConfig, mine_negatives
+    from vlm2emb.model import EmbeddingModel
+
+    config = MineConfig(
+        num_negatives=args.num_negatives,
+        top_k=args.top_k,
+        skip_top=args.skip_top,
+        max_score_ratio=args.max_score_ratio if args.max_score_ratio >= 0 else None,
+        dedup_threshold=args.dedup_threshold,
+        sample=args.sample,
+        seed=args.seed,
+        keep_existing=args.keep_existing,
+        teacher_scores=args.teacher_scores,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        query_instruction=args.query_instruction,
+        target_instruction=args.target_instruction,
+    )
+    config.validate()  # before the model loads
+    model = EmbeddingModel.from_pretrained(args.model, torch_dtype=args.dtype)
+    state = _distributed_state()
+    device = args.device or (str(state.device) if state else "cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    report = mine_negatives(
+        model,
+        args.data,
+        args.out,
+        config,
+        corpus=args.corpus,
+        media_root=args.media_root,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        across_datasets=args.across_datasets,
+        progress=not args.no_progress,
+    )
+    if state is None or state.is_main_process:
+        s = report.scores.get("margin", {})
+        print(
+            f"mined {report.negatives} negatives for {report.rows} rows from {report.corpus} corpus entries "
+            f"({report.short_rows} rows short; filtered {report.filtered}); "
+            f"median margin {s.get('p50', float('nan')):.3f}; wrote {args.out}"
+        )
+    return 0
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from vlm2emb.data.schema import DataError
     from vlm2emb.train.config import ConfigError
@@ -479,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": _cmd_doctor,
         "export": _cmd_export,
         "data": _cmd_data,
+        "mine": _cmd_mine,
     }
     handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency}
     try:
