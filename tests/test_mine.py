@@ -216,3 +216,19 @@ def test_cli_mines_and_the_output_trains_with_distillation(tiny_qwen2_vl_dir, da
     )
     train(cfg, progress=False)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_no_positive_of_a_query_is_mined_as_its_negative(model, tmp_path):
+    rows = [{"query": "which are citrus?", "positives": ["lemon", "lime", "orange"]}]
+    rows += [{"query": f"q {w}", "positive": w} for w in ["apple", "pear", "plum", "fig", "date"]]
+    data = _write(tmp_path / "t.jsonl", rows)
+    cfg = MineConfig(num_negatives=4, top_k=8, max_score_ratio=None, dedup_threshold=None)
+    report = mine_negatives(model, str(data), tmp_path / "o.jsonl", cfg)
+    mined = load_train_examples([str(tmp_path / "o.jsonl")])
+    citrus = {"lemon", "lime", "orange"}
+    assert len(mined) == 8
+    for ex in mined[:3]:
+        assert ex.positive["text"] in citrus
+        negs = {n["text"] for n in ex.negatives}
+        assert len(negs) == 4 and not negs & citrus  # 5 others exist: only they qualify
+    assert report.filtered["positive"] == 3 * 3 + 5  # each citrus pair drops all 3; others 1

@@ -9,7 +9,8 @@ Per query, in this order (docs/negatives.md has the worked example):
 
 1. retrieve the ``skip_top + top_k + FILTER_SLACK`` best corpus entries (exact inner product;
    FAISS when installed, else blocked torch matmuls);
-2. drop the positive itself and exact duplicates of it or of the query (same content id);
+2. drop the query's positives (all of them, for rows with ``positives: [...]``) and exact
+   duplicates of them or of the query (same content id);
 3. positive-aware filtering (NV-Retriever's "TopK-PercPos"): drop candidates scoring above
    ``max_score_ratio`` times the positive's score, likely unlabelled positives;
 4. drop near duplicates of the positive (cosine to the positive above ``dedup_threshold``);
@@ -299,14 +300,19 @@ def mine_negatives(
     if corpus is not None:
         c_items, c_instr_raw = _corpus_from_file(corpus, media_root, verify_images)
         corpora[_ALL] = _Corpus(c_items, [resolve_instruction(i, t_default) for i in c_instr_raw])
-    else:
-        seen: set[tuple[str, int]] = set()
-        for ex in _rows(data, media_root, verify_images):
-            instr = resolve_instruction(ex.target_instruction, t_default)
+    # Every positive of each query (rows with `positives: [...]` arrive as one pair per
+    # positive): none of them may be mined as that query's negative.
+    positives_of: dict[int, set[int]] = {}
+    seen: set[tuple[str, int]] = set()
+    for ex in _rows(data, media_root, verify_images):
+        instr = resolve_instruction(ex.target_instruction, t_default)
+        pos_key = int(item_keys([ex.positive], [instr])[0])
+        q_key = int(item_keys([ex.query], [resolve_instruction(ex.instruction, q_default)])[0])
+        positives_of.setdefault(q_key, set()).add(pos_key)
+        if corpus is None:
             name = _ALL if across_datasets else ex.dataset
-            key = (name, int(item_keys([ex.positive], [instr])[0]))
-            if key not in seen:
-                seen.add(key)
+            if (name, pos_key) not in seen:
+                seen.add((name, pos_key))
                 corpora.setdefault(name, _Corpus([], [])).add(ex.positive, instr)
     for part in corpora.values():
         part.embed(encoder, cfg.batch_size)
@@ -344,7 +350,8 @@ def mine_negatives(
         p_instr = [resolve_instruction(ex.target_instruction, t_default) for ex in block]
         q_emb = _encode_grouped(encoder, [ex.query for ex in block], q_instr, cfg.batch_size)  # [n, d]
         p_emb = _encode_grouped(encoder, [ex.positive for ex in block], p_instr, cfg.batch_size)  # [n, d]
-        p_keys = item_keys([ex.positive for ex in block], p_instr).tolist()
+        own_q_keys = item_keys([ex.query for ex in block], q_instr).tolist()
+        p_keys = [positives_of[k] for k in own_q_keys]  # every positive of the row's query
         q_keys = item_keys([ex.query for ex in block], p_instr).tolist()  # a query found in the corpus
         hits: list[tuple[_Corpus, list[float], list[int], list[float]]] = []
         names = [_ALL if _ALL in corpora else ex.dataset for ex in block]
@@ -378,7 +385,7 @@ def mine_negatives(
                 if c < 0:
                     continue  # faiss pads with -1 when the corpus is smaller than k
                 key = part.keys[c]
-                if key == p_keys[r]:
+                if key in p_keys[r]:
                     report.filtered["positive"] += 1
                 elif key == q_keys[r]:
                     report.filtered["query"] += 1

@@ -52,6 +52,7 @@ from vlm2emb.items import ITEM_KEYS, ItemError, PdfPageRef, VideoRef, media_refs
 TRAIN_KEYS = (
     "query",
     "positive",
+    "positives",
     "negatives",
     "instruction",
     "dataset",
@@ -325,7 +326,7 @@ def iter_source(
                 raise check.fail(
                     lineno, f"a row must be a JSON object, got {type(rec).__name__}", "not_an_object"
                 )
-            example = build(check, lineno, rec, index, source)
+            built = build(check, lineno, rec, index, source)
         except DataError as err:
             if on_bad_example == "error":
                 raise
@@ -333,12 +334,14 @@ def iter_source(
             continue
         n_used += 1
         report.used += 1
-        content = dataclasses.replace(example, source="")
-        if first is None:
-            first = content
-        elif all_same and content != first:
-            all_same = False
-        yield example
+        # A row with several positives yields one example per positive.
+        for example in built if isinstance(built, list) else [built]:
+            content = dataclasses.replace(example, source="")
+            if first is None:
+                first = content
+            elif all_same and content != first:
+                all_same = False
+            yield example
     if not n_rows and not allow_empty:
         raise DataError(f"{source.name}: no {kind} rows", "empty_file")
     if n_used > 1 and all_same:
@@ -410,8 +413,10 @@ def _check_fields(
 
 def train_row_builder(
     data_format: str = "auto", max_negatives: int | None = None, mmeb_negatives: bool = True
-) -> Callable[[_RowChecker, int, dict[str, Any], int, Source], TrainExample]:
+) -> Callable[[_RowChecker, int, dict[str, Any], int, Source], TrainExample | list[TrainExample]]:
     """The function that validates one training row (canonical or MMEB layout).
+
+    A row with ``positives: [...]`` gives one :class:`TrainExample` per positive (a list).
 
     ``mmeb_negatives`` False leaves out MMEB-train rows' ``neg_text`` / ``neg_image_path``
     (as VLM2Vec's collators do); canonical rows' ``negatives`` are not affected.
@@ -424,13 +429,14 @@ def train_row_builder(
 
     def build(
         check: _RowChecker, lineno: int, rec: dict[str, Any], index: int, source: Source
-    ) -> TrainExample:
+    ) -> TrainExample | list[TrainExample]:
         if data_format == "mmeb" or (data_format == "auto" and is_mmeb(rec)):
             try:
                 rec = convert_mmeb(rec, negatives=mmeb_negatives)
             except ValueError as exc:
                 raise check.fail(lineno, f"MMEB row: {exc}", "invalid") from None
-        _check_fields(check, lineno, rec, "training", TRAIN_KEYS, ("query", "positive"))
+        _check_fields(check, lineno, rec, "training", TRAIN_KEYS, ("query",))
+        positives = _positives(check, lineno, rec)
         # Only an absent field (or null) means "no negatives": "" or 0 is a mistake in the
         # file, and reading it as an empty list would hide it.
         negs_raw = rec.get("negatives")
@@ -440,23 +446,54 @@ def train_row_builder(
             raise check.fail(
                 lineno, f"negatives must be a list of items, got {type(negs_raw).__name__}", "wrong_type"
             )
+        if len(positives) > 1 and rec.get("teacher_scores") is not None:
+            raise check.fail(
+                lineno, "teacher_scores cannot be combined with several positives (one query, one score list)"
+            )
         scores = _teacher_scores(check, lineno, rec.get("teacher_scores"), len(negs_raw))
         if max_negatives is not None:
             negs_raw = negs_raw[:max_negatives]
             scores = scores[: 1 + max_negatives] if scores is not None else None
-        return TrainExample(
-            query=check.item(lineno, "query", rec["query"]),
-            positive=check.item(lineno, "positive", rec["positive"]),
-            negatives=[check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)],
-            instruction=check.optional_str(rec, "instruction", lineno),
-            target_instruction=check.optional_str(rec, "target_instruction", lineno),
-            dataset=check.optional_str(rec, "dataset", lineno) or source.stem,
-            source=f"{source.name}:{lineno}",
-            origin=index,
-            teacher_scores=scores,
-        )
+        negatives = [check.item(lineno, f"negatives[{i}]", n) for i, n in enumerate(negs_raw)]
+        for i, neg in enumerate(negatives):
+            if neg in positives:
+                # It would be trained as both answer and non-answer of the same query.
+                raise check.fail(lineno, f"negatives[{i}] is also a positive of this row")
+        common = {
+            "query": check.item(lineno, "query", rec["query"]),
+            "negatives": negatives,
+            "instruction": check.optional_str(rec, "instruction", lineno),
+            "target_instruction": check.optional_str(rec, "target_instruction", lineno),
+            "dataset": check.optional_str(rec, "dataset", lineno) or source.stem,
+            "source": f"{source.name}:{lineno}",
+            "origin": index,
+            "teacher_scores": scores,
+        }
+        # Several positives: one training pair per positive, sharing query and negatives.
+        # Pairs with the same query fall in one false-negative group, so in a batch each
+        # positive is a target and the query's other positives are masked from its negatives.
+        pairs = [TrainExample(positive=p, **common) for p in positives]
+        return pairs[0] if len(pairs) == 1 else pairs
 
     return build
+
+
+def _positives(check: _RowChecker, lineno: int, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A row's positive items: ``positive`` (one) or ``positives`` (a non-empty list)."""
+    one, many = rec.get("positive"), rec.get("positives")
+    if one is not None and many is not None:
+        raise check.fail(lineno, "give either positive or positives, not both")
+    if one is None and many is None:
+        raise check.fail(lineno, "missing field 'positive'", "missing_field")
+    if one is not None:
+        return [check.item(lineno, "positive", one)]
+    if not isinstance(many, list) or not many:
+        raise check.fail(lineno, "positives must be a non-empty list of items", "wrong_type")
+    items = [check.item(lineno, f"positives[{i}]", p) for i, p in enumerate(many)]
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise check.fail(lineno, f"positives[{i}] repeats an earlier positive")
+    return items
 
 
 def _teacher_scores(check: _RowChecker, lineno: int, raw: Any, num_negatives: int) -> list[float] | None:
