@@ -94,6 +94,8 @@ def test_sampler_for_reads_the_data_section() -> None:
         mega_batch=2,
         dedup_positives=True,
         target_instruction=None,
+        batching="random",
+        batch_partitioner="greedy",
     )
     sampler = sampler_for(examples, data, 4, seed=0)
     for batch in _batches(sampler, 12):

@@ -74,3 +74,18 @@ def test_distillation_without_teacher_scores_stops_before_the_model_loads(tmp_pa
     )
     with pytest.raises(ConfigError, match="needs rows with teacher_scores"):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("partitioner", ["greedy", "metis"])
+def test_teacher_built_batches_train(tmp_path, tiny_qwen2_vl_dir, partitioner):
+    data = _data(tmp_path, scores=False)  # each row's negatives are two other rows' positives
+    losses = _losses(
+        tmp_path,
+        partitioner,
+        tiny_qwen2_vl_dir,
+        data,
+        "data.batching=teacher",
+        f"data.batch_partitioner={partitioner}",
+        "train.max_steps=3",
+    )
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)

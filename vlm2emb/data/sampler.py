@@ -48,6 +48,10 @@ class GlobalBatchSampler:
         mega_batches: Global batches per length-sorting window.
         dedup_keys: [N] positive content ids; with them no global batch holds the same
             positive twice.
+        graph: [N] adjacency lists of teacher links (:mod:`vlm2emb.data.teacher_batches`);
+            with them each epoch's batches are cut from the graph (``data.batching:
+            teacher``) instead of consecutive shuffled rows.
+        partitioner: ``greedy`` or ``metis``, how the graph is cut.
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class GlobalBatchSampler:
         lengths: Sequence[float] | Sequence[tuple[int, ...]] | None = None,
         mega_batches: int = 50,
         dedup_keys: Sequence[int] | None = None,
+        graph: Sequence[Sequence[int]] | None = None,
+        partitioner: str = "greedy",
     ) -> None:
         if batch_size % world_size:
             raise ValueError(f"train.batch_size {batch_size} is not divisible by {world_size} processes")
@@ -87,7 +93,26 @@ class GlobalBatchSampler:
         self.lengths = list(lengths) if lengths is not None else None
         self.mega_batches = mega_batches
         self.dedup_keys = list(dedup_keys) if dedup_keys is not None else None
-        self._simple = datasets is None and not self.weights and lengths is None and dedup_keys is None
+        if graph is not None:
+            if len(graph) != num_examples:
+                raise ValueError(f"graph has {len(graph)} entries for {num_examples} rows")
+            clash = [
+                name
+                for name, v in (
+                    ("data.weights", weights),
+                    ("data.group_by_length", lengths),
+                    ("data.dedup_positives", dedup_keys),
+                )
+                if v
+            ]
+            if clash:
+                # Each of these reorders rows by its own rule; the teacher's clusters would be lost.
+                raise ValueError(f"data.batching=teacher cannot be combined with {', '.join(clash)}")
+        self.graph = graph
+        self.partitioner = partitioner
+        self._simple = (
+            datasets is None and not self.weights and lengths is None and dedup_keys is None and graph is None
+        )
         self._cache: tuple[int, list[list[int]]] | None = None
         self._epoch_lengths: list[int] = []  # batches per epoch, filled as epochs are planned
         if self.weights is not None:
@@ -122,6 +147,13 @@ class GlobalBatchSampler:
             groups = [by_name[name] for name in sorted(by_name)]  # sorted: same on every process
         batches: list[list[int]] = []
         for group in groups:
+            if self.graph is not None:
+                from vlm2emb.data.teacher_batches import partition
+
+                batches.extend(
+                    partition(self.graph, group, self.batch_size, self.seed + epoch, self.partitioner)
+                )
+                continue
             order = [group[j] for j in torch.randperm(len(group), generator=gen).tolist()]
             if self.lengths is not None:
                 window = self.batch_size * self.mega_batches
@@ -131,7 +163,7 @@ class GlobalBatchSampler:
                     for i in sorted(order[start : start + window], key=self.lengths.__getitem__, reverse=True)
                 ]
             batches.extend(self._cut(order))
-        if len(groups) > 1 or self.lengths is not None:
+        if len(groups) > 1 or self.lengths is not None or self.graph is not None:
             batches = [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
         self._cache = (epoch, batches)
         return batches
@@ -267,7 +299,8 @@ def sampler_for(
     Args:
         examples: The training examples (``TrainExample``).
         data: The recipe's ``DataConfig`` (``homogeneous``, ``weights``, ``group_by_length``,
-            ``mega_batch``, ``dedup_positives``, ``target_instruction``).
+            ``mega_batch``, ``dedup_positives``, ``batching``, ``batch_partitioner``,
+            ``target_instruction``).
         batch_size: Global batch size.
         seed: Data-order seed.
         start_step: Global batches already done (resuming).
@@ -283,6 +316,11 @@ def sampler_for(
             [ex.positive for ex in examples],
             [resolve_instruction(ex.target_instruction, data.target_instruction) for ex in examples],
         ).tolist()
+    graph = None
+    if data.batching == "teacher":
+        from vlm2emb.data.teacher_batches import teacher_graph
+
+        graph = teacher_graph(examples, data.target_instruction)
     return GlobalBatchSampler(
         len(examples),
         batch_size,
@@ -294,4 +332,6 @@ def sampler_for(
         lengths=grouping_keys(examples, tokenizer) if data.group_by_length else None,
         mega_batches=data.mega_batch,
         dedup_keys=dedup,
+        graph=graph,
+        partitioner=data.batch_partitioner,
     )

@@ -78,6 +78,10 @@ class DataConfig:
     group_by_length: bool = False  # sort rows by length inside windows of mega_batch global batches
     mega_batch: int = 50  # global batches per length-sorting window
     dedup_positives: bool = False  # no positive twice in a global batch (drop and replace)
+    # random: shuffled rows; teacher: batch-sized clusters of rows linked by mined hard
+    # negatives (vlm2emb.data.teacher_batches, B3-style), cut by batch_partitioner.
+    batching: str = "random"
+    batch_partitioner: str = "greedy"  # greedy | metis (pip install 'vlm2emb[metis]')
     on_bad_example: str = "error"  # error: stop at the first bad row; skip: count it in data_report.json
     min_pixels: int | None = None  # upscale smaller images (aspect kept) before the processor
     max_pixels: int | None = None  # downscale larger images (aspect kept) before the processor
@@ -266,6 +270,8 @@ def _validate_data_config(data: DataConfig) -> None:
     for key, value, allowed in (
         ("data.format", data.format, ("auto", "canonical", "mmeb")),
         ("data.on_bad_example", data.on_bad_example, ("error", "skip")),
+        ("data.batching", data.batching, ("random", "teacher")),
+        ("data.batch_partitioner", data.batch_partitioner, ("greedy", "metis")),
     ):
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
@@ -288,6 +294,20 @@ def _validate_data_config(data: DataConfig) -> None:
     if data.streaming and (data.group_by_length or data.dedup_positives):
         key = "data.group_by_length" if data.group_by_length else "data.dedup_positives"
         raise ConfigError(f"{key}: not available with data.streaming (it needs the whole epoch in memory)")
+    if data.batching == "teacher":
+        # Each of these orders rows by its own rule; the teacher's clusters would be undone.
+        clash = [
+            key
+            for key, on in (
+                ("data.streaming", data.streaming),
+                ("data.weights", bool(data.weights)),
+                ("data.group_by_length", data.group_by_length),
+                ("data.dedup_positives", data.dedup_positives),
+            )
+            if on
+        ]
+        if clash:
+            raise ConfigError(f"data.batching: teacher cannot be combined with {', '.join(clash)}")
     n = len(data.train)
     if data.weights:
         if len(data.weights) != n:
