@@ -247,3 +247,29 @@ def check_random_tower_runs_again(model, rows, single_backward, device="cpu", at
     image_chunks = sum("pixel_values" in c for c in batch.query)
     assert len(calls) > image_chunks  # ran again in the re-forward
     assert_same_step(cached, plain, atol=atol)
+
+
+def tiny_run_losses(out_dir: Path, model_dir, data, *overrides: str) -> list[float]:
+    """Trains 2 steps of 4 rows (temperature 0.05, a loss record per step) and returns the
+    logged losses; ``overrides`` are recipe ``key=value`` strings that come last."""
+    import json
+
+    from vlm2emb.train.config import load_recipe
+    from vlm2emb.train.loop import train
+
+    cfg = load_recipe(
+        None,
+        [
+            f"output_dir={out_dir}",
+            f"model.name_or_path={model_dir}",
+            f"data.train={data}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.log_steps=1",
+            "train.temperature=0.05",
+            *overrides,
+        ],
+    )
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]

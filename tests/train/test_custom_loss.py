@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from tests.helpers import tiny_run_losses
 from vlm2emb.losses import ContrastiveLoss, InfoNCELoss, register_loss, unregister_loss
 from vlm2emb.train.config import ConfigError, load_recipe
-from vlm2emb.train.loop import train
 
 
 class ScaledInfoNCE(ContrastiveLoss):
@@ -49,22 +49,7 @@ def _data(tmp_path):
 
 
 def _first_loss(tmp_path, name, tiny_dir, data, *extra):
-    cfg = load_recipe(
-        None,
-        [
-            f"output_dir={tmp_path / name}",
-            f"model.name_or_path={tiny_dir}",
-            f"data.train={data}",
-            "train.max_steps=2",
-            "train.batch_size=4",
-            "train.log_steps=1",
-            "train.temperature=0.05",
-            *extra,
-        ],
-    )
-    train(cfg, progress=False)
-    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return tiny_run_losses(tmp_path / name, tiny_dir, data, *extra)
 
 
 def test_a_loss_registered_outside_the_package_trains(tmp_path, tiny_qwen2_vl_dir, scaled_loss):

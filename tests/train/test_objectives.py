@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.helpers import tiny_run_losses
 from vlm2emb.train.config import ConfigError, load_recipe
 from vlm2emb.train.loop import train
 
@@ -28,23 +29,8 @@ def _data(tmp_path, scores: bool):
     return path
 
 
-def _losses(tmp_path, name, model_dir, data, *extra):
-    cfg = load_recipe(
-        None,
-        [
-            f"output_dir={tmp_path / name}",
-            f"model.name_or_path={model_dir}",
-            f"data.train={data}",
-            "train.max_steps=2",
-            "train.batch_size=4",
-            "train.log_steps=1",
-            "train.temperature=0.05",
-            *extra,
-        ],
-    )
-    train(cfg, progress=False)
-    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+def _losses(tmp_path, name, tiny_dir, data, *extra):
+    return tiny_run_losses(tmp_path / name, tiny_dir, data, *extra)
 
 
 def test_distillation_adds_its_kl_term_to_infonce(tmp_path, tiny_qwen2_vl_dir):
