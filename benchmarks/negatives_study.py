@@ -1,6 +1,6 @@
 """What the training signal buys on confusable data: in-batch vs mined vs teacher batches vs distillation.
 
-    python benchmarks/negatives_study.py --out-dir runs/study --seeds 3 --steps 120
+    python benchmarks/negatives_study.py --out-dir runs/study --seeds 3
 
 Data (real images, built here): two handwritten digits from scikit-learn side by side,
 captioned "a three followed by an eight". The 100 captions are confusable by design: the
@@ -8,9 +8,12 @@ swapped pair ("an eight followed by a three") and every caption sharing one digi
 are near misses that a random batch rarely contains. Each eval row ranks its image's caption
 against its 9 nearest confusers (the swapped caption first, then shared-digit ones).
 
-Arms, all from the same tiny Qwen2-VL initialisation, the same steps and batch size:
+A warm start first: the tiny Qwen2-VL trained ``--warm-steps`` steps with in-batch negatives
+(hard negatives are a fine-tuning signal; from a random initialisation they only slow the
+first steps down). It is the teacher, and every arm continues from it for ``--steps`` steps
+at the same batch size, once per seed (the seed changes the data order):
 
-* ``in-batch``: plain InfoNCE on the rows (the teacher is this arm's seed-0 run);
+* ``in-batch``: plain InfoNCE on the rows;
 * ``mined``: the teacher mines ``--negatives`` hard negatives per row (``vlm2emb mine``);
 * ``teacher-batches``: the mined rows with ``data.batching: teacher`` (B3-style);
 * ``distill``: the mined rows, ``train.loss: distill`` on the teacher's scores;
@@ -34,7 +37,9 @@ INSTRUCTION = "Represent the given image."
 
 
 def caption(a: int, b: int) -> str:
-    art = lambda w: "an" if w[0] in "aeio" else "a"  # noqa: E731 - local helper
+    def art(word: str) -> str:
+        return "an" if word == "eight" else "a"
+
     return f"{art(WORDS[a])} {WORDS[a]} followed by {art(WORDS[b])} {WORDS[b]}"
 
 
@@ -127,7 +132,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="runs/negatives-study")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--warm-steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train-rows", type=int, default=2000)
     ap.add_argument("--eval-rows", type=int, default=300)
@@ -137,15 +144,15 @@ def main() -> None:
     started = time.perf_counter()
     train, evals = write_data(root / "data", args.train_rows, args.eval_rows)
     common = (args.steps, args.batch_size)
-    results: dict[str, list[float]] = {"in-batch": []}
-    for seed in range(args.seeds):
-        results["in-batch"].append(train_arm(root / f"in-batch-{seed}", train, evals, seed, *common, []))
+    warm = root / "warm"
+    warm_hit = train_arm(warm, train, evals, 0, args.warm_steps, args.batch_size, [])
+    start = [f"model.name_or_path={warm / 'final'}", f"train.learning_rate={args.learning_rate}"]
 
-    # The teacher (in-batch, seed 0) mines negatives with its scores.
+    # The warm model is the teacher: it mines negatives with its scores.
     from vlm2emb import EmbeddingModel
     from vlm2emb.mine import MineConfig, mine_negatives
 
-    teacher = EmbeddingModel.from_pretrained(root / "in-batch-0" / "final").eval()
+    teacher = EmbeddingModel.from_pretrained(warm / "final").eval()
     mined = root / "data" / "mined.jsonl"
     report = mine_negatives(
         teacher,
@@ -154,14 +161,16 @@ def main() -> None:
         MineConfig(num_negatives=args.negatives, top_k=10, teacher_scores=True, batch_size=64),
     )
     arms = {
+        "in-batch": (train, []),
         "mined": (mined, []),
         "teacher-batches": (mined, ["data.batching=teacher"]),
         "distill": (mined, ["train.loss=distill", "train.loss_args.teacher_temperature=0.05"]),
         "hardness": (train, ["train.loss_args.hardness_alpha=5"]),
     }
+    results: dict[str, list[float]] = {}
     for name, (data, extra) in arms.items():
         results[name] = [
-            train_arm(root / f"{name}-{seed}", data, evals, seed, *common, extra)
+            train_arm(root / f"{name}-{seed}", data, evals, seed, *common, [*start, *extra])
             for seed in range(args.seeds)
         ]
     summary = {
@@ -174,6 +183,7 @@ def main() -> None:
     }
     out = {
         "settings": vars(args),
+        "warm_start_hit@1": warm_hit,
         "mining": {
             "negatives": report.negatives,
             "short_rows": report.short_rows,
@@ -183,6 +193,7 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
     }
     (root / "study.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"warm start (the teacher): hit@1 {warm_hit:.3f}")
     print("| arm | hit@1 mean | std | per seed |\n|---|---|---|---|")
     for name, s in summary.items():
         per = ", ".join(f"{v:.3f}" for v in s["hit@1"])

@@ -98,5 +98,28 @@ def test_batching_settings_are_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_recipe(base, override)
-    with pytest.raises(ValueError, match=r"cannot be combined with data\.dedup_positives"):
-        GlobalBatchSampler(32, 8, 0, graph=[[]] * 32, dedup_keys=list(range(32)))
+    with pytest.raises(ValueError, match=r"cannot be combined with data\.group_by_length"):
+        GlobalBatchSampler(32, 8, 0, graph=[[]] * 32, lengths=[1] * 32)
+
+
+@pytest.mark.parametrize("method", ["greedy", "metis"])
+def test_teacher_batches_hold_distinct_positives(method):
+    # 6 targets, 8 rows each (many rows per target, as in classification data); each row's
+    # negatives are two other targets. Batches of 4 must hold 4 different targets.
+    rows = [
+        TrainExample(
+            query={"text": f"q{t}-{k}"},
+            positive={"text": f"T{t}"},
+            negatives=[{"text": f"T{(t + 1) % 6}"}, {"text": f"T{(t + 2) % 6}"}],
+        )
+        for t in range(6)
+        for k in range(8)
+    ]
+    sampler = sampler_for(
+        rows, DataConfig(train=["x"], batching="teacher", batch_partitioner=method), 4, seed=0
+    )
+    plan = sampler.epoch_plan(0)
+    assert len(plan) >= 8  # most of the 48 rows still train this epoch
+    for batch in plan:
+        targets = [rows[i].positive["text"] for i in batch]
+        assert len(batch) == 4 and len(set(targets)) == 4

@@ -96,15 +96,7 @@ class GlobalBatchSampler:
         if graph is not None:
             if len(graph) != num_examples:
                 raise ValueError(f"graph has {len(graph)} entries for {num_examples} rows")
-            clash = [
-                name
-                for name, v in (
-                    ("data.weights", weights),
-                    ("data.group_by_length", lengths),
-                    ("data.dedup_positives", dedup_keys),
-                )
-                if v
-            ]
+            clash = [name for name, v in (("data.weights", weights), ("data.group_by_length", lengths)) if v]
             if clash:
                 # Each of these reorders rows by its own rule; the teacher's clusters would be lost.
                 raise ValueError(f"data.batching=teacher cannot be combined with {', '.join(clash)}")
@@ -151,7 +143,14 @@ class GlobalBatchSampler:
                 from vlm2emb.data.teacher_batches import partition
 
                 batches.extend(
-                    partition(self.graph, group, self.batch_size, self.seed + epoch, self.partitioner)
+                    partition(
+                        self.graph,
+                        group,
+                        self.batch_size,
+                        self.seed + epoch,
+                        self.partitioner,
+                        self.dedup_keys,
+                    )
                 )
                 continue
             order = [group[j] for j in torch.randperm(len(group), generator=gen).tolist()]
@@ -307,7 +306,7 @@ def sampler_for(
         tokenizer: For exact token counts in length grouping (see :func:`grouping_keys`).
     """
     dedup = None
-    if data.dedup_positives:
+    if data.dedup_positives or data.batching == "teacher":  # teacher clusters: distinct positives
         from vlm2emb.data.keys import item_keys
         from vlm2emb.items import resolve_instruction
 

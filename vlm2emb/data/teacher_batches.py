@@ -18,7 +18,8 @@ item plus instruction). Batches are then cut from that graph each epoch
   near, not exactly, ``batch_size``, so each part is cut into whole batches and the
   leftovers of all parts are shuffled into further batches. METIS is seeded (``seed + epoch``).
 
-Both keep the other sampler rules: with ``data.homogeneous`` the graph is cut per dataset;
+Both keep positives distinct within a batch (``keys``), and the other sampler rules: with
+``data.homogeneous`` the graph is cut per dataset;
 the plan depends on the seed and the epoch only, so every process builds the same batches
 and a resumed run continues the same order.
 """
@@ -70,6 +71,7 @@ def partition(
     batch_size: int,
     seed: int,
     method: str = "greedy",
+    keys: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Cuts the rows ``rows`` of ``graph`` into batches of exactly ``batch_size`` rows.
 
@@ -79,6 +81,9 @@ def partition(
         batch_size: Rows per batch.
         seed: Seed of the random choices (``seed + epoch`` in the sampler).
         method: ``greedy`` or ``metis``.
+        keys: [N] positive content ids; with them no batch holds the same positive twice
+            (a duplicate would only add a masked row, and on data with many rows per target
+            the clusters would otherwise fill up with copies of a few targets).
 
     Returns:
         Batches (lists of row indices); rows that do not fill a last batch are left out.
@@ -87,15 +92,16 @@ def partition(
         ValueError: Unknown method.
         ImportError: ``metis`` without pymetis installed.
     """
+    keys = list(keys) if keys is not None else list(range(len(graph)))
     if method == "greedy":
-        return _greedy(graph, rows, batch_size, seed)
+        return _greedy(graph, rows, batch_size, seed, keys)
     if method == "metis":
-        return _metis(graph, rows, batch_size, seed)
+        return _metis(graph, rows, batch_size, seed, keys)
     raise ValueError(f"data.batch_partitioner: {method!r} is not one of {', '.join(PARTITIONERS)}")
 
 
 def _greedy(
-    graph: Sequence[Sequence[int]], rows: Sequence[int], batch_size: int, seed: int
+    graph: Sequence[Sequence[int]], rows: Sequence[int], batch_size: int, seed: int, keys: Sequence[int]
 ) -> list[list[int]]:
     rng = random.Random(seed)
     order = list(rows)
@@ -104,30 +110,64 @@ def _greedy(
     assigned: set[int] = set()
     batches: list[list[int]] = []
     current: list[int] = []
-    queue: deque[int] = deque()
-    for start in order:
-        if start in assigned:
-            continue
-        queue.append(start)
-        while queue:
-            row = queue.popleft()
-            if row in assigned:
+    taken: set[int] = set()  # positive keys of the batch being filled
+    while order:
+        placed_before = len(assigned)
+        waiting: list[int] = []  # rows whose positive the current batch already holds
+        for start in order:
+            if start in assigned:
                 continue
-            assigned.add(row)
-            current.append(row)
-            if len(current) == batch_size:
-                batches.append(current)
-                current = []
-                queue.clear()  # the next batch starts from a fresh random row
-                break
-            neighbours = [j for j in graph[row] if j in member and j not in assigned]
-            rng.shuffle(neighbours)  # ties between equally linked rows: no index bias
-            queue.extend(neighbours)
+            if keys[start] in taken:
+                waiting.append(start)
+                continue
+            queue: deque[int] = deque([start])
+            while queue:
+                row = queue.popleft()
+                if row in assigned or keys[row] in taken:
+                    continue
+                assigned.add(row)
+                current.append(row)
+                taken.add(keys[row])
+                if len(current) == batch_size:
+                    batches.append(current)
+                    current, taken = [], set()
+                    queue.clear()  # the next batch starts from a fresh random row
+                    break
+                neighbours = [
+                    j for j in graph[row] if j in member and j not in assigned and keys[j] not in taken
+                ]
+                rng.shuffle(neighbours)  # ties between equally linked rows: no index bias
+                queue.extend(neighbours)
+        # Waiting rows get another pass while passes still place rows; the rest cannot
+        # complete a batch of distinct positives and sit this epoch out.
+        order = [row for row in waiting if row not in assigned]
+        if len(assigned) == placed_before:
+            break
     return batches
 
 
+def _cut_distinct(
+    order: list[int], keys: Sequence[int], batch_size: int
+) -> tuple[list[list[int]], list[int]]:
+    """Consecutive batches of distinct positives from ``order``; the rows left over."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    taken: set[int] = set()
+    left: list[int] = []
+    for row in order:
+        if keys[row] in taken:
+            left.append(row)
+            continue
+        current.append(row)
+        taken.add(keys[row])
+        if len(current) == batch_size:
+            batches.append(current)
+            current, taken = [], set()
+    return batches, left + current
+
+
 def _metis(
-    graph: Sequence[Sequence[int]], rows: Sequence[int], batch_size: int, seed: int
+    graph: Sequence[Sequence[int]], rows: Sequence[int], batch_size: int, seed: int, keys: Sequence[int]
 ) -> list[list[int]]:
     try:
         import pymetis
@@ -136,11 +176,10 @@ def _metis(
     rows = list(rows)
     n_parts = len(rows) // batch_size
     if n_parts <= 1:
-        return _greedy(graph, rows, batch_size, seed)
+        return _greedy(graph, rows, batch_size, seed, keys)
     local = {row: k for k, row in enumerate(rows)}
     adjacency = [[local[j] for j in graph[row] if j in local] for row in rows]
-    options = pymetis.Options(seed=seed)
-    _, parts = pymetis.part_graph(n_parts, adjacency=adjacency, options=options)
+    _, parts = pymetis.part_graph(n_parts, adjacency=adjacency, options=pymetis.Options(seed=seed))
     by_part: dict[int, list[int]] = {}
     for k, p in enumerate(parts):
         by_part.setdefault(int(p), []).append(rows[k])
@@ -150,9 +189,15 @@ def _metis(
     for p in sorted(by_part):
         members = by_part[p]
         rng.shuffle(members)
-        whole = len(members) - len(members) % batch_size
-        batches.extend(members[i : i + batch_size] for i in range(0, whole, batch_size))
-        leftover.extend(members[whole:])
-    rng.shuffle(leftover)
-    batches.extend(leftover[i : i + batch_size] for i in range(0, len(leftover) - batch_size + 1, batch_size))
+        whole, left = _cut_distinct(members, keys, batch_size)
+        batches.extend(whole)
+        leftover.extend(left)
+    # The parts' remainders, shuffled together, make further batches of distinct positives.
+    while leftover:
+        rng.shuffle(leftover)
+        more, rest = _cut_distinct(leftover, keys, batch_size)
+        if not more:
+            break
+        batches.extend(more)
+        leftover = rest
     return batches

@@ -302,7 +302,6 @@ def _validate_data_config(data: DataConfig) -> None:
                 ("data.streaming", data.streaming),
                 ("data.weights", bool(data.weights)),
                 ("data.group_by_length", data.group_by_length),
-                ("data.dedup_positives", data.dedup_positives),
             )
             if on
         ]
