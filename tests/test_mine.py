@@ -232,3 +232,39 @@ def test_no_positive_of_a_query_is_mined_as_its_negative(model, tmp_path):
         negs = {n["text"] for n in ex.negatives}
         assert len(negs) == 4 and not negs & citrus  # 5 others exist: only they qualify
     assert report.filtered["positive"] == 3 * 3 + 5  # each citrus pair drops all 3; others 1
+
+
+@pytest.mark.distributed
+def test_two_process_mining_matches_one_process(tiny_qwen2_vl_dir, data, tmp_path):
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["mine", "--model", str(tiny_qwen2_vl_dir), "--data", str(data), "--teacher-scores", "--no-cache"]
+    args += ["--num-negatives", "3", "--top-k", "6", "--max-score-ratio", "-1", "--block-size", "5"]
+    one = subprocess.run(
+        [sys.executable, "-m", "vlm2emb", *args, "--out", str(tmp_path / "one.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(repo / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "-m", "vlm2emb"]
+    two = subprocess.run(
+        [*launch, *args, "--out", str(tmp_path / "two.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=repo,
+    )
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("mined ") == 1  # only the main process reports
+    rows1 = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(rows1) == len(rows2) == 17
+    for a, b in zip(rows1, rows2):
+        assert a["negatives"] == b["negatives"]
+        assert a["teacher_scores"] == pytest.approx(b["teacher_scores"], abs=1e-5)
