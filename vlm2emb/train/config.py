@@ -129,6 +129,10 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each is skipped)
     log_steps: int = 10
+    # Experiment trackers, through accelerate: tensorboard, wandb, mlflow, trackio (each an
+    # optional extra); a name or a list; [] or none = metrics.jsonl only. docs/training.md
+    report_to: list[str] = field(default_factory=list)
+    run_name: str | None = None  # the trackers' run name (None = output_dir's folder name)
     eval_batch_size: int = 64
     eval_before: bool = True  # evaluate the untrained model too (before/after table)
     eval_steps: int = 0  # 0 = off; else evaluate every N steps and keep the best model in best/
@@ -219,6 +223,9 @@ class RecipeConfig:
                 f"{self.train.max_logit_scale} for a learnable temperature"
             )
         self._validate_data()
+        from vlm2emb.train.tracking import normalize_report_to
+
+        self.train.report_to = normalize_report_to(self.train.report_to)
         if any(m <= 0 for m in self.train.matryoshka_dims):
             raise ConfigError(f"train.matryoshka_dims: must be positive, got {self.train.matryoshka_dims}")
         n_weights, n_dims = len(self.train.matryoshka_weights), len(self.train.matryoshka_dims)

@@ -79,15 +79,18 @@ def make_accelerator(cfg: RecipeConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    from vlm2emb.train.tracking import accelerator_kwargs
+
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     # A VLM batch without images leaves the vision tower unused; DDP must not wait for it.
     handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    common = {"mixed_precision": precision, **accelerator_kwargs(cfg.train.report_to, cfg.output_dir)}
     if torch.cuda.is_available():
-        return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
+        return Accelerator(kwargs_handlers=handlers, **common)
     if uses_deepspeed():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
-    return Accelerator(mixed_precision=precision, cpu=True, kwargs_handlers=handlers)
+        return Accelerator(kwargs_handlers=handlers, **common)
+    return Accelerator(cpu=True, kwargs_handlers=handlers, **common)
 
 
 def _configure_deepspeed(accelerator: Any, cfg: RecipeConfig, local_batch: int) -> None:
@@ -104,8 +107,15 @@ def _configure_deepspeed(accelerator: Any, cfg: RecipeConfig, local_batch: int) 
         zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
-# Keys a resumed run may change: where to resume from, and how long to train.
-RESUME_KEYS = ("output_dir", "train.resume_from", "train.overwrite_output_dir", "train.max_steps")
+# Keys a resumed run may change: where to resume from, how long to train, where to report.
+RESUME_KEYS = (
+    "output_dir",
+    "train.resume_from",
+    "train.overwrite_output_dir",
+    "train.max_steps",
+    "train.report_to",
+    "train.run_name",
+)
 # What a run leaves in output_dir (demo-data/ and tiny-backbone/ are inputs, not outputs).
 RUN_OUTPUTS = (
     "recipe.yaml",
@@ -117,6 +127,8 @@ RUN_OUTPUTS = (
     "eval.json",
     "eval_before.json",
     "data_report.json",
+    "logs",  # TensorBoard (train.report_to)
+    "wandb",
 )
 
 
@@ -261,6 +273,8 @@ class _Trainer:
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
         self.deepspeed = uses_deepspeed()
+        self.tracking = False  # train.report_to trackers started
+        self.last_grad_norm: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> None:
@@ -653,6 +667,7 @@ class _Trainer:
         if metrics_file is not None:
             metrics_file.write(_json_line({"step": step, "eval": report["average"]}))
             metrics_file.flush()
+        self._report({"eval": report["average"]}, step)
         # Every process computed the same report, so all take the same (collective) branch.
         if best.update(step, report):
             self._save(self.out / "best", step, with_state=False)
@@ -685,6 +700,8 @@ class _Trainer:
         if self.deepspeed:
             self.prepared.step()  # clipping (ds gradient_clipping), optimizer, zero_grad
             self.scheduler.step()
+            norm = self.prepared.get_global_grad_norm()  # before clipping; None when not computed
+            self.last_grad_norm = torch.as_tensor(float(norm)) if norm is not None else None
             return True
         acc = self.accelerator
         if self.cfg.train.max_grad_norm > 0:
@@ -695,6 +712,7 @@ class _Trainer:
         if acc.scaler is None and not all_true(bool(torch.isfinite(norm)), acc.device):
             self.optimizer.zero_grad(set_to_none=True)
             return False
+        self.last_grad_norm = norm.detach()  # the total norm before clipping
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -732,7 +750,30 @@ class _Trainer:
         self.start_step = (
             json.loads((self.resume_dir / TRAINER_STATE).read_text())["step"] if self.resume_dir else 0
         )
+        self._start_trackers()  # before seeding: a tracker's start-up may draw random numbers
         set_seed(cfg.seed)
+
+    def _start_trackers(self) -> None:
+        """Starts the ``train.report_to`` trackers with the recipe as the run config."""
+        from vlm2emb.train.tracking import init_kwargs, project_name, run_config
+
+        report_to = self.cfg.train.report_to
+        if not report_to:
+            return
+        run_name = self.cfg.train.run_name or self.out.resolve().name
+        self.accelerator.init_trackers(
+            project_name(),
+            config=run_config(recipe_to_dict(self.cfg)),
+            init_kwargs=init_kwargs(report_to, self.out, run_name),
+        )
+        self.tracking = True
+
+    def _report(self, record: dict[str, Any], step: int) -> None:
+        """Sends a metrics record's numbers to the trackers (main process; none: nothing)."""
+        if self.tracking:
+            from vlm2emb.train.tracking import scalars
+
+            self.accelerator.log(scalars({k: v for k, v in record.items() if k != "step"}), step=step)
 
     def _batch_sampler(self, tokenizer: Any = None) -> Any:
         """The global batch order (None when streaming, which draws its own batches)."""
@@ -903,8 +944,11 @@ class _Trainer:
         self.prepared.train()
         start = time.perf_counter()
         window_start, window_samples, window_tokens = start, 0, 0
-        running = torch.zeros((), device=acc.device)  # summed on device, read once per log window
-        running_n, skipped = 0, 0
+        window_step = self.start_step
+        # Summed on the device and read once per log window (a read is a device sync):
+        # loss, in-batch accuracy and gradient norm of the window's stepped steps.
+        running = torch.zeros(3, device=acc.device)
+        running_n, skipped, window_chunks = 0, 0, 0
         self.bad_in_row = 0
         last_loss = float("nan")
         data_iter = iter(loader)
@@ -918,9 +962,14 @@ class _Trainer:
             batch = next(data_iter)
             window_samples += cfg.train.batch_size
             window_tokens += batch.real_tokens()
+            window_chunks += len(batch.chunks)
             loss, stepped, what = self._step(step_fn, batch)
             if stepped:
-                running += loss.detach()
+                running[0] += loss.detach()
+                if step_fn.last_accuracy is not None:
+                    running[1] += step_fn.last_accuracy
+                if self.last_grad_norm is not None:
+                    running[2] += self.last_grad_norm.to(running.device, running.dtype)
                 running_n += 1
                 self.bad_in_row = 0
             else:
@@ -938,17 +987,25 @@ class _Trainer:
             if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
                 now = time.perf_counter()
                 # Each process holds the mean over its own queries; the global batch's loss
-                # is their mean (one collective per log window, on every process).
+                # and accuracy are their means (one collective per log window, on every
+                # process). The gradient norm is already global, so its mean is itself.
                 total = acc.reduce(running.clone(), reduction="mean") if world > 1 else running
-                last_loss = float(total) / running_n if running_n else float("nan")
+                sums = total.tolist()
+                n = running_n or float("nan")
+                last_loss = sums[0] / n
                 record = {
                     "step": step,
                     "loss": round(last_loss, 6),
                     "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": round(sums[2] / n, 6),
+                    "accuracy": round(sums[1] / n, 4),
                     "samples_per_s": round(window_samples / (now - window_start), 3),
                     "tokens_per_s": round(window_tokens * world / (now - window_start), 1),
                     "elapsed_s": round(now - start, 2),
                 }
+                if cfg.train.gradcache_chunk_size:
+                    # Forward chunks per step on this process (queries, positives, negatives).
+                    record["gradcache_chunks"] = round(window_chunks / (step - window_step), 2)
                 if cfg.train.learnable_temperature:
                     record["temperature"] = round(
                         float(acc.unwrap_model(self.prepared).learned_temperature().detach()), 6
@@ -959,8 +1016,9 @@ class _Trainer:
                 if metrics_file is not None:
                     metrics_file.write(_json_line(record))
                     metrics_file.flush()
+                self._report(record, step)
                 running.zero_()
-                running_n = 0
+                running_n, window_chunks, window_step = 0, 0, step
                 window_start, window_samples, window_tokens = now, 0, 0
 
             if best is not None and step % cfg.train.eval_steps == 0 and step < cfg.train.max_steps:
@@ -1003,6 +1061,14 @@ class _Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            if self.tracking:
+                # Closes the tracker runs (flushes event files, ends the wandb and mlflow runs).
+                self.accelerator.end_training()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._setup_output()
         self._setup_data()  # a bad row stops the run before a large model is loaded
@@ -1012,6 +1078,7 @@ class _Trainer:
         if self.eval_examples and cfg.train.eval_before and self.resume_dir is None:
             # After prepare: under ZeRO-3 the loaded weights are partitioned.
             report_before = self._evaluate_now("eval_before.json", "Before training")
+            self._report({"eval": report_before["average"]}, 0)
         resumed_rng = None
         if self.resume_dir is not None:
             resumed_rng = self._load_state(self.resume_dir)
@@ -1033,6 +1100,8 @@ class _Trainer:
             report_after = self._evaluate_now("eval.json", "After training")
             if metrics_file is not None:
                 metrics_file.write(_json_line({"step": cfg.train.max_steps, "eval": report_after["average"]}))
+            if best is None:  # _track_best reports it otherwise
+                self._report({"eval": report_after["average"]}, cfg.train.max_steps)
             if self.is_main and report_before is not None:
                 print(_before_after(report_before, report_after), flush=True)
             if best is not None:
@@ -1065,6 +1134,9 @@ def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
     # A RecipeConfig built in Python skipped load_recipe's checks: bad values stop here,
     # before any model is loaded.
     cfg.validate()
+    from vlm2emb.train.tracking import check_installed
+
+    check_installed(cfg.train.report_to)  # a missing tracker fails now, not after the model loads
     return _Trainer(cfg, progress).run()
 
 
