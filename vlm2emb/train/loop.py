@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,38 @@ def _lr_lambda(cfg: RecipeConfig):
         return max(0.0, 1.0 - progress)
 
     return factor
+
+
+def _duration(seconds: float) -> str:
+    """``H:MM:SS`` (``D days, H:MM:SS`` past a day)."""
+    import datetime
+
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def log_line(record: dict[str, Any], max_steps: int, eta_s: float) -> str:
+    """The console line of one metrics record (batch jobs and ``--no-progress``).
+
+    Example: ``step 20/150 (13%) | loss 1.8123 | acc 0.531 | lr 1.97e-03 | 85.2 samples/s |
+    2,710 tok/s | ETA 0:01:32``.
+    """
+    step = record["step"]
+    loss = record["loss"]
+    parts = [
+        f"step {step}/{max_steps} ({100 * step // max_steps}%)",
+        f"loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "loss nan",
+    ]
+    if "accuracy" in record and math.isfinite(record["accuracy"]):
+        parts.append(f"acc {record['accuracy']:.3f}")
+    parts += [
+        f"lr {record['lr']:.2e}",
+        f"{record['samples_per_s']:.1f} samples/s",
+        f"{record['tokens_per_s']:,.0f} tok/s",
+        f"ETA {_duration(eta_s)}",
+    ]
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} skipped")
+    return " | ".join(parts)
 
 
 def _numel(param: torch.Tensor) -> int:
@@ -934,11 +967,15 @@ class _Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         world = acc.num_processes
+        # A bar only on a terminal: in a batch job's log file tqdm's redraws pile up as
+        # carriage-return garbage, so there (and with --no-progress) a line per record instead.
+        show_bar = self.progress and self.is_main and sys.stderr.isatty()
+        log_lines = self.is_main and not show_bar
         bar = tqdm(
             total=cfg.train.max_steps,
             initial=self.start_step,
             desc="train",
-            disable=not (self.progress and self.is_main),
+            disable=not show_bar,
             dynamic_ncols=True,
         )
         self.prepared.train()
@@ -1013,6 +1050,10 @@ class _Trainer:
                 if skipped:
                     record["skipped_steps"] = skipped
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=record["samples_per_s"])
+                if log_lines:
+                    per_step = (now - start) / (step - self.start_step)
+                    eta = per_step * (cfg.train.max_steps - step)
+                    print(log_line(record, cfg.train.max_steps, eta), flush=True)
                 if metrics_file is not None:
                     metrics_file.write(_json_line(record))
                     metrics_file.flush()
@@ -1126,7 +1167,8 @@ def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
 
     Args:
         cfg: The validated recipe.
-        progress: Show a tqdm progress bar (main process only).
+        progress: Show a tqdm progress bar when stderr is a terminal (main process only);
+            otherwise, and when False, print a log line every ``train.log_steps`` steps.
 
     Returns:
         A summary: ``{"output_dir", "steps", "final_loss", "train_seconds", "eval_before", "eval"}``.
