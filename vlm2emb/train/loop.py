@@ -41,22 +41,30 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (non-finite losses, non-finite weights)."""
 
 
-def _lr_lambda(cfg: RecipeConfig):
-    total = cfg.train.max_steps
-    warmup = round(cfg.train.warmup_ratio * total)
-    kind = cfg.train.lr_scheduler
+# train.lr_scheduler -> transformers' scheduler name (ours says "constant" for the one with warmup).
+LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
 
-    return factor
+def warmup_steps(cfg: RecipeConfig) -> int:
+    """``round(train.warmup_ratio * train.max_steps)``."""
+    return round(cfg.train.warmup_ratio * cfg.train.max_steps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
+    """transformers' learning-rate schedule for ``train.lr_scheduler`` (a ``LambdaLR``).
+
+    The curve is transformers' own (``get_scheduler``): during warmup step ``s`` (0-based)
+    trains at ``s / warmup`` of the peak, so the first step's rate is 0; then linear or
+    cosine decay to 0 at ``train.max_steps``, or the peak (``constant``). docs/training.md
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        LR_SCHEDULERS[cfg.train.lr_scheduler],
+        optimizer,
+        num_warmup_steps=warmup_steps(cfg),
+        num_training_steps=cfg.train.max_steps,
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -850,10 +858,10 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
         )
-        # Our own scheduler, stepped by us: accelerate would hand a LambdaLR to DeepSpeed as
-        # a no-op wrapper. Not registered with accelerate, which would pickle it: checkpoints
+        # Stepped by us, not by accelerate, which would hand the LambdaLR to DeepSpeed as a
+        # no-op wrapper. Not registered with accelerate, which would pickle it: checkpoints
         # keep its state as JSON (_save_state).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.scheduler = make_scheduler(self.optimizer, cfg)
         if self.deepspeed:
             _configure_deepspeed(acc, cfg, cfg.train.batch_size // acc.num_processes)
         self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
