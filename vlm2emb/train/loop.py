@@ -307,9 +307,14 @@ def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, A
 class _Trainer:
     """Holds the state of one run; ``run()`` does the work."""
 
-    def __init__(self, cfg: RecipeConfig, progress: bool) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: RecipeConfig, progress: bool, callbacks: list[Any] | None = None) -> None:
+        import copy
+
+        # A copy: train.num_epochs resolves max_steps on it, the caller's recipe stays as given.
+        self.cfg = copy.deepcopy(cfg)
         self.progress = progress
+        self.callbacks = list(callbacks or [])
+        self.steps_per_epoch: int | None = None
         self.out = Path(cfg.output_dir)
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
@@ -613,6 +618,7 @@ class _Trainer:
             os.replace(tmp, target)
             self._prune_checkpoints()
         acc.wait_for_everyone()
+        self._callback("on_save", step, target)
 
     def _save_state(self, state_dir: Path) -> None:
         """Optimizer, LR scheduler and RNG states, without pickle (see vlm2emb.train.state).
@@ -709,6 +715,8 @@ class _Trainer:
             metrics_file.write(_json_line({"step": step, "eval": report["average"]}))
             metrics_file.flush()
         self._report({"eval": report["average"]}, step)
+        if step < self.cfg.train.max_steps:  # run() announces the final evaluation itself
+            self._callback("on_evaluate", step, report)
         # Every process computed the same report, so all take the same (collective) branch.
         if best.update(step, report):
             self._save(self.out / "best", step, with_state=False)
@@ -847,7 +855,42 @@ class _Trainer:
             # Rows were dropped (the plan changes), or length grouping can use exact token
             # counts now that the tokenizer is loaded.
             self.sampler = self._batch_sampler(model.adapter.tokenizer)
+        self._resolve_steps()
         return model
+
+    def _resolve_steps(self) -> None:
+        """Batches per epoch (the final plan's), and max_steps from train.num_epochs."""
+        train = self.cfg.train
+        if self.sampler is not None:
+            self.steps_per_epoch = self.sampler.batches_per_epoch
+        if train.num_epochs is not None:
+            assert self.steps_per_epoch is not None  # validate() refuses num_epochs with streaming
+            train.max_steps = max(1, math.ceil(train.num_epochs * self.steps_per_epoch))
+            if self.start_step > train.max_steps:
+                raise ValueError(
+                    f"train.num_epochs: {train.num_epochs} epochs are {train.max_steps} steps, fewer than "
+                    f"the checkpoint's {self.start_step}"
+                )
+
+    def _state(self, step: int, **extra: Any) -> Any:
+        """What callbacks see at ``step``."""
+        from vlm2emb.train.callbacks import TrainerState
+
+        return TrainerState(
+            step=step,
+            max_steps=self.cfg.train.max_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            is_main_process=self.is_main,
+            model=self.accelerator.unwrap_model(self.prepared),
+            output_dir=self.out,
+            **extra,
+        )
+
+    def _callback(self, hook: str, step: int, *args: Any, **state: Any) -> None:
+        if self.callbacks:
+            from vlm2emb.train.callbacks import call
+
+            call(self.callbacks, hook, self._state(step, **state), *args)
 
     def _setup_optimizer(self, model: Any) -> None:
         """AdamW, the LR schedule, and the accelerate/DeepSpeed wrapping (``self.prepared``)."""
@@ -931,6 +974,7 @@ class _Trainer:
                 f"Training {cfg.model.name_or_path}: {self.n_trainable:,} of {self.n_total:,} parameters trainable, "
                 f"{len(self.train_examples) or 'streamed'} rows, global batch {cfg.train.batch_size} "
                 f"over {acc.num_processes} process(es)"
+                f"{f' ({self.steps_per_epoch} steps per epoch)' if self.steps_per_epoch else ''}"
                 f"{', GradCache chunks of ' + str(chunks) if chunks else ''}"
                 f", steps {self.start_step + 1}..{cfg.train.max_steps}",
                 flush=True,
@@ -1028,6 +1072,7 @@ class _Trainer:
                         "lower train.learning_rate, check the data, or raise train.max_bad_steps"
                     )
             bar.update(1)
+            step_record = None
 
             if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
                 now = time.perf_counter()
@@ -1066,10 +1111,15 @@ class _Trainer:
                     metrics_file.write(_json_line(record))
                     metrics_file.flush()
                 self._report(record, step)
+                step_record = record
                 running.zero_()
                 running_n, window_chunks, window_step = 0, 0, step
                 window_start, window_samples, window_tokens = now, 0, 0
 
+            if self.callbacks:  # float(loss) waits for the device: only when someone listens
+                self._callback(
+                    "on_step_end", step, loss=float(loss.detach()) if stepped else None, record=step_record
+                )
             if best is not None and step % cfg.train.eval_steps == 0 and step < cfg.train.max_steps:
                 report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
                 self._track_best(best, step, report, metrics_file)
@@ -1128,6 +1178,7 @@ class _Trainer:
             # After prepare: under ZeRO-3 the loaded weights are partitioned.
             report_before = self._evaluate_now("eval_before.json", "Before training")
             self._report({"eval": report_before["average"]}, 0)
+            self._callback("on_evaluate", 0, report_before)
         resumed_rng = None
         if self.resume_dir is not None:
             resumed_rng = self._load_state(self.resume_dir)
@@ -1147,6 +1198,7 @@ class _Trainer:
         report_after = None
         if self.eval_examples:
             report_after = self._evaluate_now("eval.json", "After training")
+            self._callback("on_evaluate", cfg.train.max_steps, report_after)
             if metrics_file is not None:
                 metrics_file.write(_json_line({"step": cfg.train.max_steps, "eval": report_after["average"]}))
             if best is None:  # _track_best reports it otherwise
@@ -1161,6 +1213,8 @@ class _Trainer:
         return {
             "output_dir": str(self.out),
             "steps": cfg.train.max_steps,
+            # Passes over the training rows (None when streaming: the row count is unknown).
+            "epochs": round(cfg.train.max_steps / self.steps_per_epoch, 4) if self.steps_per_epoch else None,
             "final_loss": last_loss,
             "train_seconds": train_seconds,
             "eval_before": report_before,
@@ -1168,7 +1222,7 @@ class _Trainer:
         }
 
 
-def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
+def train(cfg: RecipeConfig, *, progress: bool = True, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Runs a whole recipe: load data and model, train, save, evaluate.
 
     Works single-process and under ``accelerate launch`` (DDP or DeepSpeed ZeRO-2/3).
@@ -1177,9 +1231,12 @@ def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
         cfg: The validated recipe.
         progress: Show a tqdm progress bar when stderr is a terminal (main process only);
             otherwise, and when False, print a log line every ``train.log_steps`` steps.
+        callbacks: Objects with some of :class:`vlm2emb.train.callbacks.TrainerCallback`'s
+            hooks (``on_step_end``, ``on_evaluate``, ``on_save``).
 
     Returns:
-        A summary: ``{"output_dir", "steps", "final_loss", "train_seconds", "eval_before", "eval"}``.
+        A summary: ``{"output_dir", "steps", "epochs", "final_loss", "train_seconds",
+        "eval_before", "eval"}``.
     """
     # A RecipeConfig built in Python skipped load_recipe's checks: bad values stop here,
     # before any model is loaded.
@@ -1187,7 +1244,7 @@ def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
     from vlm2emb.train.tracking import check_installed
 
     check_installed(cfg.train.report_to)  # a missing tracker fails now, not after the model loads
-    return _Trainer(cfg, progress).run()
+    return _Trainer(cfg, progress, callbacks).run()
 
 
 def _before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
