@@ -1037,7 +1037,7 @@ class _Trainer:
         # Summed on the device and read once per log window (a read is a device sync):
         # loss, in-batch accuracy and gradient norm of the window's stepped steps.
         running = torch.zeros(3, device=acc.device)
-        running_n, skipped, window_chunks = 0, 0, 0
+        running_n, skipped, window_chunks, norms_n = 0, 0, 0, 0
         self.bad_in_row = 0
         last_loss = float("nan")
         data_iter = iter(loader)
@@ -1059,6 +1059,7 @@ class _Trainer:
                     running[1] += step_fn.last_accuracy
                 if self.last_grad_norm is not None:
                     running[2] += self.last_grad_norm.to(running.device, running.dtype)
+                    norms_n += 1
                 running_n += 1
                 self.bad_in_row = 0
             else:
@@ -1087,12 +1088,13 @@ class _Trainer:
                     "step": step,
                     "loss": round(last_loss, 6),
                     "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": round(sums[2] / n, 6),
                     "accuracy": round(sums[1] / n, 4),
                     "samples_per_s": round(window_samples / (now - window_start), 3),
                     "tokens_per_s": round(window_tokens * world / (now - window_start), 1),
                     "elapsed_s": round(now - start, 2),
                 }
+                if norms_n:  # DeepSpeed may not report one
+                    record["grad_norm"] = round(sums[2] / norms_n, 6)
                 if cfg.train.gradcache_chunk_size:
                     # Forward chunks per step on this process (queries, positives, negatives).
                     record["gradcache_chunks"] = round(window_chunks / (step - window_step), 2)
@@ -1113,7 +1115,7 @@ class _Trainer:
                 self._report(record, step)
                 step_record = record
                 running.zero_()
-                running_n, window_chunks, window_step = 0, 0, step
+                running_n, window_chunks, window_step, norms_n = 0, 0, step, 0
                 window_start, window_samples, window_tokens = now, 0, 0
 
             if self.callbacks:  # float(loss) waits for the device: only when someone listens
