@@ -273,3 +273,45 @@ def tiny_run_losses(out_dir: Path, model_dir, data, *overrides: str) -> list[flo
     train(cfg, progress=False)
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
+
+
+# --------------------------------------------------------------------- experiment trackers
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of a wandb ``.wandb`` run file (offline runs are read back here).
+
+    wandb >= 0.2x no longer ships a Python reader: the file is a LevelDB-style log (a 7-byte
+    ``:W&B`` header, then 32 KiB blocks of records, each with a 7-byte header: CRC, length,
+    type; types 1 = whole, 2/3/4 = first/middle/last piece) of ``wandb_internal_pb2.Record``.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a wandb run file"
+    block, pos, pieces, payloads = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:  # zero padding up to the block's end
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            payloads.append(chunk)
+        elif kind == 2:
+            pieces = chunk
+        elif kind == 3:
+            pieces += chunk
+        elif kind == 4:
+            payloads.append(pieces + chunk)
+    records = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        records.append(record)
+    return records

@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=32"
     )
-    p_train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p_train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="a log line every train.log_steps steps instead of the progress bar (the default without a terminal)",
+    )
     p_train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p_eval = sub.add_parser(

@@ -280,6 +280,44 @@ def _scatter_negatives(
     return out
 
 
+@torch.no_grad()
+def in_batch_accuracy(
+    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None, batch: ContrastiveBatch
+) -> torch.Tensor:
+    """Fraction of this process's queries whose own positive scores highest.
+
+    The candidates are the global batch's positives (gathered from every process) and the
+    query's own hard negatives: what the contrastive loss asks the query to rank first. A
+    positive with the same content as the query's own (same false-negative key) counts as a
+    hit. Independent of the loss, the temperature and Matryoshka prefixes (full embeddings).
+
+    Args:
+        query: [b, d] this process's query embeddings, in row order.
+        positive: [b, d] this process's positive embeddings, in row order.
+        negatives: [b, K, d] this process's hard negatives, or None.
+        batch: The batch (``positive_keys`` of the global batch, ``local_negative_mask``).
+
+    Returns:
+        A [] float tensor on the embeddings' device.
+    """
+    from vlm2emb.distributed import gather_with_grad, rank_and_world
+
+    q, p = query.detach().float(), positive.detach().float()
+    all_pos = gather_with_grad(p)  # [B, d]; a collective: every process calls it each step
+    rank, _ = rank_and_world()
+    b = q.shape[0]
+    keys = batch.positive_keys.to(q.device)  # [B]
+    own_keys = keys[rank * b : rank * b + b]  # [b]
+    scores = q @ all_pos.T  # [b, B]
+    best_pos, best_idx = scores.max(dim=1)  # [b], [b]
+    hit = keys[best_idx] == own_keys  # [b]
+    if negatives is not None and batch.local_negative_mask is not None and negatives.shape[-1] == q.shape[-1]:
+        neg_scores = torch.einsum("bd,bkd->bk", q, negatives.detach().float())  # [b, K]
+        neg_scores = neg_scores.masked_fill(~batch.local_negative_mask.to(q.device), float("-inf"))
+        hit &= best_pos >= neg_scores.max(dim=1).values
+    return hit.float().mean()
+
+
 class ContrastiveStep:
     """Computes the loss of one collated batch and backpropagates it.
 
@@ -330,6 +368,8 @@ class ContrastiveStep:
                 f"{self.fixed_temperature:g}; the model owns the training temperature (set model.config.temperature)"
             )
         self._pending: dict[str, Any] | None = None
+        # Of the last forward_loss: a [] tensor on the device (read once per log window).
+        self.last_accuracy: torch.Tensor | None = None
 
     def _loss(
         self,
@@ -341,6 +381,7 @@ class ContrastiveStep:
     ) -> torch.Tensor:
         negs = _scatter_negatives(flat_neg, batch.local_negative_mask, batch.negatives_padded)  # [b, K, d]
         t = temperature if temperature is not None else self.fixed_temperature
+        self.last_accuracy = in_batch_accuracy(q, p, negs, batch)
         return self.loss_fn.training_loss(q, p, negs, batch, t)
 
     def forward_loss(self, batch: ContrastiveBatch, sync_context: SyncContext | None = None) -> torch.Tensor:

@@ -56,6 +56,10 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _logged(out: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
@@ -93,6 +97,9 @@ def test_two_processes_match_one(single, tmp_path, config, extra):
         assert 0 < local <= total // 2 + 1000  # about half of every weight (partitions are padded)
     # Same loss at every step (the forward is the same computation)...
     assert _losses(out) == pytest.approx(_losses(single), abs=1e-5)
+    # ... the same in-batch accuracy (over the gathered batch) and global gradient norm ...
+    assert _logged(out, "accuracy") == pytest.approx(_logged(single, "accuracy"), abs=1e-6)
+    assert _logged(out, "grad_norm") == pytest.approx(_logged(single, "grad_norm"), rel=1e-4)
     # ...and the same weights after three AdamW steps, up to float reduction order.
     ref, got = _weights(single), _weights(out)
     assert ref.keys() == got.keys()

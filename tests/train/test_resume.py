@@ -280,7 +280,13 @@ def test_non_finite_streak_writes_no_checkpoint_and_valid_metrics(
     out = tmp_path / "run"
     # lr 1e6: the first step leaves finite but huge weights; from then on every step has a
     # non-finite loss or gradient and is skipped, so the weights stay finite and useless.
-    overrides = ["model.lora=false", "train.learning_rate=1e6", "train.lr_scheduler=constant"]
+    # No warmup: transformers' warmup gives the first step a rate of 0.
+    overrides = [
+        "model.lora=false",
+        "train.learning_rate=1e6",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0",
+    ]
     code = _train(out, *overrides, "train.max_bad_steps=100")
     printed = capsys.readouterr()
     assert code == 2 and "Traceback" not in printed.err, printed.err

@@ -8,7 +8,9 @@ A *source* is one entry of ``data.train`` / ``data.eval``:
   ``train`` split, or ``folder:SPLIT``);
 - ``hf:OWNER/NAME``, ``hf:OWNER/NAME:SPLIT`` or ``hf:OWNER/NAME:CONFIG:SPLIT``:
   ``datasets.load_dataset`` (needs network or the local hub cache; default split ``train``);
-- ``demo:digits/train`` (see :mod:`vlm2emb.data.demo`).
+- ``demo:digits/train`` (see :mod:`vlm2emb.data.demo`);
+- ``memory:NAME``: rows held in this process (a list of dicts or a ``datasets.Dataset``),
+  registered with :func:`register_memory_source` (``vlm2emb.train(train_data=...)`` does).
 
 :func:`iter_records` yields ``(row number, record, error)`` so that one broken line (bad
 JSON) is reported (or skipped) without ending the file. ``datasets`` is imported lazily.
@@ -41,7 +43,7 @@ class Source:
     Attributes:
         spec: What the recipe said.
         name: Used in messages (``name:line: reason``) and as the default dataset name.
-        kind: ``jsonl`` | ``parquet`` | ``dataset`` | ``hub``.
+        kind: ``jsonl`` | ``parquet`` | ``dataset`` | ``hub`` | ``memory``.
         root: Folder relative media paths resolve against (unless ``data.media_root``).
         split: Split of a ``DatasetDict`` folder or hub dataset.
     """
@@ -63,6 +65,40 @@ class Source:
         return self.config or base.rsplit("/", 1)[-1]
 
 
+# memory:NAME -> rows held by this process. Each process of a multi-process run registers
+# its own (every process runs the same script), so nothing crosses a process boundary.
+_MEMORY: dict[str, Any] = {}
+
+
+def register_memory_source(name: str, rows: Any) -> str:
+    """Makes in-memory rows a source; returns its spec ``memory:NAME`` for ``data.train``.
+
+    Args:
+        name: The source's name (``memory:NAME`` in messages and ``recipe.yaml``).
+        rows: A list of row dicts (media as paths, relative to the working directory or
+            ``data.media_root``) or a ``datasets.Dataset`` (``Image`` features included).
+
+    Raises:
+        TypeError: ``rows`` is neither.
+    """
+    if not isinstance(rows, list):
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            datasets = None
+        if datasets is None or not isinstance(rows, datasets.Dataset):
+            raise TypeError(
+                f"in-memory rows must be a list of dicts or a datasets.Dataset, got {type(rows).__name__}"
+            )
+    _MEMORY[name] = rows
+    return f"memory:{name}"
+
+
+def unregister_memory_source(name: str) -> None:
+    """Forgets ``memory:NAME`` (its rows can then be freed)."""
+    _MEMORY.pop(name, None)
+
+
 def _is_dataset_dir(p: Path) -> bool:
     return p.is_dir() and any(
         (p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -75,6 +111,12 @@ def resolve_source(spec: str, work_dir: str | Path | None = None) -> Source:
     Raises:
         DataError: Missing file, unsupported file type.
     """
+    if spec.startswith("memory:"):
+        if spec.removeprefix("memory:") not in _MEMORY:
+            raise DataError(
+                f"{spec}: no in-memory rows of that name in this process (pass them to vlm2emb.train)"
+            )
+        return Source(spec, spec, "memory", Path.cwd().resolve())
     if spec.startswith("demo:"):
         path = resolve_demo(spec, work_dir)
         return Source(spec, str(path), "jsonl", path.parent.resolve(), path=path)
@@ -129,7 +171,14 @@ def iter_records(source: Source) -> Iterator[tuple[int, Any, str | None]]:
                     continue
                 yield _parse_json_line(lineno, line)
         return
-    ds = _open_dataset(source)
+    if source.kind == "memory":
+        rows = _MEMORY[source.spec.removeprefix("memory:")]
+        if isinstance(rows, list):
+            yield from ((i, rec, None) for i, rec in enumerate(rows, start=1))
+            return
+        ds = _undecoded_dataset(rows)
+    else:
+        ds = _open_dataset(source)
     for i, rec in enumerate(ds, start=1):
         yield i, drop_nulls(rec), None
 
@@ -180,6 +229,10 @@ def _open_dataset(source: Source) -> Any:
         raise DataError(
             f"{source.spec}: cannot load dataset ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         ) from None
+    return _undecoded_dataset(ds)
+
+
+def _undecoded_dataset(ds: Any) -> Any:
     # Undecoded images: bytes (and paths) are hashable for the false-negative keys and are
     # decoded per batch, with the configured limits, like paths in JSONL.
     return ds.cast(_undecoded(ds.features)) if _has_decoded_images(ds.features) else ds

@@ -99,7 +99,12 @@ class DataConfig:
 class TrainConfig:
     """Optimisation settings."""
 
-    max_steps: int = 100
+    # Optimizer steps; null when num_epochs decides them (a recipe giving num_epochs alone
+    # gets null here, see normalise_recipe_data).
+    max_steps: int | None = 100
+    # Train this many passes over data.train instead (fractions allowed): max_steps becomes
+    # ceil(num_epochs * batches per epoch), known once the rows are loaded. Not with streaming.
+    num_epochs: float | None = None
     batch_size: int = 32  # the global contrastive batch (all processes together)
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -133,6 +138,10 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each is skipped)
     log_steps: int = 10
+    # Experiment trackers, through accelerate: tensorboard, wandb, mlflow, trackio (each an
+    # optional extra); a name or a list; [] or none = metrics.jsonl only. docs/training.md
+    report_to: list[str] = field(default_factory=list)
+    run_name: str | None = None  # the trackers' run name (None = output_dir's folder name)
     eval_batch_size: int = 64
     eval_before: bool = True  # evaluate the untrained model too (before/after table)
     eval_steps: int = 0  # 0 = off; else evaluate every N steps and keep the best model in best/
@@ -204,8 +213,21 @@ class RecipeConfig:
                 continue  # chosen by the backbone family
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        if (self.train.max_steps is None) == (self.train.num_epochs is None):
+            raise ConfigError(
+                "train.num_epochs: give train.max_steps or train.num_epochs, not both"
+                if self.train.max_steps is not None
+                else "train.max_steps: give train.max_steps or train.num_epochs"
+            )
+        if self.train.num_epochs is not None:
+            if self.train.num_epochs <= 0:
+                raise ConfigError(f"train.num_epochs: must be > 0, got {self.train.num_epochs}")
+            if self.data.streaming:
+                raise ConfigError(
+                    "train.num_epochs: not available with data.streaming (the row count is unknown)"
+                )
         positives = [
-            ("train.max_steps", self.train.max_steps),
+            ("train.max_steps", self.train.max_steps or 1),
             ("train.batch_size", self.train.batch_size),
             ("train.temperature", self.train.temperature),
             ("train.eval_batch_size", self.train.eval_batch_size),
@@ -233,6 +255,9 @@ class RecipeConfig:
                 f"{self.train.max_logit_scale} for a learnable temperature"
             )
         self._validate_data()
+        from vlm2emb.train.tracking import normalize_report_to
+
+        self.train.report_to = normalize_report_to(self.train.report_to)
         if any(m <= 0 for m in self.train.matryoshka_dims):
             raise ConfigError(f"train.matryoshka_dims: must be positive, got {self.train.matryoshka_dims}")
         n_weights, n_dims = len(self.train.matryoshka_weights), len(self.train.matryoshka_dims)
@@ -370,6 +395,45 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def normalise_recipe_data(data: dict[str, Any]) -> None:
+    """Fills in what a raw recipe implies: ``train.num_epochs`` alone sets ``max_steps`` null.
+
+    Without this, the default ``max_steps`` would clash with every ``num_epochs`` recipe.
+    """
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("num_epochs") is not None and "max_steps" not in train:
+        train["max_steps"] = None
+
+
+def override_steps(data: dict[str, Any], key: str) -> None:
+    """After an override of ``key``: ``train.num_epochs`` and ``train.max_steps`` exclude each
+    other, so overriding one clears the other (the override beats the file)."""
+    other = {"train.num_epochs": "max_steps", "train.max_steps": "num_epochs"}.get(key)
+    train = data.get("train")
+    if other and isinstance(train, dict) and train.get(key.split(".")[1]) is not None:
+        train[other] = None
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """A recipe file's raw mapping.
+
+    Raises:
+        ConfigError: Missing or unreadable file, not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
     """Loads a YAML recipe and applies ``key=value`` overrides.
 
@@ -384,24 +448,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         ConfigError: Missing or unreadable file, unknown key, bad value; the message names
             the file or key.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
-        data = loaded
+    data: dict[str, Any] = read_recipe_file(path) if path is not None else {}
     # Normalise "lora: true" and similar before overrides descend into them.
     for override in overrides:
         _expand_bool_section(data, override)
         apply_override(data, override)
+        override_steps(data, override.split("=", 1)[0].strip())
+    normalise_recipe_data(data)
     cfg = build_dataclass(RecipeConfig, data)
     cfg.validate()
     return cfg

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,22 +41,62 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (non-finite losses, non-finite weights)."""
 
 
-def _lr_lambda(cfg: RecipeConfig):
-    total = cfg.train.max_steps
-    warmup = round(cfg.train.warmup_ratio * total)
-    kind = cfg.train.lr_scheduler
+# train.lr_scheduler -> transformers' scheduler name (ours says "constant" for the one with warmup).
+LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
 
-    return factor
+def warmup_steps(cfg: RecipeConfig) -> int:
+    """``round(train.warmup_ratio * train.max_steps)``."""
+    return round(cfg.train.warmup_ratio * cfg.train.max_steps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
+    """transformers' learning-rate schedule for ``train.lr_scheduler`` (a ``LambdaLR``).
+
+    The curve is transformers' own (``get_scheduler``): during warmup step ``s`` (0-based)
+    trains at ``s / warmup`` of the peak, so the first step's rate is 0; then linear or
+    cosine decay to 0 at ``train.max_steps``, or the peak (``constant``). docs/training.md
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        LR_SCHEDULERS[cfg.train.lr_scheduler],
+        optimizer,
+        num_warmup_steps=warmup_steps(cfg),
+        num_training_steps=cfg.train.max_steps,
+    )
+
+
+def _duration(seconds: float) -> str:
+    """``H:MM:SS`` (``D days, H:MM:SS`` past a day)."""
+    import datetime
+
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def log_line(record: dict[str, Any], max_steps: int, eta_s: float) -> str:
+    """The console line of one metrics record (batch jobs and ``--no-progress``).
+
+    Example: ``step 20/150 (13%) | loss 1.8123 | acc 0.531 | lr 1.97e-03 | 85.2 samples/s |
+    2,710 tok/s | ETA 0:01:32``.
+    """
+    step = record["step"]
+    loss = record["loss"]
+    parts = [
+        f"step {step}/{max_steps} ({100 * step // max_steps}%)",
+        f"loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "loss nan",
+    ]
+    if "accuracy" in record and math.isfinite(record["accuracy"]):
+        parts.append(f"acc {record['accuracy']:.3f}")
+    parts += [
+        f"lr {record['lr']:.2e}",
+        f"{record['samples_per_s']:.1f} samples/s",
+        f"{record['tokens_per_s']:,.0f} tok/s",
+        f"ETA {_duration(eta_s)}",
+    ]
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} skipped")
+    return " | ".join(parts)
 
 
 def _numel(param: torch.Tensor) -> int:
@@ -79,15 +120,18 @@ def make_accelerator(cfg: RecipeConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    from vlm2emb.train.tracking import accelerator_kwargs
+
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     # A VLM batch without images leaves the vision tower unused; DDP must not wait for it.
     handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    common = {"mixed_precision": precision, **accelerator_kwargs(cfg.train.report_to, cfg.output_dir)}
     if torch.cuda.is_available():
-        return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
+        return Accelerator(kwargs_handlers=handlers, **common)
     if uses_deepspeed():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
-    return Accelerator(mixed_precision=precision, cpu=True, kwargs_handlers=handlers)
+        return Accelerator(kwargs_handlers=handlers, **common)
+    return Accelerator(cpu=True, kwargs_handlers=handlers, **common)
 
 
 def _configure_deepspeed(accelerator: Any, cfg: RecipeConfig, local_batch: int) -> None:
@@ -104,8 +148,15 @@ def _configure_deepspeed(accelerator: Any, cfg: RecipeConfig, local_batch: int) 
         zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
-# Keys a resumed run may change: where to resume from, and how long to train.
-RESUME_KEYS = ("output_dir", "train.resume_from", "train.overwrite_output_dir", "train.max_steps")
+# Keys a resumed run may change: where to resume from, how long to train, where to report.
+RESUME_KEYS = (
+    "output_dir",
+    "train.resume_from",
+    "train.overwrite_output_dir",
+    "train.max_steps",
+    "train.report_to",
+    "train.run_name",
+)
 # What a run leaves in output_dir (demo-data/ and tiny-backbone/ are inputs, not outputs).
 RUN_OUTPUTS = (
     "recipe.yaml",
@@ -117,6 +168,8 @@ RUN_OUTPUTS = (
     "eval.json",
     "eval_before.json",
     "data_report.json",
+    "logs",  # TensorBoard (train.report_to)
+    "wandb",
 )
 
 
@@ -254,13 +307,20 @@ def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, A
 class _Trainer:
     """Holds the state of one run; ``run()`` does the work."""
 
-    def __init__(self, cfg: RecipeConfig, progress: bool) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: RecipeConfig, progress: bool, callbacks: list[Any] | None = None) -> None:
+        import copy
+
+        # A copy: train.num_epochs resolves max_steps on it, the caller's recipe stays as given.
+        self.cfg = copy.deepcopy(cfg)
         self.progress = progress
+        self.callbacks = list(callbacks or [])
+        self.steps_per_epoch: int | None = None
         self.out = Path(cfg.output_dir)
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
         self.deepspeed = uses_deepspeed()
+        self.tracking = False  # train.report_to trackers started
+        self.last_grad_norm: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> None:
@@ -558,6 +618,7 @@ class _Trainer:
             os.replace(tmp, target)
             self._prune_checkpoints()
         acc.wait_for_everyone()
+        self._callback("on_save", step, target)
 
     def _save_state(self, state_dir: Path) -> None:
         """Optimizer, LR scheduler and RNG states, without pickle (see vlm2emb.train.state).
@@ -653,6 +714,9 @@ class _Trainer:
         if metrics_file is not None:
             metrics_file.write(_json_line({"step": step, "eval": report["average"]}))
             metrics_file.flush()
+        self._report({"eval": report["average"]}, step)
+        if step < self.cfg.train.max_steps:  # run() announces the final evaluation itself
+            self._callback("on_evaluate", step, report)
         # Every process computed the same report, so all take the same (collective) branch.
         if best.update(step, report):
             self._save(self.out / "best", step, with_state=False)
@@ -685,6 +749,8 @@ class _Trainer:
         if self.deepspeed:
             self.prepared.step()  # clipping (ds gradient_clipping), optimizer, zero_grad
             self.scheduler.step()
+            norm = self.prepared.get_global_grad_norm()  # before clipping; None when not computed
+            self.last_grad_norm = torch.as_tensor(float(norm)) if norm is not None else None
             return True
         acc = self.accelerator
         if self.cfg.train.max_grad_norm > 0:
@@ -695,6 +761,7 @@ class _Trainer:
         if acc.scaler is None and not all_true(bool(torch.isfinite(norm)), acc.device):
             self.optimizer.zero_grad(set_to_none=True)
             return False
+        self.last_grad_norm = norm.detach()  # the total norm before clipping
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -732,7 +799,30 @@ class _Trainer:
         self.start_step = (
             json.loads((self.resume_dir / TRAINER_STATE).read_text())["step"] if self.resume_dir else 0
         )
+        self._start_trackers()  # before seeding: a tracker's start-up may draw random numbers
         set_seed(cfg.seed)
+
+    def _start_trackers(self) -> None:
+        """Starts the ``train.report_to`` trackers with the recipe as the run config."""
+        from vlm2emb.train.tracking import init_kwargs, project_name, run_config
+
+        report_to = self.cfg.train.report_to
+        if not report_to:
+            return
+        run_name = self.cfg.train.run_name or self.out.resolve().name
+        self.accelerator.init_trackers(
+            project_name(),
+            config=run_config(recipe_to_dict(self.cfg)),
+            init_kwargs=init_kwargs(report_to, self.out, run_name),
+        )
+        self.tracking = True
+
+    def _report(self, record: dict[str, Any], step: int) -> None:
+        """Sends a metrics record's numbers to the trackers (main process; none: nothing)."""
+        if self.tracking:
+            from vlm2emb.train.tracking import scalars
+
+            self.accelerator.log(scalars({k: v for k, v in record.items() if k != "step"}), step=step)
 
     def _batch_sampler(self, tokenizer: Any = None) -> Any:
         """The global batch order (None when streaming, which draws its own batches)."""
@@ -774,7 +864,42 @@ class _Trainer:
             # Rows were dropped (the plan changes), or length grouping can use exact token
             # counts now that the tokenizer is loaded.
             self.sampler = self._batch_sampler(model.adapter.tokenizer)
+        self._resolve_steps()
         return model
+
+    def _resolve_steps(self) -> None:
+        """Batches per epoch (the final plan's), and max_steps from train.num_epochs."""
+        train = self.cfg.train
+        if self.sampler is not None:
+            self.steps_per_epoch = self.sampler.batches_per_epoch
+        if train.num_epochs is not None:
+            assert self.steps_per_epoch is not None  # validate() refuses num_epochs with streaming
+            train.max_steps = max(1, math.ceil(train.num_epochs * self.steps_per_epoch))
+            if self.start_step > train.max_steps:
+                raise ValueError(
+                    f"train.num_epochs: {train.num_epochs} epochs are {train.max_steps} steps, fewer than "
+                    f"the checkpoint's {self.start_step}"
+                )
+
+    def _state(self, step: int, **extra: Any) -> Any:
+        """What callbacks see at ``step``."""
+        from vlm2emb.train.callbacks import TrainerState
+
+        return TrainerState(
+            step=step,
+            max_steps=self.cfg.train.max_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            is_main_process=self.is_main,
+            model=self.accelerator.unwrap_model(self.prepared),
+            output_dir=self.out,
+            **extra,
+        )
+
+    def _callback(self, hook: str, step: int, *args: Any, **state: Any) -> None:
+        if self.callbacks:
+            from vlm2emb.train.callbacks import call
+
+            call(self.callbacks, hook, self._state(step, **state), *args)
 
     def _setup_optimizer(self, model: Any) -> None:
         """AdamW, the LR schedule, and the accelerate/DeepSpeed wrapping (``self.prepared``)."""
@@ -785,10 +910,10 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
         )
-        # Our own scheduler, stepped by us: accelerate would hand a LambdaLR to DeepSpeed as
-        # a no-op wrapper. Not registered with accelerate, which would pickle it: checkpoints
+        # Stepped by us, not by accelerate, which would hand the LambdaLR to DeepSpeed as a
+        # no-op wrapper. Not registered with accelerate, which would pickle it: checkpoints
         # keep its state as JSON (_save_state).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.scheduler = make_scheduler(self.optimizer, cfg)
         if self.deepspeed:
             _configure_deepspeed(acc, cfg, cfg.train.batch_size // acc.num_processes)
         self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
@@ -857,6 +982,7 @@ class _Trainer:
                 f"Training {cfg.model.name_or_path}: {self.n_trainable:,} of {self.n_total:,} parameters trainable, "
                 f"{len(self.train_examples) or 'streamed'} rows, global batch {cfg.train.batch_size} "
                 f"over {acc.num_processes} process(es)"
+                f"{f' ({self.steps_per_epoch} steps per epoch)' if self.steps_per_epoch else ''}"
                 f"{', GradCache chunks of ' + str(chunks) if chunks else ''}"
                 f", steps {self.start_step + 1}..{cfg.train.max_steps}",
                 flush=True,
@@ -901,18 +1027,25 @@ class _Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         world = acc.num_processes
+        # A bar only on a terminal: in a batch job's log file tqdm's redraws pile up as
+        # carriage-return garbage, so there (and with --no-progress) a line per record instead.
+        show_bar = self.progress and self.is_main and sys.stderr.isatty()
+        log_lines = self.is_main and not show_bar
         bar = tqdm(
             total=cfg.train.max_steps,
             initial=self.start_step,
             desc="train",
-            disable=not (self.progress and self.is_main),
+            disable=not show_bar,
             dynamic_ncols=True,
         )
         self.prepared.train()
         start = time.perf_counter()
         window_start, window_samples, window_tokens = start, 0, 0
-        running = torch.zeros((), device=acc.device)  # summed on device, read once per log window
-        running_n, skipped = 0, 0
+        window_step = self.start_step
+        # Summed on the device and read once per log window (a read is a device sync):
+        # loss, in-batch accuracy and gradient norm of the window's stepped steps.
+        running = torch.zeros(3, device=acc.device)
+        running_n, skipped, window_chunks, norms_n = 0, 0, 0, 0
         self.bad_in_row = 0
         last_loss = float("nan")
         data_iter = iter(loader)
@@ -926,9 +1059,15 @@ class _Trainer:
             batch = next(data_iter)
             window_samples += cfg.train.batch_size
             window_tokens += batch.real_tokens()
+            window_chunks += len(batch.chunks)
             loss, stepped, what = self._step(step_fn, batch)
             if stepped:
-                running += loss.detach()
+                running[0] += loss.detach()
+                if step_fn.last_accuracy is not None:
+                    running[1] += step_fn.last_accuracy
+                if self.last_grad_norm is not None:
+                    running[2] += self.last_grad_norm.to(running.device, running.dtype)
+                    norms_n += 1
                 running_n += 1
                 self.bad_in_row = 0
             else:
@@ -942,21 +1081,31 @@ class _Trainer:
                         "lower train.learning_rate, check the data, or raise train.max_bad_steps"
                     )
             bar.update(1)
+            step_record = None
 
             if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
                 now = time.perf_counter()
                 # Each process holds the mean over its own queries; the global batch's loss
-                # is their mean (one collective per log window, on every process).
+                # and accuracy are their means (one collective per log window, on every
+                # process). The gradient norm is already global, so its mean is itself.
                 total = acc.reduce(running.clone(), reduction="mean") if world > 1 else running
-                last_loss = float(total) / running_n if running_n else float("nan")
+                sums = total.tolist()
+                n = running_n or float("nan")
+                last_loss = sums[0] / n
                 record = {
                     "step": step,
                     "loss": round(last_loss, 6),
                     "lr": self.scheduler.get_last_lr()[0],
+                    "accuracy": round(sums[1] / n, 4),
                     "samples_per_s": round(window_samples / (now - window_start), 3),
                     "tokens_per_s": round(window_tokens * world / (now - window_start), 1),
                     "elapsed_s": round(now - start, 2),
                 }
+                if norms_n:  # DeepSpeed may not report one
+                    record["grad_norm"] = round(sums[2] / norms_n, 6)
+                if cfg.train.gradcache_chunk_size:
+                    # Forward chunks per step on this process (queries, positives, negatives).
+                    record["gradcache_chunks"] = round(window_chunks / (step - window_step), 2)
                 if cfg.train.learnable_temperature:
                     record["temperature"] = round(
                         float(acc.unwrap_model(self.prepared).learned_temperature().detach()), 6
@@ -964,13 +1113,23 @@ class _Trainer:
                 if skipped:
                     record["skipped_steps"] = skipped
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=record["samples_per_s"])
+                if log_lines:
+                    per_step = (now - start) / (step - self.start_step)
+                    eta = per_step * (cfg.train.max_steps - step)
+                    print(log_line(record, cfg.train.max_steps, eta), flush=True)
                 if metrics_file is not None:
                     metrics_file.write(_json_line(record))
                     metrics_file.flush()
+                self._report(record, step)
+                step_record = record
                 running.zero_()
-                running_n = 0
+                running_n, window_chunks, window_step, norms_n = 0, 0, step, 0
                 window_start, window_samples, window_tokens = now, 0, 0
 
+            if self.callbacks:  # float(loss) waits for the device: only when someone listens
+                self._callback(
+                    "on_step_end", step, loss=float(loss.detach()) if stepped else None, record=step_record
+                )
             if best is not None and step % cfg.train.eval_steps == 0 and step < cfg.train.max_steps:
                 report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
                 self._track_best(best, step, report, metrics_file)
@@ -1011,6 +1170,14 @@ class _Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            if self.tracking:
+                # Closes the tracker runs (flushes event files, ends the wandb and mlflow runs).
+                self.accelerator.end_training()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._setup_output()
         self._setup_data()  # a bad row stops the run before a large model is loaded
@@ -1020,6 +1187,8 @@ class _Trainer:
         if self.eval_examples and cfg.train.eval_before and self.resume_dir is None:
             # After prepare: under ZeRO-3 the loaded weights are partitioned.
             report_before = self._evaluate_now("eval_before.json", "Before training")
+            self._report({"eval": report_before["average"]}, 0)
+            self._callback("on_evaluate", 0, report_before)
         resumed_rng = None
         if self.resume_dir is not None:
             resumed_rng = self._load_state(self.resume_dir)
@@ -1039,8 +1208,11 @@ class _Trainer:
         report_after = None
         if self.eval_examples:
             report_after = self._evaluate_now("eval.json", "After training")
+            self._callback("on_evaluate", cfg.train.max_steps, report_after)
             if metrics_file is not None:
                 metrics_file.write(_json_line({"step": cfg.train.max_steps, "eval": report_after["average"]}))
+            if best is None:  # _track_best reports it otherwise
+                self._report({"eval": report_after["average"]}, cfg.train.max_steps)
             if self.is_main and report_before is not None:
                 print(_before_after(report_before, report_after), flush=True)
             if best is not None:
@@ -1051,6 +1223,8 @@ class _Trainer:
         return {
             "output_dir": str(self.out),
             "steps": cfg.train.max_steps,
+            # Passes over the training rows (None when streaming: the row count is unknown).
+            "epochs": round(cfg.train.max_steps / self.steps_per_epoch, 4) if self.steps_per_epoch else None,
             "final_loss": last_loss,
             "train_seconds": train_seconds,
             "eval_before": report_before,
@@ -1058,22 +1232,29 @@ class _Trainer:
         }
 
 
-def train(cfg: RecipeConfig, *, progress: bool = True) -> dict[str, Any]:
+def train(cfg: RecipeConfig, *, progress: bool = True, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Runs a whole recipe: load data and model, train, save, evaluate.
 
     Works single-process and under ``accelerate launch`` (DDP or DeepSpeed ZeRO-2/3).
 
     Args:
         cfg: The validated recipe.
-        progress: Show a tqdm progress bar (main process only).
+        progress: Show a tqdm progress bar when stderr is a terminal (main process only);
+            otherwise, and when False, print a log line every ``train.log_steps`` steps.
+        callbacks: Objects with some of :class:`vlm2emb.train.callbacks.TrainerCallback`'s
+            hooks (``on_step_end``, ``on_evaluate``, ``on_save``).
 
     Returns:
-        A summary: ``{"output_dir", "steps", "final_loss", "train_seconds", "eval_before", "eval"}``.
+        A summary: ``{"output_dir", "steps", "epochs", "final_loss", "train_seconds",
+        "eval_before", "eval"}``.
     """
     # A RecipeConfig built in Python skipped load_recipe's checks: bad values stop here,
     # before any model is loaded.
     cfg.validate()
-    return _Trainer(cfg, progress).run()
+    from vlm2emb.train.tracking import check_installed
+
+    check_installed(cfg.train.report_to)  # a missing tracker fails now, not after the model loads
+    return _Trainer(cfg, progress, callbacks).run()
 
 
 def _before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
