@@ -67,7 +67,7 @@ from vlm2emb.losses.base import ContrastiveLoss
 if TYPE_CHECKING:  # pragma: no cover
     from vlm2emb.items import ContrastiveBatch
 
-__all__ = ["InfoNCELoss", "info_nce_loss"]
+__all__ = ["InfoNCELoss", "info_nce_from_logits", "info_nce_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -251,7 +251,6 @@ def info_nce_loss(
         candidates = torch.cat([p, n], dim=0)  # [C, d], C = Bt + Bt*K
     else:
         candidates = p  # [C, d], C = Bt
-    num_candidates = candidates.shape[0]
 
     if isinstance(temperature, Tensor):
         temp: Tensor | float = temperature.to(device=device, dtype=compute_dtype).reshape(())
@@ -259,6 +258,66 @@ def info_nce_loss(
         temp = float(temperature)
 
     logits = q @ candidates.T / temp  # [Bq, C]
+    loss = info_nce_from_logits(
+        logits,
+        bt,
+        positive_keys=positive_keys,
+        negative_keys=negative_keys,
+        negative_mask=negative_mask,
+        query_offset=query_offset,
+    )  # [Bq]
+    rows = torch.arange(bq, device=device)  # [Bq]
+
+    if symmetric:
+        local_p = p[query_offset : query_offset + bq]  # [Bq, d]
+        t2q_logits = local_p @ q.T / temp  # [Bq (positives), Bq (queries)]
+        if positive_keys is not None:
+            local_keys = positive_keys.to(device=device, dtype=torch.int64)[query_offset : query_offset + bq]
+            dup = local_keys.unsqueeze(1) == local_keys.unsqueeze(0)  # [Bq, Bq]
+            dup[rows, rows] = False  # keep the matching query as the target
+            t2q_logits = t2q_logits.masked_fill(dup, float("-inf"))
+        t2q = F.cross_entropy(t2q_logits, rows, reduction="none")  # [Bq]
+        # Averaging per pair keeps mean/sum/none consistent with (q2t + t2q) / 2.
+        loss = (loss + t2q) / 2
+
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def info_nce_from_logits(
+    logits: Tensor,
+    num_positives: int,
+    *,
+    positive_keys: Tensor | None = None,
+    negative_keys: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    query_offset: int = 0,
+) -> Tensor:
+    """Per-query InfoNCE terms from a score matrix already divided by the temperature.
+
+    The candidate columns are laid out as in :func:`info_nce_loss`: the ``Bt`` positives,
+    then the ``Bt * K`` hard negatives; query ``i``'s target is column ``query_offset + i``.
+    Padding negatives and false negatives (same key as the query's positive) are masked
+    with ``-inf``. Shared by every loss that scores queries against that pool (InfoNCE over
+    dot products, :mod:`vlm2emb.losses.maxsim` over MaxSim scores).
+
+    Args:
+        logits: [Bq, C] scores / temperature, ``C = Bt`` or ``Bt + Bt * K``.
+        num_positives: ``Bt``.
+        positive_keys: [Bt] content ids, or None.
+        negative_keys: [Bt, K] content ids of the hard negatives, or None.
+        negative_mask: [Bt, K] bool (True = real negative), or None.
+        query_offset: Column of query 0's positive.
+
+    Returns:
+        [Bq] per-query losses.
+    """
+    bq, num_candidates = logits.shape
+    bt = num_positives
+    device = logits.device
     targets = torch.arange(bq, device=device) + query_offset  # [Bq]
     rows = torch.arange(bq, device=device)  # [Bq]
 
@@ -291,25 +350,7 @@ def info_nce_loss(
         # gradient); the target column is never masked, so every row stays finite.
         logits = logits.masked_fill(invalid, float("-inf"))
 
-    loss = F.cross_entropy(logits, targets, reduction="none")  # [Bq]
-
-    if symmetric:
-        local_p = p[query_offset : query_offset + bq]  # [Bq, d]
-        t2q_logits = local_p @ q.T / temp  # [Bq (positives), Bq (queries)]
-        if positive_keys is not None:
-            local_keys = pkeys[query_offset : query_offset + bq]  # [Bq]
-            dup = local_keys.unsqueeze(1) == local_keys.unsqueeze(0)  # [Bq, Bq]
-            dup[rows, rows] = False  # keep the matching query as the target
-            t2q_logits = t2q_logits.masked_fill(dup, float("-inf"))
-        t2q = F.cross_entropy(t2q_logits, rows, reduction="none")  # [Bq]
-        # Averaging per pair keeps mean/sum/none consistent with (q2t + t2q) / 2.
-        loss = (loss + t2q) / 2
-
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return F.cross_entropy(logits, targets, reduction="none")  # [Bq]
 
 
 class InfoNCELoss(ContrastiveLoss):
