@@ -54,7 +54,7 @@ from torch import nn
 
 from vlm2emb.items import ContrastiveBatch
 from vlm2emb.losses.base import ContrastiveLoss
-from vlm2emb.rows import as_leaf, cat_rows, grad_dot, grouped, take_rows
+from vlm2emb.rows import as_leaf, cat_rows, dense_part, grad_dot, grouped, take_rows
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
 SyncContext = Callable[[bool], contextlib.AbstractContextManager[Any]]
@@ -339,6 +339,9 @@ class ContrastiveStep:
         temperature: torch.Tensor | None,
     ) -> torch.Tensor:
         negs = _scatter_negatives(flat_neg, batch.local_negative_mask, batch.negatives_padded)  # [b, K, ...]
+        if not self.loss_fn.takes_multivector:
+            # A single-vector loss on a model with a multi-vector head reads the dense part.
+            q, p, negs = dense_part(q), dense_part(p), dense_part(negs)
         t = temperature if temperature is not None else self.fixed_temperature
         return self.loss_fn.training_loss(q, p, negs, batch, t)
 

@@ -136,6 +136,19 @@ class MultiVectorEmbeddings:
             dense[where] = self.dense
         return MultiVectorEmbeddings(tokens, mask, dense)
 
+    def dense_part(self) -> Tensor:
+        """The single-vector embeddings of the same forward (for single-vector losses).
+
+        Raises:
+            TypeError: The model has no single-vector head.
+        """
+        if self.dense is None:
+            raise TypeError(
+                "this loss reads single-vector embeddings, but the model has only a multi-vector "
+                "head (dense_head=False); use train.loss maxsim"
+            )
+        return self.dense
+
     def flatten_rows(self) -> MultiVectorEmbeddings:
         """``[b, K, ...]`` -> ``[b * K, ...]``."""
         return MultiVectorEmbeddings(

@@ -8,7 +8,7 @@ forward returns a plain ``[B, d]`` tensor for a single-vector model and a
 
 Each operation here is a :func:`functools.singledispatch` function: tensors are registered
 below, and any other output type provides the matching methods (``cat_rows``,
-``take_rows``, ``as_leaf``, ``grad_dot``, ``grouped``), so the step never branches on
+``take_rows``, ``as_leaf``, ``grad_dot``, ``grouped``, ``dense_part``), so the step never branches on
 what kind of embedding it holds.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["as_leaf", "cat_rows", "grad_dot", "grouped", "take_rows"]
+__all__ = ["as_leaf", "cat_rows", "dense_part", "grad_dot", "grouped", "take_rows"]
 
 
 def cat_rows(parts: Sequence[Any]) -> Any:
@@ -75,6 +75,22 @@ def _(out: Tensor, leaf: Tensor) -> Tensor:
     if leaf.grad is None:  # the loss did not read these rows
         return out.sum() * 0.0
     return (out * leaf.grad).sum()
+
+
+@functools.singledispatch
+def dense_part(x: Any) -> Any:
+    """The single-vector embeddings inside ``x`` (what a loss over single vectors reads)."""
+    return x.dense_part()
+
+
+@dense_part.register
+def _(x: Tensor) -> Tensor:
+    return x
+
+
+@dense_part.register(type(None))
+def _(x: None) -> None:
+    return None
 
 
 @functools.singledispatch

@@ -36,6 +36,7 @@ LossFactory = Callable[[Any], ContrastiveLoss]  # the recipe's ``train`` section
 # name -> "module:factory" of the losses shipped with vlm2emb, imported on first use.
 _BUILTIN: dict[str, str] = {
     "infonce": "vlm2emb.losses.infonce:InfoNCELoss.from_config",
+    "maxsim": "vlm2emb.losses.maxsim:MaxSimLoss.from_config",
 }
 _REGISTERED: dict[str, LossFactory] = {}
 
