@@ -144,3 +144,25 @@ def test_multivector_only_model(tiny_qwen2_vl_dir):
     assert model.config.multivector_dim == 8  # a refused change leaves the config as it was
     with pytest.raises(ValueError, match="needs a multi-vector head"):
         EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"dense_head": False})
+
+
+def test_export_carries_the_head(multi, tmp_path):
+    from vlm2emb.export import ExportError, export_model
+
+    multi.save_pretrained(tmp_path / "src")
+    export_model(tmp_path / "src", tmp_path / "out", mode="merged")
+    loaded = EmbeddingModel.from_pretrained(tmp_path / "out")
+    for a, b in zip(multi.encode(ITEMS, output="multivector"), loaded.encode(ITEMS, output="multivector")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    only = EmbeddingModel.from_pretrained(tmp_path / "src", config_overrides={"dense_head": False})
+    only.save_pretrained(tmp_path / "only")
+    with pytest.raises(ExportError, match="multi-vector-only"):
+        export_model(tmp_path / "only", tmp_path / "out2", mode="merged")
+
+
+def test_matryoshka_refuses_a_multivector_loss():
+    from vlm2emb.losses import MatryoshkaLoss
+    from vlm2emb.losses.maxsim import MaxSimLoss
+
+    with pytest.raises(ValueError, match="multi-vector loss"):
+        MatryoshkaLoss(MaxSimLoss(), [8])
