@@ -70,3 +70,34 @@ def test_maxsim_loss_without_a_head_stops_before_training(tmp_path, tiny_qwen2_v
         train(cfg, progress=False)
     with pytest.raises(ConfigError, match=r"model\.dense_head"):
         _recipe(tmp_path, tiny_qwen2_vl_dir, "model.dense_head=false")
+
+
+def test_a_resumed_run_restores_the_head(tmp_path, tiny_qwen2_vl_dir):
+    """The head is part of the training state: resuming from step 1 of a 2-step run lands on
+    the uninterrupted run's final head and backbone."""
+    from safetensors.torch import load_file
+
+    extra = (
+        "model.multivector_dim=8",
+        "train.loss=maxsim",
+        "train.loss_args.dense_weight=0.5",
+        "data.eval=[]",
+    )
+    full = _recipe(tmp_path, tiny_qwen2_vl_dir, "train.save_steps=1", *extra)
+    train(full, progress=False)
+    step1 = tmp_path / "run" / "checkpoints" / "step-1"
+    assert (step1 / MULTIVECTOR_HEAD_NAME).is_file()
+    resumed = _recipe(tmp_path, tiny_qwen2_vl_dir, "train.save_steps=1", *extra)
+    resumed.output_dir = str(tmp_path / "resumed")
+    resumed.train.resume_from = str(step1)
+    train(resumed, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [2]  # it resumed, it did not start over
+    for name in (MULTIVECTOR_HEAD_NAME, "model.safetensors"):
+        want, got = (
+            load_file(tmp_path / "run" / "final" / name),
+            load_file(tmp_path / "resumed" / "final" / name),
+        )
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
