@@ -647,7 +647,11 @@ class EmbeddingModel(nn.Module):
 
         Returns:
             [B, d] float32 embeddings (L2-normalised if ``config.normalize``), with grad when
-            grad is enabled; a list of those for a list of batches. With
+            grad is enabled; a list of those for a list of batches. With a multi-vector head
+            (``config.multivector_dim``), a
+            :class:`~vlm2emb.multivector.MultiVectorEmbeddings` per batch instead: token
+            vectors [B, L, D], their mask [B, L], and the [B, d] embeddings (None when
+            ``dense_head`` is off), all from this one forward. With
             ``with_temperature``, a pair ``(embeddings, learned temperature [])``.
             replays: For a list of batches, one :class:`vlm2emb.gradcache.ChunkReplay` per
                 batch: each batch runs under activation checkpointing with that random
