@@ -117,3 +117,20 @@ def test_cosine_stays_the_default_and_needs_no_head(tiny_qwen2_vl_dir):
     assert report["tasks"]["default"]["n"] == 4 and set(first_row) <= set(report["tasks"]["default"])
     with pytest.raises(ValueError, match="multi-vector head"):
         evaluate(plain, _rows(), scoring="maxsim")
+
+
+def test_cli_eval_scores_a_multivector_model_by_maxsim(multi, tmp_path):
+    from vlm2emb.cli import main
+
+    multi.save_pretrained(tmp_path / "model")
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    args = ["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--scoring", "maxsim"]
+    code = main([*args, "--no-cache", "--out", str(tmp_path / "report.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    want = evaluate(multi, _rows(), scoring="maxsim")["tasks"]["default"]
+    (got,) = report["tasks"].values()  # one task (the loader names it)
+    assert want["mrr"] != pytest.approx(evaluate(multi, _rows())["tasks"]["default"]["mrr"])  # not cosine
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, abs=1e-6), name
