@@ -30,6 +30,10 @@ import torch
 
 __all__ = ["CacheStats", "CachedEncoder", "data_fingerprint", "default_cache_dir", "model_fingerprint"]
 
+# Config fields added after caches existed, left out of the key at these defaults so that
+# entries written before them stay valid.
+_LATER_DEFAULTS = {"multivector_dim": None, "dense_head": True}
+
 # Per-parameter sample size for the fingerprint: cheap even for billions of weights, and with
 # the full-tensor sum any real training step changes the key.
 _SAMPLE = 4096
@@ -57,7 +61,12 @@ def model_fingerprint(model: Any) -> str:
     config = getattr(model, "config", None)
     if is_dataclass(config):
         # temperature and base_model do not change embeddings; leave them out of the key.
-        settings = {k: v for k, v in asdict(config).items() if k not in ("temperature", "base_model")}
+        settings = {
+            k: v
+            for k, v in asdict(config).items()
+            if k not in ("temperature", "base_model")
+            and (k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k])
+        }
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in list(model.state_dict().items()):
