@@ -189,3 +189,29 @@ def test_quick_packing_comparison_runs(tmp_path):
         assert 0 < packing[f"{name}_padding_efficiency"] <= 1
         assert packing[name]["packed"]["items_per_s"] > 0
     assert "| encode text, packed vs padded |" in harness.table(json.loads(out.read_text()))
+
+
+def test_maxsim_benchmark_runs_and_agrees_with_the_einsum_formula():
+    spec = importlib.util.spec_from_file_location("bench_maxsim", ROOT / "benchmarks" / "maxsim.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(
+        [
+            "--queries",
+            "3",
+            "--docs",
+            "5",
+            "--query-tokens",
+            "4",
+            "--doc-tokens",
+            "6",
+            "--dim",
+            "8",
+            "--chunk-elements",
+            "50",
+            "--repeat",
+            "1",
+        ]
+    )
+    assert [r["method"] for r in rows] == ["einsum (colpali-engine formula)", "vlm2emb.multivector.maxsim"]
+    assert rows[1]["max_abs_diff"] < 1e-5 and all(r["pairs_per_s"] > 0 for r in rows)

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--out", help="write the JSON report here")
     p_eval.add_argument("--batch-size", type=int, default=32)
     p_eval.add_argument(
+        "--scoring",
+        choices=["cosine", "maxsim"],
+        help="with --data: cosine (single vectors) or maxsim (the multi-vector head, docs/multivector.md); "
+        "default: cosine, or maxsim for a model without a single-vector head. Suite tasks set their own",
+    )
+    p_eval.add_argument(
         "--query-instruction", default=None, help="instruction for queries without one (default: the model's)"
     )
     p_eval.add_argument(
@@ -324,7 +330,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         text = format_suite_report(report)
     else:
         rows = [ex.as_row(default_instruction=query_instruction) for ex in examples]
-        report = evaluate(encoder, rows, batch_size=args.batch_size, target_instruction=target_instruction)
+        scoring = args.scoring or ("cosine" if model.config.dense_head else "maxsim")
+        report = evaluate(
+            encoder, rows, batch_size=args.batch_size, target_instruction=target_instruction, scoring=scoring
+        )
         report["cache"] = dict(vars(encoder.stats))
         text = format_report(report)
     if state is None or state.is_main_process:

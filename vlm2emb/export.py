@@ -220,6 +220,9 @@ def export_model(
     _check_finite(model.backbone.named_parameters(), str(source))
     if mode == "adapter" and not model.has_lora:
         raise ExportError(f"{source}: --adapter-only needs a LoRA/DoRA checkpoint, this one is fully trained")
+    if not model.config.dense_head:
+        # Verification compares single vectors; a multi-vector-only model has none.
+        raise ExportError(f"{source}: a multi-vector-only model (dense_head: false) cannot be exported yet")
     target = resolve_dtype(dtype) if dtype is not None else _stored_dtype(source)
     if target not in _DTYPE_NAMES:
         raise ExportError(f"--dtype: {dtype!r} is not one of fp32, bf16, fp16")
@@ -240,6 +243,8 @@ def export_model(
         else:
             _write_merged(model, tmp, target, max_shard_size)
         config["export"] = {"mode": mode, "dtype": _DTYPE_NAMES[target], "format": format}
+        if model.multivector_head is not None:
+            model._save_multivector_head(tmp, None)  # float32, whatever the export dtype
         model.adapter.processor.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         st_images = False

@@ -54,6 +54,7 @@ from torch import nn
 
 from vlm2emb.items import ContrastiveBatch
 from vlm2emb.losses.base import ContrastiveLoss
+from vlm2emb.rows import as_leaf, cat_rows, dense_part, grad_dot, grouped, take_rows
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
 SyncContext = Callable[[bool], contextlib.AbstractContextManager[Any]]
@@ -238,13 +239,17 @@ class ChunkReplay:
             return self.call(fn, *args)
 
 
-def _in_row_order(emb: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    """Embeddings [b, d] in chunk order -> row order (``order[j]`` = row of position j)."""
+def _in_row_order(emb: Any, order: torch.Tensor | None) -> Any:
+    """Embeddings [b, ...] in chunk order -> row order (``order[j]`` = row of position j).
+
+    ``emb`` is what the model's forward returns: a [b, d] tensor, or per-token embeddings
+    (:mod:`vlm2emb.rows` holds the operations both support).
+    """
     if order is None:
         return emb
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
-    return emb[inverse.to(emb.device)]
+    return take_rows(emb, inverse)
 
 
 def chunk_cost(chunk: dict[str, Any]) -> int:
@@ -260,24 +265,18 @@ def _no_context(_sync: bool) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _scatter_negatives(
-    flat: torch.Tensor | None, local_mask: torch.Tensor | None, padded: bool
-) -> torch.Tensor | None:
-    """Negatives in row order -> [b, K, d].
+def _scatter_negatives(flat: Any, local_mask: torch.Tensor | None, padded: bool) -> Any:
+    """Negatives in row order -> [b, K, ...] (:func:`vlm2emb.rows.grouped`).
 
-    ``flat`` holds either only the real negatives ([n_real, d], placed by ``local_mask``
-    [b, K]) or, when ``padded``, all b * K slots ([b * K, d]).
+    ``flat`` holds either only the real negatives ([n_real, ...], placed by ``local_mask``
+    [b, K]) or, when ``padded``, all b * K slots ([b * K, ...]).
     """
     if local_mask is None:
         return None
     b, k = local_mask.shape
     if flat is None:  # this process's rows have no real negatives, other processes' do
         return torch.zeros(b, k, 1)  # never read: all masked, only the shape matters
-    if padded:
-        return flat.view(b, k, flat.shape[-1])
-    out = flat.new_zeros(b, k, flat.shape[-1])
-    out[local_mask.to(flat.device)] = flat
-    return out
+    return grouped(flat, local_mask, padded)
 
 
 @torch.no_grad()
@@ -374,14 +373,21 @@ class ContrastiveStep:
     def _loss(
         self,
         batch: ContrastiveBatch,
-        q: torch.Tensor,
-        p: torch.Tensor,
-        flat_neg: torch.Tensor | None,
+        q: Any,
+        p: Any,
+        flat_neg: Any,
         temperature: torch.Tensor | None,
     ) -> torch.Tensor:
-        negs = _scatter_negatives(flat_neg, batch.local_negative_mask, batch.negatives_padded)  # [b, K, d]
+        negs = _scatter_negatives(flat_neg, batch.local_negative_mask, batch.negatives_padded)  # [b, K, ...]
+        if not self.loss_fn.takes_multivector:
+            # A single-vector loss on a model with a multi-vector head reads the dense part.
+            q, p, negs = dense_part(q), dense_part(p), dense_part(negs)
         t = temperature if temperature is not None else self.fixed_temperature
-        self.last_accuracy = in_batch_accuracy(q, p, negs, batch)
+        if getattr(q, "dense", q) is not None:
+            # Accuracy ranks single vectors; a multi-vector-only model reports none.
+            self.last_accuracy = in_batch_accuracy(dense_part(q), dense_part(p), dense_part(negs), batch)
+        else:
+            self.last_accuracy = None
         return self.loss_fn.training_loss(q, p, negs, batch, t)
 
     def forward_loss(self, batch: ContrastiveBatch, sync_context: SyncContext | None = None) -> torch.Tensor:
@@ -405,20 +411,20 @@ class ContrastiveStep:
         keep = self.kept_chunk(chunks)
         vision = FrozenVisionCache.for_model(self.model, self.device) if self.reuse_frozen_vision else None
         replays: list[ChunkReplay | None] = [None] * len(chunks)
-        embs: list[torch.Tensor | None] = [None] * len(chunks)
+        embs: list[Any] = [None] * len(chunks)
         kept = None
         for i, chunk in enumerate(chunks):
             if i == keep:
                 with (sync_context or _no_context)(False):
                     kept = self.model([chunk])[0]  # [n, d], with a graph
-                embs[i] = kept.detach()
+                embs[i] = kept
                 continue
             replays[i] = ChunkReplay(RngState(self.device), vision, i)
             with torch.no_grad(), vision.recording(i) if vision is not None else contextlib.nullcontext():
                 embs[i] = self.model([chunk])[0]  # [n, d]
         with torch.no_grad():
             temperature = self.model([], with_temperature=True)[1] if self.learnable_temperature else None
-        leaves = [e.detach().requires_grad_() for e in embs]
+        leaves = [as_leaf(e) for e in embs]
         t_leaf = temperature.detach().requires_grad_() if temperature is not None else None
         loss = self._loss(batch, *self._split(leaves, nq, np_, batch), t_leaf)
         self._pending = {
@@ -446,11 +452,11 @@ class ContrastiveStep:
         self._pending = None
 
     @staticmethod
-    def _split(embs: Sequence[torch.Tensor], nq: int, np_: int, batch: ContrastiveBatch):
-        q = _in_row_order(torch.cat(list(embs[:nq])), batch.query_order)  # [b, d]
-        p = _in_row_order(torch.cat(list(embs[nq : nq + np_])), batch.positive_order)  # [b, d]
+    def _split(embs: Sequence[Any], nq: int, np_: int, batch: ContrastiveBatch) -> tuple[Any, Any, Any]:
+        q = _in_row_order(cat_rows(embs[:nq]), batch.query_order)  # [b, d] (or [b, L, D] tokens)
+        p = _in_row_order(cat_rows(embs[nq : nq + np_]), batch.positive_order)  # [b, ...]
         rest = list(embs[nq + np_ :])
-        flat = torch.cat(rest) if rest else None  # [n_real_negatives, d]
+        flat = cat_rows(rest) if rest else None  # [n_real_negatives, ...]
         return q, p, flat
 
     def backward(
@@ -479,9 +485,9 @@ class ContrastiveStep:
         if kept is not None:
             # The kept chunk first: its graph is freed before any re-forward builds another.
             with sync_context(False):
-                backward((kept * pending["leaves"][pending["keep"]].grad).sum(), False)
+                backward(grad_dot(kept, pending["leaves"][pending["keep"]]), False)
         work = [
-            (chunk, replay, leaf.grad)
+            (chunk, replay, leaf)
             for i, (chunk, replay, leaf) in enumerate(
                 zip(pending["chunks"], pending["replays"], pending["leaves"])
             )
@@ -492,17 +498,17 @@ class ContrastiveStep:
                 pending["chunks"], with_temperature=t_leaf is not None, replays=pending["replays"]
             )
             embs, temperature = out if t_leaf is not None else (out, None)
-            surrogate = sum((emb * grad).sum() for emb, (_, _, grad) in zip(embs, work))
+            surrogate = sum(grad_dot(emb, leaf) for emb, (_, _, leaf) in zip(embs, work))
             if temperature is not None:
                 surrogate = surrogate + temperature * t_leaf.grad
             backward(surrogate, True)
             return
-        for i, (chunk, replay, grad) in enumerate(work):
+        for i, (chunk, replay, leaf) in enumerate(work):
             last = i == len(work) - 1 and t_leaf is None
             with sync_context(last):
                 with replay.random_state(), replay.frozen_outputs():
                     emb = self.model([chunk])[0]  # [n, d], with a graph this time
-                backward((emb * grad).sum(), last)
+                backward(grad_dot(emb, leaf), last)
         if t_leaf is not None:
             with sync_context(True):
                 temperature = self.model([], with_temperature=True)[1]

@@ -24,12 +24,14 @@ from torch import nn
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
 from vlm2emb.inputs import DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
 from vlm2emb.items import resolve_instruction
+from vlm2emb.multivector import MultiVectorEmbeddings, MultiVectorHead
 from vlm2emb.pooling import POOLING_METHODS, pool, pool_packed
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 CONFIG_NAME = "vlm2emb_config.json"
+MULTIVECTOR_HEAD_NAME = "multivector_head.safetensors"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 TINY_PREFIX = "tiny:"
@@ -71,6 +73,11 @@ class EmbeddingConfig:
             concatenates a batch's rows into one sequence of real tokens and the decoder
             attends within each row only (same embeddings as padded batches; families with
             ``supports_packing``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Off by default.
+        multivector_dim: Size of the per-token vectors of the multi-vector (late
+            interaction) head, or None for no such head (:mod:`vlm2emb.multivector`). Its
+            weights are saved as ``multivector_head.safetensors``.
+        dense_head: Compute the single pooled embedding. False leaves only the multi-vector
+            head (then ``multivector_dim`` is required); with both, one forward gives both.
         format_version: Layout version of the saved directory.
     """
 
@@ -87,6 +94,8 @@ class EmbeddingConfig:
     matryoshka_dims: list[int] | None = None
     prompt_style: str = "vlm2emb"
     pack_sequences: bool = False
+    multivector_dim: int | None = None
+    dense_head: bool = True
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -105,6 +114,13 @@ class EmbeddingConfig:
         check_prompt_style(self.prompt_style)
         if not isinstance(self.pack_sequences, bool):
             raise ValueError(f"pack_sequences must be true or false, got {self.pack_sequences!r}")
+        dim = self.multivector_dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"multivector_dim must be a positive integer or None, got {dim!r}")
+        if not isinstance(self.dense_head, bool):
+            raise ValueError(f"dense_head must be true or false, got {self.dense_head!r}")
+        if not self.dense_head and dim is None:
+            raise ValueError("dense_head=False needs a multi-vector head: set multivector_dim (e.g. 128)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
@@ -249,6 +265,11 @@ class EmbeddingModel(nn.Module):
         # (ZeRO-3 only materialises parameters inside forward) treat it like any weight.
         self.logit_scale: nn.Parameter | None = None
         self.max_logit_scale = 100.0
+        # The late-interaction projection, built from config.multivector_dim (the one owner
+        # of the setting); saved beside the backbone in its own safetensors file.
+        self.multivector_head: MultiVectorHead | None = None
+        if config.multivector_dim is not None:
+            self._build_multivector_head()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -416,7 +437,64 @@ class EmbeddingModel(nn.Module):
         adapter = adapter_cls(processor, settings=config)
         model = cls(backbone, adapter, config)
         model._ensure_pool_token()
+        model._load_multivector_head(Path(path), saved.get("multivector_dim"))
         return model
+
+    def _build_multivector_head(self, seed: int = 0) -> None:
+        """A fresh multi-vector head of ``config.multivector_dim``, its init seeded (the same
+        on every process and run, whatever drew random numbers before)."""
+        hidden = self.adapter.hidden_size(self.backbone)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = MultiVectorHead(hidden, int(self.config.multivector_dim))  # type: ignore[arg-type]
+        self.multivector_head = head.to(self.device)
+
+    def _load_multivector_head(self, path: Path, saved_dim: int | None) -> None:
+        """Loads the saved head's weights; a freshly enabled head (no saved one) keeps its init.
+
+        Raises:
+            ValueError: The saved config has a head but its file is missing, or the saved head's
+                size differs from the requested ``multivector_dim``.
+        """
+        file = path / MULTIVECTOR_HEAD_NAME
+        if saved_dim is not None and not file.is_file():
+            raise ValueError(
+                f"{path}: the config has a multi-vector head but {MULTIVECTOR_HEAD_NAME} is missing"
+            )
+        if self.multivector_head is None or not file.is_file():
+            return
+        if saved_dim is not None and saved_dim != self.config.multivector_dim:
+            raise ValueError(
+                f"{path}: the saved multi-vector head has dim {saved_dim}, "
+                f"not the requested multivector_dim {self.config.multivector_dim}"
+            )
+        from safetensors.torch import load_file
+
+        self.multivector_head.proj.load_state_dict(load_file(str(file), device=str(self.device)))
+
+    def enable_multivector(self, dim: int = 128, *, dense: bool = True, seed: int = 0) -> None:
+        """Adds a multi-vector (late interaction) head: per-token vectors of size ``dim``.
+
+        The setting lives in the config (``multivector_dim``, ``dense_head``) and the head is
+        saved with the model; :meth:`from_pretrained` with
+        ``config_overrides={"multivector_dim": 128}`` does the same at load time.
+
+        Args:
+            dim: Token vector size (ColPali and jina-embeddings-v4 use 128).
+            dense: Keep the single-vector head too (both come from one forward).
+            seed: Seed of the head's random init.
+
+        Raises:
+            ValueError: ``dim`` is not a positive integer.
+        """
+        previous = (self.config.multivector_dim, self.config.dense_head)
+        self.config.multivector_dim, self.config.dense_head = dim, dense
+        try:
+            self.config.validate()
+        except ValueError:
+            self.config.multivector_dim, self.config.dense_head = previous
+            raise
+        self._build_multivector_head(seed)
 
     def _ensure_pool_token(self) -> None:
         """For ``embed_token`` pooling, adds the pooling token to the vocabulary if missing."""
@@ -569,7 +647,11 @@ class EmbeddingModel(nn.Module):
 
         Returns:
             [B, d] float32 embeddings (L2-normalised if ``config.normalize``), with grad when
-            grad is enabled; a list of those for a list of batches. With
+            grad is enabled; a list of those for a list of batches. With a multi-vector head
+            (``config.multivector_dim``), a
+            :class:`~vlm2emb.multivector.MultiVectorEmbeddings` per batch instead: token
+            vectors [B, L, D], their mask [B, L], and the [B, d] embeddings (None when
+            ``dense_head`` is off), all from this one forward. With
             ``with_temperature``, a pair ``(embeddings, learned temperature [])``.
             replays: For a list of batches, one :class:`vlm2emb.gradcache.ChunkReplay` per
                 batch: each batch runs under activation checkpointing with that random
@@ -606,14 +688,18 @@ class EmbeddingModel(nn.Module):
         if self.config.pack_sequences:
             packed, cu_seqlens = self.adapter.forward_packed(self.backbone, inputs)  # [T, H], [B + 1]
             emb = pool_packed(packed, cu_seqlens, self.config.pooling).float()  # [B, H]
+            if self.multivector_head is not None:
+                hidden, mask = _unpack(packed, cu_seqlens)  # [B, L, H], [B, L]
         else:
             hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
             emb = pool(hidden, mask, self.config.pooling).float()  # [B, H]
         if self.config.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
-        if dummy_rows:
-            emb = emb[:-dummy_rows]  # the blank image row added by collate()
-        return emb
+        if self.multivector_head is None:
+            return emb[:-dummy_rows] if dummy_rows else emb  # the blank image row added by collate()
+        multi = self.multivector_head(hidden, mask)  # tokens [B, L, D], mask [B, L]
+        multi.dense = emb if self.config.dense_head else None
+        return multi.drop_last_rows(dummy_rows)
 
     # ------------------------------------------------------------------ encode
     @_grad_free
@@ -627,6 +713,7 @@ class EmbeddingModel(nn.Module):
         *,
         convert_to: str = "torch",
         truncate_dim: int | None = None,
+        output: str = "dense",
     ) -> Any:
         """Embeds items.
 
@@ -650,21 +737,36 @@ class EmbeddingModel(nn.Module):
             convert_to: ``"torch"`` (a tensor) or ``"numpy"`` (an ``np.ndarray``).
             truncate_dim: Keep the first ``truncate_dim`` dimensions (Matryoshka), then
                 re-normalise if the model normalises. Default: ``config.truncate_dim``.
+                Dense output only.
+            output: ``"dense"`` (the pooled embedding) or ``"multivector"`` (per-token
+                vectors of the multi-vector head, ``config.multivector_dim``).
 
         Returns:
-            [n, d] float32 tensor (or array) on CPU, in input order; [d] for a single item.
+            ``dense``: [n, d] float32 tensor (or array) on CPU, in input order; [d] for a
+            single item. ``multivector``: a list of n float32 ``[L_i, D]`` tensors (or
+            arrays), the real tokens of each item (padding left out); one ``[L, D]`` for a
+            single item.
+
+        Raises:
+            ValueError: Unknown ``output`` or ``convert_to``, or a head the model lacks.
         """
         if convert_to not in ("torch", "numpy"):
             raise ValueError(f"convert_to must be 'torch' or 'numpy', got {convert_to!r}")
+        self._check_output(output)
+        if output == "multivector" and truncate_dim is not None:
+            raise ValueError("truncate_dim applies to dense embeddings, not output='multivector'")
         single = not isinstance(items, (list, tuple))
         batch_items = [items] if single else list(items)
         if not batch_items:
+            if output == "multivector":
+                return []
             return self._postprocess(torch.empty(0, self.embedding_dim), convert_to, truncate_dim)
         batches = length_sorted_batches(batch_items, self.adapter.tokenizer, batch_size)
         order = [i for batch in batches for i in batch]
         was_training = self.training
         self.eval()
         chunks: list[torch.Tensor] = []
+        token_sets: list[torch.Tensor] = []
 
         def prepare(idx: list[int]) -> dict[str, Any]:
             return self.collate([batch_items[i] for i in idx], instruction)
@@ -678,18 +780,43 @@ class EmbeddingModel(nn.Module):
             if prefetch is None:
                 prefetch = _default_prefetch(self.device)
             for inputs in _prefetched(prepare, batches, prefetch):
-                chunks.append(self(inputs).cpu())
+                out = self(inputs)
+                if output == "multivector":
+                    token_sets.extend(out.cpu().unpadded())  # [L_i, D] per item
+                else:
+                    chunks.append((out.dense if isinstance(out, MultiVectorEmbeddings) else out).cpu())
                 if progress is not None:
                     progress.update()
         finally:
             self.train(was_training)
             if progress is not None:
                 progress.close()
+        if output == "multivector":
+            sets: list[Any] = [None] * len(order)
+            for position, row in enumerate(order):
+                sets[row] = token_sets[position]
+            if convert_to == "numpy":
+                sets = [t.numpy() for t in sets]
+            return sets[0] if single else sets
         emb = torch.cat(chunks)  # [n, d] in sorted order
         out = torch.empty_like(emb)
         out[torch.tensor(order)] = emb
         out = self._postprocess(out, convert_to, truncate_dim)
         return out[0] if single else out
+
+    def _check_output(self, output: str) -> None:
+        """Refuses an ``encode`` output the model has no head for."""
+        if output not in ("dense", "multivector"):
+            raise ValueError(f"output must be 'dense' or 'multivector', got {output!r}")
+        if output == "multivector" and self.multivector_head is None:
+            raise ValueError(
+                "output='multivector' needs a multi-vector head: set multivector_dim "
+                "(config_overrides={'multivector_dim': 128} or model.enable_multivector())"
+            )
+        if output == "dense" and not self.config.dense_head:
+            raise ValueError(
+                "this model has no single-vector head (dense_head=False); use output='multivector'"
+            )
 
     def _postprocess(self, emb: torch.Tensor, convert_to: str, truncate_dim: int | None) -> Any:
         """Matryoshka truncation and output type; kept apart from encode()'s batching."""
@@ -894,6 +1021,20 @@ class EmbeddingModel(nn.Module):
         return self.backbone.get_base_model() if self.has_lora else self.backbone
 
     # ------------------------------------------------------------------ saving
+    def _save_multivector_head(self, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Writes the head's weights (from ``state_dict`` when given: ZeRO-3 partitions)."""
+        from safetensors.torch import save_file
+
+        assert self.multivector_head is not None
+        prefix = "multivector_head.proj."
+        if state_dict is not None:
+            weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        else:
+            weights = self.multivector_head.proj.state_dict()
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(out / MULTIVECTOR_HEAD_NAME)
+        )
+
     def save_pretrained(
         self,
         save_dir: str | os.PathLike[str],
@@ -952,12 +1093,25 @@ class EmbeddingModel(nn.Module):
         else:
             self.backbone.save_pretrained(out, state_dict=backbone_state)
         self.adapter.processor.save_pretrained(out)
+        if self.multivector_head is not None:
+            self._save_multivector_head(out, state_dict)
         (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         from vlm2emb._files import honour_umask
 
         # safetensors writes its files 0600; only the files written here are touched.
         honour_umask([*out.glob("*.safetensors"), *(out / ADAPTER_DIR).glob("*.safetensors")])
         return out
+
+
+def _unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed batch ``[T, H]`` (rows at ``cu_seqlens`` [B + 1]) -> right-padded
+    ``[B, L, H]`` hidden states and their ``[B, L]`` mask."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    rows = list(packed.split(lengths))
+    hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, L, H]
+    positions = torch.arange(hidden.shape[1], device=packed.device)
+    mask = positions.unsqueeze(0) < torch.tensor(lengths, device=packed.device).unsqueeze(1)  # [B, L]
+    return hidden, mask
 
 
 def _temperature_of(logit_scale: torch.Tensor, max_scale: float) -> torch.Tensor:

@@ -257,3 +257,18 @@ def test_a_recipe_trains_packed_to_the_padded_weights(tmp_path, tiny_qwen2_vl_di
         torch.testing.assert_close(
             finals[True][key], value, atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
         )
+
+
+def test_multivector_tokens_of_a_packed_batch_equal_the_padded_ones(digit_images):
+    """The multi-vector head reads a packed batch's rows unpacked: same token vectors."""
+    padded = EmbeddingModel.from_pretrained("tiny:qwen2_vl", config_overrides={"multivector_dim": 8})
+    packed = EmbeddingModel.from_pretrained(
+        "tiny:qwen2_vl", pack_sequences=True, config_overrides={"multivector_dim": 8}
+    )
+    packed.load_state_dict(padded.state_dict())
+    items = [row for batch in _batches(digit_images).values() for row in batch]
+    want = padded.encode(items, batch_size=4, output="multivector")
+    got = packed.encode(items, batch_size=4, output="multivector")
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)

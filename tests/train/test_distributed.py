@@ -293,3 +293,26 @@ def test_zero3_evaluates_before_during_and_after_training(tmp_path):
 def _losses_of(out: Path) -> list[float]:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [rec["loss"] for rec in lines if "loss" in rec]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_one_for_the_maxsim_loss(tmp_path):
+    """Late interaction across processes: token sets of different lengths are gathered
+    (padded to the longest of any process, with masks), so DDP + GradCache at two processes
+    gives one process's losses and weights, the multi-vector head included."""
+    extra = (
+        "model.multivector_dim=16",
+        "train.loss=maxsim",
+        "train.loss_args.dense_weight=0.5",
+        "train.gradcache_chunk_size=3",
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_train_cmd(one, *extra))
+    _run(_launch_cmd("ddp", two, *extra))
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    for name in ("model.safetensors", "multivector_head.safetensors"):
+        ref, got = load_file(one / "final" / name), load_file(two / "final" / name)
+        assert ref.keys() == got.keys()
+        worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+        assert worst < 2e-5, (name, worst)

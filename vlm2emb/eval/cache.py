@@ -30,6 +30,10 @@ import torch
 
 __all__ = ["CacheStats", "CachedEncoder", "data_fingerprint", "default_cache_dir", "model_fingerprint"]
 
+# Config fields added after caches existed, left out of the key at these defaults so that
+# entries written before them stay valid.
+_LATER_DEFAULTS = {"multivector_dim": None, "dense_head": True}
+
 # Per-parameter sample size for the fingerprint: cheap even for billions of weights, and with
 # the full-tensor sum any real training step changes the key.
 _SAMPLE = 4096
@@ -57,7 +61,12 @@ def model_fingerprint(model: Any) -> str:
     config = getattr(model, "config", None)
     if is_dataclass(config):
         # temperature and base_model do not change embeddings; leave them out of the key.
-        settings = {k: v for k, v in asdict(config).items() if k not in ("temperature", "base_model")}
+        settings = {
+            k: v
+            for k, v in asdict(config).items()
+            if k not in ("temperature", "base_model")
+            and (k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k])
+        }
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in list(model.state_dict().items()):
@@ -142,10 +151,16 @@ class CachedEncoder:
         self.shard = shard
         self.stats = CacheStats()
 
-    def _path(self, items: list[Any], instruction: str | None) -> Path | None:
+    def _path(self, items: list[Any], instruction: str | None, output: str = "dense") -> Path | None:
         if self.cache_dir is None:
             return None
-        return self.cache_dir / str(self.fingerprint) / f"{data_fingerprint(items, instruction)}.safetensors"
+        # Dense entries keep their pre-multivector names, so existing caches stay valid.
+        suffix = "" if output == "dense" else f".{output}"
+        return (
+            self.cache_dir
+            / str(self.fingerprint)
+            / f"{data_fingerprint(items, instruction)}{suffix}.safetensors"
+        )
 
     def encode(
         self,
@@ -153,14 +168,19 @@ class CachedEncoder:
         instruction: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool = False,
-    ) -> torch.Tensor:
-        """Embeddings ``[len(items), d]`` (float32, CPU), from the cache when possible."""
+        output: str = "dense",
+    ) -> Any:
+        """Embeddings ``[len(items), d]`` (float32, CPU), from the cache when possible.
+
+        With ``output="multivector"`` (a model with a multi-vector head): a list of
+        ``[L_i, D]`` token sets, stored as one padded tensor plus the lengths.
+        """
         from safetensors.torch import load_file, save_file
 
         from vlm2emb.distributed import rank_and_world
 
         items = list(items)
-        path = self._path(items, instruction)
+        path = self._path(items, instruction, output)
         rank, world = rank_and_world() if self.shard else (0, 1)
         cached = _read_entry(path, len(items), load_file) if path is not None and path.is_file() else None
         hit = cached is not None
@@ -176,24 +196,52 @@ class CachedEncoder:
         self.stats.misses += 1
         self.stats.items_encoded += len(items)
         self.stats.processes = max(self.stats.processes, world)
+        # Only a non-default output is passed on: plain encoders need not know the keyword.
+        extra = {} if output == "dense" else {"output": output}
         if world > 1:
-            emb = _sharded_encode(self.model, items, instruction, batch_size, rank, world)
+            emb = _sharded_encode(self.model, items, instruction, batch_size, rank, world, extra)
         else:
-            emb = torch.as_tensor(
-                self.model.encode(
-                    items, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar
-                )
+            emb = self.model.encode(
+                items,
+                instruction=instruction,
+                batch_size=batch_size,
+                show_progress_bar=show_progress_bar,
+                **extra,
             )
-        emb = emb.detach().float().cpu().contiguous()  # [n, d]
+        emb = _as_stored(emb)
         if path is not None and rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            save_file({"embeddings": emb}, str(tmp), metadata={"instruction": str(instruction)})
+            save_file(_file_tensors(emb), str(tmp), metadata={"instruction": str(instruction)})
             os.replace(tmp, path)  # readers never see a half-written file
         return emb
 
 
-def _read_entry(path: Path, n_items: int, load_file: Any) -> torch.Tensor | None:
+def _as_stored(emb: Any) -> Any:
+    """float32 CPU contiguous: a [n, d] tensor, or each [L_i, D] token set of a list."""
+    if isinstance(emb, list):
+        return [torch.as_tensor(t).detach().float().cpu().contiguous() for t in emb]
+    return torch.as_tensor(emb).detach().float().cpu().contiguous()
+
+
+def _file_tensors(emb: Any) -> dict[str, torch.Tensor]:
+    """What a cache file holds: ``embeddings`` [n, d], or padded ``tokens`` [n, L, D] + ``lengths`` [n]."""
+    if not isinstance(emb, list):
+        return {"embeddings": emb}
+    from vlm2emb.multivector import pad_token_sets
+
+    tokens, _ = pad_token_sets(emb) if emb else (torch.empty(0, 0, 0), None)
+    return {"tokens": tokens.contiguous(), "lengths": torch.tensor([len(t) for t in emb], dtype=torch.int64)}
+
+
+def _from_file(tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`_file_tensors`."""
+    if "tokens" not in tensors:
+        return tensors["embeddings"]
+    return [t[: int(n)] for t, n in zip(tensors["tokens"], tensors["lengths"])]
+
+
+def _read_entry(path: Path, n_items: int, load_file: Any) -> Any:
     """A cache entry's embeddings ``[n, d]``, or None (with a warning) when it is unusable.
 
     A cache is only a shortcut: an entry cut short by a full disk, overwritten by hand, or
@@ -202,9 +250,14 @@ def _read_entry(path: Path, n_items: int, load_file: Any) -> torch.Tensor | None
     import warnings
 
     try:
-        emb = load_file(str(path))["embeddings"]
+        emb = _from_file(load_file(str(path)))
         problem = None
-        if emb.ndim != 2 or emb.shape[0] != n_items:
+        if isinstance(emb, list):
+            if len(emb) != n_items:
+                problem = f"holds {len(emb)} token sets for {n_items} items"
+            elif not all(bool(torch.isfinite(t).all()) for t in emb):
+                problem = "holds non-finite values"
+        elif emb.ndim != 2 or emb.shape[0] != n_items:
             problem = f"holds shape {tuple(emb.shape)} for {n_items} items"
         elif not bool(torch.isfinite(emb).all()):
             problem = "holds non-finite values"
@@ -228,21 +281,34 @@ def _collective_device() -> torch.device:
 
 
 def _sharded_encode(
-    model: Any, items: list[Any], instruction: str | None, batch_size: int, rank: int, world: int
-) -> torch.Tensor:
-    """Each process encodes items ``rank, rank + world, ...``; all processes get every row."""
+    model: Any,
+    items: list[Any],
+    instruction: str | None,
+    batch_size: int,
+    rank: int,
+    world: int,
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    """Each process encodes items ``rank, rank + world, ...``; all processes get every row
+    (a [n, d] tensor, or a list of token sets for ``extra={"output": "multivector"}``)."""
     import torch.distributed as dist
 
     local_idx = list(range(rank, len(items), world))
     local = [items[i] for i in local_idx]
     emb = (
-        torch.as_tensor(model.encode(local, instruction=instruction, batch_size=batch_size)).float().cpu()
+        _as_stored(model.encode(local, instruction=instruction, batch_size=batch_size, **(extra or {})))
         if local
         else None
     )
     parts: list[Any] = [None] * world
     # Object gather: slices differ in length by one, and gloo/NCCL tensor gathers need equal shapes.
     dist.all_gather_object(parts, (local_idx, emb))
+    if any(isinstance(p[1], list) for p in parts):
+        sets: list[Any] = [None] * len(items)
+        for idx, part in parts:
+            for i, t in zip(idx, part or []):
+                sets[i] = t
+        return sets
     dim = next(p[1].shape[1] for p in parts if p[1] is not None)
     out = torch.empty(len(items), dim)  # [n, d]
     for idx, part in parts:

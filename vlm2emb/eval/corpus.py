@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vlm2emb.data.schema import DataError
 from vlm2emb.data.sources import resolve_source
 from vlm2emb.eval.metrics import ranking_metrics
 from vlm2emb.eval.mmeb import records, resolve_path, row_checker
+from vlm2emb.eval.scoring import get_scoring
 from vlm2emb.items import resolve_instruction
 
 __all__ = ["CorpusTask", "evaluate_corpus", "load_corpus_task", "read_qrels"]
@@ -160,6 +160,7 @@ def evaluate_corpus(
     batch_size: int = 32,
     query_instruction: str | None = None,
     target_instruction: str | None = None,
+    scoring: str = "cosine",
 ) -> dict[str, Any]:
     """Embeds corpus and queries, ranks the whole corpus for every query, averages metrics.
 
@@ -170,6 +171,7 @@ def evaluate_corpus(
         batch_size: Passed to ``encode``.
         query_instruction: Instruction for queries without their own.
         target_instruction: Instruction for corpus items.
+        scoring: ``cosine`` or ``maxsim`` (:mod:`vlm2emb.eval.scoring`).
 
     Returns:
         ``{metric: value, ..., "n": evaluated queries, "n_skipped": queries without qrels,
@@ -179,22 +181,17 @@ def evaluate_corpus(
     keep = [i for i, qid in enumerate(task.query_ids) if any(r > 0 for r in task.qrels.get(qid, {}).values())]
     if not keep:
         raise DataError("corpus task: no query has a relevant document in the qrels")
-    corpus_emb = F.normalize(
-        torch.as_tensor(
-            model.encode(task.corpus_items, instruction=target_instruction, batch_size=batch_size)
-        ).float(),
-        dim=-1,
-    )  # [N, d]
+    scorer = get_scoring(scoring)
+    corpus_emb = scorer.encode(model, task.corpus_items, target_instruction, batch_size)  # [N, ...]
     # Queries: one encode call per distinct instruction (the instruction is part of the prompt).
     by_instr: dict[str | None, list[int]] = {}
     for i in keep:
         by_instr.setdefault(resolve_instruction(task.query_instructions[i], query_instruction), []).append(i)
-    query_emb = torch.empty(len(task.query_ids), corpus_emb.shape[1])  # [Q_all, d]
+    parts, position = [], {}  # position[query index] = its row in the concatenated encodings
     for instruction, idx in by_instr.items():
-        emb = torch.as_tensor(
-            model.encode([task.query_items[i] for i in idx], instruction=instruction, batch_size=batch_size)
-        ).float()
-        query_emb[torch.tensor(idx)] = F.normalize(emb, dim=-1)
+        parts.append(scorer.encode(model, [task.query_items[i] for i in idx], instruction, batch_size))
+        position.update({i: len(position) + j for j, i in enumerate(idx)})
+    query_emb = scorer.concat(parts)  # [Q_kept, ...]
     relevant = [
         [doc_index[cid] for cid, rel in task.qrels[task.query_ids[i]].items() if rel > 0] for i in keep
     ]
@@ -202,7 +199,9 @@ def evaluate_corpus(
     totals: dict[str, float] = {}
     for start in range(0, len(keep), block):
         rows = keep[start : start + block]
-        scores = query_emb[torch.tensor(rows)] @ corpus_emb.T  # [b, N]
+        scores = scorer.score_all(
+            scorer.take(query_emb, torch.tensor([position[r] for r in rows])), corpus_emb
+        )  # [b, N]
         metrics = ranking_metrics(scores, relevant[start : start + block], ks=ks)
         for name, value in metrics.items():
             # Per-query means weighted by block size give the mean over all queries.

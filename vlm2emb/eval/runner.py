@@ -29,17 +29,13 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from vlm2emb.eval.metrics import metric_names, ranking_metrics
+from vlm2emb.eval.scoring import Scoring, get_scoring
 
 __all__ = ["SupportsEncode", "evaluate", "format_report"]
 
 logger = logging.getLogger(__name__)
-
-# Upper bound on elements of the gathered [rows, n_candidates, dim] block used to score rows, so
-# scoring 1000 rows x 1000 candidates x 4096 dims does not materialise 16 GB at once.
-_SCORE_CHUNK_ELEMENTS = 1 << 26
 
 # Columns shown by format_report by default (the MMEB headline numbers).
 _REPORT_COLUMNS = ("hit@1", "hit@5", "ndcg@5", "mrr")
@@ -67,11 +63,14 @@ def evaluate(
     ks: Sequence[int] = (1, 5, 10),
     target_instruction: str | None = None,
     show_progress_bar: bool = False,
+    scoring: str = "cosine",
 ) -> dict[str, Any]:
     """Embed queries and candidates, rank each row's candidates and report metrics per task.
 
-    Scores are cosine similarities: embeddings are L2-normalised again here (the model should
-    already do it, but an un-normalised model would otherwise silently favour long vectors).
+    Scores are cosine similarities by default: embeddings are L2-normalised again here (the
+    model should already do it, but an un-normalised model would otherwise silently favour
+    long vectors). ``scoring="maxsim"`` scores the multi-vector head's token sets by MaxSim
+    (:mod:`vlm2emb.eval.scoring`).
     A candidate whose content equals a positive's (same text and image; it gets the same
     embedding) is relevant too, so MMEB rows that repeat the positive score as in VLM2Vec.
     Ties between different candidates rank relevant ones last (pessimistic), see
@@ -89,6 +88,7 @@ def evaluate(
         ks: Cut-offs for the ``@k`` metrics.
         target_instruction: Instruction used when encoding candidates (``None`` for none).
         show_progress_bar: Passed to ``model.encode``.
+        scoring: ``cosine`` or ``maxsim`` (:data:`vlm2emb.eval.scoring.SCORINGS`).
 
     Returns:
         ``{"tasks": {task: {metric: value, ..., "n": n_queries}}, "average": {metric: value,
@@ -101,6 +101,7 @@ def evaluate(
     """
     ks = tuple(ks)
     names = metric_names(ks)  # also validates ks before any expensive encoding
+    scorer = get_scoring(scoring)
 
     # Group rows by task, keeping each row's position in the input for error messages.
     tasks: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
@@ -117,6 +118,7 @@ def evaluate(
         logger.info("evaluating task %s (%d queries)", task, len(task_rows))
         metrics = _evaluate_task(
             model,
+            scorer,
             task_rows,
             ks=ks,
             batch_size=batch_size,
@@ -237,28 +239,9 @@ def _positives(row: Mapping[str, Any], index: int) -> list[int]:
     return [int(p) for p in values]
 
 
-def _encode(
-    model: SupportsEncode,
-    items: list[Any],
-    instruction: str | None,
-    batch_size: int,
-    show_progress_bar: bool,
-) -> torch.Tensor:
-    """Call ``model.encode`` and return float32, L2-normalised ``[len(items), dim]`` embeddings."""
-    emb = model.encode(
-        items, instruction=instruction, batch_size=batch_size, show_progress_bar=show_progress_bar
-    )
-    emb = torch.as_tensor(emb)
-    if emb.ndim != 2 or emb.shape[0] != len(items):
-        raise ValueError(
-            f"model.encode returned shape {tuple(emb.shape)} for {len(items)} items; expected [n, dim]"
-        )
-    # float32 keeps bf16/fp16 embeddings from losing precision in the dot products.
-    return F.normalize(emb.float(), dim=-1)
-
-
 def _evaluate_task(
     model: SupportsEncode,
+    scorer: Scoring,
     task_rows: list[tuple[int, Mapping[str, Any]]],
     *,
     ks: tuple[int, ...],
@@ -281,7 +264,7 @@ def _evaluate_task(
         query_ref.append((instruction, positions[key]))
 
     group_embs = {
-        instruction: _encode(model, items, instruction, batch_size, show_progress_bar)
+        instruction: scorer.encode(model, items, instruction, batch_size, show_progress_bar=show_progress_bar)
         for instruction, (items, _) in groups.items()
     }
     # Stack all groups so every row's query embedding is a single index into one matrix.
@@ -289,8 +272,8 @@ def _evaluate_task(
     total = 0
     for instruction, emb in group_embs.items():
         offsets[instruction] = total
-        total += emb.shape[0]
-    query_emb = torch.cat(list(group_embs.values()), dim=0)  # [n_distinct_queries, d]
+        total += len(emb)
+    query_emb = scorer.concat(list(group_embs.values()))  # [n_distinct_queries, ...]
     query_idx = [offsets[instr] + pos for instr, pos in query_ref]  # per row
 
     # ---- candidates: every distinct candidate of the task in one encode call ----
@@ -306,12 +289,10 @@ def _evaluate_task(
                 cand_items.append(cand)
             row_idx.append(cand_pos[key])
         cand_idx.append(row_idx)
-    cand_emb = _encode(model, cand_items, target_instruction, batch_size, show_progress_bar)  # [n_c, d]
-    if cand_emb.shape[1] != query_emb.shape[1]:
-        raise ValueError(
-            f"query and candidate embeddings differ in size ({query_emb.shape[1]} vs {cand_emb.shape[1]})"
-        )
-    cand_emb = cand_emb.to(query_emb.device)
+    # [n_distinct_candidates, ...]
+    cand_emb = scorer.encode(
+        model, cand_items, target_instruction, batch_size, show_progress_bar=show_progress_bar
+    )
 
     # ---- score and rank, grouping rows by candidate count so each group is a dense matrix ----
     by_count: dict[int, list[int]] = {}
@@ -321,7 +302,7 @@ def _evaluate_task(
     weighted: dict[str, float] = {}
     n_total = len(task_rows)
     for n_cand, row_ids in by_count.items():
-        scores = _score_rows(
+        scores = scorer.score_rows(
             query_emb, cand_emb, [query_idx[r] for r in row_ids], [cand_idx[r] for r in row_ids]
         )
         relevant = [_relevant(cand_idx[r], _positives(task_rows[r][1], task_rows[r][0])) for r in row_ids]
@@ -345,35 +326,3 @@ def _relevant(row_cand_idx: list[int], positives: list[int]) -> list[int]:
     """
     wanted = {row_cand_idx[p] for p in positives}
     return [i for i, c in enumerate(row_cand_idx) if c in wanted]
-
-
-def _score_rows(
-    query_emb: torch.Tensor,
-    cand_emb: torch.Tensor,
-    query_idx: list[int],
-    cand_idx: list[list[int]],
-) -> torch.Tensor:
-    """Cosine scores of each row's query against its own candidates.
-
-    Args:
-        query_emb: ``[n_distinct_queries, d]`` normalised query embeddings.
-        cand_emb: ``[n_distinct_candidates, d]`` normalised candidate embeddings.
-        query_idx: Per row, the index into ``query_emb``.
-        cand_idx: Per row, the indices into ``cand_emb``; all rows have the same length.
-
-    Returns:
-        ``[n_rows, n_candidates]`` float32 scores on the CPU.
-    """
-    device = query_emb.device
-    q_idx = torch.as_tensor(query_idx, dtype=torch.long, device=device)  # [R]
-    c_idx = torch.as_tensor(cand_idx, dtype=torch.long, device=device)  # [R, C]
-    n_rows, n_cand = c_idx.shape
-    dim = query_emb.shape[1]
-    # Gathering candidates per row is [R, C, d]; chunk the rows to bound that memory.
-    chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, n_cand * dim))
-    out = []
-    for start in range(0, n_rows, chunk):
-        q = query_emb[q_idx[start : start + chunk]]  # [r, d]
-        c = cand_emb[c_idx[start : start + chunk]]  # [r, C, d]
-        out.append(torch.einsum("rd,rcd->rc", q, c).cpu())  # [r, C]
-    return torch.cat(out, dim=0)

@@ -141,6 +141,10 @@ def _task(where: str, raw: Any, base: Path) -> TaskSpec:
         raise DataError(
             f"{named}: 'instruction_fallback' is {spec.instruction_fallback!r}; choose one of {', '.join(FALLBACKS)}"
         )
+    from vlm2emb.eval.scoring import SCORINGS
+
+    if spec.scoring not in SCORINGS:
+        raise DataError(f"{named}: 'scoring' is {spec.scoring!r}; choose one of {', '.join(SCORINGS)}")
     kind.check(spec, named)
     return spec
 

@@ -37,6 +37,7 @@ LossFactory = Callable[[Any], ContrastiveLoss]  # the recipe's ``train`` section
 _BUILTIN: dict[str, str] = {
     "infonce": "vlm2emb.losses.infonce:InfoNCELoss.from_config",
     "distill": "vlm2emb.losses.distill:DistillationLoss.from_config",
+    "maxsim": "vlm2emb.losses.maxsim:MaxSimLoss.from_config",
 }
 _REGISTERED: dict[str, LossFactory] = {}
 

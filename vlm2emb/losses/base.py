@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
@@ -26,6 +26,10 @@ class ContrastiveLoss(nn.Module):
     embeddings gathers them itself (:func:`vlm2emb.distributed.gather_with_grad`) and
     returns the mean over its local queries, so that gradient averaging over N processes
     gives the one-process gradients (see :meth:`vlm2emb.losses.InfoNCELoss.gathered`).
+
+    Multi-vector models: a loss with ``takes_multivector = True`` receives the forward's
+    :class:`vlm2emb.multivector.MultiVectorEmbeddings` (token sets, masks and the dense
+    embeddings of the same forward); any other loss receives the dense ``[b, d]`` part.
     """
 
     def check_examples(self, examples: list[TrainExample]) -> None:
@@ -35,6 +39,9 @@ class ContrastiveLoss(nn.Module):
         accepts everything; a loss that needs more than query and positive (teacher scores,
         say) raises a ``ValueError`` saying what is missing.
         """
+
+    #: Whether :meth:`training_loss` reads per-token embeddings (else: dense tensors only).
+    takes_multivector: ClassVar[bool] = False
 
     def training_loss(
         self,

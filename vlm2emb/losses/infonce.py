@@ -67,7 +67,7 @@ from vlm2emb.losses.base import ContrastiveLoss
 if TYPE_CHECKING:  # pragma: no cover
     from vlm2emb.items import ContrastiveBatch
 
-__all__ = ["InfoNCELoss", "info_nce_loss"]
+__all__ = ["InfoNCELoss", "info_nce_from_logits", "info_nce_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -276,7 +276,6 @@ def info_nce_loss(
         candidates = torch.cat([p, n], dim=0)  # [C, d], C = Bt + Bt*K
     else:
         candidates = p  # [C, d], C = Bt
-    num_candidates = candidates.shape[0]
 
     if isinstance(temperature, Tensor):
         temp: Tensor | float = temperature.to(device=device, dtype=compute_dtype).reshape(())
@@ -285,14 +284,82 @@ def info_nce_loss(
 
     scores = q @ candidates.T  # [Bq, C]
     logits = scores / temp  # [Bq, C]
-    targets = torch.arange(bq, device=device) + query_offset  # [Bq]
     rows = torch.arange(bq, device=device)  # [Bq]
+    targets = rows + query_offset  # [Bq]
     if hardness_alpha:
         # log(w * exp(s / tau)) = s / tau + alpha * s: the weight enters as a logit offset,
         # detached so that it only reweights and never pushes the scores itself.
         bonus = hardness_alpha * scores.detach()  # [Bq, C]
         bonus[rows, targets] = 0.0
         logits = logits + bonus
+    if false_negative_margin is not None:
+        detached = scores.detach()  # [Bq, C]
+        pos_score = detached[rows, targets]  # [Bq]
+        too_close = detached > (pos_score + false_negative_margin).unsqueeze(1)  # [Bq, C]
+        too_close[rows, targets] = False
+        # -inf removes it from the softmax exactly (zero probability, zero gradient).
+        logits = logits.masked_fill(too_close, float("-inf"))
+    loss = info_nce_from_logits(
+        logits,
+        bt,
+        positive_keys=positive_keys,
+        negative_keys=negative_keys,
+        negative_mask=negative_mask,
+        query_offset=query_offset,
+    )  # [Bq]
+
+    if symmetric:
+        local_p = p[query_offset : query_offset + bq]  # [Bq, d]
+        t2q_logits = local_p @ q.T / temp  # [Bq (positives), Bq (queries)]
+        if positive_keys is not None:
+            local_keys = positive_keys.to(device=device, dtype=torch.int64)[query_offset : query_offset + bq]
+            dup = local_keys.unsqueeze(1) == local_keys.unsqueeze(0)  # [Bq, Bq]
+            dup[rows, rows] = False  # keep the matching query as the target
+            t2q_logits = t2q_logits.masked_fill(dup, float("-inf"))
+        t2q = F.cross_entropy(t2q_logits, rows, reduction="none")  # [Bq]
+        # Averaging per pair keeps mean/sum/none consistent with (q2t + t2q) / 2.
+        loss = (loss + t2q) / 2
+
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def info_nce_from_logits(
+    logits: Tensor,
+    num_positives: int,
+    *,
+    positive_keys: Tensor | None = None,
+    negative_keys: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    query_offset: int = 0,
+) -> Tensor:
+    """Per-query InfoNCE terms from a score matrix already divided by the temperature.
+
+    The candidate columns are laid out as in :func:`info_nce_loss`: the ``Bt`` positives,
+    then the ``Bt * K`` hard negatives; query ``i``'s target is column ``query_offset + i``.
+    Padding negatives and false negatives (same key as the query's positive) are masked
+    with ``-inf``. Shared by every loss that scores queries against that pool (InfoNCE over
+    dot products, :mod:`vlm2emb.losses.maxsim` over MaxSim scores).
+
+    Args:
+        logits: [Bq, C] scores / temperature, ``C = Bt`` or ``Bt + Bt * K``.
+        num_positives: ``Bt``.
+        positive_keys: [Bt] content ids, or None.
+        negative_keys: [Bt, K] content ids of the hard negatives, or None.
+        negative_mask: [Bt, K] bool (True = real negative), or None.
+        query_offset: Column of query 0's positive.
+
+    Returns:
+        [Bq] per-query losses.
+    """
+    bq, num_candidates = logits.shape
+    bt = num_positives
+    device = logits.device
+    targets = torch.arange(bq, device=device) + query_offset  # [Bq]
+    rows = torch.arange(bq, device=device)  # [Bq]
 
     # `invalid[i, c]` is True where candidate c must not compete for query i.
     invalid: Tensor | None = None
@@ -318,36 +385,12 @@ def info_nce_loss(
         if same.shape[1] < num_candidates:
             same = F.pad(same, (0, num_candidates - same.shape[1]), value=False)  # [Bq, C]
         invalid = same if invalid is None else invalid | same
-    if false_negative_margin is not None:
-        detached = scores.detach()  # [Bq, C]
-        pos_score = detached[rows, targets]  # [Bq]
-        too_close = detached > (pos_score + false_negative_margin).unsqueeze(1)  # [Bq, C]
-        too_close[rows, targets] = False
-        invalid = too_close if invalid is None else invalid | too_close
     if invalid is not None:
         # -inf removes a candidate from the softmax exactly (zero probability, zero
         # gradient); the target column is never masked, so every row stays finite.
         logits = logits.masked_fill(invalid, float("-inf"))
 
-    loss = F.cross_entropy(logits, targets, reduction="none")  # [Bq]
-
-    if symmetric:
-        local_p = p[query_offset : query_offset + bq]  # [Bq, d]
-        t2q_logits = local_p @ q.T / temp  # [Bq (positives), Bq (queries)]
-        if positive_keys is not None:
-            local_keys = pkeys[query_offset : query_offset + bq]  # [Bq]
-            dup = local_keys.unsqueeze(1) == local_keys.unsqueeze(0)  # [Bq, Bq]
-            dup[rows, rows] = False  # keep the matching query as the target
-            t2q_logits = t2q_logits.masked_fill(dup, float("-inf"))
-        t2q = F.cross_entropy(t2q_logits, rows, reduction="none")  # [Bq]
-        # Averaging per pair keeps mean/sum/none consistent with (q2t + t2q) / 2.
-        loss = (loss + t2q) / 2
-
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return F.cross_entropy(logits, targets, reduction="none")  # [Bq]
 
 
 class InfoNCELoss(ContrastiveLoss):

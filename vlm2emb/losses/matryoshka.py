@@ -57,6 +57,10 @@ class MatryoshkaLoss(ContrastiveLoss):
             raise ValueError(f"matryoshka dims must be positive integers, got {dims}")
         if weights is not None and len(weights) != len(dims):
             raise ValueError(f"got {len(weights)} matryoshka weights for {len(dims)} dims")
+        if loss.takes_multivector:
+            raise ValueError(
+                "train.matryoshka_dims does not apply to a multi-vector loss (train.loss maxsim)"
+            )
         self.loss = loss
         self.weights = dict(
             zip(dims, [float(w) for w in weights] if weights is not None else [1.0] * len(dims))

@@ -47,6 +47,10 @@ class ModelConfig:
     # Padding-free language-model batches (EmbeddingConfig.pack_sequences; Qwen-VL families,
     # attn_implementation sdpa); saved with the model.
     pack_sequences: bool = False
+    # Late interaction (docs/multivector.md): per-token vectors of this size from a
+    # multi-vector head (None = none, or the saved model's); dense_head: false keeps only it.
+    multivector_dim: int | None = None
+    dense_head: bool = True
     dtype: str = "fp32"  # weight dtype (auto = as stored); mixed precision is train.precision
     attn_implementation: str | None = None
     lora: LoraConfig | None = None  # YAML: false/true or a mapping of LoraConfig keys
@@ -185,6 +189,12 @@ class RecipeConfig:
             raise ConfigError(f"train.learning_rate: must be > 0, got {self.train.learning_rate}")
         if self.train.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: must be >= 0, got {self.train.weight_decay}")
+        if self.model.multivector_dim is not None and self.model.multivector_dim < 1:
+            raise ConfigError(
+                f"model.multivector_dim: must be a positive integer, got {self.model.multivector_dim}"
+            )
+        if not self.model.dense_head and self.model.multivector_dim is None:
+            raise ConfigError("model.dense_head: false needs model.multivector_dim (e.g. 128)")
         from vlm2emb.losses import available_losses
 
         if self.train.loss not in available_losses():

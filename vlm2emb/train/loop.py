@@ -299,8 +299,14 @@ def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, A
 
     # Same prompts as training: rows without their own instruction get the recipe's default.
     rows = [ex.as_row(default_instruction=cfg.data.query_instruction) for ex in examples]
+    # A model with only a multi-vector head (dense_head: false) is scored by MaxSim.
+    scoring = "cosine" if model.config.dense_head else "maxsim"
     return evaluate(
-        model, rows, batch_size=cfg.train.eval_batch_size, target_instruction=cfg.data.target_instruction
+        model,
+        rows,
+        batch_size=cfg.train.eval_batch_size,
+        target_instruction=cfg.data.target_instruction,
+        scoring=scoring,
     )
 
 
@@ -490,6 +496,12 @@ class _Trainer:
                 "target_instruction": cfg.data.target_instruction,
                 "temperature": cfg.train.temperature,
                 "matryoshka_dims": list(cfg.train.matryoshka_dims) or None,
+                # Only when the recipe asks: a saved model's own head setting stays otherwise.
+                **(
+                    {"multivector_dim": cfg.model.multivector_dim, "dense_head": cfg.model.dense_head}
+                    if cfg.model.multivector_dim is not None
+                    else {}
+                ),
             },
         )
         if cfg.model.freeze_vision:
@@ -940,6 +952,10 @@ class _Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         loss_fn = self.loss_fn
+        if loss_fn.takes_multivector and model.multivector_head is None:
+            raise ValueError(
+                f"train.loss {cfg.train.loss!r} needs a multi-vector head: set model.multivector_dim (e.g. 128)"
+            )
         collator = ContrastiveCollator(
             model.inputs,
             query_instruction=cfg.data.query_instruction,

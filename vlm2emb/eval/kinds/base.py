@@ -30,6 +30,8 @@ class TaskSpec:
         metric: Headline metric (default: the suite's ``metric``).
         instruction_fallback: ``auto``, ``always`` or ``never``
             (:mod:`vlm2emb.eval.suite`); None = the suite's.
+        scoring: ``cosine`` (single vectors) or ``maxsim`` (the multi-vector head's
+            token sets, :mod:`vlm2emb.eval.scoring`).
     """
 
     name: str
@@ -40,6 +42,7 @@ class TaskSpec:
     media_root: str | None = field(default=None, metadata=PATH)
     metric: str | None = None
     instruction_fallback: str | None = None
+    scoring: str = "cosine"
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class CorpusKind(TaskKind):
             batch_size=batch_size,
             query_instruction=defaults.query(spec.query_instruction, mmeb=False),
             target_instruction=defaults.target(spec.target_instruction, mmeb=False),
+            scoring=spec.scoring,
         )
 
 

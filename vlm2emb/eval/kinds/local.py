@@ -79,7 +79,14 @@ class LocalKind(TaskKind):
         for row in payload:
             instruction = defaults.query(row["instruction"], mmeb=row.get("layout") == MMEB_LAYOUT)
             rows.append({**row, "task": spec.name, "instruction": instruction})
-        result = evaluate(encoder, rows, batch_size=batch_size, ks=ks, target_instruction=target_instruction)
+        result = evaluate(
+            encoder,
+            rows,
+            batch_size=batch_size,
+            ks=ks,
+            target_instruction=target_instruction,
+            scoring=spec.scoring,
+        )
         return result["tasks"][spec.name]
 
 

@@ -1,0 +1,168 @@
+"""The multi-vector head (vlm2emb/multivector.py and its use in EmbeddingModel) and MaxSim.
+
+colpali-engine is not installed as a test dependency: its release pins a torch older than
+the one this project uses. Its scoring formula (token sets zero-padded, einsum
+``bnd,csd->bcns``, max over document tokens, sum over query tokens) is recomputed here in
+plain PyTorch instead.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm2emb import EmbeddingModel
+from vlm2emb.model import MULTIVECTOR_HEAD_NAME
+from vlm2emb.multivector import MultiVectorEmbeddings, maxsim, maxsim_lists, pad_token_sets
+
+ITEMS = ["a handwritten digit seven", "two", "the number eight written by hand, slanted"]
+
+
+def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _colpali_style_scores(queries: list[torch.Tensor], docs: list[torch.Tensor]) -> torch.Tensor:
+    """colpali-engine's score_multi_vector formula: zero padding, no masks."""
+    q = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True)  # [Nq, Lq, D]
+    d = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)  # [Nd, Ld, D]
+    return torch.einsum("bnd,csd->bcns", q, d).max(dim=3)[0].sum(dim=2)  # [Nq, Nd]
+
+
+def _loop_scores(queries: list[torch.Tensor], docs: list[torch.Tensor]) -> torch.Tensor:
+    """The definition, one pair at a time: sum over query tokens of the best doc token."""
+    return torch.tensor(
+        [[float((q @ d.T).max(dim=1).values.sum()) if len(d) else 0.0 for d in docs] for q in queries],
+        dtype=torch.float64,
+    )
+
+
+# --------------------------------------------------------------------- MaxSim
+def test_maxsim_equals_colpali_formula_and_the_definition():
+    queries = [_unit(n, 8, seed=n) for n in (3, 5, 1, 4)]  # ragged: query padding
+    docs = [_unit(6, 8, seed=10 + i) for i in range(5)]  # equal lengths: no doc padding
+    got = maxsim_lists(queries, docs)
+    assert got.shape == (4, 5) and got.dtype == torch.float64
+    torch.testing.assert_close(got, _colpali_style_scores(queries, docs))
+    ragged_docs = [_unit(n, 8, seed=20 + n) for n in (2, 7, 4)]
+    torch.testing.assert_close(maxsim_lists(queries, ragged_docs), _loop_scores(queries, ragged_docs))
+
+
+def test_padded_doc_tokens_are_masked_not_zero_scored():
+    """Zero-padding (colpali-engine) lets a padded doc slot score 0 against a query token
+    whose every real dot product is negative; masking does not: the score stays negative."""
+    q = [torch.tensor([[1.0, 0.0]])]
+    docs = [torch.tensor([[-1.0, 0.0]]), torch.tensor([[-1.0, 0.0], [0.0, 1.0]])]  # doc 0 is padded
+    assert maxsim_lists(q, docs).tolist() == [[-1.0, 0.0]]
+    assert _colpali_style_scores(q, docs).tolist() == [[0.0, 0.0]]  # the padded slot won
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 60])
+def test_chunked_maxsim_equals_one_block_values_and_gradients(chunk_elements):
+    q_tokens, q_mask = pad_token_sets([_unit(n, 4, seed=n) for n in (2, 5, 3)])
+    d_tokens, d_mask = pad_token_sets([_unit(n, 4, seed=9 + n) for n in (4, 1, 6, 2)])
+    d_mask[1] = False  # a document without tokens scores 0 (no NaN, no -inf)
+    grads = []
+    for elements in (chunk_elements, 1 << 30):
+        q, d = q_tokens.clone().requires_grad_(), d_tokens.clone().requires_grad_()
+        scores = maxsim(q, d, q_mask, d_mask, chunk_elements=elements)  # [3, 4]
+        (scores * torch.arange(12.0, dtype=scores.dtype).view(3, 4)).sum().backward()
+        grads.append((scores.detach(), q.grad, d.grad))
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b)
+    assert torch.all(grads[0][0][:, 1] == 0) and torch.isfinite(grads[0][1]).all()
+    assert grads[0][2][1].abs().sum() == 0  # the empty document gets no gradient
+
+
+def test_embedding_rows_pad_group_and_flatten():
+    a = MultiVectorEmbeddings(_unit(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), _unit(2, 5))
+    b = MultiVectorEmbeddings(_unit(1, 5, 4, seed=1), torch.ones(1, 5, dtype=torch.bool), _unit(1, 5, seed=1))
+    both = MultiVectorEmbeddings.cat_rows([a, b])
+    assert both.tokens.shape == (3, 5, 4) and both.num_tokens.tolist() == [3, 3, 5]
+    assert both.tokens[:2, 3:].abs().sum() == 0  # padded slots are zero vectors
+    local_mask = torch.tensor([[True, False], [True, True]])
+    grouped = both.grouped(local_mask, padded=False)  # [2, 2, 5, 4]
+    assert grouped.tokens.shape == (2, 2, 5, 4) and not grouped.mask[0, 1].any()
+    torch.testing.assert_close(grouped.tokens[1, 1], both.tokens[2])
+    torch.testing.assert_close(grouped.flatten_rows().dense[3], both.dense[2])
+    assert both.take_rows(torch.tensor([2, 0])).num_tokens.tolist() == [5, 3]
+
+
+# --------------------------------------------------------------------- the model's head
+@pytest.fixture(scope="module")
+def multi(tiny_qwen2_vl_dir) -> EmbeddingModel:
+    return EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"multivector_dim": 16})
+
+
+def test_encode_multivector_gives_unit_vectors_per_real_token(multi, tiny_qwen2_vl_dir):
+    sets = multi.encode(ITEMS, output="multivector", batch_size=2)
+    assert [tuple(s.shape) for s in sets] == [(len(multi.render(x).input_ids), 16) for x in ITEMS]
+    for s in sets:
+        torch.testing.assert_close(s.norm(dim=-1), torch.ones(len(s)))
+    alone = multi.encode(ITEMS[1], output="multivector")  # no padding at all
+    torch.testing.assert_close(alone, sets[1], atol=1e-5, rtol=1e-4)
+    # One forward, both heads: the dense output is the head-less model's embedding.
+    plain = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir)
+    torch.testing.assert_close(multi.encode(ITEMS), plain.encode(ITEMS), atol=1e-6, rtol=1e-5)
+    out = multi(multi.collate(ITEMS))
+    assert isinstance(out, MultiVectorEmbeddings) and out.dense.shape == (3, multi.embedding_dim)
+    with pytest.raises(ValueError, match="multi-vector head"):
+        plain.encode(ITEMS, output="multivector")
+
+
+def test_multivector_head_save_and_load_round_trip(multi, tmp_path):
+    before = multi.encode(ITEMS, output="multivector")
+    multi.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "vlm2emb_config.json").read_text())["multivector_dim"] == 16
+    loaded = EmbeddingModel.from_pretrained(tmp_path)
+    for a, b in zip(before, loaded.encode(ITEMS, output="multivector")):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(
+        loaded.multivector_head.proj.weight, multi.multivector_head.proj.weight, atol=0, rtol=0
+    )
+    with pytest.raises(ValueError, match="dim 16"):
+        EmbeddingModel.from_pretrained(tmp_path, config_overrides={"multivector_dim": 32})
+    (tmp_path / MULTIVECTOR_HEAD_NAME).unlink()
+    with pytest.raises(ValueError, match="is missing"):
+        EmbeddingModel.from_pretrained(tmp_path)
+
+
+def test_multivector_only_model(tiny_qwen2_vl_dir):
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir)
+    model.enable_multivector(8, dense=False)
+    assert (model.config.multivector_dim, model.config.dense_head) == (8, False)
+    out = model(model.collate(ITEMS[:2]))
+    assert out.dense is None and out.tokens.shape[-1] == 8
+    with pytest.raises(ValueError, match="no single-vector head"):
+        model.encode(ITEMS)
+    with pytest.raises(ValueError, match="positive integer"):
+        model.enable_multivector(0)
+    assert model.config.multivector_dim == 8  # a refused change leaves the config as it was
+    with pytest.raises(ValueError, match="needs a multi-vector head"):
+        EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"dense_head": False})
+
+
+def test_export_carries_the_head(multi, tmp_path):
+    from vlm2emb.export import ExportError, export_model
+
+    multi.save_pretrained(tmp_path / "src")
+    export_model(tmp_path / "src", tmp_path / "out", mode="merged")
+    loaded = EmbeddingModel.from_pretrained(tmp_path / "out")
+    for a, b in zip(multi.encode(ITEMS, output="multivector"), loaded.encode(ITEMS, output="multivector")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    only = EmbeddingModel.from_pretrained(tmp_path / "src", config_overrides={"dense_head": False})
+    only.save_pretrained(tmp_path / "only")
+    with pytest.raises(ExportError, match="multi-vector-only"):
+        export_model(tmp_path / "only", tmp_path / "out2", mode="merged")
+
+
+def test_matryoshka_refuses_a_multivector_loss():
+    from vlm2emb.losses import MatryoshkaLoss
+    from vlm2emb.losses.maxsim import MaxSimLoss
+
+    with pytest.raises(ValueError, match="multi-vector loss"):
+        MatryoshkaLoss(MaxSimLoss(), [8])

@@ -1,0 +1,342 @@
+r"""Late interaction (ColBERT / ColPali style): one small vector per token, scored by MaxSim.
+
+A model with a multi-vector head (``EmbeddingConfig.multivector_dim``) projects every
+token's last hidden state to ``multivector_dim`` (128 by default, as ColPali and
+jina-embeddings-v4 use), L2-normalises each token vector, and keeps a mask of the real
+tokens. Its forward returns a :class:`MultiVectorEmbeddings`: the token vectors, their
+mask, and, when the single-vector head is on too, the pooled embedding from the same
+forward.
+
+MaxSim scores a query against a document by summing, over the query's tokens, the best
+dot product with any of the document's tokens:
+
+.. math::
+
+    s(q, d) = \sum_{i \in q} \max_{j \in d} \; q_i \cdot d_j
+
+:func:`maxsim` computes a ``[Nq, Nd]`` score matrix block by block, so the
+``[Nq, Nd, Lq, Ld]`` tensor of token dot products never exists at once; padded tokens are
+excluded through the masks (not through zero vectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "MultiVectorEmbeddings",
+    "MultiVectorHead",
+    "gather_token_sets",
+    "maxsim",
+    "maxsim_lists",
+    "pad_token_sets",
+]
+
+# Upper bound on the token dot products one block of :func:`maxsim` holds at once
+# (2**24 float32 = 64 MiB, plus the same again for the masked copy and the max's indices).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _pad_tokens(x: Tensor, length: int) -> Tensor:
+    """Pads dimension -2 (tokens) of ``x`` [..., L, D] with zeros up to ``length``."""
+    return F.pad(x, (0, 0, 0, length - x.shape[-2]))
+
+
+def _pad_mask(mask: Tensor, length: int) -> Tensor:
+    """Pads the last dimension of ``mask`` [..., L] with False up to ``length``."""
+    return F.pad(mask, (0, length - mask.shape[-1]), value=False)
+
+
+@dataclass
+class MultiVectorEmbeddings:
+    """Per-token embeddings of a batch, padded to a common length, and their mask.
+
+    The leading dimensions are the rows: ``[B]`` for a batch of items, ``[b, K]`` for hard
+    negatives grouped by row. Padded token slots hold zero vectors and ``mask`` False.
+
+    Attributes:
+        tokens: [..., L, D] float token vectors (L2-normalised by the model).
+        mask: [..., L] bool, True for a real (scored) token.
+        dense: [..., d] the single-vector embedding of the same forward, or None when the
+            model has no single-vector head.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    dense: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> Tensor:
+        """[...] real tokens per row."""
+        return self.mask.sum(dim=-1)
+
+    # ------------------------------------------------------------------ row operations
+    @classmethod
+    def cat_rows(cls, parts: Sequence[MultiVectorEmbeddings]) -> MultiVectorEmbeddings:
+        """Concatenates rows, padding every part to the longest token length."""
+        length = max(p.tokens.shape[-2] for p in parts)
+        dense = [p.dense for p in parts]
+        return cls(
+            tokens=torch.cat([_pad_tokens(p.tokens, length) for p in parts]),
+            mask=torch.cat([_pad_mask(p.mask, length) for p in parts]),
+            dense=torch.cat(dense) if all(d is not None for d in dense) else None,  # type: ignore[arg-type]
+        )
+
+    def take_rows(self, index: Tensor) -> MultiVectorEmbeddings:
+        """The rows ``index`` ([n] int64)."""
+        index = index.to(self.tokens.device)
+        return MultiVectorEmbeddings(
+            self.tokens[index], self.mask[index], self.dense[index] if self.dense is not None else None
+        )
+
+    def as_leaf(self) -> MultiVectorEmbeddings:
+        """Detached copies whose float parts require grad (GradCache's leaves)."""
+        return MultiVectorEmbeddings(
+            self.tokens.detach().requires_grad_(),
+            self.mask,
+            self.dense.detach().requires_grad_() if self.dense is not None else None,
+        )
+
+    def grad_dot(self, leaf: MultiVectorEmbeddings) -> Tensor:
+        """[] ``sum(self * leaf.grad)`` over the parts of ``leaf`` that got a gradient."""
+        total = self.tokens.sum() * 0.0  # keeps the graph when no part was read
+        if leaf.tokens.grad is not None:
+            total = total + (self.tokens * leaf.tokens.grad).sum()
+        if self.dense is not None and leaf.dense is not None and leaf.dense.grad is not None:
+            total = total + (self.dense * leaf.dense.grad).sum()
+        return total
+
+    def grouped(self, local_mask: Tensor, padded: bool) -> MultiVectorEmbeddings:
+        """Negatives in row order -> ``[b, K, ...]`` (see :func:`vlm2emb.rows.grouped`)."""
+        b, k = local_mask.shape
+        length, dim = self.tokens.shape[-2:]
+        if padded:
+            return MultiVectorEmbeddings(
+                self.tokens.view(b, k, length, dim),
+                self.mask.view(b, k, length),
+                self.dense.view(b, k, -1) if self.dense is not None else None,
+            )
+        where = local_mask.to(self.tokens.device)
+        tokens = self.tokens.new_zeros(b, k, length, dim)  # [b, K, L, D]
+        tokens[where] = self.tokens
+        mask = self.mask.new_zeros(b, k, length)  # [b, K, L]
+        mask[where] = self.mask
+        dense = None
+        if self.dense is not None:
+            dense = self.dense.new_zeros(b, k, self.dense.shape[-1])  # [b, K, d]
+            dense[where] = self.dense
+        return MultiVectorEmbeddings(tokens, mask, dense)
+
+    def dense_part(self) -> Tensor:
+        """The single-vector embeddings of the same forward (for single-vector losses).
+
+        Raises:
+            TypeError: The model has no single-vector head.
+        """
+        if self.dense is None:
+            raise TypeError(
+                "this loss reads single-vector embeddings, but the model has only a multi-vector "
+                "head (dense_head=False); use train.loss maxsim"
+            )
+        return self.dense
+
+    def flatten_rows(self) -> MultiVectorEmbeddings:
+        """``[b, K, ...]`` -> ``[b * K, ...]``."""
+        return MultiVectorEmbeddings(
+            self.tokens.flatten(0, -3),
+            self.mask.flatten(0, -2),
+            self.dense.flatten(0, -2) if self.dense is not None else None,
+        )
+
+    def drop_last_rows(self, n: int) -> MultiVectorEmbeddings:
+        """All but the last ``n`` rows (the blank image rows of multi-process batches)."""
+        if n <= 0:
+            return self
+        dense = self.dense[:-n] if self.dense is not None else None
+        return MultiVectorEmbeddings(self.tokens[:-n], self.mask[:-n], dense)
+
+    def cpu(self) -> MultiVectorEmbeddings:
+        return MultiVectorEmbeddings(
+            self.tokens.cpu(), self.mask.cpu(), self.dense.cpu() if self.dense is not None else None
+        )
+
+    def unpadded(self) -> list[Tensor]:
+        """One ``[L_i, D]`` tensor of real token vectors per row (rows of a ``[B]`` batch)."""
+        return [t[m] for t, m in zip(self.tokens, self.mask)]
+
+
+class MultiVectorHead(nn.Module):
+    """The multi-vector projection: last hidden states [B, L, H] -> unit token vectors [B, L, D].
+
+    A linear layer with bias (ColPali's projection has one), applied per token, then L2
+    normalisation, so a token dot product is a cosine and MaxSim of a query with ``n``
+    tokens lies in ``[-n, n]``. Padded tokens come out as zero vectors.
+
+    Args:
+        hidden_size: H, the backbone's hidden size.
+        dim: D, the token vector size.
+    """
+
+    def __init__(self, hidden_size: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, dim)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> MultiVectorEmbeddings:
+        """Projects and normalises every token.
+
+        Args:
+            hidden: [B, L, H] last hidden states (any float dtype).
+            mask: [B, L] attention mask (nonzero = real token).
+
+        Returns:
+            Float32 token vectors with the bool mask (``dense`` unset).
+        """
+        # The projection runs in the head's own dtype (float32 unless a wrapper cast it).
+        tokens = self.proj(hidden.to(self.proj.weight.dtype)).float()  # [B, L, D]
+        keep = mask.to(torch.bool)  # [B, L]
+        tokens = F.normalize(tokens, dim=-1) * keep.unsqueeze(-1)
+        return MultiVectorEmbeddings(tokens, keep)
+
+
+def pad_token_sets(sets: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Pads variable-length token sets into one batch.
+
+    Args:
+        sets: ``N`` tensors ``[L_i, D]``.
+
+    Returns:
+        ``(tokens [N, L, D], mask [N, L])`` with ``L = max L_i`` (at least 1), zero vectors
+        and False at padded slots.
+    """
+    if not sets:
+        raise ValueError("pad_token_sets needs at least one token set")
+    length = max(1, max(int(s.shape[0]) for s in sets))
+    tokens = torch.stack([_pad_tokens(s, length) for s in sets])  # [N, L, D]
+    lengths = torch.tensor([int(s.shape[0]) for s in sets])  # [N]
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)  # [N, L]
+    return tokens, mask.to(tokens.device)
+
+
+def maxsim(
+    query: Tensor,
+    docs: Tensor,
+    query_mask: Tensor | None = None,
+    doc_mask: Tensor | None = None,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    r"""MaxSim scores of every query against every document, computed block by block.
+
+    ``score[a, c] = sum_{i: query_mask[a, i]} max_{j: doc_mask[c, j]} query[a, i] . docs[c, j]``.
+
+    Queries and documents are cut into blocks so that one block's token dot products
+    (``bq * bd * Lq * Ld``) stay under ``chunk_elements``; the result (and its gradient) is
+    the same as computing everything at once. A document without any real token scores 0.
+
+    Args:
+        query: [Nq, Lq, D] query token vectors.
+        docs: [Nd, Ld, D] document token vectors.
+        query_mask: [Nq, Lq] bool (True = real token); None = all real.
+        doc_mask: [Nd, Ld] bool; None = all real.
+        chunk_elements: Most token dot products held at once.
+
+    Returns:
+        [Nq, Nd] scores in the promoted dtype of the inputs (at least float32).
+    """
+    if query.ndim != 3 or docs.ndim != 3 or query.shape[-1] != docs.shape[-1]:
+        raise ValueError(
+            f"maxsim needs query [Nq, Lq, D] and docs [Nd, Ld, D] with the same D, "
+            f"got {list(query.shape)} and {list(docs.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(query.dtype, docs.dtype), torch.float32)
+    query, docs = query.to(dtype), docs.to(dtype)
+    nq, lq, _ = query.shape
+    nd, ld, _ = docs.shape
+    if query_mask is None:
+        query_mask = torch.ones(nq, lq, dtype=torch.bool, device=query.device)
+    if doc_mask is None:
+        doc_mask = torch.ones(nd, ld, dtype=torch.bool, device=docs.device)
+    query_mask, doc_mask = query_mask.to(query.device, torch.bool), doc_mask.to(query.device, torch.bool)
+    per_pair = max(1, lq * ld)
+    bq = max(1, min(nq, chunk_elements // per_pair))
+    bd = max(1, min(nd, chunk_elements // (bq * per_pair)))
+    # Which rows have padding, read to the host once: blocks without any skip the masking
+    # passes over the [bq, bd, Lq, Ld] block (a third of the time on the CPU).
+    q_padded = (~query_mask).any(dim=1).tolist()
+    d_padded = (~doc_mask).any(dim=1).tolist()
+    rows = []
+    for qs in range(0, nq, bq):
+        q, qm = query[qs : qs + bq], query_mask[qs : qs + bq]  # [bq, Lq, D], [bq, Lq]
+        cols = []
+        for ds in range(0, nd, bd):
+            d, dm = docs[ds : ds + bd], doc_mask[ds : ds + bd]  # [bd, Ld, D], [bd, Ld]
+            sim = torch.einsum("aid,cjd->acij", q, d)  # [bq, bd, Lq, Ld]
+            doc_padding = any(d_padded[ds : ds + bd])
+            if doc_padding:
+                # In place: einsum's backward needs its inputs, not this output.
+                sim.masked_fill_(~dm[None, :, None, :], float("-inf"))
+            best = sim.max(dim=-1).values  # [bq, bd, Lq]; -inf where the doc has no token
+            if doc_padding or any(q_padded[qs : qs + bq]):
+                # where(), not a product: -inf * 0 would be NaN for padded query tokens.
+                keep = qm[:, None, :] & dm.any(dim=-1)[None, :, None]  # [bq, bd, Lq]
+                best = torch.where(keep, best, best.new_zeros(()))
+            cols.append(best.sum(dim=-1))  # [bq, bd]
+        rows.append(torch.cat(cols, dim=1))  # [bq, Nd]
+    return torch.cat(rows, dim=0)  # [Nq, Nd]
+
+
+def maxsim_lists(
+    queries: Sequence[Tensor], docs: Sequence[Tensor], *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> Tensor:
+    """:func:`maxsim` of variable-length token sets (what ``encode(output="multivector")`` returns).
+
+    Args:
+        queries: ``Nq`` tensors ``[Lq_i, D]``.
+        docs: ``Nd`` tensors ``[Ld_j, D]``.
+
+    Returns:
+        [Nq, Nd] scores.
+    """
+    q, qm = pad_token_sets(queries)
+    d, dm = pad_token_sets(docs)
+    return maxsim(q, d.to(q.device), qm, dm.to(q.device), chunk_elements=chunk_elements)
+
+
+def gather_token_sets(local: MultiVectorEmbeddings) -> MultiVectorEmbeddings:
+    """Concatenates every process's rows in rank order, differentiably.
+
+    Processes hold different token lengths: each pads to the longest of any process (one
+    small all-reduce), then tokens and dense embeddings are gathered with
+    :func:`vlm2emb.distributed.gather_with_grad` and the masks with a plain all-gather.
+
+    Args:
+        local: ``[b, ...]`` this process's rows (``b`` and any other leading dimension equal
+            on every process).
+
+    Returns:
+        ``[world * b, ...]``; ``local`` itself outside distributed runs.
+    """
+    import torch.distributed as dist
+
+    from vlm2emb.distributed import gather_with_grad, is_distributed
+
+    if not is_distributed():
+        return local
+    length = torch.tensor([local.tokens.shape[-2]], device=local.tokens.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    target = int(length.item())
+    tokens = gather_with_grad(_pad_tokens(local.tokens, target))
+    mask = _pad_mask(local.mask, target).to(torch.uint8).contiguous()  # gloo has no bool all_gather
+    parts = [torch.empty_like(mask) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mask)
+    dense = gather_with_grad(local.dense) if local.dense is not None else None
+    return MultiVectorEmbeddings(tokens, torch.cat(parts).to(torch.bool), dense)
