@@ -22,7 +22,7 @@ from vlm2emb import EmbeddingModel
 from vlm2emb.cli import main
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.beir import load_beir_task
-from vlm2emb.eval.harness import load_suite_tasks, run_suite
+from vlm2emb.eval.harness import format_suite_report, load_suite_tasks, run_suite
 from vlm2emb.eval.metrics import ranking_metrics
 from vlm2emb.eval.suite import load_suite
 from vlm2emb.eval.suites import bundled_suites
@@ -272,6 +272,12 @@ def test_pending_tasks_are_listed_not_run_and_left_out_of_the_averages(
     report = run_suite(model, suite, loaded=load_suite_tasks(suite), cache_dir=None)
     assert list(report["tasks"]) == ["docs"] and report["not_run"] == {"MSR-VTT": "no video loader"}
     assert report["average"]["n_tasks"] == 1 and "video_retrieval" not in report["meta_tasks"]
+    assert "not run (1 tasks, not in the averages): MSR-VTT" in format_suite_report(report)
+    # --data-root also re-roots a suite file's relative paths (here: a copy elsewhere).
+    moved = tmp_path / "elsewhere" / "suite.yaml"
+    moved.parent.mkdir()
+    moved.write_text(suite_file.read_text())
+    assert load_suite(moved, data_root=tmp_path).tasks[0].data == str(tmp_path / "docs")
     with pytest.raises(DataError, match=r"'data' belongs to local tasks"):
         bad = tmp_path / "bad.yaml"
         bad.write_text("tasks:\n  - {name: x, kind: pending, data: docs}\n")

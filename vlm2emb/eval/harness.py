@@ -187,6 +187,10 @@ def format_suite_report(report: dict[str, Any]) -> str:
         lines.append(f"{'meta-task':<{width}}  {'score':>8}  {'tasks':>5}")
         for name, rep in meta.items():
             lines.append(f"{name:<{width}}  {rep['score']:>8.4f}  {rep['n_tasks']:>5}")
+    not_run = report.get("not_run") or {}
+    if not_run:  # pending tasks: say so next to the averages they are missing from
+        lines.append("")
+        lines.append(f"not run ({len(not_run)} tasks, not in the averages): {', '.join(not_run)}")
     cache = report.get("cache")
     if cache:
         lines.append("")
