@@ -60,7 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     source = p_eval.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
-    source.add_argument("--suite", help="suite YAML: local, corpus and MMEB tasks (docs/evaluation.md)")
+    source.add_argument(
+        "--suite",
+        help="suite YAML, or a bundled suite: mmeb-v1, mmeb-v2, vidore-v1, vidore-v2, vidore-v3 (docs/evaluation.md)",
+    )
+    p_eval.add_argument(
+        "--data-root", default=None, help="--suite: the folder its relative paths resolve against"
+    )
     p_eval.add_argument(
         "--cache-dir", default=None, help="embedding cache (default ~/.cache/vlm2emb/embeddings)"
     )
@@ -295,7 +301,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from vlm2emb.eval.harness import format_suite_report, load_suite_tasks, run_suite
         from vlm2emb.eval.suite import load_suite
 
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, data_root=args.data_root)
         for task in suite.tasks:  # --media-root is the default of tasks that name none
             task.media_root = task.media_root or args.media_root
         if args.instruction_fallback is not None:  # the flag beats the suite and its tasks

@@ -183,9 +183,11 @@ def test_a_registered_kind_spec_is_validated_like_the_built_in_ones(
 
 
 def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> None:
-    assert task_kind_names() == ("local", "corpus")
+    assert task_kind_names() == ("local", "corpus", "beir", "pending")
     assert get_task_kind("local").spec.__name__ == "LocalTaskSpec"
-    with pytest.raises(ValueError, match=r"unknown eval task kind 'pairs'; known kinds: local, corpus$"):
+    with pytest.raises(
+        ValueError, match=r"unknown eval task kind 'pairs'; known kinds: local, corpus, beir, pending$"
+    ):
         get_task_kind("pairs")
 
     class Local(PairsKind):
@@ -199,18 +201,20 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
         register_task_kind(PairsKind)  # type: ignore[arg-type]
     register_task_kind(PairsKind())
     try:
-        assert task_kind_names() == ("local", "corpus", "pairs")
+        assert task_kind_names() == ("local", "corpus", "beir", "pending", "pairs")
         with pytest.raises(ValueError, match="eval task kind 'pairs' is already registered"):
             register_task_kind(PairsKind())
         suite = tmp_path / "s.yaml"
         suite.write_text("tasks:\n  - name: a\n    kind: global\n")
-        with pytest.raises(DataError, match=r"'kind' is 'global'; choose one of local, corpus, pairs$"):
+        with pytest.raises(
+            DataError, match=r"'kind' is 'global'; choose one of local, corpus, beir, pending, pairs$"
+        ):
             load_suite(suite)
     finally:
         unregister_task_kind("pairs")
-    assert task_kind_names() == ("local", "corpus")
+    assert task_kind_names() == ("local", "corpus", "beir", "pending")
     with pytest.raises(ValueError, match="'pairs' is not registered"):
         unregister_task_kind("pairs")
     # Unregistered, a suite naming the kind fails like any unknown kind.
-    with pytest.raises(DataError, match=r"'kind' is 'pairs'; choose one of local, corpus$"):
+    with pytest.raises(DataError, match=r"'kind' is 'pairs'; choose one of local, corpus, beir, pending$"):
         load_suite(write_pairs_suite(tmp_path))

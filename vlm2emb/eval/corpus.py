@@ -6,7 +6,8 @@ Files (JSONL or Parquet; qrels may also be TSV):
 * queries: ``{"id": "q1", "item": {...}, "instruction": "..."?}`` per row;
 * qrels: ``query_id<TAB>corpus_id<TAB>relevance`` lines (a first line whose relevance is not
   a number is a header, as in BEIR), or JSONL ``{"query_id", "corpus_id", "relevance"}``
-  (relevance defaults to 1). Relevance > 0 counts as relevant; metrics use binary gain.
+  (relevance defaults to 1). Relevance > 0 counts as relevant; ``ndcg@k`` uses the
+  relevance as its gain (graded, as pytrec_eval), the other metrics are binary.
 
 Queries without any relevant document are left out of the metrics (as BEIR does) and counted
 in ``n_skipped``. A qrels row naming an unknown query or corpus id is an error.
@@ -192,9 +193,12 @@ def evaluate_corpus(
         parts.append(scorer.encode(model, [task.query_items[i] for i in idx], instruction, batch_size))
         position.update({i: len(position) + j for j, i in enumerate(idx)})
     query_emb = scorer.concat(parts)  # [Q_kept, ...]
-    relevant = [
-        [doc_index[cid] for cid, rel in task.qrels[task.query_ids[i]].items() if rel > 0] for i in keep
+    judged = [
+        [(doc_index[cid], rel) for cid, rel in task.qrels[task.query_ids[i]].items() if rel > 0] for i in keep
     ]
+    relevant = [[d for d, _ in row] for row in judged]
+    # Graded qrels (ViDoRe V2/V3, many BEIR sets) give graded nDCG, as pytrec_eval computes it.
+    gains = [[rel for _, rel in row] for row in judged]
     block = max(1, _BLOCK_ELEMENTS // len(task.corpus_ids))
     totals: dict[str, float] = {}
     for start in range(0, len(keep), block):
@@ -202,7 +206,9 @@ def evaluate_corpus(
         scores = scorer.score_all(
             scorer.take(query_emb, torch.tensor([position[r] for r in rows])), corpus_emb
         )  # [b, N]
-        metrics = ranking_metrics(scores, relevant[start : start + block], ks=ks)
+        metrics = ranking_metrics(
+            scores, relevant[start : start + block], ks=ks, gains=gains[start : start + block]
+        )
         for name, value in metrics.items():
             # Per-query means weighted by block size give the mean over all queries.
             totals[name] = totals.get(name, 0.0) + value * len(rows) / len(keep)

@@ -88,6 +88,11 @@ def run_suite(
         )
     report = summarize(tasks, metric_names(tuple(suite.ks)))
     report = {"suite": suite.name, **report}
+    not_run = {
+        t.name: str(getattr(t, "reason", "")) for t in suite.tasks if not get_task_kind(t.kind).runnable
+    }
+    if not_run:  # listed by the suite, not scored: the averages leave them out
+        report["not_run"] = not_run
     report["cache"] = asdict(encoder.stats)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
@@ -130,6 +135,8 @@ def _run_tasks(
     ks = tuple(suite.ks)
     tasks: dict[str, dict[str, Any]] = {}
     for spec, payload in zip(suite.tasks, loaded, strict=True):
+        if not get_task_kind(spec.kind).runnable:
+            continue
         defaults = InstructionDefaults(
             query_instruction=default_query_instruction,
             target_instruction=default_target_instruction,
@@ -180,6 +187,10 @@ def format_suite_report(report: dict[str, Any]) -> str:
         lines.append(f"{'meta-task':<{width}}  {'score':>8}  {'tasks':>5}")
         for name, rep in meta.items():
             lines.append(f"{name:<{width}}  {rep['score']:>8.4f}  {rep['n_tasks']:>5}")
+    not_run = report.get("not_run") or {}
+    if not_run:  # pending tasks: say so next to the averages they are missing from
+        lines.append("")
+        lines.append(f"not run ({len(not_run)} tasks, not in the averages): {', '.join(not_run)}")
     cache = report.get("cache")
     if cache:
         lines.append("")

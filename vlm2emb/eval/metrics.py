@@ -2,11 +2,15 @@
 
 Everything here works on a dense score matrix ``scores[q, c]`` (higher means candidate ``c``
 is a better match for query ``q``) plus, per query, the set of relevant candidate indices.
-The metrics use binary relevance: a candidate is either relevant or not.
+The metrics use binary relevance (a candidate is either relevant or not), except
+``ndcg@k`` when graded ``gains`` are given: then it is trec_eval's (and so pytrec_eval's,
+BEIR's and ViDoRe's) nDCG with linear gain, ``DCG@k = sum_{i<=k} gain_i / log2(i + 1)`` over
+the judged gains and ``IDCG@k`` the DCG of the gains sorted high to low.
 
 Tie-breaking:
     Ties are broken pessimistically: among candidates with exactly the same score, relevant
-    ones rank after irrelevant ones (then by candidate index). A degenerate model that gives
+    ones rank after irrelevant ones, lower gains before higher ones (then by candidate
+    index, which cannot change any metric: only equally relevant candidates are left). A degenerate model that gives
     every candidate the same score therefore scores as badly as possible instead of collecting
     a perfect ``hit@1`` from MMEB rows, which put the positive at index 0. Real floating-point
     embeddings almost never tie exactly, so this only matters for broken models.
@@ -80,6 +84,7 @@ def ranking_metrics(
     scores: Any,
     relevant: Sequence[Any],
     ks: Iterable[int] = (1, 5, 10),
+    gains: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, float]:
     """Compute standard ranking metrics, averaged over queries.
 
@@ -111,6 +116,10 @@ def ranking_metrics(
             indices). A 1-D integer array/tensor (one relevant index per query) also works.
             Duplicate indices are counted once.
         ks: Positive cut-off ranks.
+        gains: Graded relevance for ``ndcg@k`` only: per query, one positive gain per entry
+            of its ``relevant`` (same order; a repeated index keeps its largest gain). None
+            means gain 1 for every relevant candidate (binary nDCG). Every other metric stays
+            binary, as in trec_eval.
 
     Returns:
         ``{"hit@k": ..., "ndcg@k": ..., "recall@k": ..., "precision@k": ..., "mrr": ...,
@@ -130,26 +139,27 @@ def ranking_metrics(
     score_arr = _as_score_array(scores)
     n_queries, n_candidates = score_arr.shape
     rel_mask = _relevance_mask(relevant, n_queries, n_candidates)  # [Q, C] bool
+    gain = rel_mask.astype(np.float64) if gains is None else _gain_matrix(relevant, gains, rel_mask)  # [Q, C]
 
-    order = _rank_order(score_arr, rel_mask)  # [Q, C]
+    order = _rank_order(score_arr, gain)  # [Q, C]
     # sorted_rel[q, r] is True when the candidate at 0-based rank r is relevant for query q.
     sorted_rel = np.take_along_axis(rel_mask, order, axis=1).astype(np.float64)  # [Q, C]
+    sorted_gain = np.take_along_axis(gain, order, axis=1)  # [Q, C]
     n_rel = rel_mask.sum(axis=1).astype(np.float64)  # [Q], >= 1 after validation
 
     ranks = np.arange(1, n_candidates + 1, dtype=np.float64)  # [C]
     discounts = 1.0 / np.log2(ranks + 1.0)  # [C]
     hits_cum = np.cumsum(sorted_rel, axis=1)  # [Q, C]: relevant items within the top r+1
-    dcg_cum = np.cumsum(sorted_rel * discounts, axis=1)  # [Q, C]
-    ideal_cum = np.cumsum(discounts)  # [C]: DCG of j relevant items ranked first, j = index+1
+    dcg_cum = np.cumsum(sorted_gain * discounts, axis=1)  # [Q, C]
+    # Ideal DCG per query and depth: its gains sorted high to low, ranked first.
+    ideal_cum = np.cumsum(-np.sort(-gain, axis=1) * discounts, axis=1)  # [Q, C]
 
     per_query: dict[str, np.ndarray] = {}
     for k in ks:
         kc = min(k, n_candidates)  # clamp; the key still uses the requested k
         hits_at_k = hits_cum[:, kc - 1]  # [Q]
-        # Ideal DCG: min(R, k) relevant items in the first positions.
-        ideal = ideal_cum[np.minimum(n_rel, kc).astype(np.int64) - 1]  # [Q]
         per_query[f"hit@{k}"] = (hits_at_k > 0).astype(np.float64)
-        per_query[f"ndcg@{k}"] = dcg_cum[:, kc - 1] / ideal
+        per_query[f"ndcg@{k}"] = dcg_cum[:, kc - 1] / ideal_cum[:, kc - 1]
         per_query[f"recall@{k}"] = hits_at_k / n_rel
         per_query[f"precision@{k}"] = hits_at_k / kc
 
@@ -199,11 +209,37 @@ def _as_score_array(scores: Any) -> np.ndarray:
     return arr
 
 
-def _rank_order(scores: np.ndarray, rel_mask: np.ndarray) -> np.ndarray:
-    """Candidate indices sorted best-first; among equal scores irrelevant ones come first."""
-    # np.lexsort sorts by the last key first: score descending, then relevant last, then index.
+def _rank_order(scores: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """Candidate indices sorted best-first; among equal scores lower gains (irrelevant: 0) first.
+
+    So the metrics of tied candidates never depend on where they sit in the candidate list:
+    the only order left to the index is among candidates of equal gain.
+    """
+    # np.lexsort sorts by the last key first: score descending, then gain ascending, then index.
     index = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    return np.lexsort((index, rel_mask, -scores), axis=1)
+    return np.lexsort((index, gain, -scores), axis=1)
+
+
+def _gain_matrix(
+    relevant: Sequence[Any], gains: Sequence[Sequence[float]], rel_mask: np.ndarray
+) -> np.ndarray:
+    """Per-query graded gains as a ``[Q, C]`` matrix (0 where not relevant)."""
+    if hasattr(relevant, "detach") and hasattr(relevant, "cpu"):
+        relevant = relevant.detach().cpu().numpy()
+    relevant = list(relevant)
+    if len(gains) != len(relevant):
+        raise ValueError(f"gains has {len(gains)} entries but relevant has {len(relevant)}")
+    out = np.zeros(rel_mask.shape, dtype=np.float64)
+    for q, (entry, row_gains) in enumerate(zip(relevant, gains, strict=True)):
+        indices = _as_index_list(entry, q)
+        row_gains = list(row_gains)
+        if len(row_gains) != len(indices):
+            raise ValueError(f"query {q}: {len(row_gains)} gains for {len(indices)} relevant indices")
+        for idx, g in zip(indices, row_gains, strict=True):
+            if not g > 0:
+                raise ValueError(f"query {q}: gain {g!r} is not positive (leave irrelevant items out)")
+            out[q, idx] = max(out[q, idx], float(g))
+    return out
 
 
 def _relevance_mask(relevant: Sequence[Any], n_queries: int, n_candidates: int) -> np.ndarray:

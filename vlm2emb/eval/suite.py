@@ -149,11 +149,14 @@ def _task(where: str, raw: Any, base: Path) -> TaskSpec:
     return spec
 
 
-def load_suite(path: str | Path) -> SuiteConfig:
+def load_suite(path: str | Path, *, data_root: str | Path | None = None) -> SuiteConfig:
     """Reads and validates a suite YAML file.
 
     Args:
-        path: The suite file.
+        path: The suite file, or the name of a suite bundled with vlm2emb
+            (:func:`vlm2emb.eval.suites.bundled_suites`: ``mmeb-v1``, ``vidore-v2``, ...).
+        data_root: Folder that the suite's relative paths resolve against instead of the
+            suite file's folder (needed for bundled suites: they name no data location).
 
     Returns:
         The :class:`SuiteConfig`, with every path made absolute (or left as ``demo:``).
@@ -162,9 +165,9 @@ def load_suite(path: str | Path) -> SuiteConfig:
         DataError: Missing file, invalid YAML, unknown key, bad value or duplicate task name;
             the one-line message names the file, the task and the key.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"suite file not found: {p}")
+    from vlm2emb.eval.suites import resolve_suite
+
+    p = resolve_suite(path, data_root)
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
@@ -175,8 +178,9 @@ def load_suite(path: str | Path) -> SuiteConfig:
     def tasks(_key: str, value: Any) -> list[TaskSpec]:
         if not isinstance(value, list) or not value:
             raise DataError(f"{p}: 'tasks' must be a non-empty list")
-        return [_task(f"{p}: tasks[{i}]", t, p.parent) for i, t in enumerate(value)]
+        return [_task(f"{p}: tasks[{i}]", t, base) for i, t in enumerate(value)]
 
+    base = Path(data_root).expanduser().resolve() if data_root is not None else p.parent
     given = _given(raw)
     try:
         suite = build_dataclass(SuiteConfig, given, converters={"tasks": tasks})
@@ -186,7 +190,7 @@ def load_suite(path: str | Path) -> SuiteConfig:
         raise DataError(f"{p}: 'tasks' must be a non-empty list")
     suite.source = str(p)
     suite.name = suite.name if given.get("name") else p.stem
-    _resolve_paths(suite, p.parent)
+    _resolve_paths(suite, base)
     if not all(k > 0 for k in suite.ks):
         raise DataError(f"{p}: 'ks' must be a list of positive integers")
     if suite.instruction_fallback not in FALLBACKS:

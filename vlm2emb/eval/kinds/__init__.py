@@ -43,6 +43,8 @@ __all__ = [
 _BUILTIN_MODULES: dict[str, str] = {
     "local": "vlm2emb.eval.kinds.local",
     "corpus": "vlm2emb.eval.kinds.corpus",
+    "beir": "vlm2emb.eval.kinds.beir",
+    "pending": "vlm2emb.eval.kinds.pending",
 }
 
 _registered: dict[str, TaskKind] = {}  # kinds added with register_task_kind

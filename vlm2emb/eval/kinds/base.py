@@ -89,6 +89,9 @@ class TaskKind:
 
     name: ClassVar[str] = ""
     spec: ClassVar[type[TaskSpec]] = TaskSpec
+    # False for kinds that list a task without scoring it (``pending``): the harness
+    # reports them under ``not_run`` and leaves them out of the averages.
+    runnable: ClassVar[bool] = True
 
     def check(self, spec: Any, where: str) -> None:
         """Value checks the spec's types do not express; raise
