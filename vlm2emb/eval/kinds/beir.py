@@ -21,8 +21,9 @@ from typing import Any
 
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.beir import load_beir_task
-from vlm2emb.eval.corpus import CorpusTask, evaluate_corpus
-from vlm2emb.eval.kinds.base import PATH, InstructionDefaults, TaskKind, TaskSpec
+from vlm2emb.eval.corpus import CorpusTask
+from vlm2emb.eval.kinds.base import PATH, TaskSpec
+from vlm2emb.eval.kinds.corpus import CorpusKind
 
 __all__ = ["KIND", "BeirKind", "BeirTaskSpec"]
 
@@ -41,7 +42,7 @@ class BeirTaskSpec(TaskSpec):
     split: str = "test"
 
 
-class BeirKind(TaskKind):
+class BeirKind(CorpusKind):
     name = "beir"
     spec = BeirTaskSpec
 
@@ -54,25 +55,6 @@ class BeirKind(TaskKind):
     def load(self, spec: BeirTaskSpec, *, verify_images: bool = True, work_dir: Any = None) -> CorpusTask:
         return load_beir_task(
             spec.data, split=spec.split, media_root=spec.media_root, verify_images=verify_images
-        )
-
-    def evaluate(
-        self,
-        encoder: Any,
-        spec: BeirTaskSpec,
-        payload: CorpusTask,
-        *,
-        ks: tuple[int, ...],
-        batch_size: int,
-        defaults: InstructionDefaults,
-    ) -> dict[str, Any]:
-        return evaluate_corpus(
-            encoder,
-            payload,
-            ks=ks,
-            batch_size=batch_size,
-            query_instruction=defaults.query(spec.query_instruction, mmeb=False),
-            target_instruction=defaults.target(spec.target_instruction, mmeb=False),
         )
 
 
