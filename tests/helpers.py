@@ -315,3 +315,31 @@ def read_wandb_records(path: Path) -> list:
         record.ParseFromString(payload)
         records.append(record)
     return records
+
+
+# --------------------------------------------------------------------- multi-process launches
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(config: str = "ddp", num_processes: int = 2) -> list[str]:
+    """``python -m accelerate.commands.launch`` with a shipped accelerate config and its own port.
+
+    accelerate's default rendezvous port is fixed (29500): two launches at once (pytest-xdist
+    workers) would meet on it, so every launch gets a free port.
+    """
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "recipes" / "accelerate" / f"{config}.yaml")]
+    return [*launch, "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of launched processes: one thread each, no GPU, unbuffered output."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import accelerate_launch, launch_env
 from vlm2emb import EmbeddingModel
 from vlm2emb.data.schema import load_train_examples
 from vlm2emb.mine import MineConfig, _Corpus, mine_negatives
@@ -236,7 +237,6 @@ def test_no_positive_of_a_query_is_mined_as_its_negative(model, tmp_path):
 
 @pytest.mark.distributed
 def test_two_process_mining_matches_one_process(tiny_qwen2_vl_dir, data, tmp_path):
-    import os
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -249,9 +249,8 @@ def test_two_process_mining_matches_one_process(tiny_qwen2_vl_dir, data, tmp_pat
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(repo / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "-m", "vlm2emb"]
+    env = launch_env()
+    launch = [*accelerate_launch("ddp"), "-m", "vlm2emb"]
     two = subprocess.run(
         [*launch, *args, "--out", str(tmp_path / "two.jsonl")],
         capture_output=True,

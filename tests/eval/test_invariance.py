@@ -10,9 +10,7 @@ The tolerances asserted here are the ones docs/evaluation.md states.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import accelerate_launch, launch_env
 from vlm2emb import EmbeddingModel
 from vlm2emb.data.demo import caption, write_digits
 from vlm2emb.eval.harness import load_suite_tasks, run_suite
@@ -264,9 +263,8 @@ def test_bf16_scores_stay_within_the_stated_tolerance(suite_file: Path, model: E
 def test_two_processes_score_every_kind_like_one(
     suite_file: Path, baseline: dict[str, Any], tmp_path: Path
 ) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(REPO / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "-m", "vlm2emb"]
+    env = launch_env()
+    launch = [*accelerate_launch("ddp"), "-m", "vlm2emb"]
     out = tmp_path / "two.json"
     cmd = [
         *launch,

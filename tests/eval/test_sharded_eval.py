@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import accelerate_launch, launch_env
 from vlm2emb.cli import main
 from vlm2emb.data.demo import write_digits
 
@@ -27,9 +26,8 @@ def test_two_process_eval_matches_one_process(tmp_path: Path) -> None:
     args = ["eval", "--model", "tiny:qwen2_vl", "--data", str(small), "--batch-size", "8"]
 
     assert main([*args, "--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "one.json")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(REPO / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "-m", "vlm2emb"]
+    env = launch_env()
+    launch = [*accelerate_launch("ddp"), "-m", "vlm2emb"]
     cmd = [*launch, *args, "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "two.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import accelerate_launch
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 COMMON = ["train.batch_size=16", "train.max_steps=3", "train.log_steps=1", "data.eval=[]", "--no-progress"]
@@ -45,8 +47,7 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
 
 
 def _launch_cmd(config: str, out: Path, *extra: str) -> list[str]:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(REPO / "recipes" / "accelerate" / f"{config}.yaml"), "--num_processes", "2"]
+    launch = accelerate_launch(config)
     launch += [a for a in extra if a.startswith("--zero3")]  # launcher flags
     extra = tuple(a for a in extra if not a.startswith("--zero3"))
     return [*launch, "-m", "vlm2emb", "train", RECIPE, f"output_dir={out}", *COMMON, *extra]
