@@ -16,6 +16,8 @@ Upstream: https://github.com/TIGER-AI-Lab/VLM2Vec
   - ``eval.py`` (V2 scoring): candidates ranked by ``np.argsort(-cosine)``, predictions are
     candidate names, hit@1 when the top name is one of the labels (``label_name`` is
     ``tgt_texts[0]``, ``src/data/eval_dataset/image_cls_dataset.py``).
+  - ``src/utils/eval_utils/metrics.py``: ``RankingMetrics`` (the V2 score files' metric block,
+    :mod:`vlm2emb.eval.leaderboard`).
 - commit 358bb43ae015d11d6c78c985b42de5b5a426ce09, ``evaluation/eval_utils.py``: ``get_pred``
   (v1 scoring: ``np.argmax`` over the candidate scores); the v1 ``eval.py`` loop keys target
   embeddings by ``(text, img_path)`` (so equal candidates share one) and counts a hit when
@@ -116,3 +118,96 @@ def v2_hit_at_1(qry_embed: np.ndarray, cand_embed_dict: dict[str, np.ndarray], c
     prediction = [cand_names[i] for i in ranked_candids]
     label = [cand_names[0]]  # label_name = tgt_texts[0]
     return prediction[0] in label
+
+
+# --------------------------------------------------------------------- V2 score files
+# src/utils/eval_utils/metrics.py (commit 6e1e1d4): ``RankingMetrics``, per query over the
+# ranked candidate names ``prediction`` and the label names; ``evaluate`` averages them.
+def rm_precision(prediction: list, labels: list, k: int) -> float:
+    if not labels or k == 0:
+        return 0.0
+    return len(set(prediction[:k]) & set(labels)) / k
+
+
+def rm_recall(prediction: list, labels: list, k: int) -> float:
+    if not labels:
+        return 1.0
+    if k == 0:
+        return 0.0
+    return len(set(prediction[:k]) & set(labels)) / len(labels)
+
+
+def rm_hit(prediction: list, labels: list, k: int) -> float:
+    if not labels or k == 0:
+        return 0.0
+    return 1.0 if set(prediction[:k]) & set(labels) else 0.0
+
+
+def rm_f1(prediction: list, labels: list, k: int) -> float:
+    p, r = rm_precision(prediction, labels, k), rm_recall(prediction, labels, k)
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def rm_average_precision(prediction: list, labels: list, k: int) -> float:
+    if not labels or k == 0:
+        return 0.0
+    score, hits = 0.0, 0
+    for i, p in enumerate(prediction[:k]):
+        if p in labels:
+            hits += 1
+            score += hits / (i + 1.0)
+    return score / min(len(labels), k) if hits else 0.0
+
+
+def rm_reciprocal_rank(prediction: list, labels: list, k: int) -> float:
+    if not labels:
+        return 0.0
+    for rank, p in enumerate(prediction[:k]):
+        if p in labels:
+            return 1.0 / (rank + 1)
+    return 0.0
+
+
+def rm_ndcg(prediction: list, labels: list, k: int, rel_scores: list | None, form: str) -> float:
+    def dcg(rels: list) -> float:
+        if form == "linear":
+            return sum(rel / np.log2(i + 2) for i, rel in enumerate(rels))
+        return sum((2**rel - 1) / np.log2(i + 2) for i, rel in enumerate(rels))
+
+    if rel_scores is None:
+        label_set = set(labels)
+        relevance = [1 if item in label_set else 0 for item in prediction[:k]]
+        ideal = [1] * min(len(label_set), k)
+    else:
+        label_rels = dict(zip(labels, rel_scores))
+        relevance = [label_rels.get(item, 0) for item in prediction[:k]]
+        ideal = sorted(label_rels.values(), reverse=True)[:k]
+    idcg = dcg(ideal) if ideal else 1
+    return dcg(relevance) / idcg if idcg > 0 else 0.0
+
+
+def rm_evaluate(cases: list[dict], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """``RankingMetrics(["hit", "ndcg", "precision", "recall", "f1", "map", "mrr"]).evaluate``.
+
+    Upstream replaces each case's labels by ``list(set(labels))`` before scoring, while
+    ``rel_scores`` keep the original order, so with graded scores and several labels the
+    gains are paired with labels in set order (hash order for strings). Callers here pass
+    graded cases with labels already in the order ``list(set(...))`` gives.
+    """
+    per: dict[str, list[float]] = {}
+    for case in cases:
+        prediction, labels, rels = case["prediction"], list(set(case["label"])), case.get("rel_scores")
+        for k in ks:
+            per.setdefault(f"hit@{k}", []).append(rm_hit(prediction, labels, k))
+            per.setdefault(f"ndcg_linear@{k}", []).append(rm_ndcg(prediction, labels, k, rels, "linear"))
+            per.setdefault(f"ndcg_exponential@{k}", []).append(
+                rm_ndcg(prediction, labels, k, rels, "exponential")
+            )
+            per.setdefault(f"precision@{k}", []).append(rm_precision(prediction, labels, k))
+            per.setdefault(f"recall@{k}", []).append(rm_recall(prediction, labels, k))
+            per.setdefault(f"f1@{k}", []).append(rm_f1(prediction, labels, k))
+            per.setdefault(f"map@{k}", []).append(rm_average_precision(prediction, labels, k))
+            per.setdefault(f"mrr@{k}", []).append(rm_reciprocal_rank(prediction, labels, k))
+    # score_dict: family by family (the metric list's order), each over the cut-offs.
+    families = ("hit", "ndcg_linear", "ndcg_exponential", "precision", "recall", "f1", "map", "mrr")
+    return {f"{f}@{k}": float(np.mean(per[f"{f}@{k}"])) for f in families for k in ks}

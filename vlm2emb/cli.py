@@ -72,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_eval.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     p_eval.add_argument("--out", help="write the JSON report here")
+    p_eval.add_argument(
+        "--submission",
+        default=None,
+        help="--suite mmeb-v1/mmeb-v2: also write the MMEB leaderboard's submission JSON here "
+        "(docs/evaluation.md)",
+    )
+    p_eval.add_argument(
+        "--model-name",
+        default=None,
+        help="--submission: the model's name there (default: the --model folder's)",
+    )
     p_eval.add_argument("--batch-size", type=int, default=32)
     p_eval.add_argument(
         "--scoring",
@@ -296,6 +307,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlm2emb.items import resolve_instruction
     from vlm2emb.model import EmbeddingModel
 
+    if args.submission and not args.suite:
+        raise SystemExit("vlm2emb eval: --submission needs --suite (a suite whose tasks name a modality)")
     # Read and check all data before the model loads: a bad row fails in seconds.
     if args.suite:
         from vlm2emb.eval.harness import format_suite_report, load_suite_tasks, run_suite
@@ -310,6 +323,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 task.instruction_fallback = None
         if args.prompt_style is not None:
             suite.prompt_style = args.prompt_style
+        if args.submission and not any(t.modality for t in suite.tasks):
+            raise SystemExit(
+                f"vlm2emb eval: --submission: no task of suite {suite.name!r} names a modality "
+                "(image, video or visdoc); the MMEB suites do"
+            )
         loaded = load_suite_tasks(suite)
     else:
         from vlm2emb.data.schema import load_eval_examples
@@ -348,6 +366,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
+        if args.submission:
+            from vlm2emb.eval.leaderboard import mmeb_submission
+
+            name = args.model_name or Path(args.model.rstrip("/")).name
+            submission = mmeb_submission(
+                report, {t.name: t.modality for t in suite.tasks}, {"model_name": name}
+            )
+            path = Path(args.submission)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(submission, indent=4) + "\n")
+            print(f"leaderboard submission: {path}")
     return 0
 
 

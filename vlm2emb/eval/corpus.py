@@ -22,6 +22,7 @@ import torch
 
 from vlm2emb.data.schema import DataError
 from vlm2emb.data.sources import resolve_source
+from vlm2emb.eval.leaderboard import accumulate, mmeb_metrics
 from vlm2emb.eval.metrics import ranking_metrics
 from vlm2emb.eval.mmeb import records, resolve_path, row_checker
 from vlm2emb.eval.scoring import get_scoring
@@ -200,18 +201,20 @@ def evaluate_corpus(
     # Graded qrels (ViDoRe V2/V3, many BEIR sets) give graded nDCG, as pytrec_eval computes it.
     gains = [[rel for _, rel in row] for row in judged]
     block = max(1, _BLOCK_ELEMENTS // len(task.corpus_ids))
-    totals: dict[str, float] = {}
+    totals: dict[str, Any] = {}
     for start in range(0, len(keep), block):
         rows = keep[start : start + block]
         scores = scorer.score_all(
             scorer.take(query_emb, torch.tensor([position[r] for r in rows])), corpus_emb
         )  # [b, N]
-        metrics = ranking_metrics(
+        metrics: dict[str, Any] = ranking_metrics(
             scores, relevant[start : start + block], ks=ks, gains=gains[start : start + block]
         )
-        for name, value in metrics.items():
-            # Per-query means weighted by block size give the mean over all queries.
-            totals[name] = totals.get(name, 0.0) + value * len(rows) / len(keep)
+        metrics["leaderboard"] = mmeb_metrics(
+            scores, relevant[start : start + block], ks=ks, gains=gains[start : start + block]
+        )
+        # Per-query means weighted by block size give the mean over all queries.
+        accumulate(totals, metrics, len(rows) / len(keep))
     return {
         **totals,
         "n": len(keep),

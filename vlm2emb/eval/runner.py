@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from vlm2emb.eval.leaderboard import accumulate, mmeb_metrics
 from vlm2emb.eval.metrics import metric_names, ranking_metrics
 from vlm2emb.eval.scoring import Scoring, get_scoring
 
@@ -299,19 +300,18 @@ def _evaluate_task(
     for r, idx in enumerate(cand_idx):
         by_count.setdefault(len(idx), []).append(r)
 
-    weighted: dict[str, float] = {}
+    weighted: dict[str, Any] = {}
     n_total = len(task_rows)
     for n_cand, row_ids in by_count.items():
         scores = scorer.score_rows(
             query_emb, cand_emb, [query_idx[r] for r in row_ids], [cand_idx[r] for r in row_ids]
         )
         relevant = [_relevant(cand_idx[r], _positives(task_rows[r][1], task_rows[r][0])) for r in row_ids]
-        metrics = ranking_metrics(scores, relevant, ks=ks)
+        metrics: dict[str, Any] = ranking_metrics(scores, relevant, ks=ks)
+        metrics["leaderboard"] = mmeb_metrics(scores, relevant, ks=ks)  # VLM2Vec's definitions
         # Metrics are per-query means, so weighting by group size gives the task-wide mean.
         # (The weight is exactly 1.0 in the common single-group case, so values stay exact.)
-        weight = len(row_ids) / n_total
-        for name, value in metrics.items():
-            weighted[name] = weighted.get(name, 0.0) + value * weight
+        accumulate(weighted, metrics, len(row_ids) / n_total)
         logger.debug("%d rows with %d candidates: %s", len(row_ids), n_cand, metrics)
     return weighted
 

@@ -145,6 +145,10 @@ def _task(where: str, raw: Any, base: Path) -> TaskSpec:
 
     if spec.scoring not in SCORINGS:
         raise DataError(f"{named}: 'scoring' is {spec.scoring!r}; choose one of {', '.join(SCORINGS)}")
+    from vlm2emb.eval.leaderboard import MODALITIES
+
+    if spec.modality is not None and spec.modality not in MODALITIES:
+        raise DataError(f"{named}: 'modality' is {spec.modality!r}; choose one of {', '.join(MODALITIES)}")
     kind.check(spec, named)
     return spec
 

@@ -32,6 +32,8 @@ class TaskSpec:
             (:mod:`vlm2emb.eval.suite`); None = the suite's.
         scoring: ``cosine`` (single vectors) or ``maxsim`` (the multi-vector head's
             token sets, :mod:`vlm2emb.eval.scoring`).
+        modality: The task's block in the MMEB leaderboard's submission file (``image``,
+            ``video`` or ``visdoc``; :mod:`vlm2emb.eval.leaderboard`); None leaves it out.
     """
 
     name: str
@@ -43,6 +45,7 @@ class TaskSpec:
     metric: str | None = None
     instruction_fallback: str | None = None
     scoring: str = "cosine"
+    modality: str | None = None
 
 
 @dataclass(frozen=True)
