@@ -268,13 +268,16 @@ def test_in_memory_images_are_refused_with_the_row(digit_images, tmp_path: Path)
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_refresh_like_one(reference: Path, data: Path, tmp_path: Path) -> None:
+# DDP splits each embedding pass across the processes; under ZeRO-3 every process embeds
+# everything (each forward gathers the partitioned weights, a collective).
+@pytest.mark.parametrize("config", ["ddp", "zero3"])
+def test_two_processes_refresh_like_one(reference: Path, data: Path, tmp_path: Path, config: str) -> None:
     import os
 
-    out = tmp_path / "ddp"
+    out = tmp_path / config
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd += [str(repo / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
+    cmd += [str(repo / "recipes" / "accelerate" / f"{config}.yaml"), "--num_processes", "2"]
     cmd += ["-m", "vlm2emb", "train", str(data / "recipe.yaml"), f"output_dir={out}", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=repo)
