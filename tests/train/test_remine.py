@@ -245,9 +245,18 @@ def test_distill_without_refreshed_teacher_scores_is_refused_before_the_model_lo
     scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = [f"data.train=[{scored}]", "train.loss=distill"]
     assert _train(data, tmp_path / "run", *args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and "train.remine:" in err[0] and "teacher_scores=true" in err[0], err
-    assert not (tmp_path / "run" / "tiny-backbone").exists()
+    assert "Training " not in captured.out  # stopped before the model was loaded
+
+    # With refreshed teacher scores, the current model's, the same recipe trains (self-distillation).
+    out = tmp_path / "ok"
+    assert _train(data, out, *args, "train.remine.teacher_scores=true", "train.max_steps=3") == 0
+    mined = _rows(out / "mined" / "step-2" / "0.jsonl")
+    assert [len(r["teacher_scores"]) for r in mined] == [1 + len(r["negatives"]) for r in mined] == [3] * 15
+    # Score 0 is the positive's: the model's own query . positive (normalised, so at most 1).
+    assert all(-1 <= r["teacher_scores"][0] <= 1 for r in mined)
 
 
 def test_in_memory_images_are_refused_with_the_row(digit_images, tmp_path: Path) -> None:
@@ -264,6 +273,47 @@ def test_in_memory_images_are_refused_with_the_row(digit_images, tmp_path: Path)
             train={"max_steps": 2, "batch_size": 4, "remine_steps": 1},
             progress=False,
         )
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_across_a_refresh_bit_exact(reference: Path, data: Path, tmp_path: Path) -> None:
+    # A real SIGKILL once checkpoint 2 (written after the refresh of step 2) is in place; the
+    # kill lands wherever the run is then (step 3 or 4, mining after step 4, writing
+    # checkpoint 4): resuming must give the uninterrupted run.
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlm2emb",
+        "train",
+        str(data / "recipe.yaml"),
+        f"output_dir={out}",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for _attempt in range(3):  # the tiny model trains fast: make sure the kill lands before final/
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=repo)
+        deadline = time.time() + 300
+        while (
+            not (out / "checkpoints" / "step-2").exists() and proc.poll() is None and time.time() < deadline
+        ):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (out / "final").exists():
+            break
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    args = ["train.resume_from=auto"]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, env=env, cwd=repo)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Resumed from" in proc.stdout and "Hard negatives from" in proc.stdout
+    _assert_same_run(reference, out)
 
 
 @pytest.mark.slow
