@@ -27,6 +27,10 @@ from vlm2emb.train.config import ConfigError, RemineConfig, load_recipe
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FRUIT = ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "olive"]
 FRUIT += ["peach", "pear", "plum", "kiwi", "fig", "lime", "date"]
+# The subprocess runs below are CPU-only (gloo); the in-process reference would use a GPU.
+CPU_ONLY = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="compares CPU subprocesses with an in-process run"
+)
 MINE = {"num_negatives": 2, "top_k": 4, "max_score_ratio": None, "dedup_threshold": None}
 
 
@@ -276,6 +280,7 @@ def test_in_memory_images_are_refused_with_the_row(digit_images, tmp_path: Path)
 
 
 @pytest.mark.slow
+@CPU_ONLY
 def test_killed_run_resumes_across_a_refresh_bit_exact(reference: Path, data: Path, tmp_path: Path) -> None:
     # A real SIGKILL once checkpoint 2 (written after the refresh of step 2) is in place; the
     # kill lands wherever the run is then (step 3 or 4, mining after step 4, writing
@@ -318,6 +323,7 @@ def test_killed_run_resumes_across_a_refresh_bit_exact(reference: Path, data: Pa
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@CPU_ONLY
 # DDP splits each embedding pass across the processes; under ZeRO-3 every process embeds
 # everything (each forward gathers the partitioned weights, a collective).
 @pytest.mark.parametrize("config", ["ddp", "zero3"])
