@@ -157,6 +157,13 @@ def test_training_uses_the_refreshed_negatives(reference: Path, data: Path, tmp_
     assert not (plain / "mined").exists()
 
 
+def test_loader_workers_get_the_refreshed_rows(reference: Path, data: Path, tmp_path: Path) -> None:
+    # A worker prefetches batches ahead; after a refresh none built from the old rows may be used.
+    out = tmp_path / "workers"
+    assert _train(data, out, "data.num_workers=1") == 0
+    assert _losses(out) == _losses(reference)
+
+
 def _assert_same_run(ref: Path, got: Path) -> None:
     a, b = _final(ref), _final(got)
     assert a.keys() == b.keys()
