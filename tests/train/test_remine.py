@@ -352,3 +352,21 @@ def test_two_processes_refresh_like_one(reference: Path, data: Path, tmp_path: P
     )
     ref, got = _final(reference), _final(out)
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 2e-5
+
+
+def test_refresh_folders_no_checkpoint_needs_are_pruned(tmp_path: Path) -> None:
+    from vlm2emb.train.remine import last_refresh, prune_refreshes, refresh_due
+
+    assert [s for s in range(1, 11) if refresh_due(s, 3, 9)] == [3, 6]  # never at the last step
+    assert [last_refresh(s, 3) for s in (0, 2, 3, 5, 6, 8)] == [0, 0, 3, 3, 6, 6]
+    for step in (2, 4, 6, 8):
+        (tmp_path / "mined" / f"step-{step}").mkdir(parents=True)
+    (tmp_path / "mined" / ".tmp-step-10").mkdir()
+    # Checkpoints at 5 (trained on refresh 4) and 7 (refresh 6); 8 is the newest refresh.
+    prune_refreshes(tmp_path, 2, [5, 7], newest=8)
+    assert sorted(p.name for p in (tmp_path / "mined").iterdir()) == [
+        ".tmp-step-10",
+        "step-4",
+        "step-6",
+        "step-8",
+    ]
