@@ -17,7 +17,12 @@ at the same batch size, once per seed (the seed changes the data order):
 * ``mined``: the teacher mines ``--negatives`` hard negatives per row (``vlm2emb mine``);
 * ``teacher-batches``: the mined rows with ``data.batching: teacher`` (B3-style);
 * ``distill``: the mined rows, ``train.loss: distill`` on the teacher's scores;
-* ``hardness``: in-batch rows, InfoNCE with ``hardness_alpha`` (no teacher).
+* ``hardness``: in-batch rows, InfoNCE with ``hardness_alpha`` (no teacher);
+* ``remine``: in-batch rows, re-mined by the model being trained every ``--remine-steps``
+  steps (``train.remine_steps``, ANCE-style; same window and count as ``mined``).
+
+``--arms in-batch,remine`` runs a subset (the teacher still mines when ``mined``-based arms
+are asked for).
 
 Reported: eval hit@1 per arm and seed, mean and sample standard deviation over seeds.
 """
@@ -139,6 +144,8 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=2000)
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--negatives", type=int, default=3)
+    ap.add_argument("--remine-steps", type=int, default=50)
+    ap.add_argument("--arms", default="all", help="comma-separated arm names, or all")
     args = ap.parse_args()
     root = Path(args.out_dir)
     started = time.perf_counter()
@@ -152,27 +159,49 @@ def main() -> None:
     from vlm2emb import EmbeddingModel
     from vlm2emb.mine import MineConfig, mine_negatives
 
-    teacher = EmbeddingModel.from_pretrained(warm / "final").eval()
     mined = root / "data" / "mined.jsonl"
-    report = mine_negatives(
-        teacher,
-        str(train),
-        mined,
-        MineConfig(num_negatives=args.negatives, top_k=10, teacher_scores=True, batch_size=64),
-    )
     arms = {
         "in-batch": (train, []),
         "mined": (mined, []),
         "teacher-batches": (mined, ["data.batching=teacher"]),
         "distill": (mined, ["train.loss=distill", "train.loss_args.teacher_temperature=0.05"]),
         "hardness": (train, ["train.loss_args.hardness_alpha=5"]),
+        "remine": (
+            train,
+            [
+                f"train.remine_steps={args.remine_steps}",
+                f"train.remine.num_negatives={args.negatives}",
+                "train.remine.top_k=10",
+                "train.remine.batch_size=64",
+            ],
+        ),
     }
+    if args.arms != "all":
+        wanted = args.arms.split(",")
+        unknown = sorted(set(wanted) - set(arms))
+        if unknown:
+            ap.error(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(arms)}")
+        arms = {name: arms[name] for name in wanted}
+    report = None
+    if any(data == mined for data, _ in arms.values()):
+        teacher = EmbeddingModel.from_pretrained(warm / "final").eval()
+        report = mine_negatives(
+            teacher,
+            str(train),
+            mined,
+            MineConfig(num_negatives=args.negatives, top_k=10, teacher_scores=True, batch_size=64),
+        )
     results: dict[str, list[float]] = {}
+    refresh_seconds: list[float] = []
     for name, (data, extra) in arms.items():
         results[name] = [
             train_arm(root / f"{name}-{seed}", data, evals, seed, *common, [*start, *extra])
             for seed in range(args.seeds)
         ]
+        if name == "remine":
+            for seed in range(args.seeds):
+                lines = (root / f"remine-{seed}" / "metrics.jsonl").read_text().splitlines()
+                refresh_seconds += [r["remine"]["seconds"] for r in map(json.loads, lines) if "remine" in r]
     summary = {
         name: {
             "hit@1": values,
@@ -184,11 +213,10 @@ def main() -> None:
     out = {
         "settings": vars(args),
         "warm_start_hit@1": warm_hit,
-        "mining": {
-            "negatives": report.negatives,
-            "short_rows": report.short_rows,
-            "filtered": report.filtered,
-        },
+        "mining": None
+        if report is None
+        else {"negatives": report.negatives, "short_rows": report.short_rows, "filtered": report.filtered},
+        "remine_refresh_seconds": refresh_seconds,
         "arms": summary,
         "seconds": time.perf_counter() - started,
     }

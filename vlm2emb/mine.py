@@ -34,7 +34,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +225,10 @@ class _Corpus:
         return torch.cat(outs_s), torch.cat(outs_i)
 
 
-def _rows(spec: str, media_root: str | None, verify: bool) -> Iterator[Any]:
+def _rows(spec: str | Sequence[Any], media_root: str | None, verify: bool) -> Iterator[Any]:
+    """The training rows of a source, or the given rows themselves (already validated)."""
+    if not isinstance(spec, str):
+        return iter(spec)
     from vlm2emb.data.schema import iter_source, train_row_builder
 
     return iter_source(0, spec, "training", train_row_builder(), media_root=media_root, verify_images=verify)
@@ -242,7 +245,7 @@ def _corpus_from_file(
 
 def mine_negatives(
     model: Any,
-    data: str,
+    data: str | Sequence[Any],
     output: str | os.PathLike[str],
     config: MineConfig | None = None,
     *,
@@ -252,12 +255,15 @@ def mine_negatives(
     cache_dir: str | os.PathLike[str] | None = None,
     across_datasets: bool = False,
     progress: bool = False,
+    shard: bool = True,
 ) -> MineReport:
     """Mines hard negatives for every row of ``data`` and writes canonical rows to ``output``.
 
     Args:
         model: An :class:`~vlm2emb.model.EmbeddingModel` (the student or a teacher).
-        data: Training rows (any source ``data.train`` accepts).
+        data: Training rows: any source ``data.train`` accepts, or loaded
+            :class:`~vlm2emb.data.schema.TrainExample` rows (what the trainer's re-mining
+            passes; their media must be file paths).
         output: The JSONL file to write; its report goes to ``OUTPUT.report.json``.
         config: What to keep (:class:`MineConfig`).
         corpus: Corpus rows ``{"id", "item", "instruction"?}`` to mine from; default: the
@@ -269,6 +275,9 @@ def mine_negatives(
             datasets (default: only from its own dataset's positives, so an image-to-text
             row gets text negatives of its own task).
         progress: Print one line per finished block.
+        shard: Under several processes, split each embedding pass across them. False: every
+            process embeds everything (needed under ZeRO-3, where every forward is a
+            collective that all processes must run the same number of times).
 
     Returns:
         The :class:`MineReport` (also written beside the output).
@@ -289,7 +298,7 @@ def mine_negatives(
     partial = out.with_name(out.name + ".partial")
     state_path = out.with_name(out.name + ".partial.json")
     rank, _ = rank_and_world()
-    encoder = CachedEncoder(model, cache_dir)
+    encoder = CachedEncoder(model, cache_dir, shard=shard)
     q_default = resolve_instruction(cfg.query_instruction, model.config.query_instruction)
     t_default = resolve_instruction(cfg.target_instruction, model.config.target_instruction)
     report = MineReport()
@@ -320,13 +329,14 @@ def mine_negatives(
 
     settings = {
         "config": asdict(cfg),
-        "data": str(data),
+        "data": str(data) if isinstance(data, str) else None,
         "corpus": str(corpus),
         "n_corpus": report.corpus,
         "across_datasets": across_datasets,
     }
     done = 0
-    if partial.exists() and state_path.exists():
+    # In-memory rows have no name to tell them apart from other rows: never resumed.
+    if isinstance(data, str) and partial.exists() and state_path.exists():
         state = json.loads(state_path.read_text())
         if state.get("settings") == settings:
             done = int(state["rows_done"])

@@ -23,6 +23,7 @@ Plan of one epoch:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -233,6 +234,12 @@ class GlobalBatchSampler:
                 return list(self.epoch_plan(epoch)[within])
             within -= self._epoch_lengths[epoch]
             epoch += 1
+
+    def starting_at(self, start_step: int) -> GlobalBatchSampler:
+        """The same plan, yielding from global batch ``start_step`` on (shares the planned epochs)."""
+        other = copy.copy(self)
+        other.start_step = start_step
+        return other
 
     def __iter__(self) -> Iterator[list[int]]:
         local = self.batch_size // self.world_size

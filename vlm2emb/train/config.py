@@ -100,6 +100,41 @@ class DataConfig:
 
 
 @dataclass
+class RemineConfig:
+    """How ``train.remine_steps`` refreshes the hard negatives (docs/negatives.md).
+
+    The settings of ``vlm2emb mine`` (:class:`vlm2emb.mine.MineConfig`, same names, same
+    defaults) that a refresh uses. The instructions are not here: a refresh embeds with the
+    recipe's ``data.query_instruction`` / ``data.target_instruction``, as training does.
+    The corpus is the distinct positives of each dataset of the training rows (all datasets
+    with ``across_datasets``), so every mined negative is a row that already passed the
+    preflight check.
+    """
+
+    num_negatives: int = 7
+    top_k: int = 30
+    skip_top: int = 0
+    max_score_ratio: float | None = 0.95
+    dedup_threshold: float | None = 0.98
+    sample: str = "top"
+    seed: int = 0
+    keep_existing: bool = False  # keep the rows' own (data.train) negatives first
+    teacher_scores: bool = False  # write the current model's scores (the distill loss's targets)
+    batch_size: int = 32
+    block_size: int = 4096
+    across_datasets: bool = False
+
+    def mine_config(self) -> Any:
+        """The :class:`vlm2emb.mine.MineConfig` of these settings."""
+        from vlm2emb.mine import MineConfig
+
+        settings = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "across_datasets"
+        }
+        return MineConfig(**settings)
+
+
+@dataclass
 class TrainConfig:
     """Optimisation settings."""
 
@@ -149,6 +184,10 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_before: bool = True  # evaluate the untrained model too (before/after table)
     eval_steps: int = 0  # 0 = off; else evaluate every N steps and keep the best model in best/
+    # 0 = off; else every N steps (not at the last) the current model mines new hard negatives
+    # for every training row (ANCE-style), written to output_dir/mined/step-N/. docs/negatives.md
+    remine_steps: int = 0
+    remine: RemineConfig = field(default_factory=RemineConfig)
     metric_for_best: str = "hit@1"  # eval average (mean over tasks) that picks best/; higher is better
 
 
@@ -174,6 +213,19 @@ class RecipeConfig:
             get_loss(self.train.loss)(self.train)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"train.loss_args for loss {self.train.loss!r}: {exc}") from None
+
+    def _validate_remine(self) -> None:
+        if self.train.remine_steps < 0:
+            raise ConfigError(f"train.remine_steps: must be >= 0, got {self.train.remine_steps}")
+        try:
+            self.train.remine.mine_config().validate()
+        except ValueError as exc:
+            raise ConfigError(f"train.remine: {exc}") from None
+        if self.train.remine_steps and self.data.streaming:
+            raise ConfigError(
+                "train.remine_steps: not available with data.streaming (a refresh mines every "
+                "training row, so the rows must be in memory)"
+            )
 
     def validate(self) -> None:
         """Checks values that the types alone do not constrain."""
@@ -293,6 +345,7 @@ class RecipeConfig:
             )
         if self.train.save_steps < 0:
             raise ConfigError(f"train.save_steps: must be >= 0, got {self.train.save_steps}")
+        self._validate_remine()
         if not self.data.train:
             raise ConfigError(
                 "data.train: no training data given (a path, a list of paths or demo:digits/train)"

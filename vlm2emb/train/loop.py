@@ -18,6 +18,7 @@ embeddings of all processes, so the run computes the same thing on any number of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -168,6 +169,7 @@ RUN_OUTPUTS = (
     "eval.json",
     "eval_before.json",
     "data_report.json",
+    "mined",  # train.remine_steps refreshes
     "logs",  # TensorBoard (train.report_to)
     "wandb",
 )
@@ -864,7 +866,93 @@ class _Trainer:
             self.loss_fn.check_examples(self.train_examples)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.cfg.train.remine_steps:
+            self._check_remine()
         self.sampler = self._batch_sampler()  # length keys from characters until the tokenizer is here
+
+    def _check_remine(self) -> None:
+        """Refuses, before the model loads, rows or an objective a refresh would break on."""
+        from vlm2emb.train.remine import check_remine_rows
+
+        remine = self.cfg.train.remine
+        check_remine_rows(self.train_examples, remine.keep_existing)
+        # After a refresh every row carries teacher scores exactly when remine.teacher_scores
+        # asks for them: the objective must accept that (the distill loss needs them).
+        probe = [
+            dataclasses.replace(
+                ex, teacher_scores=[0.0] * (1 + len(ex.negatives)) if remine.teacher_scores else None
+            )
+            for ex in self.train_examples[:1]
+        ]
+        try:
+            self.loss_fn.check_examples(probe)
+        except ValueError as exc:
+            raise ConfigError(f"train.remine: {exc} (set train.remine.teacher_scores=true)") from None
+
+    def _restore_refresh(self) -> None:
+        """A resumed run trains on the negatives of the last refresh at or before its step.
+
+        The refresh folders live in the run that wrote the checkpoint.
+        """
+        from vlm2emb.train.remine import REFRESH_DIR, apply_refresh, last_refresh
+        from vlm2emb.train.state import CheckpointError
+
+        every = self.cfg.train.remine_steps
+        step = last_refresh(self.start_step, every)
+        if self.resume_dir is None or step == 0:
+            return
+        folder = self.resume_dir.parent.parent / REFRESH_DIR / f"step-{step}"
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{folder}: missing; the checkpoint of step {self.start_step} trained on the negatives "
+                f"re-mined at step {step} (train.remine_steps {every})"
+            )
+        self.train_examples = apply_refresh(self.base_examples, folder, self.media)
+        if self.is_main:
+            print(f"Hard negatives from {folder}", flush=True)
+
+    def _refresh(self, step: int, metrics_file: Any) -> Any:
+        """Re-mines every row's negatives with the current model; returns the new loader."""
+        from vlm2emb.train.remine import REFRESH_DIR, apply_refresh, prune_refreshes, refresh_negatives
+
+        cfg, acc = self.cfg, self.accelerator
+        model = acc.unwrap_model(self.prepared)
+        stats = refresh_negatives(
+            model,
+            self.base_examples,
+            self.out,
+            step,
+            cfg.train.remine,
+            is_main=self.is_main,
+            barrier=acc.wait_for_everyone,
+            # ZeRO-3 forwards are collectives: every process must embed every batch.
+            shard=not self._zero3(),
+        )
+        self.train_examples = apply_refresh(
+            self.base_examples, self.out / REFRESH_DIR / f"step-{step}", self.media
+        )
+        record = {"step": step, "remine": stats}
+        if metrics_file is not None:
+            metrics_file.write(_json_line(record))
+            metrics_file.flush()
+        self._report(record, step)
+        if self.is_main:
+            prune_refreshes(
+                self.out, cfg.train.remine_steps, [s for s, _ in _checkpoint_dirs(self.out)], step
+            )
+            mean = stats["negative_score_mean"]
+            print(
+                f"step {step}: re-mined {stats['negatives']:,} hard negatives for {stats['rows']:,} rows "
+                f"in {stats['seconds']:.1f}s (mean negative score "
+                f"{'n/a' if mean is None else f'{mean:.4f}'}; {stats['short_rows']} rows short)",
+                flush=True,
+            )
+        # The same global batch order from step + 1 on: only the rows' negatives changed.
+        return self._loader(self.train_examples, self.sampler.starting_at(step))
+
+    def _zero3(self) -> bool:
+        """Whether the weights are ZeRO-3 partitions."""
+        return self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
 
     def _setup_model(self) -> Any:
         """The model; every row run through its preprocessing; the final batch order."""
@@ -966,24 +1054,15 @@ class _Trainer:
             length_buckets=cfg.train.length_buckets,
             media=self.media,
         )
+        self.collator = collator
         if cfg.data.streaming:
             from vlm2emb.data.streaming import streaming_for
 
-            source: Any = streaming_for(
-                cfg, self.start_step, self.media, self.report, self.out, model.collate
+            loader = self._loader(
+                streaming_for(cfg, self.start_step, self.media, self.report, self.out, model.collate), None
             )
-            batching: dict[str, Any] = {"batch_size": None}
         else:
-            source, batching = self.train_examples, {"batch_sampler": self.sampler}
-        loader = torch.utils.data.DataLoader(
-            source,
-            collate_fn=collator,
-            num_workers=cfg.data.num_workers,
-            # iter(loader) draws a worker base seed from this generator; from the global one
-            # it would shift the dropout masks of a resumed run against the uninterrupted one.
-            generator=torch.Generator().manual_seed(cfg.seed),
-            **batching,
-        )
+            loader = self._loader(self.train_examples, self.sampler)
         step_fn = ContrastiveStep(
             self.prepared,
             loss_fn,
@@ -1004,6 +1083,19 @@ class _Trainer:
                 flush=True,
             )
         return loader, step_fn
+
+    def _loader(self, source: Any, sampler: Any) -> Any:
+        """The DataLoader over ``source`` (rows in the sampler's order; None: a stream)."""
+        batching: dict[str, Any] = {"batch_size": None} if sampler is None else {"batch_sampler": sampler}
+        return torch.utils.data.DataLoader(
+            source,
+            collate_fn=self.collator,
+            num_workers=self.cfg.data.num_workers,
+            # iter(loader) draws a worker base seed from this generator; from the global one
+            # it would shift the dropout masks of a resumed run against the uninterrupted one.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+            **batching,
+        )
 
     def _open_metrics(self) -> Any:
         """metrics.jsonl on the main process: a new run starts a new log; a resumed run
@@ -1040,6 +1132,8 @@ class _Trainer:
             (last logged loss, training seconds).
         """
         from tqdm.auto import tqdm
+
+        from vlm2emb.train.remine import refresh_due
 
         cfg, acc = self.cfg, self.accelerator
         world = acc.num_processes
@@ -1149,6 +1243,12 @@ class _Trainer:
             if best is not None and step % cfg.train.eval_steps == 0 and step < cfg.train.max_steps:
                 report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
                 self._track_best(best, step, report, metrics_file)
+            if refresh_due(step, cfg.train.remine_steps, cfg.train.max_steps):
+                # Before the checkpoint of this step: resuming from it then trains on the
+                # refreshed negatives without mining again.
+                refresh_started = time.perf_counter()
+                data_iter = iter(self._refresh(step, metrics_file))
+                window_start += time.perf_counter() - refresh_started  # not training throughput
             if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < cfg.train.max_steps:
                 self._save_checkpoint(step)
         bar.close()
@@ -1198,6 +1298,10 @@ class _Trainer:
         self._setup_output()
         self._setup_data()  # a bad row stops the run before a large model is loaded
         model = self._setup_model()
+        # The rows as loaded: every refresh mines them again (their own negatives, not the
+        # last refresh's), and the batch order is planned from them once.
+        self.base_examples = self.train_examples
+        self._restore_refresh()
         self._setup_optimizer(model)
         report_before = None
         if self.eval_examples and cfg.train.eval_before and self.resume_dir is None:
