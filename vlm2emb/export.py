@@ -675,14 +675,17 @@ def _usage_lines(config: dict[str, Any], mode: str, base: str) -> list[str]:
         ]
     for task, entry in list(record.items())[:_USAGE_TASKS]:
         args = []
+        lines.append(
+            f"# {task}: query instruction {_instruction_cell(entry, 'query')}, "
+            f"target instruction {_instruction_cell(entry, 'target')}"
+        )
         for side in ("query", "target"):
             if entry.get(f"{side}_distinct", 1) <= 1:
                 args.append(f'task="{task}"')
-            else:  # per-row instructions: the caller supplies the one of each query
-                args.append(f'instruction="..."  # per row in training, e.g. {_quote(entry[side][0])}')
+            else:  # per-row instructions: the caller supplies each item's own
+                args.append('instruction="..."')
+                lines.append(f"# its {side} instructions varied per row in training: pass the one that fits")
         lines += [
-            f"# {task}: query instruction {_instruction_cell(entry, 'query')}, "
-            f"target instruction {_instruction_cell(entry, 'target')}",
             f'queries = model.encode_queries([{{"image": "query.png"}}, "a query text"], {args[0]})  # [2, d]',
             f'targets = model.encode_targets(["a candidate text", {{"image": "doc.png"}}], {args[1]})  # [2, d]',
             "print(model.similarity(queries, targets))",

@@ -147,3 +147,16 @@ def test_run_killed_before_final_writes_it_from_the_last_checkpoint(
     assert _train(out, "train.max_steps=4", "train.resume_from=auto", *SAVES) == 0
     assert _same(_weights(out / "final"), _weights(runs["four"] / "final"))
     assert sorted(_records(out)) == [1, 2, 3, 4]
+
+
+def test_num_epochs_run_extends_with_more_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 2,994 rows at batch 8: 374 steps per epoch; 0.01 epochs = 4 steps, 0.02 = 8.
+    out = tmp_path / "run"
+    assert _train(out, "train.num_epochs=0.01") == 0
+    capsys.readouterr()
+    assert _train(out, "train.num_epochs=0.02", "train.resume_from=auto") == 0
+    assert "train.max_steps 4 -> 8" in capsys.readouterr().out
+    assert sorted(_records(out)) == list(range(1, 9))
+    code = _train(out, "train.num_epochs=0.01", "train.resume_from=auto")
+    printed = capsys.readouterr()
+    assert code == 2 and "train.num_epochs: 0.01 epochs are 4 steps, fewer than the 8" in printed.err

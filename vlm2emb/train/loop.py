@@ -203,6 +203,7 @@ RESUME_KEYS = (
     "train.resume_from",
     "train.overwrite_output_dir",
     "train.max_steps",
+    "train.num_epochs",  # the other way to set the length (an override of one clears the other)
     "train.report_to",
     "train.run_name",
     "train.save_final_checkpoint",
