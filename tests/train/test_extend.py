@@ -19,7 +19,8 @@ from vlm2emb.cli import main
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 # The demo's cosine schedule with warmup_ratio 0.1: 4 steps have no warmup, 8 steps one.
-COMMON = ["train.batch_size=8", "train.log_steps=1", "data.eval=[]", "--no-progress"]
+# 64 rows (8 batches per epoch) keep the per-run data check short.
+COMMON = ["train.batch_size=8", "train.log_steps=1", "data.eval=[]", "data.max_rows=[64]", "--no-progress"]
 # The 4-step run's checkpointing keys (a resumed run keeps its recipe).
 SAVES = ["train.save_steps=2", "train.save_total_limit=1"]
 
@@ -150,13 +151,13 @@ def test_run_killed_before_final_writes_it_from_the_last_checkpoint(
 
 
 def test_num_epochs_run_extends_with_more_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # 2,994 rows at batch 8: 374 steps per epoch; 0.01 epochs = 4 steps, 0.02 = 8.
+    # 64 rows at batch 8: 8 steps per epoch; 0.5 epochs = 4 steps, 1 epoch = 8.
     out = tmp_path / "run"
-    assert _train(out, "train.num_epochs=0.01") == 0
+    assert _train(out, "train.num_epochs=0.5") == 0
     capsys.readouterr()
-    assert _train(out, "train.num_epochs=0.02", "train.resume_from=auto") == 0
+    assert _train(out, "train.num_epochs=1", "train.resume_from=auto") == 0
     assert "train.max_steps 4 -> 8" in capsys.readouterr().out
     assert sorted(_records(out)) == list(range(1, 9))
-    code = _train(out, "train.num_epochs=0.01", "train.resume_from=auto")
+    code = _train(out, "train.num_epochs=0.5", "train.resume_from=auto")
     printed = capsys.readouterr()
-    assert code == 2 and "train.num_epochs: 0.01 epochs are 4 steps, fewer than the 8" in printed.err
+    assert code == 2 and "train.num_epochs: 0.5 epochs are 4 steps, fewer than the 8" in printed.err
