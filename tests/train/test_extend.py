@@ -132,6 +132,20 @@ def test_same_max_steps_is_a_no_op_and_fewer_is_an_error(
     assert after.keys() - {out / "recipe.yaml"} == before.keys() - {out / "recipe.yaml"}
     assert all(after[p] == before[p] for p in before if p.name != "recipe.yaml")  # nothing rewritten
 
+    # From Python: the finished run's summary, read back from its files.
+    import vlm2emb
+
+    train = {"batch_size": 8, "log_steps": 1, "max_steps": 4, "save_steps": 2, "save_total_limit": 1}
+    summary = vlm2emb.train(
+        RECIPE,
+        output_dir=str(out),
+        train={**train, "resume_from": "auto"},
+        data={"eval": [], "max_rows": [64]},
+        progress=False,
+    )
+    assert summary["steps"] == 4 and summary["epochs"] == 0.5 and summary["train_seconds"] == 0.0
+    assert summary["final_loss"] == _records(out)[4]["loss"]
+
     code = _train(out, "train.max_steps=3", "train.resume_from=auto", *SAVES)
     printed = capsys.readouterr()
     assert code == 2 and "Traceback" not in printed.err

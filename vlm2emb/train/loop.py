@@ -684,10 +684,12 @@ class _Trainer:
             return json.loads(path.read_text()) if path.is_file() else None
 
         steps = self.cfg.train.max_steps
+        # Before the rows are loaded, the steps per epoch come from final/'s record.
+        per_epoch = self.steps_per_epoch or (report("final/" + TRAINER_STATE) or {}).get("steps_per_epoch")
         return {
             "output_dir": str(self.out),
             "steps": steps,
-            "epochs": round(steps / self.steps_per_epoch, 4) if self.steps_per_epoch else None,
+            "epochs": round(steps / per_epoch, 4) if per_epoch else None,
             "final_loss": final_loss,
             "train_seconds": 0.0,
             "eval_before": report("eval_before.json"),
