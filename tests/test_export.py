@@ -497,3 +497,29 @@ def test_cli_export_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--adapter-only" in out and "--max-shard-size" in out and "sentence-transformers" in out
+
+
+def test_training_summary_sums_resumed_segments(tmp_path):
+    """elapsed_s restarts on resume: the time is the sum of each segment's last value."""
+    from vlm2emb.export import training_summary
+
+    records = [
+        {"step": 10, "loss": 2.0, "accuracy": 0.5, "elapsed_s": 5.0},
+        {"step": 20, "loss": 1.5, "accuracy": 0.6, "elapsed_s": 10.0},  # killed, resumed at 20
+        {"step": 20, "eval": {"hit@1": 0.5}},
+        {"step": 30, "loss": 1.0, "accuracy": 0.7, "elapsed_s": 4.0},
+        {"step": 40, "loss": 0.5, "accuracy": 0.8, "elapsed_s": 8.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5')
+    summary = training_summary(tmp_path, {"step": 40, "steps_per_epoch": 16})
+    assert summary == {
+        "steps": 40,
+        "epochs": 2.5,
+        "final_loss": 0.5,
+        "final_accuracy": 0.8,
+        "train_seconds": 18.5,
+        "resumes": 1,
+    }
+    # An intermediate checkpoint's summary stops at its step.
+    early = training_summary(tmp_path, {"step": 30})
+    assert early["final_loss"] == 1.0 and early["train_seconds"] == 14.0 and early["epochs"] is None
