@@ -3,9 +3,11 @@
 This is what research code without vlm2emb needs to reproduce the embeddings of an export
 made by ``vlm2emb export RUN/final OUT_DIR``:
 
-    python examples/load_export.py OUT_DIR [IMAGE ...]
+    python examples/load_export.py OUT_DIR [--task NAME] [IMAGE ...]
 
-It reads ``vlm2emb_config.json`` for the pooling, normalisation and instructions, renders
+It reads ``vlm2emb_config.json`` for the pooling, normalisation and instructions (those of
+the training task ``--task``, recorded under ``instructions``; default: the first task, or
+the model's default instructions when none is recorded), renders
 prompts the way vlm2emb does for the Qwen2-VL family (no chat template: one
 ``<|vision_start|><|image_pad|><|vision_end|>`` per image, then ``instruction + "\\n"``,
 then the text), runs the bare backbone (``AutoModel``) and pools the last hidden state.
@@ -14,8 +16,8 @@ Other families use their own image placeholder (see vlm2emb/backbones/).
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +36,27 @@ def load(export_dir: str | Path) -> tuple[torch.nn.Module, object, dict]:
     model = AutoModel.from_pretrained(export_dir).eval()
     processor = AutoProcessor.from_pretrained(export_dir)
     return model, processor, config
+
+
+def instructions_for(config: dict, task: str | None) -> tuple[str | None, str | None]:
+    """(query, target) instructions of a training task, as the export recorded them.
+
+    ``task`` None takes the first recorded task. Without a record (a model not trained by
+    vlm2emb) the defaults ``query_instruction`` / ``target_instruction`` apply.
+    """
+    record = config.get("instructions") or {}
+    if not record:
+        return config.get("query_instruction"), config.get("target_instruction")
+    task = task or next(iter(record))
+    if task not in record:
+        raise SystemExit(f"unknown task {task!r}; the model was trained on: {', '.join(record)}")
+    pair = []
+    for side, default in (("query", "query_instruction"), ("target", "target_instruction")):
+        entry = record[task]
+        if entry[f"{side}_distinct"] != 1:  # per-row instructions: no single one to use
+            raise SystemExit(f"task {task!r}: {side} instructions vary per row; pass your own")
+        pair.append(entry[side][0] or config.get(default))
+    return pair[0], pair[1]
 
 
 def embed(
@@ -76,20 +99,23 @@ def embed(
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    model, processor, config = load(sys.argv[1])
-    captions = [f"a handwritten digit {w}" for w in ("zero", "one", "two", "three")]
-    targets = embed(
-        model, processor, config, captions, [None] * len(captions), config.get("target_instruction")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    if len(sys.argv) > 2:
-        images = [Image.open(p) for p in sys.argv[2:]]
-        queries = embed(
-            model, processor, config, [None] * len(images), images, config.get("query_instruction")
-        )
+    parser.add_argument("export_dir")
+    parser.add_argument("images", nargs="*", help="query images (default: the text query 'zero')")
+    parser.add_argument("--task", default=None, help="training task whose instructions to use")
+    args = parser.parse_args()
+    model, processor, config = load(args.export_dir)
+    query_instruction, target_instruction = instructions_for(config, args.task)
+    print(f"instructions: query {query_instruction!r}, target {target_instruction!r}")
+    captions = [f"a handwritten digit {w}" for w in ("zero", "one", "two", "three")]
+    targets = embed(model, processor, config, captions, [None] * len(captions), target_instruction)
+    if args.images:
+        images = [Image.open(p) for p in args.images]
+        queries = embed(model, processor, config, [None] * len(images), images, query_instruction)
     else:
-        queries = embed(model, processor, config, ["zero"], [None], config.get("query_instruction"))
+        queries = embed(model, processor, config, ["zero"], [None], query_instruction)
     print("embeddings:", tuple(queries.shape), tuple(targets.shape))
     print("cosine similarity (queries x captions):")
     print((queries @ targets.T).numpy().round(3))

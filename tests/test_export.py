@@ -12,6 +12,8 @@ from safetensors import safe_open
 
 from vlm2emb import EmbeddingModel
 from vlm2emb.cli import main
+from vlm2emb.data.demo import I2T_INSTRUCTION as I2T
+from vlm2emb.data.demo import T2I_INSTRUCTION as T2I
 from vlm2emb.export import ExportError, export_model, verification_image
 from vlm2emb.model import CONFIG_NAME
 from vlm2emb.train.config import load_recipe
@@ -226,8 +228,9 @@ def test_model_card_lists_eval_numbers_and_recipe(runs, tmp_path):
     report = json.loads((runs["lora"] / "eval.json").read_text())
     assert card.startswith("---\nlibrary_name: vlm2emb")
     assert "license: apache-2.0" in card and "base_model: tiny:qwen2_vl" in card
+    results = card.split("## Evaluation")[1]  # (the instruction table has rows per task too)
     for task, metrics in report["tasks"].items():
-        row = next(line for line in card.splitlines() if line.startswith(f"| {task} |"))
+        row = next(line for line in results.splitlines() if line.startswith(f"| {task} |"))
         assert f"{metrics['hit@1']:.4f}" in row and f"{metrics['mrr']:.4f}" in row
     assert f"{report['average']['hit@1']:.4f}" in card
     assert "`demo:digits/train`" in card and "LoRA (r 4, alpha 64)" in card
@@ -236,11 +239,115 @@ def test_model_card_lists_eval_numbers_and_recipe(runs, tmp_path):
     # eval.json scores final/: an intermediate checkpoint's card does not claim its numbers.
     step_card = export_model(runs["lora"] / "checkpoints" / "step-2", tmp_path / "s2").out_dir / "README.md"
     step_card = step_card.read_text()
-    assert "intermediate checkpoint" in step_card and "| digits-i2t |" not in step_card
+    assert (
+        "intermediate checkpoint" in step_card and "| digits-i2t |" not in step_card.split("## Evaluation")[1]
+    )
+    assert "model-index" not in step_card  # nor does its front matter
     # Without a run next to it (a plain saved model) the card says so instead.
     plain = EmbeddingModel.from_pretrained(runs["full"] / "final").save_pretrained(tmp_path / "bare" / "m")
     card = (export_model(plain, tmp_path / "bare-export").out_dir / "README.md").read_text()
     assert "No evaluation report" in card and "No training recipe" in card
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_front_matter_is_hub_metadata(runs, tmp_path):
+    """The YAML front matter against the run's own files, and read by huggingface_hub."""
+    out = export_model(runs["lora"] / "final", tmp_path / "meta").out_dir
+    card = (out / "README.md").read_text()
+    front = _front_matter(card)
+    report = json.loads((runs["lora"] / "eval.json").read_text())
+    saved = json.loads((runs["lora"] / "final" / CONFIG_NAME).read_text())
+    assert front["library_name"] == "vlm2emb" and front["pipeline_tag"] == "feature-extraction"
+    assert front["base_model"] == saved["base_model"] == "tiny:qwen2_vl"
+    assert front["license"] == "unknown"  # no --license: not claimed
+    assert "datasets" not in front  # demo: data is no hub dataset
+    (entry,) = front["model-index"]
+    assert entry["name"] == "meta"
+    got = {(r["dataset"]["name"], m["name"]): m["value"] for r in entry["results"] for m in r["metrics"]}
+    metrics = ("hit@1", "hit@5", "ndcg@5", "mrr")
+    want = {(t, c): round(m[c], 4) for t, m in report["tasks"].items() for c in metrics}
+    assert got == want
+    assert {r["dataset"]["type"] for r in entry["results"]} == {"demo:digits/eval"}
+
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(card).data
+    assert parsed.license == "unknown" and parsed.library_name == "vlm2emb"
+    assert {(e.dataset_name, e.metric_name): e.metric_value for e in parsed.eval_results} == want
+
+    # Training summary from metrics.jsonl and trainer_state.json.
+    records = [json.loads(x) for x in (runs["lora"] / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "loss" in r][-1]
+    state = json.loads((runs["lora"] / "final" / "trainer_state.json").read_text())
+    assert f"- Steps: 3 ({round(3 / state['steps_per_epoch'], 2)} epochs" in card
+    assert f"Final loss: {last['loss']:.4f}, in-batch accuracy: {last['accuracy']:.3f}" in card
+    assert f"Training time: {last['elapsed_s']:.1f} s" in card
+    from importlib.metadata import version
+
+    import vlm2emb
+
+    assert f"| vlm2emb | {vlm2emb.__version__} | {vlm2emb.__version__} |" in card
+    for name in ("torch", "transformers", "peft"):
+        assert f"| {name} | {version(name)} | {version(name)} |" in card
+    # A hub dataset in data.train is listed by its id.
+    from vlm2emb.export import model_card
+
+    recipe_dir = tmp_path / "hubrun"
+    recipe_dir.mkdir()
+    (recipe_dir / "recipe.yaml").write_text("data:\n  train: [hf:org/pairs:train, local.jsonl]\n")
+    text = model_card(
+        saved,
+        run_dir=recipe_dir,
+        mode="merged",
+        format="vlm2emb",
+        dtype="fp32",
+        license="mit",
+        verifications=[],
+    )
+    meta = _front_matter(text)
+    assert meta["datasets"] == ["org/pairs"] and meta["license"] == "mit" and "model-index" not in meta
+
+
+def test_instructions_travel_with_the_model(runs, digit_images, tmp_path):
+    """The rows' instructions per dataset, recorded at training, reach the export and its card."""
+    from vlm2emb.data.demo import resolve_demo
+
+    rows = [json.loads(x) for x in resolve_demo("demo:digits/train", runs["lora"]).read_text().splitlines()]
+    # Independent recount: the row's own instruction, else the recipe's default.
+    want: dict = {}
+    for row in rows:
+        q = row.get("instruction") or INSTRUCTION
+        want.setdefault(row["dataset"], {}).setdefault(q, 0)
+        want[row["dataset"]][q] += 1
+    saved = json.loads((runs["lora"] / "final" / CONFIG_NAME).read_text())["instructions"]
+    assert {t: {e["query"][0]: e["rows"]} for t, e in saved.items()} == want
+    assert all(e["query_distinct"] == 1 and e["target"] == [None] for e in saved.values())
+
+    out = export_model(runs["lora"] / "final", tmp_path / "instr").out_dir
+    assert json.loads((out / CONFIG_NAME).read_text())["instructions"] == saved
+    card = (out / "README.md").read_text()
+    assert f"| digits-i2t | {want['digits-i2t'][I2T]} | `{I2T}` | none |" in card
+    assert 'task="digits-i2t")' in card and 'task="digits-t2i")' in card  # the usage snippet
+    model = EmbeddingModel.from_pretrained(out)
+    items = [digit_images[0], "a handwritten digit one"]
+    torch.testing.assert_close(
+        model.encode_queries(items, task="digits-i2t"), model.encode(items, instruction=I2T)
+    )
+    torch.testing.assert_close(model.encode_targets(items, task="digits-i2t"), model.encode(items))
+    # An explicit instruction wins over the task's.
+    torch.testing.assert_close(
+        model.encode_queries(items, "Other.", task="digits-i2t"), model.encode(items, instruction="Other.")
+    )
+    with pytest.raises(
+        ValueError, match="unknown task 'nope'; the model was trained on: digits-i2t, digits-t2i"
+    ):
+        model.encode_queries(items, task="nope")
 
 
 def test_sentence_transformers_export_matches(runs, digit_images, tmp_path):
@@ -273,6 +380,15 @@ def test_sentence_transformers_export_matches(runs, digit_images, tmp_path):
         st.encode_document(images, convert_to_tensor=True), ours.encode_targets(images), atol=1e-4, rtol=0
     )
     assert "SentenceTransformer(" in (out / "README.md").read_text()
+    # Each training task's query instruction is a named prompt.
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["digits-i2t"] == I2T + "\n" and "digits-i2t-document" not in prompts  # no target one
+    torch.testing.assert_close(
+        st.encode_query(images, prompt_name="digits-i2t", convert_to_tensor=True),
+        ours.encode_queries(images, task="digits-i2t"),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 def test_sentence_transformers_export_refuses_unsupported_pooling(tiny_qwen2_vl_dir, tmp_path):
@@ -367,6 +483,12 @@ def test_example_load_export_reproduces_vlm2emb(runs, digit_images, tmp_path):
     ours = EmbeddingModel.from_pretrained(out)
     items = ["a handwritten digit seven", digit_images[0], {"text": "which digit?", "image": digit_images[1]}]
     torch.testing.assert_close(got, ours.encode_queries(items), atol=1e-4, rtol=0)
+    # The example reads a task's training instructions from the export, as vlm2emb does.
+    query, target = example["instructions_for"](config, "digits-t2i")
+    assert (query, target) == (T2I, None)
+    assert example["instructions_for"](config, None) == (I2T, None)  # the first task
+    got = example["embed"](backbone, processor, config, texts, images, query)
+    torch.testing.assert_close(got, ours.encode_queries(items, task="digits-t2i"), atol=1e-4, rtol=0)
 
 
 def test_cli_export_help(capsys):
@@ -375,3 +497,29 @@ def test_cli_export_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--adapter-only" in out and "--max-shard-size" in out and "sentence-transformers" in out
+
+
+def test_training_summary_sums_resumed_segments(tmp_path):
+    """elapsed_s restarts on resume: the time is the sum of each segment's last value."""
+    from vlm2emb.export import training_summary
+
+    records = [
+        {"step": 10, "loss": 2.0, "accuracy": 0.5, "elapsed_s": 5.0},
+        {"step": 20, "loss": 1.5, "accuracy": 0.6, "elapsed_s": 10.0},  # killed, resumed at 20
+        {"step": 20, "eval": {"hit@1": 0.5}},
+        {"step": 30, "loss": 1.0, "accuracy": 0.7, "elapsed_s": 4.0},
+        {"step": 40, "loss": 0.5, "accuracy": 0.8, "elapsed_s": 8.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5')
+    summary = training_summary(tmp_path, {"step": 40, "steps_per_epoch": 16})
+    assert summary == {
+        "steps": 40,
+        "epochs": 2.5,
+        "final_loss": 0.5,
+        "final_accuracy": 0.8,
+        "train_seconds": 18.5,
+        "resumes": 1,
+    }
+    # An intermediate checkpoint's summary stops at its step.
+    early = training_summary(tmp_path, {"step": 30})
+    assert early["final_loss"] == 1.0 and early["train_seconds"] == 14.0 and early["epochs"] is None

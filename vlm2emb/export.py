@@ -278,6 +278,8 @@ def export_model(
                 verifications=verifications,
                 # eval.json scores the run's final weights; an intermediate checkpoint is not them.
                 eval_applies=run_dir is not None and source.resolve() == (run_dir / "final").resolve(),
+                trainer_state=_read_trainer_state(source),
+                name=out.name,
             )
         )
         files = _no_pickles(tmp)
@@ -482,6 +484,13 @@ def _write_sentence_transformers(model: EmbeddingModel, tmp: Path) -> bool:
         "query": cfg.query_instruction.strip() + "\n" if cfg.query_instruction else "",
         "document": cfg.target_instruction.strip() + "\n" if cfg.target_instruction else "",
     }
+    # Each training task's instructions as named prompts (encode_query(x, prompt_name=TASK),
+    # encode_document(x, prompt_name=TASK-document)): the ones every row of the task shared.
+    for task, entry in (cfg.instructions or {}).items():
+        for side, prompt_name in (("query", task), ("target", f"{task}-document")):
+            text = entry[side][0] if entry[side] and entry.get(f"{side}_distinct", 1) == 1 else None
+            if text and prompt_name not in prompts:
+                prompts[prompt_name] = text.strip() + "\n"
     st_config = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (tmp / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
     return template is not None
@@ -515,8 +524,92 @@ def _verify_sentence_transformers(
 
 
 # --------------------------------------------------------------------- model card
+# eval.json metrics in the card's table and the hub's model-index, in this order.
+CARD_METRICS = ("hit@1", "hit@5", "ndcg@5", "mrr")
+# Without --license the card says "unknown" (a license id the hub accepts): the terms of the
+# base model and of the training data are not something vlm2emb can know.
+UNKNOWN_LICENSE = "unknown"
+# Tasks shown with their own line in the card's usage snippet.
+_USAGE_TASKS = 3
+
+
+def _read_trainer_state(source: Path) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json ({} for a model not saved by the trainer)."""
+    try:
+        state = json.loads((source / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def training_summary(run_dir: Path, trainer_state: dict[str, Any]) -> dict[str, Any]:
+    """What the run's log says about the checkpoint's training.
+
+    Args:
+        run_dir: The run's ``output_dir`` (with ``metrics.jsonl``).
+        trainer_state: The checkpoint's ``trainer_state.json``: its ``step`` limits the log
+            to the records up to it, ``steps_per_epoch`` gives the epochs.
+
+    Returns:
+        ``{"steps", "epochs", "final_loss", "final_accuracy", "train_seconds", "resumes"}``
+        (None where the log or the state lacks it). ``elapsed_s`` restarts when a run is
+        resumed, so the time is summed over the log's segments.
+    """
+    step = trainer_state.get("step")
+    records: list[dict[str, Any]] = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "loss" in record and (step is None or record["step"] <= step):
+                records.append(record)
+    seconds, segment_end, resumes, previous = 0.0, 0.0, 0, -1.0
+    for record in records:
+        elapsed = float(record.get("elapsed_s") or 0.0)
+        if elapsed < previous:  # a resumed run's clock starts again
+            seconds, resumes = seconds + segment_end, resumes + 1
+        segment_end = previous = elapsed
+    steps = step if step is not None else (records[-1]["step"] if records else None)
+    per_epoch = trainer_state.get("steps_per_epoch")
+    return {
+        "steps": steps,
+        "epochs": round(steps / per_epoch, 2) if steps and per_epoch else None,
+        "final_loss": records[-1].get("loss") if records else None,
+        "final_accuracy": records[-1].get("accuracy") if records else None,
+        "train_seconds": round(seconds + segment_end, 1) if records else None,
+        "resumes": resumes,
+    }
+
+
+def model_index(report: dict[str, Any], name: str, eval_sources: list[str]) -> list[dict[str, Any]]:
+    """The hub's ``model-index`` front matter: one result per task of ``eval.json``.
+
+    Each result names the task (``dataset.name``), the eval data it came from
+    (``dataset.type``: the recipe's ``data.eval``, hub ids without ``hf:``) and the metrics
+    (``type`` without ``@``, e.g. ``hit_at_1``; ``name`` as vlm2emb writes it).
+    """
+    source = "; ".join(s.removeprefix("hf:") for s in eval_sources) or "unknown"
+    results = []
+    for task, metrics in report.get("tasks", {}).items():
+        results.append(
+            {
+                "task": {"type": "feature-extraction", "name": "Retrieval among candidates (vlm2emb eval)"},
+                "dataset": {"type": source, "name": task},
+                "metrics": [
+                    {"type": c.replace("@", "_at_"), "value": round(float(metrics[c]), 4), "name": c}
+                    for c in CARD_METRICS
+                    if c in metrics
+                ],
+            }
+        )
+    return [{"name": name, "results": results}] if results else []
+
+
 def _metrics_table(report: dict[str, Any]) -> list[str]:
-    cols = [c for c in ("hit@1", "hit@5", "ndcg@5", "mrr") if c in report.get("average", {})]
+    cols = [c for c in CARD_METRICS if c in report.get("average", {})]
     lines = ["| task | " + " | ".join(cols) + " | n |", "|---" * (len(cols) + 2) + "|"]
     for task, m in report.get("tasks", {}).items():
         lines.append(f"| {task} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + f" | {m.get('n', '')} |")
@@ -524,6 +617,112 @@ def _metrics_table(report: dict[str, Any]) -> list[str]:
     if avg:
         lines.append("| **average** | " + " | ".join(f"{avg[c]:.4f}" for c in cols) + " | |")
     return lines
+
+
+def _instruction_cell(entry: dict[str, Any], side: str) -> str:
+    """One side of a task's record: the instruction, or how many per-row ones and the top 3."""
+    texts = entry.get(side) or [None]
+    distinct = entry.get(f"{side}_distinct", len(texts))
+    if distinct <= 1:
+        return _quote(texts[0])
+    return f"per row, {distinct} distinct; most used: " + ", ".join(_quote(t) for t in texts[:3])
+
+
+def _instruction_lines(config: dict[str, Any]) -> list[str]:
+    record = config.get("instructions")
+    lines = ["", "## Instructions", ""]
+    if record:
+        lines += [
+            "Embed with the instructions the model was trained with: the table lists them per "
+            "training dataset (`instructions` in `vlm2emb_config.json`), and "
+            '`encode_queries(..., task="NAME")` / `encode_targets(..., task="NAME")` apply them. '
+            'An instruction is prepended to the item\'s text as `instruction + "\\n" + text`.',
+            "",
+            "| task | rows | query instruction | target instruction |",
+            "|---|---|---|---|",
+        ]
+        for task, entry in record.items():
+            lines.append(
+                f"| {task} | {entry.get('rows', '')} | {_instruction_cell(entry, 'query')} | "
+                f"{_instruction_cell(entry, 'target')} |"
+            )
+        lines.append("")
+    else:
+        lines += [
+            "No per-task record of the training instructions (a model not trained by vlm2emb, or a "
+            "streamed run).",
+            "",
+        ]
+    lines.append(
+        f"Defaults (without `task=`): query {_quote(config.get('query_instruction'))}, "
+        f"target {_quote(config.get('target_instruction'))}."
+    )
+    return lines
+
+
+def _usage_lines(config: dict[str, Any], mode: str, base: str) -> list[str]:
+    lines = ["", "## Usage", "", "With vlm2emb:", "", "```python", "from vlm2emb import EmbeddingModel", ""]
+    if mode == "adapter":
+        lines.append(f'model = EmbeddingModel.from_pretrained("path/to/this/folder", base_model="{base}")')
+    else:
+        lines.append('model = EmbeddingModel.from_pretrained("path/to/this/folder")')
+    record = config.get("instructions") or {}
+    if not record:
+        lines += [
+            'queries = model.encode_queries(["a handwritten digit seven"])  # [1, d]',
+            'docs = model.encode_targets([{"image": "digit.png"}, "a caption"])  # [2, d]',
+            "print(model.similarity(queries, docs))",
+        ]
+    for task, entry in list(record.items())[:_USAGE_TASKS]:
+        args = []
+        lines.append(
+            f"# {task}: query instruction {_instruction_cell(entry, 'query')}, "
+            f"target instruction {_instruction_cell(entry, 'target')}"
+        )
+        for side in ("query", "target"):
+            if entry.get(f"{side}_distinct", 1) <= 1:
+                args.append(f'task="{task}"')
+            else:  # per-row instructions: the caller supplies each item's own
+                args.append('instruction="..."')
+                lines.append(f"# its {side} instructions varied per row in training: pass the one that fits")
+        lines += [
+            f'queries = model.encode_queries([{{"image": "query.png"}}, "a query text"], {args[0]})  # [2, d]',
+            f'targets = model.encode_targets(["a candidate text", {{"image": "doc.png"}}], {args[1]})  # [2, d]',
+            "print(model.similarity(queries, targets))",
+        ]
+    if len(record) > _USAGE_TASKS:
+        lines.append(f"# ... and task= for the other {len(record) - _USAGE_TASKS} tasks of the table above")
+    lines.append("```")
+    return lines
+
+
+def _versions_lines(trainer_state: dict[str, Any]) -> list[str]:
+    from vlm2emb.train.state import library_versions
+
+    trained, now = trainer_state.get("versions") or {}, library_versions()
+    lines = ["", "## Framework versions", "", "| package | trained with | exported with |", "|---|---|---|"]
+    for name in dict.fromkeys([*trained, *now]):
+        lines.append(f"| {name} | {trained.get(name, 'not recorded')} | {now.get(name, 'not installed')} |")
+    return lines
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    def num(value: Any, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "not logged"
+
+    epochs = f" ({summary['epochs']} epochs over the training rows)" if summary["epochs"] is not None else ""
+    resumed = f", resumed {summary['resumes']} time(s)" if summary["resumes"] else ""
+    return [
+        "",
+        "## Training summary",
+        "",
+        "From the run's `metrics.jsonl` (the last log window) and the checkpoint's `trainer_state.json`:",
+        "",
+        f"- Steps: {summary['steps']}{epochs}",
+        f"- Final loss: {num(summary['final_loss'], '.4f')}, in-batch accuracy: "
+        f"{num(summary['final_accuracy'], '.3f')}",
+        f"- Training time: {num(summary['train_seconds'], '.1f')} s{resumed}",
+    ]
 
 
 def model_card(
@@ -536,24 +735,50 @@ def model_card(
     license: str | None,
     verifications: list[Verification],
     eval_applies: bool = True,
+    trainer_state: dict[str, Any] | None = None,
+    name: str = "vlm2emb-model",
 ) -> str:
-    """The export's README.md: base model, data, recipe, usage, eval results, verification."""
+    """The export's README.md: hub metadata, instructions, data, training, results, usage.
+
+    Args:
+        config: The export's ``vlm2emb_config.json`` contents.
+        run_dir: The training run's ``output_dir`` (recipe, metrics, eval), or None.
+        mode: ``merged`` or ``adapter``.
+        format: ``vlm2emb`` or ``sentence-transformers``.
+        dtype: The written weights' dtype name.
+        license: A hub license id; None writes ``unknown``.
+        verifications: The export's reload checks.
+        eval_applies: Whether ``eval.json`` scores these weights (``final/``).
+        trainer_state: The checkpoint's ``trainer_state.json`` (step, versions).
+        name: The model's name in ``model-index``.
+    """
     import yaml
 
+    trainer_state = trainer_state or {}
     recipe = None
     if run_dir is not None:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     report = None
     if run_dir is not None and eval_applies and (run_dir / "eval.json").is_file():
         report = json.loads((run_dir / "eval.json").read_text())
+    data = (recipe or {}).get("data", {})
     base = config.get("base_model") or "unknown"
-    front = {"library_name": "vlm2emb", "pipeline_tag": "feature-extraction", "base_model": base}
-    front["tags"] = ["vlm2emb", "embeddings", "vision-language", "safetensors"]
+    front: dict[str, Any] = {
+        "library_name": "vlm2emb",
+        "pipeline_tag": "feature-extraction",
+        "base_model": base,
+        "license": license or UNKNOWN_LICENSE,
+        "tags": ["vlm2emb", "embeddings", "vision-language", "safetensors"],
+    }
     if format == "sentence-transformers":
         front["tags"].append("sentence-transformers")
-    if license:
-        front["license"] = license
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    # The hub's datasets field holds hub ids: the hf: sources (local files are listed below).
+    hub_sources = [s.removeprefix("hf:").split(":")[0] for s in data.get("train", []) if s.startswith("hf:")]
+    if hub_sources:
+        front["datasets"] = list(dict.fromkeys(hub_sources))
+    if report is not None:
+        front["model-index"] = model_index(report, name, list(data.get("eval", [])))
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", ""]
     lines += [
         f"# Embedding model exported by vlm2emb ({mode}, {dtype})",
         "",
@@ -562,17 +787,18 @@ def model_card(
         f"{dtype} safetensors, format `{format}`",
         f"- **Pooling:** `{config.get('pooling')}`, normalised: {config.get('normalize')}, "
         f"attention: `{config.get('attention')}`",
-        f"- **Query instruction:** {_quote(config.get('query_instruction'))}",
-        f"- **Target instruction:** {_quote(config.get('target_instruction'))}",
+        f"- **Query instruction:** {_quote(config.get('query_instruction'))} (default; per task below)",
+        f"- **Target instruction:** {_quote(config.get('target_instruction'))} (default; per task below)",
         f"- **Training temperature:** {config.get('temperature')}",
     ]
     if config.get("matryoshka_dims"):
         lines.append(
             f"- **Matryoshka dimensions:** {config['matryoshka_dims']} (pass `truncate_dim=` to encode)"
         )
+    lines += _instruction_lines(config)
     lines += ["", "## Training data", ""]
     if recipe is not None:
-        data, train = recipe.get("data", {}), recipe.get("train", {})
+        train = recipe.get("train", {})
         lora = recipe.get("model", {}).get("lora")
         tuning = (
             "full fine-tuning"
@@ -586,6 +812,7 @@ def model_card(
             f"- {train.get('max_steps')} steps at global batch {train.get('batch_size')}, learning rate "
             f"{train.get('learning_rate')}, {tuning}, precision {train.get('precision')}",
         ]
+        lines += _summary_lines(training_summary(run_dir, trainer_state))
     else:
         lines.append("No training recipe was found next to the checkpoint.")
     lines += ["", "## Evaluation", ""]
@@ -597,21 +824,13 @@ def model_card(
         )
     else:
         lines.append("No evaluation report (`eval.json`) was found next to the checkpoint.")
-    lines += ["", "## Usage", "", "With vlm2emb:", "", "```python", "from vlm2emb import EmbeddingModel", ""]
-    if mode == "adapter":
-        lines.append(f'model = EmbeddingModel.from_pretrained("path/to/this/folder", base_model="{base}")')
-    else:
-        lines.append('model = EmbeddingModel.from_pretrained("path/to/this/folder")')
-    lines += [
-        'queries = model.encode_queries(["a handwritten digit seven"])  # [1, d]',
-        'docs = model.encode_targets([{"image": "digit.png"}, "a caption"])  # [2, d]',
-        "print(model.similarity(queries, docs))",
-        "```",
-    ]
+    lines += _usage_lines(config, mode, base)
     if format == "sentence-transformers":
         lines += [
             "",
-            "With sentence-transformers (the prompts hold the instructions):",
+            "With sentence-transformers (the prompts hold the instructions; a task's own ones are "
+            'named after it, where its rows shared one: `prompt_name="TASK"` for queries, '
+            '`"TASK-document"` for targets):',
             "",
             "```python",
             "from sentence_transformers import SentenceTransformer",
@@ -626,7 +845,8 @@ def model_card(
         lines += [
             "",
             "The weights also load with plain transformers (`AutoModel.from_pretrained`); pool the last "
-            "hidden state as stated above. See `examples/load_export.py` in the vlm2emb repository.",
+            "hidden state as stated above and prepend the task's instruction. See "
+            "`examples/load_export.py` in the vlm2emb repository (`--task NAME` picks the instructions).",
         ]
     lines += [
         "",
@@ -640,6 +860,7 @@ def model_card(
             f"- {v.loader}: {v.n_probes} probes, max |diff| {v.max_abs_diff:.2e}, min cosine "
             f"{v.min_cosine:.6f} (required: {v.rule})"
         )
+    lines += _versions_lines(trainer_state)
     if recipe is not None:
         lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
     lines += [
@@ -648,7 +869,8 @@ def model_card(
         "",
         f"{license}."
         if license
-        else "Not stated at export. The base model's license applies to these weights.",
+        else "Not stated at export (`license: unknown` above). The base model's license and the training "
+        "data's terms apply to these weights.",
         "",
     ]
     return "\n".join(lines)

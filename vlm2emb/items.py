@@ -9,11 +9,15 @@ the same thing everywhere:
   then ``images``, then ``video``, then the ``pdf`` page (:func:`media_refs`).
 * An **instruction** is the row's own, else the default of its side
   (:func:`resolve_instruction`), the one rule training, checking and evaluation share.
+* The instructions a model was trained with are recorded per task (the rows' ``dataset``)
+  by :func:`instruction_record` and read back by :func:`task_instruction`.
 * A :class:`ContrastiveBatch` is what the collator hands a training step.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +31,17 @@ __all__ = [
     "ItemError",
     "PdfPageRef",
     "VideoRef",
+    "instruction_record",
     "media_refs",
     "resolve_instruction",
+    "task_instruction",
 ]
+
+# Distinct instructions recorded per task and side (the most frequent first): a task whose
+# rows each carry their own (VQA-style questions as instructions) would otherwise fill the
+# saved config with every row.
+INSTRUCTION_CAP = 8
+INSTRUCTION_SIDES = ("query", "target")
 
 # The keys an item dict may hold; anything else is refused (a typo would otherwise drop media).
 ITEM_KEYS = ("text", "image", "images", "video", "pdf", "page")
@@ -69,6 +81,66 @@ def resolve_instruction(own: str | None, default: str | None) -> str | None:
     An empty string counts as none, so a row can fall back by leaving the field blank.
     """
     return own or default
+
+
+def instruction_record(
+    rows: Iterable[tuple[str, str | None, str | None]], cap: int = INSTRUCTION_CAP
+) -> dict[str, dict[str, Any]]:
+    """The instructions training rows were embedded with, per task.
+
+    Args:
+        rows: ``(task, query instruction, target instruction)`` per row, each instruction
+            already resolved (:func:`resolve_instruction`: the row's own, else the default).
+        cap: At most this many distinct instructions are kept per task and side.
+
+    Returns:
+        ``{task: {"rows": n, "query": [...], "query_distinct": k, "target": [...],
+        "target_distinct": k}}``, tasks in order of first appearance; each list holds the
+        distinct instructions (None = no instruction), most frequent first (ties: first
+        seen), cut at ``cap``. One entry and ``*_distinct == 1`` means every row of the task
+        used that instruction.
+    """
+    counts: dict[str, list[Counter[str | None]]] = {}
+    for task, query, target in rows:
+        sides = counts.setdefault(task, [Counter(), Counter()])
+        sides[0][query or None] += 1
+        sides[1][target or None] += 1
+    record: dict[str, dict[str, Any]] = {}
+    for task, sides in counts.items():
+        entry: dict[str, Any] = {"rows": sum(sides[0].values())}
+        for name, counter in zip(INSTRUCTION_SIDES, sides):
+            entry[name] = [text for text, _ in counter.most_common(cap)]  # stable for ties
+            entry[f"{name}_distinct"] = len(counter)
+        record[task] = entry
+    return record
+
+
+def task_instruction(record: dict[str, dict[str, Any]] | None, task: str, side: str) -> str | None:
+    """The one instruction every training row of ``task`` used on ``side``.
+
+    Args:
+        record: An :func:`instruction_record` (``EmbeddingConfig.instructions``).
+        task: A task (the rows' ``dataset``) of the record.
+        side: ``"query"`` or ``"target"``.
+
+    Raises:
+        ValueError: No record, an unknown task (the known ones are listed), or a task whose
+            rows had several instructions on that side (pass ``instruction=`` instead).
+    """
+    if side not in INSTRUCTION_SIDES:
+        raise ValueError(f"side must be one of {', '.join(INSTRUCTION_SIDES)}, got {side!r}")
+    if not record:
+        raise ValueError(f"task {task!r}: this model records no training instructions per task")
+    if task not in record:
+        raise ValueError(f"unknown task {task!r}; the model was trained on: {', '.join(record)}")
+    entry = record[task]
+    if entry.get(f"{side}_distinct", 1) != 1:
+        shown = "; ".join(repr(t) for t in entry[side][:3])
+        raise ValueError(
+            f"task {task!r}: its rows had {entry[f'{side}_distinct']} different {side} instructions "
+            f"(per row, e.g. {shown}); pass instruction= instead"
+        )
+    return entry[side][0]
 
 
 def media_refs(raw: dict[str, Any]) -> list[tuple[str, str, Any]]:

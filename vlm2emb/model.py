@@ -23,7 +23,7 @@ from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
 from vlm2emb.inputs import DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
-from vlm2emb.items import resolve_instruction
+from vlm2emb.items import resolve_instruction, task_instruction
 from vlm2emb.multivector import MultiVectorEmbeddings, MultiVectorHead
 from vlm2emb.pooling import POOLING_METHODS, pool, pool_packed
 
@@ -78,6 +78,11 @@ class EmbeddingConfig:
             weights are saved as ``multivector_head.safetensors``.
         dense_head: Compute the single pooled embedding. False leaves only the multi-vector
             head (then ``multivector_dim`` is required); with both, one forward gives both.
+        instructions: The instructions the training rows were embedded with, per task (the
+            rows' ``dataset``): ``{task: {"rows", "query", "query_distinct", "target",
+            "target_distinct"}}`` (:func:`vlm2emb.items.instruction_record`); None for a
+            model not trained by vlm2emb or a streamed run. ``encode_queries(...,
+            task=...)`` uses them. A record written by the trainer, like ``temperature``.
         format_version: Layout version of the saved directory.
     """
 
@@ -96,6 +101,7 @@ class EmbeddingConfig:
     pack_sequences: bool = False
     multivector_dim: int | None = None
     dense_head: bool = True
+    instructions: dict[str, dict[str, Any]] | None = None
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -121,6 +127,11 @@ class EmbeddingConfig:
             raise ValueError(f"dense_head must be true or false, got {self.dense_head!r}")
         if not self.dense_head and dim is None:
             raise ValueError("dense_head=False needs a multi-vector head: set multivector_dim (e.g. 128)")
+        if self.instructions is not None and not (
+            isinstance(self.instructions, dict)
+            and all(isinstance(v, dict) for v in self.instructions.values())
+        ):
+            raise ValueError("instructions must map task names to their instruction records")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
@@ -830,14 +841,36 @@ class EmbeddingModel(nn.Module):
                 emb = torch.nn.functional.normalize(emb, dim=-1)
         return emb.numpy() if convert_to == "numpy" else emb
 
-    def encode_queries(self, items: Any, instruction: str | None = None, **kwargs: Any) -> torch.Tensor:
-        """:meth:`encode` with the model's default query instruction unless one is given."""
+    def instruction_for(self, task: str, side: str = "query") -> str | None:
+        """The instruction the training rows of ``task`` (their ``dataset``) used on ``side``.
+
+        Args:
+            task: A task recorded in ``config.instructions``.
+            side: ``"query"`` or ``"target"``.
+
+        Raises:
+            ValueError: No record, an unknown task, or one whose rows varied (one line each).
+        """
+        return task_instruction(self.config.instructions, task, side)
+
+    def encode_queries(
+        self, items: Any, instruction: str | None = None, *, task: str | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """:meth:`encode` for queries: ``instruction``, else ``task``'s training instruction
+        (:meth:`instruction_for`), else the model's default query instruction."""
+        if instruction is None and task is not None:
+            instruction = self.instruction_for(task, "query")
         return self.encode(
             items, instruction=resolve_instruction(instruction, self.config.query_instruction), **kwargs
         )
 
-    def encode_targets(self, items: Any, instruction: str | None = None, **kwargs: Any) -> torch.Tensor:
-        """:meth:`encode` with the model's default target instruction unless one is given."""
+    def encode_targets(
+        self, items: Any, instruction: str | None = None, *, task: str | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """:meth:`encode` for targets: ``instruction``, else ``task``'s training instruction
+        (:meth:`instruction_for`), else the model's default target instruction."""
+        if instruction is None and task is not None:
+            instruction = self.instruction_for(task, "target")
         return self.encode(
             items, instruction=resolve_instruction(instruction, self.config.target_instruction), **kwargs
         )

@@ -177,7 +177,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     ref, got = _weights(full), _weights(killed)
     assert all(torch.equal(ref[k], got[k]) for k in ref)  # bit for bit
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert kept == ["step-18", "step-21"]  # save_total_limit=2
+    assert kept == ["step-21", "step-24"]  # save_total_limit=2; step-24: the last step's checkpoint
     assert not list((killed / "checkpoints").glob(".tmp-*"))
 
 
@@ -197,6 +197,7 @@ def test_two_process_resume_is_exact(tmp_path, config, extra):
     resumed = tmp_path / "resumed"
     shutil.copytree(ref, resumed)
     shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step-6")  # the last step's checkpoint
     out = _run([*_launch_cmd(config, resumed, *steps), "train.resume_from=auto"])
     assert "Resumed from" in out
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]

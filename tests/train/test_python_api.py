@@ -76,6 +76,7 @@ def test_in_memory_rows_epochs_and_callbacks(tmp_path: Path, image_rows: list[di
     assert recorder.evals[0][0] == 0 and recorder.evals[-1] == (6, summary["eval"]["average"]["hit@1"])
     assert [(step, path.name, whole) for step, path, whole in recorder.saves] == [
         (3, "step-3", True),
+        (6, "step-6", True),  # the last step's resumable checkpoint, then final/
         (6, "final", True),
     ]
     saved = (tmp_path / "run" / "recipe.yaml").read_text()

@@ -129,15 +129,17 @@ def _train(out: Path, *extra: str) -> int:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     assert _train(out) == 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    # step-6: the last step's checkpoint (train.save_final_checkpoint), beside save_steps' ones.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
     return out
 
 
 def _interrupted_copy(reference: Path, tmp_path: Path) -> Path:
-    """The reference run as a kill after step 4 would leave it: no final/, later log lines."""
+    """The reference run as a kill after step 4 would leave it: no step-6, no final/, later log lines."""
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-6")
     return out
 
 
@@ -255,7 +257,8 @@ def test_reused_output_dir_is_refused_unless_overwritten(
     assert (
         _train(out, "train.learning_rate=1e-3", "train.save_steps=0", "train.overwrite_output_dir=true") == 0
     )
-    assert not (out / "checkpoints").exists()
+    # The other run's step-2 and step-4 are gone; step-6 is the new run's last-step checkpoint.
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-6"]
     assert (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes() != final
     assert [r["step"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
 

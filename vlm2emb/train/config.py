@@ -171,6 +171,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     save_steps: int = 0  # 0 = only final/
     save_total_limit: int | None = None  # keep only the newest N checkpoints (None = all)
+    # The last step also writes checkpoints/step-MAX_STEPS with the training state, so a
+    # finished run can be extended (a larger train.max_steps + train.resume_from=auto).
+    # false saves its disk (the weights twice + AdamW's two moments of the trainable ones)
+    # but the run can then not be continued. save_total_limit applies to it as to the others.
+    save_final_checkpoint: bool = True
     resume_from: str | None = None  # auto = newest whole checkpoint in output_dir, or a path
     # A new (not resumed) run refuses an output_dir holding another run unless this is true;
     # then the other run's outputs are deleted first, so resume_from=auto cannot pick them.

@@ -68,6 +68,55 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
     )
 
 
+def _lr_factors(cfg: RecipeConfig, max_steps: int, steps: range) -> list[float]:
+    """The schedule's factor of ``train.learning_rate`` at 0-based steps ``steps`` for ``max_steps``."""
+    import copy
+
+    other = copy.deepcopy(cfg)
+    other.train.max_steps = max_steps
+    # A throwaway optimizer: only the schedule's lambda is read.
+    sched = make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), other)
+    return [float(sched.lr_lambdas[0](s)) for s in steps]
+
+
+def schedule_change(cfg: RecipeConfig, old_max_steps: int, start_step: int) -> str:
+    """The line a run resumed under another ``train.max_steps`` prints: how its LR moves.
+
+    The schedule is a function of ``train.max_steps`` (the decay ends there, and the warmup
+    is a ratio of it), so a resumed run follows the new length's curve from its next step
+    on, while the steps it already took followed the old one.
+
+    Args:
+        cfg: The resumed run's recipe (the new ``train.max_steps``).
+        old_max_steps: ``train.max_steps`` of the run that wrote the checkpoint.
+        start_step: The checkpoint's step.
+    """
+    new_max = cfg.train.max_steps
+    peak = cfg.train.learning_rate
+    # Step s (1-based) trains at factor(s - 1): the first resumed step at factor(start_step).
+    (old_next,) = _lr_factors(cfg, old_max_steps, range(start_step, start_step + 1))
+    (new_next,) = _lr_factors(cfg, new_max, range(start_step, start_step + 1))
+    done = range(start_step)
+    same_past = _lr_factors(cfg, old_max_steps, done) == _lr_factors(cfg, new_max, done)
+    old_w, new_w = round(cfg.train.warmup_ratio * old_max_steps), round(cfg.train.warmup_ratio * new_max)
+    line = (
+        f"train.max_steps {old_max_steps} -> {new_max}: the {cfg.train.lr_scheduler} schedule is recomputed for "
+        f"{new_max} steps (warmup {old_w} -> {new_w}); step {start_step + 1} trains at lr {new_next * peak:.3e} "
+        f"(the {old_max_steps}-step schedule: {old_next * peak:.3e}) and steps {start_step + 1}..{new_max} follow "
+        f"the {new_max}-step curve. "
+    )
+    if same_past:
+        return line + (
+            f"Steps 1..{start_step} had the same rates under both lengths, so this continues exactly as a run "
+            f"with train.max_steps={new_max} from the start would."
+        )
+    return line + (
+        f"Steps 1..{start_step} followed the {old_max_steps}-step curve, so the result differs from a run with "
+        f"train.max_steps={new_max} from the start (start a new run for that one; with lr_scheduler constant "
+        "and warmup_ratio 0 the two are the same)."
+    )
+
+
 def _duration(seconds: float) -> str:
     """``H:MM:SS`` (``D days, H:MM:SS`` past a day)."""
     import datetime
@@ -155,8 +204,10 @@ RESUME_KEYS = (
     "train.resume_from",
     "train.overwrite_output_dir",
     "train.max_steps",
+    "train.num_epochs",  # the other way to set the length (an override of one clears the other)
     "train.report_to",
     "train.run_name",
+    "train.save_final_checkpoint",
 )
 # What a run leaves in output_dir (demo-data/ and tiny-backbone/ are inputs, not outputs).
 RUN_OUTPUTS = (
@@ -328,6 +379,7 @@ class _Trainer:
         self.is_main = self.accelerator.is_main_process
         self.deepspeed = uses_deepspeed()
         self.tracking = False  # train.report_to trackers started
+        self.finished = False  # resumed at train.max_steps with final/ in place: nothing to do
         self.last_grad_norm: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
@@ -498,6 +550,7 @@ class _Trainer:
                 "target_instruction": cfg.data.target_instruction,
                 "temperature": cfg.train.temperature,
                 "matryoshka_dims": list(cfg.train.matryoshka_dims) or None,
+                "instructions": self._instruction_record(),
                 # Only when the recipe asks: a saved model's own head setting stays otherwise.
                 **(
                     {"multivector_dim": cfg.model.multivector_dim, "dense_head": cfg.model.dense_head}
@@ -529,6 +582,23 @@ class _Trainer:
             model.enable_learnable_temperature(cfg.train.temperature, cfg.train.max_logit_scale)
         return model.to(self.accelerator.device)
 
+    def _instruction_record(self) -> dict[str, dict[str, Any]] | None:
+        """Per task, the instructions the training rows are embedded with (None when streaming:
+        the rows are not read ahead). Rows preflight later drops are still counted."""
+        from vlm2emb.items import instruction_record, resolve_instruction
+
+        if self.cfg.data.streaming:
+            return None
+        data = self.cfg.data
+        return instruction_record(
+            (
+                ex.dataset,
+                resolve_instruction(ex.instruction, data.query_instruction),
+                resolve_instruction(ex.target_instruction, data.target_instruction),
+            )
+            for ex in self.train_examples
+        )
+
     # ------------------------------------------------------------------ output_dir
     def _resume_dir(self) -> Path:
         """The checkpoint to resume from, chosen (and verified) once, by the main process.
@@ -556,6 +626,77 @@ class _Trainer:
         if kind != "ok":
             raise CheckpointError(value)
         return Path(value)
+
+    def _plan_resume(self) -> None:
+        """What a resumed run does once ``train.max_steps`` is known.
+
+        - fewer steps than the checkpoint's: an error (a run cannot be shortened);
+        - as many: nothing to train. With ``final/`` of that step in place the run is
+          finished (``self.finished``); without it (killed between the last checkpoint and
+          ``final/``) the run writes ``final/`` and evaluates, training nothing;
+        - more: one line on how the learning-rate schedule changes (:func:`schedule_change`).
+
+        Raises:
+            ConfigError: ``train.max_steps`` (or ``train.num_epochs``) below the checkpoint's step.
+        """
+        if self.resume_dir is None:
+            return
+        from vlm2emb.train.state import read_json
+
+        train, start = self.cfg.train, self.start_step
+        if start > train.max_steps:
+            key = (
+                f"train.num_epochs: {train.num_epochs} epochs are {train.max_steps} steps"
+                if train.num_epochs is not None
+                else f"train.max_steps: {train.max_steps}"
+            )
+            raise ConfigError(
+                f"{key}, fewer than the {start} of the checkpoint {self.resume_dir}; a run cannot be shortened "
+                f"(its checkpoints/step-N hold the earlier weights; a shorter schedule needs a new run)"
+            )
+        final_state = self.out / "final" / TRAINER_STATE
+        if start == train.max_steps:
+            if final_state.is_file() and read_json(final_state).get("step") == start:
+                self.finished = True
+                if self.is_main:
+                    print(
+                        f"Nothing to do: {self.resume_dir} is already at train.max_steps={start} and final/ holds "
+                        "that step; raise train.max_steps to train further",
+                        flush=True,
+                    )
+            return
+        saved = read_json(self.resume_dir / TRAINER_STATE).get("recipe", {})
+        old_max = saved.get("train", {}).get("max_steps")
+        if isinstance(old_max, int) and old_max != train.max_steps and self.is_main:
+            print(schedule_change(self.cfg, old_max, start), flush=True)
+
+    def _finished_summary(self) -> dict[str, Any]:
+        """The summary of a run that was already finished, read back from its files."""
+        final_loss = float("nan")
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and isinstance(record.get("loss"), (int, float)):
+                        final_loss = float(record["loss"])
+
+        def report(name: str) -> dict[str, Any] | None:
+            path = self.out / name
+            return json.loads(path.read_text()) if path.is_file() else None
+
+        steps = self.cfg.train.max_steps
+        # Before the rows are loaded, the steps per epoch come from final/'s record.
+        per_epoch = self.steps_per_epoch or (report("final/" + TRAINER_STATE) or {}).get("steps_per_epoch")
+        return {
+            "output_dir": str(self.out),
+            "steps": steps,
+            "epochs": round(steps / per_epoch, 4) if per_epoch else None,
+            "final_loss": final_loss,
+            "train_seconds": 0.0,
+            "eval_before": report("eval_before.json"),
+            "eval": report("eval.json"),
+        }
 
     def _claim_output_dir(self) -> None:
         """Refuses an output_dir holding another run, unless ``train.overwrite_output_dir``.
@@ -618,10 +759,16 @@ class _Trainer:
         acc.wait_for_everyone()  # every process's state files are on disk before the manifest
         if self.is_main:
             acc.unwrap_model(self.prepared).save_pretrained(tmp, state_dict=state)
+            from vlm2emb.train.state import library_versions
+
             trainer_state = {
                 "step": step,
                 "world_size": acc.num_processes,
                 "recipe": recipe_to_dict(self.cfg),
+                # For model cards: epochs = step / steps_per_epoch (None when streaming), and
+                # the versions that trained the weights.
+                "steps_per_epoch": self.steps_per_epoch,
+                "versions": library_versions(),
             }
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
             if with_state:
@@ -714,6 +861,14 @@ class _Trainer:
             self.scheduler.load_state_dict(read_json(scheduler_file))
         except (KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{scheduler_file}: not a scheduler state ({exc})") from None
+        # The optimizer state holds the rate the checkpoint's schedule set for the next step.
+        # Under a new train.max_steps the schedule (its lambda, rebuilt from the recipe) is
+        # another one: the next step must train at its rate, not the old one (0 at the end
+        # of a finished linear or cosine run). With the same length this is the same number.
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return rng_state
 
     def _prune_checkpoints(self) -> None:
@@ -813,6 +968,8 @@ class _Trainer:
         self.start_step = (
             json.loads((self.resume_dir / TRAINER_STATE).read_text())["step"] if self.resume_dir else 0
         )
+        if cfg.train.num_epochs is None:  # else max_steps is known once the rows are (_resolve_steps)
+            self._plan_resume()
         self._start_trackers()  # before seeding: a tracker's start-up may draw random numbers
         set_seed(cfg.seed)
 
@@ -975,11 +1132,7 @@ class _Trainer:
         if train.num_epochs is not None:
             assert self.steps_per_epoch is not None  # validate() refuses num_epochs with streaming
             train.max_steps = max(1, math.ceil(train.num_epochs * self.steps_per_epoch))
-            if self.start_step > train.max_steps:
-                raise ValueError(
-                    f"train.num_epochs: {train.num_epochs} epochs are {train.max_steps} steps, fewer than "
-                    f"the checkpoint's {self.start_step}"
-                )
+            self._plan_resume()
 
     def _state(self, step: int, **extra: Any) -> Any:
         """What callbacks see at ``step``."""
@@ -1277,10 +1430,16 @@ class _Trainer:
                 f"the last {self.bad_in_row} step(s) had non-finite losses; final/ not written "
                 "(lower train.learning_rate, check the data, or resume from an earlier checkpoint)"
             )
+        last = self.out / "checkpoints" / f"step-{cfg.train.max_steps}"
+        # Before final/: a run killed in between resumes from it and only writes final/.
+        # A resumed run that trained nothing already has it.
+        if cfg.train.save_final_checkpoint and self.start_step < cfg.train.max_steps:
+            self._save_checkpoint(cfg.train.max_steps)
         self._save(self.out / "final", cfg.train.max_steps, with_state=False)
         if self.is_main:
+            resumable = f" and {last} (resumable)" if last.is_dir() else ""
             print(
-                f"Trained to step {cfg.train.max_steps} in {train_seconds:.1f}s; saved {self.out / 'final'}",
+                f"Trained to step {cfg.train.max_steps} in {train_seconds:.1f}s; saved {self.out / 'final'}{resumable}",
                 flush=True,
             )
 
@@ -1296,8 +1455,12 @@ class _Trainer:
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._setup_output()
+        if self.finished:
+            return self._finished_summary()
         self._setup_data()  # a bad row stops the run before a large model is loaded
         model = self._setup_model()
+        if self.finished:  # train.num_epochs: max_steps is known only now
+            return self._finished_summary()
         # The rows as loaded: every refresh mines them again (their own negatives, not the
         # last refresh's), and the batch order is planned from them once.
         self.base_examples = self.train_examples

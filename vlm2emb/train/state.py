@@ -167,6 +167,24 @@ def rng_file(state_dir: Path, rank: int) -> Path:
 
 
 # ---------------------------------------------------------------- atomic small files
+# The packages whose versions decide what a checkpoint computes (recorded in trainer_state.json
+# and the model card).
+VERSIONED_PACKAGES = ("vlm2emb", "torch", "transformers", "peft", "accelerate", "deepspeed")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of ``VERSIONED_PACKAGES`` (those not installed are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import vlm2emb
+
+    found = {"vlm2emb": vlm2emb.__version__}
+    for name in VERSIONED_PACKAGES[1:]:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` beside ``path`` and renames it into place (never a half-written file)."""
     tmp = path.with_name(f".tmp-{path.name}")
