@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -610,6 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mine": _cmd_mine,
     }
     handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency}
+    # demo-data only writes files; every other command runs torch.
+    restore_threads = _apply_thread_default() if args.command != "demo-data" else (lambda: None)
     try:
         code = handlers[args.command](args)
         _leave_process_group()
@@ -630,6 +633,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        restore_threads()
+
+
+def _apply_thread_default() -> Any:
+    """Sets torch's thread count for this command (vlm2emb._threads) and returns a function
+    that puts the previous count back (``main`` is also called in-process, by tests and
+    notebooks, whose threads are not the command's to keep)."""
+    from vlm2emb._threads import detect_thread_choice
+
+    choice = detect_thread_choice()
+    if choice is None:  # OMP_NUM_THREADS decides
+        return lambda: None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(choice.threads)
+    if choice.reduced_for_load and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"vlm2emb: the machine is busy (load {choice.load:.1f} on {choice.cores} cores): torch uses "
+            f"{choice.threads} thread(s); set OMP_NUM_THREADS to choose",
+            file=sys.stderr,
+        )
+    return lambda: torch.set_num_threads(before)
 
 
 if __name__ == "__main__":  # pragma: no cover
