@@ -204,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_data_parser(sub: Any) -> None:
     # `vlm2emb data check FILE...`: validate data files before training (docs/data.md).
-    p_data = sub.add_parser("data", help="data tools: check files before training")
+    p_data = sub.add_parser("data", help="data tools: check files before training, make evaluation rows")
     data_sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p_check = data_sub.add_parser(
         "check",
@@ -235,8 +235,67 @@ def _add_data_parser(sub: Any) -> None:
     )
     p_check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    p_make = data_sub.add_parser(
+        "make-eval",
+        help="hold out training rows as evaluation rows (query + candidate list)",
+        description=(
+            "Hold out a seeded sample of DATA's rows. Each becomes an evaluation row: its query and a "
+            "candidate list of its positive(s) plus positives of other held-out rows (same dataset first), "
+            "its task the row's dataset. The other rows go to --train-out, less copies of a held-out "
+            "(query, positive) pair, so no evaluation answer is trained on (docs/data.md)."
+        ),
+        epilog="example: vlm2emb data make-eval my/all.jsonl --eval-out my/eval.jsonl --train-out my/train.jsonl --rows 500",
+    )
+    p_make.add_argument(
+        "data", help="training rows (JSONL, Parquet, datasets folder; canonical or MMEB layout)"
+    )
+    p_make.add_argument("--eval-out", required=True, help="evaluation rows to write (JSONL)")
+    p_make.add_argument("--train-out", required=True, help="the remaining training rows (JSONL)")
+    p_make.add_argument("--rows", type=int, default=200, help="rows to hold out (default 200)")
+    p_make.add_argument(
+        "--candidates",
+        type=int,
+        default=10,
+        help="candidates per evaluation row, positives included (default 10)",
+    )
+    p_make.add_argument("--seed", type=int, default=0)
+    p_make.add_argument("--media-root", default=None, help="folder for DATA's relative media paths")
+    p_make.add_argument("--format", default="auto", choices=["auto", "canonical", "mmeb"])
+    p_make.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _cmd_make_eval(args: argparse.Namespace) -> int:
+    from vlm2emb.data.make_eval import make_eval
+
+    result = make_eval(
+        args.data,
+        args.eval_out,
+        args.train_out,
+        rows=args.rows,
+        candidates=args.candidates,
+        seed=args.seed,
+        media_root=args.media_root,
+        data_format=args.format,
+    )
+    tasks = ", ".join(f"{task} {n}" for task, n in result.per_task.items())
+    print(f"wrote {result.eval_rows} evaluation rows to {args.eval_out} ({tasks})")
+    if result.short_rows:
+        print(
+            f"note: {result.short_rows} rows have fewer than {args.candidates} candidates "
+            "(too few distinct positives among the held-out rows)"
+        )
+    dropped = (
+        f"; left out {result.dropped_train_rows} repeating a held-out pair"
+        if result.dropped_train_rows
+        else ""
+    )
+    print(f"wrote {result.train_rows} training rows to {args.train_out}{dropped}")
+    return 0
+
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "make-eval":
+        return _cmd_make_eval(args)
     import dataclasses
     import warnings
 
