@@ -117,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     p_an.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
     p_an.add_argument("--out", required=True, help="output folder")
     p_an.add_argument("--max-points", type=int, default=200, help="pairs drawn in the projections")
+    p_an.add_argument(
+        "--color-by",
+        choices=["auto", "modality", "task", "dataset", "class"],
+        default="auto",
+        help="projection colours: the items' modality, the row's task, its dataset (the --data file), "
+        "its class (the positive's text, else the query's); auto: task when there are several, "
+        "else class when classes repeat, else modality",
+    )
     p_an.add_argument("--seed", type=int, default=0)
     p_an.add_argument("--batch-size", type=int, default=32)
     p_an.add_argument("--media-root", default=None, help="folder for relative image paths")
@@ -453,6 +461,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for name in args.compare or [args.model]:
         model = EmbeddingModel.from_pretrained(name, torch_dtype=args.dtype, device=device)
         rows = [ex.as_row(default_instruction=model.config.query_instruction) for ex in examples]
+        for row, ex in zip(rows, examples):  # eval rows name no dataset: the file is one
+            row["dataset"] = Path(ex.source.rsplit(":", 1)[0]).stem
         results.append(
             an.analyze(
                 model,
@@ -466,10 +476,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     print(an.compare_table([r.numbers for r in results]))
     if args.compare:
         an.save_numbers(Path(args.out) / "compare.json", {r.name: r.numbers for r in results})
-        paths = an.write_compare_plots(results, args.out, max_points=args.max_points, seed=args.seed)
+        paths = an.write_compare_plots(
+            results, args.out, max_points=args.max_points, seed=args.seed, color_by=args.color_by
+        )
     else:
         an.save_numbers(Path(args.out) / "analysis.json", results[0].numbers)
-        paths = an.write_plots(results[0], args.out, max_points=args.max_points, seed=args.seed)
+        paths = an.write_plots(
+            results[0], args.out, max_points=args.max_points, seed=args.seed, color_by=args.color_by
+        )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
