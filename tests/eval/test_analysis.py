@@ -264,6 +264,11 @@ def test_auto_colour_and_bad_choice() -> None:
     assert resolve_color_by([several_tasks], "dataset") == "dataset"
     with pytest.raises(ValueError, match="--color-by must be one of"):
         resolve_color_by([several_tasks], "colour")
+    from vlm2emb.eval.analysis import projection_figure
+
+    several_tasks.groups = {}  # an Analysis built by hand, without row labels
+    with pytest.raises(ValueError, match="has no per-row class labels"):
+        projection_figure(several_tasks, color_by="class")
 
 
 def test_modality_colouring_lists_only_what_is_drawn() -> None:

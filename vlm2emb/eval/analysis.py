@@ -453,6 +453,9 @@ def _projection_figure(analyses: Sequence[Analysis], max_points: int, seed: int,
     field_ = resolve_color_by(analyses, color_by)
     palette = None
     if field_ != "modality":
+        missing = [a.name for a in analyses if len(a.groups.get(field_, [])) != len(a.query_emb)]
+        if missing:
+            raise ValueError(f"--color-by {field_}: analysis {missing[0]!r} has no per-row {field_} labels")
         # Labels of the rows drawn in any panel, so a label has one colour in every panel.
         drawn = [
             a.groups[field_][i] for a in analyses for i in _subsample(len(a.query_emb), max_points, seed)
