@@ -341,3 +341,20 @@ def test_class_and_dataset_labels_from_rows() -> None:
     groups = _row_groups(rows)
     assert groups["class"] == ["cat", "a dog", "(no text)"]
     assert groups["task"] == ["i2t", "t2i", "i2i"] and groups["dataset"] == ["i2t", "f", "i2i"]
+
+
+def test_scikit_learn_pools_follow_torchs_thread_count() -> None:
+    """t-SNE's OpenMP pool is not torch's: the command's thread choice is applied to it too."""
+    import sklearn.manifold  # noqa: F401  (loads scikit-learn's OpenMP runtime)
+    from threadpoolctl import threadpool_info
+
+    from vlm2emb.eval.analysis import _same_threads_as_torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _same_threads_as_torch():
+            pools = threadpool_info()
+            assert pools and all(pool["num_threads"] == 1 for pool in pools)
+    finally:
+        torch.set_num_threads(before)

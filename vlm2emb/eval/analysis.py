@@ -325,6 +325,18 @@ def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
 
 
+def _same_threads_as_torch() -> Any:
+    """Caps scikit-learn's OpenMP and BLAS pools at torch's thread count for a block.
+
+    They are separate runtimes from torch's, so the thread count the command chose
+    (vlm2emb._threads) does not reach them; t-SNE would otherwise start one spinning thread
+    per core, which on a busy machine costs what it costs torch (docs/training.md).
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=torch.get_num_threads())
+
+
 def _projections(
     a: Analysis, max_points: int, seed: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
@@ -337,12 +349,9 @@ def _projections(
     points = np.concatenate([a.query_emb[idx], a.positive_emb[idx]])  # [2m, d]
     perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
     pca = PCA(n_components=2, random_state=seed)
-    coords = {
-        "PCA": pca.fit_transform(points),
-        "t-SNE": TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-            points
-        ),
-    }
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    with _same_threads_as_torch():
+        coords = {"PCA": pca.fit_transform(points), "t-SNE": tsne.fit_transform(points)}
     share = pca.explained_variance_ratio_
     names = [f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)"]
     return idx, coords, names
