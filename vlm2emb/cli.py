@@ -1,4 +1,4 @@
-"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | data check | export | demo-data | doctor``.
+"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | data check | data make-eval | export | mine | demo-data | doctor``.
 
 Also ``python -m vlm2emb``.
 
@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     p_an.add_argument("--max-points", type=int, default=200, help="pairs drawn in the projections")
     p_an.add_argument(
         "--color-by",
+        # vlm2emb.eval.analysis.COLOR_BY, spelled out: importing it would import torch for --help.
         choices=["auto", "modality", "task", "dataset", "class"],
         default="auto",
         help="projection colours: the items' modality, the row's task, its dataset (the --data file), "

@@ -255,7 +255,12 @@ def test_many_classes_show_the_ten_most_frequent_and_one_grey_entry() -> None:
 
 
 def test_auto_colour_and_bad_choice() -> None:
-    from vlm2emb.eval.analysis import resolve_color_by
+    from vlm2emb.cli import _parser
+    from vlm2emb.eval.analysis import COLOR_BY, resolve_color_by
+
+    analyze_parser = _parser()._subparsers._group_actions[0].choices["analyze"]
+    (flag,) = [a for a in analyze_parser._actions if "--color-by" in a.option_strings]
+    assert tuple(flag.choices) == COLOR_BY and flag.default == "auto"
 
     several_tasks = synthetic("m", [f"x{i}" for i in range(6)], tasks=["a", "a", "b", "b", "c", "c"])
     assert resolve_color_by([several_tasks], "auto") == "task"
