@@ -31,8 +31,6 @@ from vlm2emb.data.schema import TrainExample, iter_source, train_row_builder
 
 __all__ = ["MakeEvalResult", "make_eval"]
 
-_MEDIA_KEYS = ("images", "video", "pdf")
-
 
 @dataclass
 class _Row:
