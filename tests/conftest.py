@@ -6,7 +6,14 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# The CLI picks torch's thread count from the machine's load unless OMP_NUM_THREADS is set
+# (vlm2emb._threads). In-process CLI runs compared with each other must not depend on the
+# load at the moment each started, so tests pin it to what torch already uses here;
+# tests of that default remove it themselves.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def pytest_configure(config: pytest.Config) -> None:

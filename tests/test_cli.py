@@ -73,6 +73,7 @@ def user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         ["demo-data", "--help"],
         ["analyze", "--help"],
         ["data-efficiency", "--help"],
+        ["data", "make-eval", "--help"],
     ],
 )
 def test_help_exits_zero(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

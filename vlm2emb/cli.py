@@ -1,4 +1,4 @@
-"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | data check | export | demo-data | doctor``.
+"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | data check | data make-eval | export | mine | demo-data | doctor``.
 
 Also ``python -m vlm2emb``.
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,6 +128,15 @@ def _parser() -> argparse.ArgumentParser:
     p_an.add_argument("--data", required=True, nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
     p_an.add_argument("--out", required=True, help="output folder")
     p_an.add_argument("--max-points", type=int, default=200, help="pairs drawn in the projections")
+    p_an.add_argument(
+        "--color-by",
+        # vlm2emb.eval.analysis.COLOR_BY, spelled out: importing it would import torch for --help.
+        choices=["auto", "modality", "task", "dataset", "class"],
+        default="auto",
+        help="projection colours: the items' modality, the row's task, its dataset (the --data file), "
+        "its class (the positive's text, else the query's); auto: task when there are several, "
+        "else class when classes repeat, else modality",
+    )
     p_an.add_argument("--seed", type=int, default=0)
     p_an.add_argument("--batch-size", type=int, default=32)
     p_an.add_argument("--media-root", default=None, help="folder for relative image paths")
@@ -214,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_data_parser(sub: Any) -> None:
     # `vlm2emb data check FILE...`: validate data files before training (docs/data.md).
-    p_data = sub.add_parser("data", help="data tools: check files before training")
+    p_data = sub.add_parser("data", help="data tools: check files before training, make evaluation rows")
     data_sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p_check = data_sub.add_parser(
         "check",
@@ -245,8 +255,67 @@ def _add_data_parser(sub: Any) -> None:
     )
     p_check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    p_make = data_sub.add_parser(
+        "make-eval",
+        help="hold out training rows as evaluation rows (query + candidate list)",
+        description=(
+            "Hold out a seeded sample of DATA's rows. Each becomes an evaluation row: its query and a "
+            "candidate list of its positive(s) plus positives of other held-out rows (same dataset first), "
+            "its task the row's dataset. The other rows go to --train-out, less copies of a held-out "
+            "(query, positive) pair, so no evaluation answer is trained on (docs/data.md)."
+        ),
+        epilog="example: vlm2emb data make-eval my/all.jsonl --eval-out my/eval.jsonl --train-out my/train.jsonl --rows 500",
+    )
+    p_make.add_argument(
+        "data", help="training rows (JSONL, Parquet, datasets folder; canonical or MMEB layout)"
+    )
+    p_make.add_argument("--eval-out", required=True, help="evaluation rows to write (JSONL)")
+    p_make.add_argument("--train-out", required=True, help="the remaining training rows (JSONL)")
+    p_make.add_argument("--rows", type=int, default=200, help="rows to hold out (default 200)")
+    p_make.add_argument(
+        "--candidates",
+        type=int,
+        default=10,
+        help="candidates per evaluation row, positives included (default 10)",
+    )
+    p_make.add_argument("--seed", type=int, default=0)
+    p_make.add_argument("--media-root", default=None, help="folder for DATA's relative media paths")
+    p_make.add_argument("--format", default="auto", choices=["auto", "canonical", "mmeb"])
+    p_make.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _cmd_make_eval(args: argparse.Namespace) -> int:
+    from vlm2emb.data.make_eval import make_eval
+
+    result = make_eval(
+        args.data,
+        args.eval_out,
+        args.train_out,
+        rows=args.rows,
+        candidates=args.candidates,
+        seed=args.seed,
+        media_root=args.media_root,
+        data_format=args.format,
+    )
+    tasks = ", ".join(f"{task} {n}" for task, n in result.per_task.items())
+    print(f"wrote {result.eval_rows} evaluation rows to {args.eval_out} ({tasks})")
+    if result.short_rows:
+        print(
+            f"note: {result.short_rows} rows have fewer than {args.candidates} candidates "
+            "(too few distinct positives among the held-out rows)"
+        )
+    dropped = (
+        f"; left out {result.dropped_train_rows} repeating a held-out pair"
+        if result.dropped_train_rows
+        else ""
+    )
+    print(f"wrote {result.train_rows} training rows to {args.train_out}{dropped}")
+    return 0
+
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "make-eval":
+        return _cmd_make_eval(args)
     import dataclasses
     import warnings
 
@@ -422,6 +491,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for name in args.compare or [args.model]:
         model = EmbeddingModel.from_pretrained(name, torch_dtype=args.dtype, device=device)
         rows = [ex.as_row(default_instruction=model.config.query_instruction) for ex in examples]
+        for row, ex in zip(rows, examples):  # eval rows name no dataset: the file is one
+            row["dataset"] = Path(ex.source.rsplit(":", 1)[0]).stem
         results.append(
             an.analyze(
                 model,
@@ -435,10 +506,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     print(an.compare_table([r.numbers for r in results]))
     if args.compare:
         an.save_numbers(Path(args.out) / "compare.json", {r.name: r.numbers for r in results})
-        paths = an.write_compare_plots(results, args.out, max_points=args.max_points, seed=args.seed)
+        paths = an.write_compare_plots(
+            results, args.out, max_points=args.max_points, seed=args.seed, color_by=args.color_by
+        )
     else:
         an.save_numbers(Path(args.out) / "analysis.json", results[0].numbers)
-        paths = an.write_plots(results[0], args.out, max_points=args.max_points, seed=args.seed)
+        paths = an.write_plots(
+            results[0], args.out, max_points=args.max_points, seed=args.seed, color_by=args.color_by
+        )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -639,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mine": _cmd_mine,
     }
     handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency}
+    # demo-data only writes files; every other command runs torch.
+    restore_threads = _apply_thread_default() if args.command != "demo-data" else (lambda: None)
     try:
         code = handlers[args.command](args)
         _leave_process_group()
@@ -659,6 +736,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        restore_threads()
+
+
+def _apply_thread_default() -> Any:
+    """Sets torch's thread count for this command (vlm2emb._threads) and returns a function
+    that puts the previous count back (``main`` is also called in-process, by tests and
+    notebooks, whose threads are not the command's to keep)."""
+    from vlm2emb._threads import detect_thread_choice
+
+    choice = detect_thread_choice()
+    if choice is None:  # OMP_NUM_THREADS decides
+        return lambda: None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(choice.threads)
+    if choice.reduced_for_load and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"vlm2emb: the machine is busy (load {choice.load:.1f} on {choice.cores} cores): torch uses "
+            f"{choice.threads} thread(s); set OMP_NUM_THREADS to choose",
+            file=sys.stderr,
+        )
+    return lambda: torch.set_num_threads(before)
 
 
 if __name__ == "__main__":  # pragma: no cover
