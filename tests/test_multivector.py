@@ -166,3 +166,53 @@ def test_matryoshka_refuses_a_multivector_loss():
 
     with pytest.raises(ValueError, match="multi-vector loss"):
         MatryoshkaLoss(MaxSimLoss(), [8])
+
+
+# --------------------------------------------------------------------- content tokens only
+def test_content_tokens_drop_instruction_and_template_tokens(tiny_qwen2_vl_dir, digit_images, tmp_path):
+    """multivector_tokens='content' keeps the rows of the full token set that are the item's
+    own text and image tokens (positions found here from the tokenizer alone), so the
+    instruction's tokens take no part in MaxSim; the setting is saved with the model."""
+    from vlm2emb.eval.cache import model_fingerprint
+
+    overrides = {"multivector_dim": 16}
+    every = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides=overrides)
+    content = EmbeddingModel.from_pretrained(
+        tiny_qwen2_vl_dir, config_overrides={**overrides, "multivector_tokens": "content"}
+    )
+    tok = every.adapter.tokenizer
+    instruction = "Find the page that answers the question."
+    n_instruction = len(tok(instruction + "\n")["input_ids"])
+    text, image_item = "where is the seven", {"text": "a seven", "image": digit_images[7]}
+    full = every.encode([text, image_item], instruction=instruction, output="multivector")
+    kept = content.encode([text, image_item], instruction=instruction, output="multivector")
+    # Text item: instruction + "\n" + text -> only the text's own tokens remain.
+    n_text = len(tok(text)["input_ids"])
+    assert len(full[0]) == n_instruction + n_text
+    torch.testing.assert_close(kept[0], full[0][-n_text:])
+    # Image item: image tokens, then the instruction, then the text -> the instruction goes.
+    tokens = every.render(image_item, instruction).tokens
+    n_image = tokens.index("<|vision_end|>") + 1
+    expected = torch.cat([full[1][:n_image], full[1][n_image + n_instruction :]])
+    torch.testing.assert_close(kept[1], expected)
+    # MaxSim reads the kept tokens only, and the dropped ones did change the scores.
+    docs = every.encode(["the seven is on page two", "eight"], output="multivector")
+    torch.testing.assert_close(maxsim_lists(kept[:1], docs), maxsim_lists([full[0][-n_text:]], docs))
+    assert not torch.allclose(maxsim_lists(full[:1], docs), maxsim_lists(kept[:1], docs))
+    # Saved and loaded with the model; a different setting is a different cache key.
+    content.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "vlm2emb_config.json").read_text())["multivector_tokens"] == "content"
+    loaded = EmbeddingModel.from_pretrained(tmp_path)
+    assert loaded.config.multivector_tokens == "content"
+    for a, b in zip(kept, loaded.encode([text, image_item], instruction=instruction, output="multivector")):
+        torch.testing.assert_close(a, b)
+    assert model_fingerprint(content) != model_fingerprint(every)
+
+
+def test_content_tokens_setting_is_checked(tiny_qwen2_vl_dir):
+    with pytest.raises(ValueError, match="multivector_tokens must be one of all, content"):
+        EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"multivector_tokens": "text"})
+    with pytest.raises(ValueError, match="pack_sequences off"):
+        EmbeddingModel.from_pretrained(
+            tiny_qwen2_vl_dir, pack_sequences=True, config_overrides={"multivector_tokens": "content"}
+        )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
-from vlm2emb.inputs import DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
+from vlm2emb.inputs import CONTENT_MASK, DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
 from vlm2emb.items import resolve_instruction
 from vlm2emb.multivector import MultiVectorEmbeddings, MultiVectorHead
 from vlm2emb.pooling import POOLING_METHODS, pool, pool_packed
@@ -32,6 +32,8 @@ R = TypeVar("R")
 
 CONFIG_NAME = "vlm2emb_config.json"
 MULTIVECTOR_HEAD_NAME = "multivector_head.safetensors"
+# EmbeddingConfig.multivector_tokens: every real token, or the item's own text and images.
+MULTIVECTOR_TOKENS = ("all", "content")
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 TINY_PREFIX = "tiny:"
@@ -78,6 +80,11 @@ class EmbeddingConfig:
             weights are saved as ``multivector_head.safetensors``.
         dense_head: Compute the single pooled embedding. False leaves only the multi-vector
             head (then ``multivector_dim`` is required); with both, one forward gives both.
+        multivector_tokens: Which real tokens the multi-vector head keeps: ``all`` (every
+            real token: instruction, template and pooling-suffix tokens included) or
+            ``content`` (only the item's own text and image tokens; the instruction, the
+            family's prompt template and special tokens are masked out of the token set,
+            though the backbone still reads them). Prompt style ``vlm2emb`` only.
         format_version: Layout version of the saved directory.
     """
 
@@ -96,6 +103,7 @@ class EmbeddingConfig:
     pack_sequences: bool = False
     multivector_dim: int | None = None
     dense_head: bool = True
+    multivector_tokens: str = "all"
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -121,6 +129,17 @@ class EmbeddingConfig:
             raise ValueError(f"dense_head must be true or false, got {self.dense_head!r}")
         if not self.dense_head and dim is None:
             raise ValueError("dense_head=False needs a multi-vector head: set multivector_dim (e.g. 128)")
+        if self.multivector_tokens not in MULTIVECTOR_TOKENS:
+            raise ValueError(
+                f"multivector_tokens must be one of {', '.join(MULTIVECTOR_TOKENS)}, "
+                f"got {self.multivector_tokens!r}"
+            )
+        if self.multivector_tokens == "content" and (self.pack_sequences or self.prompt_style != "vlm2emb"):
+            # The content mask follows the padded rows and vlm2emb's prompt layout (the
+            # vlm2vec style puts the instruction inside the item text).
+            raise ValueError(
+                "multivector_tokens='content' needs prompt_style 'vlm2emb' and pack_sequences off"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
@@ -680,7 +699,8 @@ class EmbeddingModel(nn.Module):
 
     def _embed(self, inputs: dict[str, Any]) -> torch.Tensor:
         dummy_rows = int(inputs.get(DUMMY_ROWS, 0))
-        inputs = {k: v for k, v in inputs.items() if k != DUMMY_ROWS}
+        content = inputs.get(CONTENT_MASK)  # [B, L] bool, or None: every real token counts
+        inputs = {k: v for k, v in inputs.items() if k not in (DUMMY_ROWS, CONTENT_MASK)}
         device = self.device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
@@ -697,6 +717,15 @@ class EmbeddingModel(nn.Module):
             emb = torch.nn.functional.normalize(emb, dim=-1)
         if self.multivector_head is None:
             return emb[:-dummy_rows] if dummy_rows else emb  # the blank image row added by collate()
+        if content is not None:
+            if content.shape != mask.shape:
+                raise ValueError(
+                    f"backbone {self.config.family!r} returned hidden states for {list(mask.shape)} "
+                    f"tokens but the content mask covers {list(content.shape)}; "
+                    "multivector_tokens='content' is not supported for it"
+                )
+            # Only the multi-vector set loses the prompt tokens; pooling above saw them all.
+            mask = mask.to(torch.bool) & content.to(mask.device)  # [B, L]
         multi = self.multivector_head(hidden, mask)  # tokens [B, L, D], mask [B, L]
         multi.dense = emb if self.config.dense_head else None
         return multi.drop_last_rows(dummy_rows)
