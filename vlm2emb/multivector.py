@@ -259,39 +259,51 @@ def maxsim(
         )
     dtype = torch.promote_types(torch.promote_types(query.dtype, docs.dtype), torch.float32)
     query, docs = query.to(dtype), docs.to(dtype)
-    nq, lq, _ = query.shape
+    nq, lq, dim = query.shape
     nd, ld, _ = docs.shape
-    if query_mask is None:
-        query_mask = torch.ones(nq, lq, dtype=torch.bool, device=query.device)
-    if doc_mask is None:
-        doc_mask = torch.ones(nd, ld, dtype=torch.bool, device=docs.device)
-    query_mask, doc_mask = query_mask.to(query.device, torch.bool), doc_mask.to(query.device, torch.bool)
+    device = query.device
+    docs = docs.to(device)
+    if query_mask is not None and not bool(query_mask.all()):
+        # A zero query token scores 0 against every document token, so zeroing the padded
+        # query slots drops them from the sum with no mask in the inner loop.
+        query = query * query_mask.to(device, torch.bool).unsqueeze(-1)  # [Nq, Lq, D]
+    empty = None
+    if doc_mask is not None and not bool(doc_mask.all()):
+        doc_mask = doc_mask.to(device, torch.bool)
+        # A padded document slot takes a copy of one of its document's real tokens: the max
+        # over the document is unchanged (a duplicate never beats its original), so no
+        # [.., Lq, Ld] block is masked; through the gather, the gradient of a copy that wins
+        # reaches the original token.
+        first_real = doc_mask.to(torch.int8).argmax(dim=1)  # [Nd] (0 when none is real)
+        filler = docs[torch.arange(nd, device=device), first_real]  # [Nd, D]
+        docs = torch.where(doc_mask.unsqueeze(-1), docs, filler.unsqueeze(1))  # [Nd, Ld, D]
+        empty = ~doc_mask.any(dim=1)  # [Nd] documents without a real token score 0
     per_pair = max(1, lq * ld)
     bq = max(1, min(nq, chunk_elements // per_pair))
     bd = max(1, min(nd, chunk_elements // (bq * per_pair)))
-    # Which rows have padding, read to the host once: blocks without any skip the masking
-    # passes over the [bq, bd, Lq, Ld] block (a third of the time on the CPU).
-    q_padded = (~query_mask).any(dim=1).tolist()
-    d_padded = (~doc_mask).any(dim=1).tolist()
+    # Training keeps max()'s [bq, bd, Lq] indices for the backward; amax() would keep the
+    # whole [bq * Lq, bd * Ld] block, and is only the cheaper reduction without grad.
+    track = torch.is_grad_enabled() and (query.requires_grad or docs.requires_grad)
+    flat_docs = docs.reshape(nd * ld, dim)  # [Nd * Ld, D]
     rows = []
     for qs in range(0, nq, bq):
-        q, qm = query[qs : qs + bq], query_mask[qs : qs + bq]  # [bq, Lq, D], [bq, Lq]
+        q = query[qs : qs + bq]  # [bq, Lq, D]
+        a = q.shape[0]
+        flat_q = q.reshape(a * lq, dim)  # [bq * Lq, D]
         cols = []
         for ds in range(0, nd, bd):
-            d, dm = docs[ds : ds + bd], doc_mask[ds : ds + bd]  # [bd, Ld, D], [bd, Ld]
-            sim = torch.einsum("aid,cjd->acij", q, d)  # [bq, bd, Lq, Ld]
-            doc_padding = any(d_padded[ds : ds + bd])
-            if doc_padding:
-                # In place: einsum's backward needs its inputs, not this output.
-                sim.masked_fill_(~dm[None, :, None, :], float("-inf"))
-            best = sim.max(dim=-1).values  # [bq, bd, Lq]; -inf where the doc has no token
-            if doc_padding or any(q_padded[qs : qs + bq]):
-                # where(), not a product: -inf * 0 would be NaN for padded query tokens.
-                keep = qm[:, None, :] & dm.any(dim=-1)[None, :, None]  # [bq, bd, Lq]
-                best = torch.where(keep, best, best.new_zeros(()))
-            cols.append(best.sum(dim=-1))  # [bq, bd]
+            c = min(bd, nd - ds)
+            # One plain GEMM whose [bq * Lq, bd * Ld] output is read as [bq, Lq, bd, Ld]
+            # in place: the max runs over the contiguous last axis, and no permuted copy of
+            # the block is made (einsum "aid,cjd->acij" writes one).
+            sim = (flat_q @ flat_docs[ds * ld : (ds + c) * ld].T).view(a, lq, c, ld)
+            best = sim.max(dim=-1).values if track else sim.amax(dim=-1)  # [bq, Lq, bd]
+            cols.append(best.sum(dim=1))  # [bq, bd]
         rows.append(torch.cat(cols, dim=1))  # [bq, Nd]
-    return torch.cat(rows, dim=0)  # [Nq, Nd]
+    scores = torch.cat(rows, dim=0)  # [Nq, Nd]
+    if empty is not None and bool(empty.any()):
+        scores = scores.masked_fill(empty.unsqueeze(0), 0.0)
+    return scores
 
 
 def maxsim_lists(
