@@ -36,6 +36,8 @@ __all__ = [
     "maxsim",
     "maxsim_lists",
     "pad_token_sets",
+    "pool_token_sets",
+    "pool_tokens",
 ]
 
 # Upper bound on the token dot products one block of :func:`maxsim` holds at once
@@ -321,6 +323,51 @@ def maxsim_lists(
     q, qm = pad_token_sets(queries)
     d, dm = pad_token_sets(docs)
     return maxsim(q, d.to(q.device), qm, dm.to(q.device), chunk_elements=chunk_elements)
+
+
+def pool_tokens(tokens: Tensor, pool_factor: int) -> Tensor:
+    """Hierarchical token pooling: fewer vectors for one stored token set.
+
+    The tokens are clustered bottom-up with Ward linkage (SciPy) into at most
+    ``max(L // pool_factor, 1)`` clusters, and each cluster is replaced by the
+    L2-normalised mean of its tokens. Ward merges the pair of clusters that least increases
+    the within-cluster squared distance; for unit vectors that distance is ``2 - 2 cos``, so
+    near-duplicate tokens (blank page regions, repeated glyphs) merge first. The idea is
+    ColPali's follow-up work on token pooling (colpali-engine's ``HierarchicalTokenPooler``);
+    unlike that class, this one clusters the token vectors themselves, not the rows of their
+    ``1 - cos`` matrix. Meant for documents at indexing time; queries stay unpooled.
+
+    Args:
+        tokens: [L, D] token vectors of one item.
+        pool_factor: Keep about ``1 / pool_factor`` of the vectors; 1 returns ``tokens``.
+
+    Returns:
+        [L', D] with ``L' <= max(L // pool_factor, 1)``, in ``tokens``' dtype and device.
+
+    Raises:
+        ValueError: ``pool_factor`` is not a positive integer, or ``tokens`` is not [L, D].
+    """
+    if isinstance(pool_factor, bool) or not isinstance(pool_factor, int) or pool_factor < 1:
+        raise ValueError(f"pool_factor must be a positive integer, got {pool_factor!r}")
+    if tokens.ndim != 2:
+        raise ValueError(f"pool_tokens needs one token set [L, D], got shape {list(tokens.shape)}")
+    length = tokens.shape[0]
+    if pool_factor == 1 or length <= 1:
+        return tokens
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    x = tokens.detach().to("cpu", torch.float64)  # [L, D]
+    tree = linkage(x.numpy(), method="ward")
+    labels = fcluster(tree, t=max(length // pool_factor, 1), criterion="maxclust") - 1  # [L], from 0
+    index = torch.from_numpy(labels.astype("int64"))  # [L]
+    sums = x.new_zeros(int(index.max()) + 1, x.shape[1]).index_add_(0, index, x)  # [L', D]
+    # The normalised sum is the normalised mean (the count cancels).
+    return F.normalize(sums, dim=-1).to(tokens.device, tokens.dtype)
+
+
+def pool_token_sets(sets: Sequence[Tensor], pool_factor: int) -> list[Tensor]:
+    """:func:`pool_tokens` of every set (``[L_i, D]`` -> ``[L_i', D]``)."""
+    return [pool_tokens(s, pool_factor) for s in sets]
 
 
 def gather_token_sets(local: MultiVectorEmbeddings) -> MultiVectorEmbeddings:
