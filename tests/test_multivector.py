@@ -216,3 +216,15 @@ def test_content_tokens_setting_is_checked(tiny_qwen2_vl_dir):
         EmbeddingModel.from_pretrained(
             tiny_qwen2_vl_dir, pack_sequences=True, config_overrides={"multivector_tokens": "content"}
         )
+
+
+def test_bfloat16_dot_products_stay_close_to_float32():
+    queries = [_unit(n, 32, seed=n).float() for n in (3, 8)]
+    docs = [_unit(n, 32, seed=40 + n).float() for n in (5, 9, 2)]
+    exact = maxsim_lists(queries, docs)
+    fast = maxsim_lists(queries, docs, compute_dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32
+    # bfloat16 keeps 8 significant bits: rounding the inputs and the product moves each
+    # unit-vector dot product (and so each max) by less than 2**-7.
+    lengths = torch.tensor([[3.0], [8.0]])
+    assert ((fast - exact).abs() <= lengths * 2**-7).all() and not torch.equal(fast, exact)

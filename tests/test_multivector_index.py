@@ -123,14 +123,14 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     torch.testing.assert_close(torch.from_numpy(approx[0]), exact[ids[0]], atol=2e-2, rtol=0)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((tmp_path / "float32.safetensors").read_bytes()[:100])
-    with pytest.raises(ValueError, match="bad.safetensors: unreadable index file"):
+    with pytest.raises(ValueError, match=r"bad\.safetensors: unreadable index file"):
         MultiVectorIndex.load(bad)
     from safetensors.torch import save_file
 
     meta = {"format": "vlm2emb-multivector-index", "version": "1", "dim": "16", "dtype": "float32"}
     save_file({"tokens": torch.zeros(4, 16), "offsets": torch.tensor([0, 3, 2, 4])}, str(bad), metadata=meta)
     with pytest.raises(
-        ValueError, match="bad.safetensors: offsets must be int64, start at 0, never decrease"
+        ValueError, match=r"bad\.safetensors: offsets must be int64, start at 0, never decrease"
     ):
         MultiVectorIndex.load(bad)
     with pytest.raises(ValueError, match="token set 1 must have shape"):
