@@ -149,3 +149,21 @@ def test_pooled_index_stores_fewer_vectors_and_keeps_the_ranking_close():
     scores, ids = pooled.search(queries, top_k=5)
     torch.testing.assert_close(torch.from_numpy(scores), expected.topk(5, dim=1).values)
     assert ids[:, 0].tolist() == picks
+
+
+def test_model_search_over_token_sets_equals_brute_force(tiny_qwen2_vl_dir, digit_images):
+    from vlm2emb import EmbeddingModel
+
+    model = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"multivector_dim": 16})
+    corpus_items = ["page one about sevens", {"image": digit_images[3]}, "a table of numbers", "eight"]
+    queries = ["which page is about sevens", "numbers"]
+    corpus = model.encode(corpus_items, output="multivector")
+    brute = maxsim_lists(model.encode_queries(queries, output="multivector"), corpus)  # [2, 4]
+    top = brute.topk(3, dim=1)
+    index = MultiVectorIndex(16)
+    index.add(corpus)
+    for hits in (model.search(queries, corpus, top_k=3), model.search(queries, index, top_k=3)):
+        assert [[h["corpus_id"] for h in row] for row in hits] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([[h["score"] for h in row] for row in hits]), top.values)
+    with pytest.raises(ValueError, match="candidates applies to multi-vector corpora"):
+        model.search(queries, model.encode(corpus_items), candidates=2)

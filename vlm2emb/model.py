@@ -889,22 +889,42 @@ class EmbeddingModel(nn.Module):
         *,
         instruction: str | None = None,
         batch_size: int = 32,
+        candidates: int | None = None,
     ) -> list[list[dict[str, float | int]]]:
-        """Exact cosine search of a small in-memory corpus (sentence-transformers' form).
+        """Exact search of a corpus (sentence-transformers' form): cosine for single
+        vectors, MaxSim for token sets.
 
         Args:
-            queries: Query items (embedded with :meth:`encode_queries`), or query
-                embeddings [n, d] as a tensor or numpy array.
-            corpus_embeddings: [m, d] corpus embeddings (tensor or numpy array).
+            queries: Query items (embedded with :meth:`encode_queries`, as token sets when
+                the corpus is multi-vector), or query embeddings: [n, d] as a tensor or numpy
+                array, or a list of ``[L_i, D]`` token sets.
+            corpus_embeddings: [m, d] corpus embeddings (tensor or numpy array); or a
+                multi-vector corpus: a :class:`vlm2emb.index.MultiVectorIndex` or a list of
+                ``[L_i, D]`` token sets (``encode(output="multivector")``).
             top_k: Hits per query (at most m).
             instruction: Query instruction when ``queries`` are items.
             batch_size: Encoding batch size when ``queries`` are items.
+            candidates: Multi-vector corpora only: documents picked by the index's first
+                stage and re-scored exactly (None = score all exactly).
 
         Returns:
             Per query, ``top_k`` dicts ``{"corpus_id": int, "score": float}``, best first.
-            For a large corpus use :class:`vlm2emb.index.FlatIndex` instead.
+            For a large single-vector corpus use :class:`vlm2emb.index.FlatIndex` instead.
         """
         import numpy as np
+
+        from vlm2emb.index import MultiVectorIndex
+
+        if isinstance(corpus_embeddings, MultiVectorIndex) or (
+            isinstance(corpus_embeddings, (list, tuple))
+            and corpus_embeddings
+            and np.ndim(corpus_embeddings[0]) == 2
+        ):
+            return self._search_multivector(
+                queries, corpus_embeddings, top_k, instruction, batch_size, candidates
+            )
+        if candidates is not None:
+            raise ValueError("candidates applies to multi-vector corpora (token sets or a MultiVectorIndex)")
 
         if isinstance(queries, (torch.Tensor, np.ndarray)):
             q = torch.as_tensor(queries).float()
@@ -925,6 +945,37 @@ class EmbeddingModel(nn.Module):
         return [
             [{"corpus_id": int(i), "score": float(s)} for i, s in zip(row_i, row_s)]
             for row_i, row_s in zip(idx.tolist(), scores.tolist())
+        ]
+
+    def _search_multivector(
+        self,
+        queries: Any,
+        corpus: Any,
+        top_k: int,
+        instruction: str | None,
+        batch_size: int,
+        candidates: int | None,
+    ) -> list[list[dict[str, float | int]]]:
+        """:meth:`search` over token sets, through :class:`vlm2emb.index.MultiVectorIndex`."""
+        import numpy as np
+
+        from vlm2emb.index import MultiVectorIndex
+
+        if isinstance(queries, (list, tuple)) and queries and all(hasattr(q, "shape") for q in queries):
+            sets = [torch.as_tensor(q).float() for q in queries]  # already token sets
+        else:
+            items = queries if isinstance(queries, (list, tuple)) else [queries]
+            sets = self.encode_queries(
+                items, instruction=instruction, batch_size=batch_size, output="multivector"
+            )
+        index = corpus
+        if not isinstance(index, MultiVectorIndex):
+            index = MultiVectorIndex(int(np.shape(corpus[0])[1]))
+            index.add(corpus)
+        scores, ids = index.search(sets, top_k=top_k, candidates=candidates)
+        return [
+            [{"corpus_id": int(i), "score": float(s)} for i, s in zip(row_i, row_s) if i >= 0]
+            for row_i, row_s in zip(ids.tolist(), scores.tolist())
         ]
 
     # ------------------------------------------------------------------ compilation
