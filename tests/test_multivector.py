@@ -228,3 +228,34 @@ def test_bfloat16_dot_products_stay_close_to_float32():
     # unit-vector dot product (and so each max) by less than 2**-7.
     lengths = torch.tensor([[3.0], [8.0]])
     assert ((fast - exact).abs() <= lengths * 2**-7).all() and not torch.equal(fast, exact)
+
+
+def test_maxsim_equals_the_peers_own_code():
+    """Peer check on the same ragged tensors: sentence-transformers' ``maxsim`` (a test
+    dependency) and, when it imports, colpali-engine's ``score_multi_vector``. colpali-engine
+    pins torch<2.14, so CI installs it beside the environment:
+    ``pip install --no-deps --target .peers colpali-engine`` and ``PYTHONPATH=.peers``."""
+    queries = [_unit(n, 16, seed=n).float() for n in (3, 7, 1)]
+    docs = [_unit(n, 16, seed=30 + n).float() for n in (5, 12, 2, 9)]
+    ours = maxsim_lists(queries, docs)
+    checked = 0
+    try:
+        from sentence_transformers.util.similarity import maxsim as st_maxsim
+    except ImportError:
+        pass
+    else:
+        torch.testing.assert_close(ours, st_maxsim(queries, docs, device="cpu").float())
+        checked += 1
+    try:
+        from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
+    except ImportError:
+        pass
+    else:
+        # Equal document lengths: colpali-engine zero-pads documents, which equals masking
+        # only when no padded slot can win (here: no padding at all).
+        same = [_unit(8, 16, seed=60 + i).float() for i in range(4)]
+        theirs = BaseVisualRetrieverProcessor.score_multi_vector(queries, same, device="cpu")
+        torch.testing.assert_close(maxsim_lists(queries, same), theirs)
+        checked += 1
+    if not checked:
+        pytest.skip("neither sentence-transformers' maxsim nor colpali-engine is installed")
