@@ -288,26 +288,27 @@ def maxsim(
     per_pair = max(1, lq * ld)
     bq = max(1, min(nq, chunk_elements // per_pair))
     bd = max(1, min(nd, chunk_elements // (bq * per_pair)))
-    # Training keeps max()'s [bq, bd, Lq] indices for the backward; amax() would keep the
-    # whole [bq * Lq, bd * Ld] block, and is only the cheaper reduction without grad.
+    # Training keeps max()'s [bd, bq * Lq] indices for the backward; amax() would keep the
+    # whole block, and is only the cheaper reduction without grad.
     track = torch.is_grad_enabled() and (query.requires_grad or docs.requires_grad)
     flat_docs = docs.reshape(nd * ld, dim)  # [Nd * Ld, D]
     if compute_dtype is not None:
         query, flat_docs = query.to(compute_dtype), flat_docs.to(compute_dtype)
     rows = []
     for qs in range(0, nq, bq):
-        q = query[qs : qs + bq]  # [bq, Lq, D]
-        a = q.shape[0]
-        flat_q = q.reshape(a * lq, dim)  # [bq * Lq, D]
+        a = min(bq, nq - qs)
+        flat_q = query[qs : qs + a].reshape(a * lq, dim)  # [bq * Lq, D]
         cols = []
         for ds in range(0, nd, bd):
             c = min(bd, nd - ds)
-            # One plain GEMM whose [bq * Lq, bd * Ld] output is read as [bq, Lq, bd, Ld]
-            # in place: the max runs over the contiguous last axis, and no permuted copy of
-            # the block is made (einsum "aid,cjd->acij" writes one).
-            sim = (flat_q @ flat_docs[ds * ld : (ds + c) * ld].T).view(a, lq, c, ld)
-            best = sim.max(dim=-1).values if track else sim.amax(dim=-1)  # [bq, Lq, bd]
-            cols.append(best.sum(dim=1, dtype=dtype))  # [bq, bd]
+            # One plain GEMM with the document tokens as rows, read in place as
+            # [bd, Ld, bq * Lq]: the max over a document's tokens is a reduction over the
+            # middle axis, vectorised along the contiguous query-token axis. (Query tokens
+            # as rows, reducing along a contiguous Ld axis, measured 1.6x slower for
+            # 1,030-token pages; einsum "aid,cjd->acij" also writes a permuted copy.)
+            sim = (flat_docs[ds * ld : (ds + c) * ld] @ flat_q.T).view(c, ld, a * lq)
+            best = sim.max(dim=1).values if track else sim.amax(dim=1)  # [bd, bq * Lq]
+            cols.append(best.view(c, a, lq).sum(dim=-1, dtype=dtype).T)  # [bq, bd]
         rows.append(torch.cat(cols, dim=1))  # [bq, Nd]
     scores = torch.cat(rows, dim=0)  # [Nq, Nd]
     if empty is not None and bool(empty.any()):
