@@ -8,11 +8,15 @@ small filler text, drawn with PIL's bundled font. A query names one digit ("a pa
 the number seven"); every page that shows it is relevant. Training pairs a query with one
 page showing its digit; evaluation uses held-out pages (other digit pairs and renderings).
 
-Three models train with the same recipe, steps and seed:
+Four models train with the same recipe, steps and seed:
 
 * ``single``: the pooled embedding, loss ``infonce``;
-* ``multi``: the multi-vector head only (``dense_head: false``), loss ``maxsim``;
-* ``joint``: both heads, loss ``maxsim`` with ``dense_weight: 1`` (scored both ways).
+* ``multi``: the multi-vector head only (``dense_head: false``), loss ``maxsim``, every
+  real token in the token set;
+* ``multi-content``: the same with ``multivector_tokens: content`` (a page's set is its
+  image tokens, without the ``<|vision_start|>``/``<|vision_end|>`` frame);
+* ``joint-content``: both heads, loss ``maxsim`` with ``dense_weight: 1``, content tokens
+  (scored both ways).
 
 Reported per model and scoring: hit@1 (the best page is relevant) and nDCG@5 (binary
 gains, the ViDoRe measure), the stored bytes per page (float32), and for multi-vector
@@ -90,6 +94,7 @@ def metrics(scores: torch.Tensor, relevant: list[set[int]]) -> dict[str, float]:
 
 
 def evaluate(model_dir: Path, corpus: list[Path], pairs: list[tuple[int, int]]) -> dict[str, dict]:
+    """Scores of one trained model: cosine and/or MaxSim (plain, fp16, pooled)."""
     from vlm2emb import EmbeddingModel
     from vlm2emb.index import MultiVectorIndex
 
@@ -137,11 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(args.out)
     rows, corpus, pairs = make_data(root / "data", args.train_rows, args.seed)
+    multi = {"multivector_dim": args.dim, "dense_head": False}
     variants = {
         "single": ({}, {"loss": "infonce"}),
-        "multi": ({"multivector_dim": args.dim, "dense_head": False}, {"loss": "maxsim"}),
-        "joint": (
-            {"multivector_dim": args.dim, "dense_head": True},
+        "multi": (multi, {"loss": "maxsim"}),
+        "multi-content": ({**multi, "multivector_tokens": "content"}, {"loss": "maxsim"}),
+        "joint-content": (
+            {"multivector_dim": args.dim, "dense_head": True, "multivector_tokens": "content"},
             {"loss": "maxsim", "loss_args": {"dense_weight": 1.0}},
         ),
     }

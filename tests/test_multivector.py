@@ -190,10 +190,12 @@ def test_content_tokens_drop_instruction_and_template_tokens(tiny_qwen2_vl_dir, 
     n_text = len(tok(text)["input_ids"])
     assert len(full[0]) == n_instruction + n_text
     torch.testing.assert_close(kept[0], full[0][-n_text:])
-    # Image item: image tokens, then the instruction, then the text -> the instruction goes.
+    # Image item: <|vision_start|>, image tokens, <|vision_end|>, the instruction, the text
+    # -> the image tokens and the text remain (the frame and the instruction go).
     tokens = every.render(image_item, instruction).tokens
     n_image = tokens.index("<|vision_end|>") + 1
-    expected = torch.cat([full[1][:n_image], full[1][n_image + n_instruction :]])
+    assert tokens[0] == "<|vision_start|>" and set(tokens[1 : n_image - 1]) == {"<|image_pad|>"}
+    expected = torch.cat([full[1][1 : n_image - 1], full[1][n_image + n_instruction :]])
     torch.testing.assert_close(kept[1], expected)
     # MaxSim reads the kept tokens only, and the dropped ones did change the scores.
     docs = every.encode(["the seven is on page two", "eight"], output="multivector")

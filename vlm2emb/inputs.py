@@ -153,7 +153,7 @@ class InputBuilder:
         items: Sequence[Any],
         instructions: str | Sequence[str | None] | None,
         base_dir: str | Path | None,
-    ) -> tuple[list[str], list[list[Any]], int, list[list[tuple[int, int]]]]:
+    ) -> tuple[list[str], list[list[Any]], int, list[list[tuple[int, int, bool]]]]:
         """Prompt strings and decoded images per item, the dummy row count, and per prompt
         the character spans of the item's own content (:meth:`_content_spans`; empty lists
         unless the content mask is on)."""
@@ -167,7 +167,7 @@ class InputBuilder:
         root = base_dir if base_dir is not None else self.base_dir
         prompts: list[str] = []
         images: list[list[Any]] = []
-        spans: list[list[tuple[int, int]]] = []
+        spans: list[list[tuple[int, int, bool]]] = []
         want_spans = self.config.multivector_dim is not None and self.config.multivector_tokens == "content"
         for raw, instruction in zip(items, instructions):
             item = Item.parse(raw)
@@ -202,9 +202,9 @@ class InputBuilder:
 
     def _content_spans(
         self, prompt: str, text: str | None, num_images: int, instruction: str | None
-    ) -> list[tuple[int, int]]:
-        """Character spans ``[start, end)`` of ``prompt`` that are the item's own content:
-        its text and its image placeholders (the rest is instruction and template).
+    ) -> list[tuple[int, int, bool]]:
+        """Character spans ``(start, end, is_image)`` of ``prompt`` that are the item's own
+        content: its text and its image placeholders (the rest is instruction and template).
 
         The text's place is found by rendering the prompt again with a sentinel for the
         text, so a family's template (however it wraps the text) needs no special case.
@@ -212,7 +212,7 @@ class InputBuilder:
         Raises:
             ValueError: The family's prompt does not hold the text verbatim.
         """
-        spans: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, bool]] = []
         start = end = len(prompt)
         if text:
             probe = self.render_prompt(_TEXT_SENTINEL, num_images, instruction)
@@ -229,26 +229,30 @@ class InputBuilder:
                     "item text verbatim in its prompt, so its content tokens cannot be found"
                 )
             start, end = len(head), len(prompt) - len(tail)
-            spans.append((start, end))
+            spans.append((start, end, False))
         placeholder = self.adapter.image_placeholder
         if placeholder and num_images:
             at = prompt.find(placeholder)
             while at != -1:
                 if at + len(placeholder) <= start or at >= end:  # not inside the item's text
-                    spans.append((at, at + len(placeholder)))
+                    spans.append((at, at + len(placeholder), True))
                 at = prompt.find(placeholder, at + len(placeholder))
         return spans
 
     def _content_mask(
-        self, prompts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]], batch: dict[str, Any]
+        self, prompts: Sequence[str], spans: Sequence[Sequence[tuple[int, int, bool]]], batch: dict[str, Any]
     ) -> Any:
         """[B, L] bool: True for the batch's tokens that belong to an item's content.
 
         The prompt is tokenised again with character offsets (without the processor's image
         expansion). Walking the batch's real tokens in order, a token equal to the next
-        unexpanded token takes that token's offsets: content if they overlap a content
+        unexpanded token takes that token's offsets: content if they overlap the text's
         span. A token with no counterpart was inserted by the processor's image expansion
-        and counts as content (it is image).
+        and counts as content (it is image). Inside an image placeholder only the tokens
+        that the expansion repeats are content: the frame around them (Qwen2-VL's
+        ``<|vision_start|>`` and ``<|vision_end|>``) is the same in every document, and
+        under causal attention the start token's vector is too, so it would match every
+        query token equally well in every document.
 
         Raises:
             ValueError: The tokenizer gives no offsets, or the two tokenisations disagree.
@@ -268,13 +272,23 @@ class InputBuilder:
             plain_ids, offsets = enc["input_ids"], enc["offset_mapping"]
             positions = attention[row].nonzero().flatten().tolist()
             j = 0
+            in_image: list[int] = []  # positions matched inside an image placeholder
+            inserted: set[int] = set()  # ids the image expansion repeated
             for pos in positions:
-                if j < len(plain_ids) and int(ids[row, pos]) == plain_ids[j]:
+                token = int(ids[row, pos])
+                if j < len(plain_ids) and token == plain_ids[j]:
                     a, b = offsets[j]
-                    keep[row, pos] = any(a < e and b > s for s, e in row_spans)
+                    hit = [image for s, e, image in row_spans if a < e and b > s]
+                    if hit and all(hit):
+                        in_image.append(pos)
+                    keep[row, pos] = bool(hit) and not all(hit)  # overlaps the text
                     j += 1
                 else:
                     keep[row, pos] = True
+                    inserted.add(token)
+            for pos in in_image:
+                # Without any expansion (one token per image), keep the placeholder whole.
+                keep[row, pos] = not inserted or int(ids[row, pos]) in inserted
             if j != len(plain_ids):
                 raise ValueError(
                     f"multivector_tokens='content': the tokens of backbone {family!r} do not follow its "
