@@ -1,85 +1,129 @@
-"""MaxSim throughput: vlm2emb's blocked, masked ``maxsim`` against the zero-padded einsum
-formula colpali-engine's ``score_multi_vector`` uses (recomputed here: colpali-engine is
-not installable beside this project's torch), on random unit token vectors.
+"""MaxSim throughput: vlm2emb's ``maxsim`` against colpali-engine's ``score_multi_vector``
+on the same random unit token vectors.
 
-    python benchmarks/maxsim.py                       # CPU defaults
-    python benchmarks/maxsim.py --device cuda --queries 256 --docs 4096 --doc-tokens 1024
+colpali-engine is used when it imports (its wheel pins ``torch<2.14``, so install it apart
+from the project's environment without its dependencies and put it on the path:
+``pip install --no-deps --target /tmp/cpe colpali-engine`` then ``PYTHONPATH=/tmp/cpe``).
+Otherwise its formula (token sets zero-padded per block of 128, einsum
+``bnd,csd->bcns``, max over document tokens, sum over query tokens) is recomputed here.
 
-Prints one JSON line per method: seconds per full score matrix (best of ``--repeat``),
-query-document pairs per second, and the largest absolute difference from the einsum
-result (0 up to rounding: every document here has the same token count, so zero padding
-and masks agree).
+    PYTHONPATH=/tmp/cpe:. python benchmarks/maxsim.py                 # the CPU shape grid
+    python benchmarks/maxsim.py --shapes 32x32x256x256 --ragged       # one shape, ragged docs
+
+A shape is ``queries x query tokens x docs x doc tokens``. With ``--ragged`` each document
+has between half and all of the doc tokens (as page images of different sizes would), so
+padding is in play. Prints one JSON line per shape and method: the median seconds of
+``--repeat`` runs (the methods alternate inside each repeat, so both see the same machine
+load), query-document pairs per second, the speed-up over the baseline, the largest
+absolute difference from the baseline's scores and the share of queries whose best
+document agrees with the baseline's. ``bf16`` computes the dot products in bfloat16
+(``maxsim(compute_dtype=torch.bfloat16)``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from vlm2emb.multivector import maxsim
+from vlm2emb.multivector import maxsim_lists
+
+DEFAULT_SHAPES = "32x32x256x256,16x20x256x1030,64x16x1024x128,4x32x2048x256"
 
 
-def einsum_scores(q: torch.Tensor, d: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """The zero-padded formula, in blocks of ``block`` documents (colpali-engine's default
-    batch size): ``einsum("bnd,csd->bcns").max(3).sum(2)``."""
-    out = [
-        torch.einsum("bnd,csd->bcns", q, d[s : s + block]).max(dim=3)[0].sum(dim=2)
-        for s in range(0, len(d), block)
-    ]
-    return torch.cat(out, dim=1)  # [Nq, Nd]
+def einsum_scores(qs: list[torch.Tensor], ds: list[torch.Tensor], block: int = 128) -> torch.Tensor:
+    """colpali-engine's formula, recomputed: zero-padded blocks of ``block`` queries and
+    documents, ``einsum("bnd,csd->bcns").amax(3).sum(2)``."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    rows = []
+    for i in range(0, len(qs), block):
+        q = pad(qs[i : i + block], batch_first=True)  # [bq, Lq, D]
+        cols = [
+            torch.einsum("bnd,csd->bcns", q, pad(ds[j : j + block], batch_first=True)).amax(dim=3).sum(dim=2)
+            for j in range(0, len(ds), block)
+        ]
+        rows.append(torch.cat(cols, dim=1))
+    return torch.cat(rows, dim=0)  # [Nq, Nd]
 
 
-def _time(fn: Callable[[], torch.Tensor], repeat: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    assert out is not None
-    return best, out
+def baseline() -> tuple[str, Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]]:
+    """colpali-engine's own ``score_multi_vector`` when it imports, else the recomputed formula."""
+    try:
+        from importlib.metadata import version
+
+        from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
+    except ImportError:
+        return "einsum (colpali-engine formula, recomputed)", einsum_scores
+
+    def score(qs: list[torch.Tensor], ds: list[torch.Tensor]) -> torch.Tensor:
+        return BaseVisualRetrieverProcessor.score_multi_vector(qs, ds, device="cpu")
+
+    return f"colpali-engine {version('colpali-engine')} score_multi_vector", score
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    parts = [int(x) for x in text.lower().split("x")]
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be QxLQxDxLD (4 positive ints), got {text!r}")
+    return parts[0], parts[1], parts[2], parts[3]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queries", type=int, default=32)
-    parser.add_argument("--docs", type=int, default=256)
-    parser.add_argument("--query-tokens", type=int, default=32)
-    parser.add_argument("--doc-tokens", type=int, default=256)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated QxLQxDxLD")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--chunk-elements", type=int, default=1 << 24)
+    parser.add_argument("--ragged", action="store_true", help="doc lengths between LD/2 and LD")
+    parser.add_argument("--chunk-elements", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(args.queries, args.query_tokens, args.dim, generator=g), dim=-1)
-    d = F.normalize(torch.randn(args.docs, args.doc_tokens, args.dim, generator=g), dim=-1)
-    q, d = q.to(device, dtype), d.to(device, dtype)
-    with torch.inference_mode():
-        base_s, base = _time(lambda: einsum_scores(q, d), args.repeat, device)
-        ours_s, ours = _time(lambda: maxsim(q, d, chunk_elements=args.chunk_elements), args.repeat, device)
-    pairs = args.queries * args.docs
-    rows: list[dict[str, float | str]] = [
-        {"method": "einsum (colpali-engine formula)", "seconds": base_s, "pairs_per_s": pairs / base_s},
-        {
-            "method": "vlm2emb.multivector.maxsim",
-            "seconds": ours_s,
-            "pairs_per_s": pairs / ours_s,
-            "max_abs_diff": float((ours.float() - base.float()).abs().max()),
-        },
-    ]
-    for row in rows:
-        print(json.dumps({**row, **{k: v for k, v in vars(args).items() if k != "repeat"}}))
+    base_name, base_fn = baseline()
+    kwargs = {} if args.chunk_elements is None else {"chunk_elements": args.chunk_elements}
+    rows: list[dict[str, float | str]] = []
+    for text in args.shapes.split(","):
+        nq, lq, nd, ld = _shape(text)
+        g = torch.Generator().manual_seed(0)
+        qs = list(F.normalize(torch.randn(nq, lq, args.dim, generator=g), dim=-1))
+        lengths = (
+            torch.randint(max(1, ld // 2), ld + 1, (nd,), generator=g).tolist() if args.ragged else [ld] * nd
+        )
+        ds = [F.normalize(torch.randn(n, args.dim, generator=g), dim=-1) for n in lengths]
+        methods = {
+            base_name: base_fn,
+            "vlm2emb maxsim_lists": lambda q, d: maxsim_lists(q, d, **kwargs),
+            "vlm2emb maxsim_lists bf16": lambda q, d: maxsim_lists(
+                q, d, compute_dtype=torch.bfloat16, **kwargs
+            ),
+        }
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        outs: dict[str, torch.Tensor] = {}
+        with torch.inference_mode():
+            for _ in range(args.repeat):
+                for name, fn in methods.items():
+                    start = time.perf_counter()
+                    outs[name] = fn(qs, ds)
+                    times[name].append(time.perf_counter() - start)
+        base_s = statistics.median(times[base_name])
+        for name in methods:
+            sec = statistics.median(times[name])
+            row = {
+                "shape": text,
+                "ragged": args.ragged,
+                "method": name,
+                "median_s": sec,
+                "runs_s": times[name],
+                "pairs_per_s": nq * nd / sec,
+                "speedup_vs_baseline": base_s / sec,
+                "max_abs_diff": float((outs[name].float() - outs[base_name].float()).abs().max()),
+                # Ranking agreement: each query's best document is the baseline's.
+                "top1_agree": float((outs[name].argmax(1) == outs[base_name].argmax(1)).float().mean()),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 

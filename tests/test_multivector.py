@@ -166,3 +166,98 @@ def test_matryoshka_refuses_a_multivector_loss():
 
     with pytest.raises(ValueError, match="multi-vector loss"):
         MatryoshkaLoss(MaxSimLoss(), [8])
+
+
+# --------------------------------------------------------------------- content tokens only
+def test_content_tokens_drop_instruction_and_template_tokens(tiny_qwen2_vl_dir, digit_images, tmp_path):
+    """multivector_tokens='content' keeps the rows of the full token set that are the item's
+    own text and image tokens (positions found here from the tokenizer alone), so the
+    instruction's tokens take no part in MaxSim; the setting is saved with the model."""
+    from vlm2emb.eval.cache import model_fingerprint
+
+    overrides = {"multivector_dim": 16}
+    every = EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides=overrides)
+    content = EmbeddingModel.from_pretrained(
+        tiny_qwen2_vl_dir, config_overrides={**overrides, "multivector_tokens": "content"}
+    )
+    tok = every.adapter.tokenizer
+    instruction = "Find the page that answers the question."
+    n_instruction = len(tok(instruction + "\n")["input_ids"])
+    text, image_item = "where is the seven", {"text": "a seven", "image": digit_images[7]}
+    full = every.encode([text, image_item], instruction=instruction, output="multivector")
+    kept = content.encode([text, image_item], instruction=instruction, output="multivector")
+    # Text item: instruction + "\n" + text -> only the text's own tokens remain.
+    n_text = len(tok(text)["input_ids"])
+    assert len(full[0]) == n_instruction + n_text
+    torch.testing.assert_close(kept[0], full[0][-n_text:])
+    # Image item: <|vision_start|>, image tokens, <|vision_end|>, the instruction, the text
+    # -> the image tokens and the text remain (the frame and the instruction go).
+    tokens = every.render(image_item, instruction).tokens
+    n_image = tokens.index("<|vision_end|>") + 1
+    assert tokens[0] == "<|vision_start|>" and set(tokens[1 : n_image - 1]) == {"<|image_pad|>"}
+    expected = torch.cat([full[1][1 : n_image - 1], full[1][n_image + n_instruction :]])
+    torch.testing.assert_close(kept[1], expected)
+    # MaxSim reads the kept tokens only, and the dropped ones did change the scores.
+    docs = every.encode(["the seven is on page two", "eight"], output="multivector")
+    torch.testing.assert_close(maxsim_lists(kept[:1], docs), maxsim_lists([full[0][-n_text:]], docs))
+    assert not torch.allclose(maxsim_lists(full[:1], docs), maxsim_lists(kept[:1], docs))
+    # Saved and loaded with the model; a different setting is a different cache key.
+    content.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "vlm2emb_config.json").read_text())["multivector_tokens"] == "content"
+    loaded = EmbeddingModel.from_pretrained(tmp_path)
+    assert loaded.config.multivector_tokens == "content"
+    for a, b in zip(kept, loaded.encode([text, image_item], instruction=instruction, output="multivector")):
+        torch.testing.assert_close(a, b)
+    assert model_fingerprint(content) != model_fingerprint(every)
+
+
+def test_content_tokens_setting_is_checked(tiny_qwen2_vl_dir):
+    with pytest.raises(ValueError, match="multivector_tokens must be one of all, content"):
+        EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"multivector_tokens": "text"})
+    with pytest.raises(ValueError, match="pack_sequences off"):
+        EmbeddingModel.from_pretrained(
+            tiny_qwen2_vl_dir, pack_sequences=True, config_overrides={"multivector_tokens": "content"}
+        )
+
+
+def test_bfloat16_dot_products_stay_close_to_float32():
+    queries = [_unit(n, 32, seed=n).float() for n in (3, 8)]
+    docs = [_unit(n, 32, seed=40 + n).float() for n in (5, 9, 2)]
+    exact = maxsim_lists(queries, docs)
+    fast = maxsim_lists(queries, docs, compute_dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32
+    # bfloat16 keeps 8 significant bits: rounding the inputs and the product moves each
+    # unit-vector dot product (and so each max) by less than 2**-7.
+    lengths = torch.tensor([[3.0], [8.0]])
+    assert ((fast - exact).abs() <= lengths * 2**-7).all() and not torch.equal(fast, exact)
+
+
+def test_maxsim_equals_the_peers_own_code():
+    """Peer check on the same ragged tensors: sentence-transformers' ``maxsim`` (a test
+    dependency) and, when it imports, colpali-engine's ``score_multi_vector``. colpali-engine
+    pins torch<2.14, so CI installs it beside the environment:
+    ``pip install --no-deps --target .peers colpali-engine`` and ``PYTHONPATH=.peers``."""
+    queries = [_unit(n, 16, seed=n).float() for n in (3, 7, 1)]
+    docs = [_unit(n, 16, seed=30 + n).float() for n in (5, 12, 2, 9)]
+    ours = maxsim_lists(queries, docs)
+    checked = 0
+    try:
+        from sentence_transformers.util.similarity import maxsim as st_maxsim
+    except ImportError:
+        pass
+    else:
+        torch.testing.assert_close(ours, st_maxsim(queries, docs, device="cpu").float())
+        checked += 1
+    try:
+        from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
+    except ImportError:
+        pass
+    else:
+        # Equal document lengths: colpali-engine zero-pads documents, which equals masking
+        # only when no padded slot can win (here: no padding at all).
+        same = [_unit(8, 16, seed=60 + i).float() for i in range(4)]
+        theirs = BaseVisualRetrieverProcessor.score_multi_vector(queries, same, device="cpu")
+        torch.testing.assert_close(maxsim_lists(queries, same), theirs)
+        checked += 1
+    if not checked:
+        pytest.skip("neither sentence-transformers' maxsim nor colpali-engine is installed")

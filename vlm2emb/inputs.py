@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlm2emb.model import EmbeddingConfig
 
 __all__ = [
+    "CONTENT_MASK",
     "DUMMY_ROWS",
     "InputBuilder",
     "RenderedItem",
@@ -33,6 +34,12 @@ __all__ = [
 ]
 
 DUMMY_ROWS = "vlm2emb_dummy_rows"  # InputBuilder -> EmbeddingModel.forward: trailing rows to drop
+# InputBuilder -> EmbeddingModel.forward: [B, L] bool, the tokens the multi-vector head keeps
+# (EmbeddingConfig.multivector_tokens == "content").
+CONTENT_MASK = "vlm2emb_content_mask"
+# Stands for the item's text while a prompt is rendered a second time, to find where the
+# text lands in the prompt (a private-use character no tokenizer or template produces).
+_TEXT_SENTINEL = "\ue000vlm2emb-item-text\ue000"
 
 
 @dataclass
@@ -104,8 +111,10 @@ class InputBuilder:
             with ``config.pack_sequences``, one packed row (``input_ids`` [1, T], no mask)
             and ``cu_seqlens`` [B + 1] (:meth:`BackboneAdapter.pack_inputs`).
         """
-        prompts, images, dummy = self._prompts_and_images(items, instructions, base_dir)
+        prompts, images, dummy, spans = self._prompts_and_images(items, instructions, base_dir)
         out = self.adapter.build_inputs(prompts, images)
+        if self.config.multivector_dim is not None and self.config.multivector_tokens == "content":
+            out[CONTENT_MASK] = self._content_mask(prompts, spans, out)
         if self.config.pack_sequences:
             out = self.adapter.pack_inputs(out)
         if dummy:
@@ -122,7 +131,7 @@ class InputBuilder:
     def render(self, item: Any, instruction: str | None = None) -> RenderedItem:
         """What the backbone gets for one item: the prompt string and its token ids
         (placeholders expanded, pooling suffix included, padding left out)."""
-        prompts, images, _ = self._prompts_and_images([item], instruction, None)
+        prompts, images, _, _ = self._prompts_and_images([item], instruction, None)
         batch = self.adapter.build_inputs(prompts[:1], images[:1])
         mask = batch["attention_mask"][0].bool()
         ids = [int(i) for i in batch["input_ids"][0][mask]]
@@ -144,8 +153,10 @@ class InputBuilder:
         items: Sequence[Any],
         instructions: str | Sequence[str | None] | None,
         base_dir: str | Path | None,
-    ) -> tuple[list[str], list[list[Any]], int]:
-        """Prompt strings and decoded images per item, plus the dummy row count."""
+    ) -> tuple[list[str], list[list[Any]], int, list[list[tuple[int, int, bool]]]]:
+        """Prompt strings and decoded images per item, the dummy row count, and per prompt
+        the character spans of the item's own content (:meth:`_content_spans`; empty lists
+        unless the content mask is on)."""
         from vlm2emb.data.media import load_image, load_video_frames
 
         if instructions is None or isinstance(instructions, str):
@@ -156,6 +167,8 @@ class InputBuilder:
         root = base_dir if base_dir is not None else self.base_dir
         prompts: list[str] = []
         images: list[list[Any]] = []
+        spans: list[list[tuple[int, int, bool]]] = []
+        want_spans = self.config.multivector_dim is not None and self.config.multivector_tokens == "content"
         for raw, instruction in zip(items, instructions):
             item = Item.parse(raw)
             imgs = []
@@ -167,7 +180,9 @@ class InputBuilder:
                     )
                 else:
                     imgs.append(load_image(ref, base_dir=root))
-            prompts.append(self.render_prompt(item.text, len(imgs), instruction) + suffix)
+            prompt = self.render_prompt(item.text, len(imgs), instruction)
+            spans.append(self._content_spans(prompt, item.text, len(imgs), instruction) if want_spans else [])
+            prompts.append(prompt + suffix)
             images.append(imgs)
         dummy = 0
         if self.always_run_vision and not any(images):
@@ -176,12 +191,110 @@ class InputBuilder:
             from PIL import Image
 
             try:
-                prompts.append(self.render_prompt(None, 1, None) + suffix)
+                prompt = self.render_prompt(None, 1, None)
+                spans.append(self._content_spans(prompt, None, 1, None) if want_spans else [])
+                prompts.append(prompt + suffix)
                 images.append([Image.new("RGB", (32, 32), (255, 255, 255))])
                 dummy = 1
             except ValueError:  # a text-only backbone has no image path to keep in step
                 pass
-        return prompts, images, dummy
+        return prompts, images, dummy, spans
+
+    def _content_spans(
+        self, prompt: str, text: str | None, num_images: int, instruction: str | None
+    ) -> list[tuple[int, int, bool]]:
+        """Character spans ``(start, end, is_image)`` of ``prompt`` that are the item's own
+        content: its text and its image placeholders (the rest is instruction and template).
+
+        The text's place is found by rendering the prompt again with a sentinel for the
+        text, so a family's template (however it wraps the text) needs no special case.
+
+        Raises:
+            ValueError: The family's prompt does not hold the text verbatim.
+        """
+        spans: list[tuple[int, int, bool]] = []
+        start = end = len(prompt)
+        if text:
+            probe = self.render_prompt(_TEXT_SENTINEL, num_images, instruction)
+            head, sep, tail = probe.partition(_TEXT_SENTINEL)
+            if (
+                not sep
+                or _TEXT_SENTINEL in tail
+                or not (
+                    prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head) + len(tail)
+                )
+            ):
+                raise ValueError(
+                    f"multivector_tokens='content': backbone {self.adapter.family!r} does not keep the "
+                    "item text verbatim in its prompt, so its content tokens cannot be found"
+                )
+            start, end = len(head), len(prompt) - len(tail)
+            spans.append((start, end, False))
+        placeholder = self.adapter.image_placeholder
+        if placeholder and num_images:
+            at = prompt.find(placeholder)
+            while at != -1:
+                if at + len(placeholder) <= start or at >= end:  # not inside the item's text
+                    spans.append((at, at + len(placeholder), True))
+                at = prompt.find(placeholder, at + len(placeholder))
+        return spans
+
+    def _content_mask(
+        self, prompts: Sequence[str], spans: Sequence[Sequence[tuple[int, int, bool]]], batch: dict[str, Any]
+    ) -> Any:
+        """[B, L] bool: True for the batch's tokens that belong to an item's content.
+
+        The prompt is tokenised again with character offsets (without the processor's image
+        expansion). Walking the batch's real tokens in order, a token equal to the next
+        unexpanded token takes that token's offsets: content if they overlap the text's
+        span. A token with no counterpart was inserted by the processor's image expansion
+        and counts as content (it is image). Inside an image placeholder only the tokens
+        that the expansion repeats are content: the frame around them (Qwen2-VL's
+        ``<|vision_start|>`` and ``<|vision_end|>``) is the same in every document, and
+        under causal attention the start token's vector is too, so it would match every
+        query token equally well in every document.
+
+        Raises:
+            ValueError: The tokenizer gives no offsets, or the two tokenisations disagree.
+        """
+        import torch
+
+        ids, attention = batch["input_ids"], batch["attention_mask"].bool()  # [B, L], [B, L]
+        keep = torch.zeros_like(attention)  # [B, L]
+        family = self.adapter.family
+        for row, (prompt, row_spans) in enumerate(zip(prompts, spans)):
+            try:
+                enc = self.tokenizer(prompt, return_offsets_mapping=True)
+            except NotImplementedError as exc:  # slow tokenizers have no offsets
+                raise ValueError(
+                    f"multivector_tokens='content' needs a fast tokenizer (backbone {family!r})"
+                ) from exc
+            plain_ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            positions = attention[row].nonzero().flatten().tolist()
+            j = 0
+            in_image: list[int] = []  # positions matched inside an image placeholder
+            inserted: set[int] = set()  # ids the image expansion repeated
+            for pos in positions:
+                token = int(ids[row, pos])
+                if j < len(plain_ids) and token == plain_ids[j]:
+                    a, b = offsets[j]
+                    hit = [image for s, e, image in row_spans if a < e and b > s]
+                    if hit and all(hit):
+                        in_image.append(pos)
+                    keep[row, pos] = bool(hit) and not all(hit)  # overlaps the text
+                    j += 1
+                else:
+                    keep[row, pos] = True
+                    inserted.add(token)
+            for pos in in_image:
+                # Without any expansion (one token per image), keep the placeholder whole.
+                keep[row, pos] = not inserted or int(ids[row, pos]) in inserted
+            if j != len(plain_ids):
+                raise ValueError(
+                    f"multivector_tokens='content': the tokens of backbone {family!r} do not follow its "
+                    "prompt's own tokenisation, so its content tokens cannot be found"
+                )
+        return keep
 
     def length_keys(self, items: Sequence[Any]) -> list[tuple[int, int]]:
         """:func:`length_keys` with this builder's tokenizer."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
-from vlm2emb.inputs import DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
+from vlm2emb.inputs import CONTENT_MASK, DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
 from vlm2emb.items import resolve_instruction, task_instruction
 from vlm2emb.multivector import MultiVectorEmbeddings, MultiVectorHead
 from vlm2emb.pooling import POOLING_METHODS, pool, pool_packed
@@ -32,6 +32,8 @@ R = TypeVar("R")
 
 CONFIG_NAME = "vlm2emb_config.json"
 MULTIVECTOR_HEAD_NAME = "multivector_head.safetensors"
+# EmbeddingConfig.multivector_tokens: every real token, or the item's own text and images.
+MULTIVECTOR_TOKENS = ("all", "content")
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 TINY_PREFIX = "tiny:"
@@ -83,6 +85,11 @@ class EmbeddingConfig:
             "target_distinct"}}`` (:func:`vlm2emb.items.instruction_record`); None for a
             model not trained by vlm2emb or a streamed run. ``encode_queries(...,
             task=...)`` uses them. A record written by the trainer, like ``temperature``.
+        multivector_tokens: Which real tokens the multi-vector head keeps: ``all`` (every
+            real token: instruction, template and pooling-suffix tokens included) or
+            ``content`` (only the item's own text and image tokens; the instruction, the
+            family's prompt template and special tokens are masked out of the token set,
+            though the backbone still reads them). Prompt style ``vlm2emb`` only.
         format_version: Layout version of the saved directory.
     """
 
@@ -102,6 +109,7 @@ class EmbeddingConfig:
     multivector_dim: int | None = None
     dense_head: bool = True
     instructions: dict[str, dict[str, Any]] | None = None
+    multivector_tokens: str = "all"
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -132,6 +140,17 @@ class EmbeddingConfig:
             and all(isinstance(v, dict) for v in self.instructions.values())
         ):
             raise ValueError("instructions must map task names to their instruction records")
+        if self.multivector_tokens not in MULTIVECTOR_TOKENS:
+            raise ValueError(
+                f"multivector_tokens must be one of {', '.join(MULTIVECTOR_TOKENS)}, "
+                f"got {self.multivector_tokens!r}"
+            )
+        if self.multivector_tokens == "content" and (self.pack_sequences or self.prompt_style != "vlm2emb"):
+            # The content mask follows the padded rows and vlm2emb's prompt layout (the
+            # vlm2vec style puts the instruction inside the item text).
+            raise ValueError(
+                "multivector_tokens='content' needs prompt_style 'vlm2emb' and pack_sequences off"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingConfig:
@@ -691,7 +710,8 @@ class EmbeddingModel(nn.Module):
 
     def _embed(self, inputs: dict[str, Any]) -> torch.Tensor:
         dummy_rows = int(inputs.get(DUMMY_ROWS, 0))
-        inputs = {k: v for k, v in inputs.items() if k != DUMMY_ROWS}
+        content = inputs.get(CONTENT_MASK)  # [B, L] bool, or None: every real token counts
+        inputs = {k: v for k, v in inputs.items() if k not in (DUMMY_ROWS, CONTENT_MASK)}
         device = self.device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
@@ -708,6 +728,15 @@ class EmbeddingModel(nn.Module):
             emb = torch.nn.functional.normalize(emb, dim=-1)
         if self.multivector_head is None:
             return emb[:-dummy_rows] if dummy_rows else emb  # the blank image row added by collate()
+        if content is not None:
+            if content.shape != mask.shape:
+                raise ValueError(
+                    f"backbone {self.config.family!r} returned hidden states for {list(mask.shape)} "
+                    f"tokens but the content mask covers {list(content.shape)}; "
+                    "multivector_tokens='content' is not supported for it"
+                )
+            # Only the multi-vector set loses the prompt tokens; pooling above saw them all.
+            mask = mask.to(torch.bool) & content.to(mask.device)  # [B, L]
         multi = self.multivector_head(hidden, mask)  # tokens [B, L, D], mask [B, L]
         multi.dense = emb if self.config.dense_head else None
         return multi.drop_last_rows(dummy_rows)
@@ -893,22 +922,42 @@ class EmbeddingModel(nn.Module):
         *,
         instruction: str | None = None,
         batch_size: int = 32,
+        candidates: int | None = None,
     ) -> list[list[dict[str, float | int]]]:
-        """Exact cosine search of a small in-memory corpus (sentence-transformers' form).
+        """Exact search of a corpus (sentence-transformers' form): cosine for single
+        vectors, MaxSim for token sets.
 
         Args:
-            queries: Query items (embedded with :meth:`encode_queries`), or query
-                embeddings [n, d] as a tensor or numpy array.
-            corpus_embeddings: [m, d] corpus embeddings (tensor or numpy array).
+            queries: Query items (embedded with :meth:`encode_queries`, as token sets when
+                the corpus is multi-vector), or query embeddings: [n, d] as a tensor or numpy
+                array, or a list of ``[L_i, D]`` token sets.
+            corpus_embeddings: [m, d] corpus embeddings (tensor or numpy array); or a
+                multi-vector corpus: a :class:`vlm2emb.index.MultiVectorIndex` or a list of
+                ``[L_i, D]`` token sets (``encode(output="multivector")``).
             top_k: Hits per query (at most m).
             instruction: Query instruction when ``queries`` are items.
             batch_size: Encoding batch size when ``queries`` are items.
+            candidates: Multi-vector corpora only: documents picked by the index's first
+                stage and re-scored exactly (None = score all exactly).
 
         Returns:
             Per query, ``top_k`` dicts ``{"corpus_id": int, "score": float}``, best first.
-            For a large corpus use :class:`vlm2emb.index.FlatIndex` instead.
+            For a large single-vector corpus use :class:`vlm2emb.index.FlatIndex` instead.
         """
         import numpy as np
+
+        from vlm2emb.index import MultiVectorIndex
+
+        if isinstance(corpus_embeddings, MultiVectorIndex) or (
+            isinstance(corpus_embeddings, (list, tuple))
+            and corpus_embeddings
+            and np.ndim(corpus_embeddings[0]) == 2
+        ):
+            return self._search_multivector(
+                queries, corpus_embeddings, top_k, instruction, batch_size, candidates
+            )
+        if candidates is not None:
+            raise ValueError("candidates applies to multi-vector corpora (token sets or a MultiVectorIndex)")
 
         if isinstance(queries, (torch.Tensor, np.ndarray)):
             q = torch.as_tensor(queries).float()
@@ -929,6 +978,37 @@ class EmbeddingModel(nn.Module):
         return [
             [{"corpus_id": int(i), "score": float(s)} for i, s in zip(row_i, row_s)]
             for row_i, row_s in zip(idx.tolist(), scores.tolist())
+        ]
+
+    def _search_multivector(
+        self,
+        queries: Any,
+        corpus: Any,
+        top_k: int,
+        instruction: str | None,
+        batch_size: int,
+        candidates: int | None,
+    ) -> list[list[dict[str, float | int]]]:
+        """:meth:`search` over token sets, through :class:`vlm2emb.index.MultiVectorIndex`."""
+        import numpy as np
+
+        from vlm2emb.index import MultiVectorIndex
+
+        if isinstance(queries, (list, tuple)) and queries and all(hasattr(q, "shape") for q in queries):
+            sets = [torch.as_tensor(q).float() for q in queries]  # already token sets
+        else:
+            items = queries if isinstance(queries, (list, tuple)) else [queries]
+            sets = self.encode_queries(
+                items, instruction=instruction, batch_size=batch_size, output="multivector"
+            )
+        index = corpus
+        if not isinstance(index, MultiVectorIndex):
+            index = MultiVectorIndex(int(np.shape(corpus[0])[1]))
+            index.add(corpus)
+        scores, ids = index.search(sets, top_k=top_k, candidates=candidates)
+        return [
+            [{"corpus_id": int(i), "score": float(s)} for i, s in zip(row_i, row_s) if i >= 0]
+            for row_i, row_s in zip(ids.tolist(), scores.tolist())
         ]
 
     # ------------------------------------------------------------------ compilation

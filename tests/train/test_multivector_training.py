@@ -101,3 +101,23 @@ def test_a_resumed_run_restores_the_head(tmp_path, tiny_qwen2_vl_dir):
         assert want.keys() == got.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+
+
+def test_recipe_multivector_tokens_reaches_the_saved_model(tmp_path, tiny_qwen2_vl_dir):
+    with pytest.raises(ConfigError, match=r"model\.multivector_tokens: must be one of all, content"):
+        _recipe(tmp_path, tiny_qwen2_vl_dir, "model.multivector_dim=8", "model.multivector_tokens=text")
+    cfg = _recipe(
+        tmp_path,
+        tiny_qwen2_vl_dir,
+        "model.multivector_dim=8",
+        "model.multivector_tokens=content",
+        "train.loss=maxsim",
+        "train.max_steps=1",
+        "data.query_instruction=Find the word.",
+    )
+    train(cfg, progress=False)
+    model = EmbeddingModel.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.multivector_tokens == "content"
+    # The instruction's tokens are masked: the query's set holds only the text's tokens.
+    query = model.encode_queries(["the number one"], output="multivector")[0]
+    assert len(query) == len(model.adapter.tokenizer("the number one")["input_ids"])

@@ -32,7 +32,7 @@ __all__ = ["CacheStats", "CachedEncoder", "data_fingerprint", "default_cache_dir
 
 # Config fields added after caches existed, left out of the key at these defaults so that
 # entries written before them stay valid.
-_LATER_DEFAULTS = {"multivector_dim": None, "dense_head": True}
+_LATER_DEFAULTS = {"multivector_dim": None, "dense_head": True, "multivector_tokens": "all"}
 
 # Per-parameter sample size for the fingerprint: cheap even for billions of weights, and with
 # the full-tensor sum any real training step changes the key.

@@ -51,6 +51,8 @@ class ModelConfig:
     # multi-vector head (None = none, or the saved model's); dense_head: false keeps only it.
     multivector_dim: int | None = None
     dense_head: bool = True
+    # all | content: content masks the instruction and template tokens out of the token set.
+    multivector_tokens: str = "all"
     dtype: str = "fp32"  # weight dtype (auto = as stored); mixed precision is train.precision
     attn_implementation: str | None = None
     lora: LoraConfig | None = None  # YAML: false/true or a mapping of LoraConfig keys
@@ -252,6 +254,13 @@ class RecipeConfig:
             )
         if not self.model.dense_head and self.model.multivector_dim is None:
             raise ConfigError("model.dense_head: false needs model.multivector_dim (e.g. 128)")
+        from vlm2emb.model import MULTIVECTOR_TOKENS
+
+        if self.model.multivector_tokens not in MULTIVECTOR_TOKENS:
+            raise ConfigError(
+                f"model.multivector_tokens: must be one of {', '.join(MULTIVECTOR_TOKENS)}, "
+                f"got {self.model.multivector_tokens!r}"
+            )
         from vlm2emb.losses import available_losses
 
         if self.train.loss not in available_losses():

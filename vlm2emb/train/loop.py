@@ -553,7 +553,11 @@ class _Trainer:
                 "instructions": self._instruction_record(),
                 # Only when the recipe asks: a saved model's own head setting stays otherwise.
                 **(
-                    {"multivector_dim": cfg.model.multivector_dim, "dense_head": cfg.model.dense_head}
+                    {
+                        "multivector_dim": cfg.model.multivector_dim,
+                        "dense_head": cfg.model.dense_head,
+                        "multivector_tokens": cfg.model.multivector_tokens,
+                    }
                     if cfg.model.multivector_dim is not None
                     else {}
                 ),
