@@ -27,6 +27,7 @@ __all__ = [
     "DUMMY_ROWS",
     "InputBuilder",
     "RenderedItem",
+    "decode_media",
     "length_keys",
     "length_sorted_batches",
     "token_counts",
@@ -146,8 +147,6 @@ class InputBuilder:
         base_dir: str | Path | None,
     ) -> tuple[list[str], list[list[Any]], int]:
         """Prompt strings and decoded images per item, plus the dummy row count."""
-        from vlm2emb.data.media import load_image, load_video_frames
-
         if instructions is None or isinstance(instructions, str):
             instructions = [instructions] * len(items)
         if len(instructions) != len(items):
@@ -158,15 +157,7 @@ class InputBuilder:
         images: list[list[Any]] = []
         for raw, instruction in zip(items, instructions):
             item = Item.parse(raw)
-            imgs = []
-            for ref in item.media:
-                if isinstance(ref, VideoRef):  # several frames, given as several images
-                    path = Path(ref.path)
-                    imgs.extend(
-                        load_video_frames(path if path.is_absolute() or root is None else Path(root) / path)
-                    )
-                else:
-                    imgs.append(load_image(ref, base_dir=root))
+            imgs = decode_media(item, root)
             prompts.append(self.render_prompt(item.text, len(imgs), instruction) + suffix)
             images.append(imgs)
         dummy = 0
@@ -186,6 +177,27 @@ class InputBuilder:
     def length_keys(self, items: Sequence[Any]) -> list[tuple[int, int]]:
         """:func:`length_keys` with this builder's tokenizer."""
         return length_keys(items, self.adapter.tokenizer)
+
+
+def decode_media(item: Item, root: str | Path | None) -> list[Any]:
+    """An item's media decoded into RGB images, in order (a video gives its frames).
+
+    Args:
+        item: The parsed item.
+        root: Folder that relative paths resolve against (None: the working directory).
+    """
+    from vlm2emb.data.media import load_image, load_video_frames
+
+    images: list[Any] = []
+    for ref in item.media:
+        if isinstance(ref, VideoRef):  # several frames, given as several images
+            path = Path(ref.path)
+            images.extend(
+                load_video_frames(path if path.is_absolute() or root is None else Path(root) / path)
+            )
+        else:
+            images.append(load_image(ref, base_dir=root))
+    return images
 
 
 def length_sorted_batches(items: Sequence[Any], tokenizer: Any, batch_size: int) -> list[list[int]]:

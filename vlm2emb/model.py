@@ -146,16 +146,21 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def saved_config_and_family(
-    path: str | os.PathLike[str], *, trust_remote_code: bool = False
+    path: str | os.PathLike[str], *, trust_remote_code: bool = False, config_name: str = CONFIG_NAME
 ) -> tuple[dict[str, Any], str]:
     """A model directory's saved ``vlm2emb_config.json`` (empty for a raw VLM) and its
     backbone family (saved, else transformers' ``model_type``).
+
+    Args:
+        path: The model directory.
+        trust_remote_code: Passed to ``AutoConfig`` for a raw VLM.
+        config_name: The vlm2emb config file to read (the reranker saves its own).
 
     Raises:
         ValueError: The saved config is not valid JSON (the file is named).
     """
     saved: dict[str, Any] = {}
-    cfg_file = Path(path) / CONFIG_NAME
+    cfg_file = Path(path) / config_name
     if cfg_file.is_file():
         try:
             saved = json.loads(cfg_file.read_text())
@@ -996,20 +1001,15 @@ class EmbeddingModel(nn.Module):
                 backbone was loaded, how many processes run); the global RNG is left as it
                 was. None draws from the global RNG.
         """
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(
+        self.backbone = wrap_lora(
+            self.backbone,
             r=r,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
+            alpha=alpha,
+            dropout=dropout,
             target_modules=target_modules or self.adapter.lora_target_modules,
             use_dora=use_dora,
+            seed=seed,
         )
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.backbone = get_peft_model(self.backbone, cfg)
 
     @property
     def has_lora(self) -> bool:
@@ -1101,6 +1101,33 @@ class EmbeddingModel(nn.Module):
         # safetensors writes its files 0600; only the files written here are touched.
         honour_umask([*out.glob("*.safetensors"), *(out / ADAPTER_DIR).glob("*.safetensors")])
         return out
+
+
+def wrap_lora(
+    module: nn.Module,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: str | list[str],
+    use_dora: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """``module`` wrapped in a peft LoRA adapter (shared by the embedder and the reranker).
+
+    With a ``seed`` the adapter's init depends on it alone and the global RNG is left as it
+    was (:meth:`EmbeddingModel.apply_lora`).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, use_dora=use_dora
+    )
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return get_peft_model(module, cfg)
 
 
 def _unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
