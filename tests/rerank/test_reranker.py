@@ -194,3 +194,14 @@ def test_config_errors_are_one_line_and_name_the_field(tmp_path):
         RerankerConfig.from_dict(
             json.loads((bad / "vlm2emb_reranker.json").read_text()), str(bad / "vlm2emb_reranker.json")
         )
+
+
+def test_collated_batch_of_distinct_items_scores_each_pair(reranker, digit_images):
+    # Regression: media were cached by the id() of parsed items that had been freed, so a
+    # later item could reuse an id and get another item's images.
+    pairs = [({"image": digit_images[i]}, {"text": "a handwritten digit"}) for i in range(6)]
+    with torch.no_grad():
+        batched = reranker(reranker.collate_pairs(pairs))
+    alone = torch.stack([reranker.score_pairs([pair])[0] for pair in pairs])
+    torch.testing.assert_close(batched, alone, atol=ATOL, rtol=0)
+    assert len(set(alone.tolist())) == len(pairs)  # different images, different scores

@@ -330,7 +330,7 @@ class Reranker(nn.Module):
         self, query: Item, candidate: Item, instruction: str | None, decoded: dict[int, list[Any]]
     ) -> tuple[str, list[Any]]:
         # ``decoded`` caches media by item identity: a query scored against n candidates is
-        # decoded once, not n times.
+        # decoded once, not n times. The caller keeps those items alive while it uses it.
         images = []
         for item in (query, candidate):
             if id(item) not in decoded:
@@ -369,10 +369,21 @@ class Reranker(nn.Module):
         if len(instructions) != len(pairs):
             raise ValueError(f"got {len(instructions)} instructions for {len(pairs)} pairs")
         decoded = {} if _decoded is None else _decoded
+        # Media are cached by the identity of parsed items, so every Item must stay alive for
+        # the whole call (a freed one's id can be reused by the next); one Item per distinct
+        # raw object, so a query repeated over its group is decoded once.
+        parsed: dict[int, Item] = {}
+
+        def parse(raw: Any) -> Item:
+            if isinstance(raw, Item):
+                return raw
+            if id(raw) not in parsed:
+                parsed[id(raw)] = Item.parse(raw)
+            return parsed[id(raw)]
+
+        items = [(parse(q), parse(c)) for q, c in pairs]  # `pairs` keeps the raw objects alive
         prompts, images = [], []
-        for (query, candidate), instruction in zip(pairs, instructions):
-            q = query if isinstance(query, Item) else Item.parse(query)
-            c = candidate if isinstance(candidate, Item) else Item.parse(candidate)
+        for (q, c), instruction in zip(items, instructions):
             prompt, imgs = self._render(q, c, instruction, decoded)
             prompts.append(prompt)
             images.append(imgs)
