@@ -865,43 +865,82 @@ class EmbeddingModel(nn.Module):
         *,
         instruction: str | None = None,
         batch_size: int = 32,
+        reranker: Any | None = None,
+        rerank_top_k: int | None = None,
+        corpus: Sequence[Any] | None = None,
+        rerank_instruction: str | None = None,
+        rerank_batch_size: int = 16,
     ) -> list[list[dict[str, float | int]]]:
-        """Exact cosine search of a small in-memory corpus (sentence-transformers' form).
+        """Exact cosine search of a small in-memory corpus (sentence-transformers' form),
+        optionally re-ranked: recall by embeddings, then a reranker reads the best hits.
 
         Args:
             queries: Query items (embedded with :meth:`encode_queries`), or query
-                embeddings [n, d] as a tensor or numpy array.
+                embeddings [n, d] as a tensor or numpy array (not with ``reranker``: it
+                reads the query items).
             corpus_embeddings: [m, d] corpus embeddings (tensor or numpy array).
             top_k: Hits per query (at most m).
             instruction: Query instruction when ``queries`` are items.
             batch_size: Encoding batch size when ``queries`` are items.
+            reranker: A :class:`vlm2emb.rerank.Reranker` (or any object with its
+                ``score_pairs(pairs, instructions, batch_size=...)`` returning [n] scores).
+            rerank_top_k: How many of each query's best embedding hits the reranker
+                re-orders (None: ``top_k``). The embedding search recalls
+                ``max(top_k, rerank_top_k)`` hits; the re-ranked ones come first, best
+                reranker score first, and hits below ``rerank_top_k`` follow in embedding
+                order, untouched.
+            corpus: The corpus items, in the order of ``corpus_embeddings`` (needed with
+                ``reranker``).
+            rerank_instruction: The reranker's instruction (None: its default).
+            rerank_batch_size: Pairs per reranker forward; all queries' pairs are scored
+                together, sorted by length.
 
         Returns:
-            Per query, ``top_k`` dicts ``{"corpus_id": int, "score": float}``, best first.
-            For a large corpus use :class:`vlm2emb.index.FlatIndex` instead.
+            Per query, ``top_k`` dicts ``{"corpus_id": int, "score": float}``, best first;
+            re-ranked hits also hold ``"rerank_score"``. For a large corpus use
+            :class:`vlm2emb.index.FlatIndex` instead.
+
+        Raises:
+            ValueError: Mismatched dimensions, or a reranker without query items or a
+                ``corpus`` of the right length.
         """
         import numpy as np
 
-        if isinstance(queries, (torch.Tensor, np.ndarray)):
+        embedded = isinstance(queries, (torch.Tensor, np.ndarray))
+        if reranker is not None:
+            if embedded:
+                raise ValueError("search with a reranker needs the query items, not their embeddings")
+            if corpus is None or len(corpus) != len(corpus_embeddings):
+                raise ValueError(
+                    "search with a reranker needs corpus= (the items, one per row of corpus_embeddings)"
+                )
+            if rerank_top_k is not None and (isinstance(rerank_top_k, bool) or rerank_top_k < 1):
+                raise ValueError(f"rerank_top_k must be a positive integer or None, got {rerank_top_k!r}")
+        if embedded:
             q = torch.as_tensor(queries).float()
         else:
-            q = self.encode_queries(
-                queries if isinstance(queries, (list, tuple)) else [queries],
-                instruction=instruction,
-                batch_size=batch_size,
-            )
+            queries = queries if isinstance(queries, (list, tuple)) else [queries]
+            q = self.encode_queries(queries, instruction=instruction, batch_size=batch_size)
         q = q.reshape(-1, q.shape[-1])  # [n, d]
-        corpus = torch.as_tensor(corpus_embeddings).float()  # [m, d]
-        if corpus.shape[-1] != q.shape[-1]:
+        corpus_emb = torch.as_tensor(corpus_embeddings).float()  # [m, d]
+        if corpus_emb.shape[-1] != q.shape[-1]:
             raise ValueError(
-                f"queries have dimension {q.shape[-1]} but corpus_embeddings have {corpus.shape[-1]}"
+                f"queries have dimension {q.shape[-1]} but corpus_embeddings have {corpus_emb.shape[-1]}"
             )
-        k = min(int(top_k), corpus.shape[0])
-        scores, idx = self.similarity(q, corpus).topk(k, dim=1)  # [n, k]
-        return [
+        k = min(int(top_k), corpus_emb.shape[0])
+        deep = (
+            k if reranker is None or rerank_top_k is None else max(k, min(rerank_top_k, corpus_emb.shape[0]))
+        )
+        scores, idx = self.similarity(q, corpus_emb).topk(deep, dim=1)  # [n, deep]
+        hits = [
             [{"corpus_id": int(i), "score": float(s)} for i, s in zip(row_i, row_s)]
             for row_i, row_s in zip(idx.tolist(), scores.tolist())
         ]
+        if reranker is not None:
+            hits = _rerank_hits(
+                reranker, queries, corpus, hits, rerank_top_k or k, rerank_instruction, rerank_batch_size
+            )
+        return [row[:k] for row in hits]
 
     # ------------------------------------------------------------------ compilation
     def compile_blocks(self, *, dynamic: bool | None = True, **compile_kwargs: Any) -> int:
@@ -1101,6 +1140,29 @@ class EmbeddingModel(nn.Module):
         # safetensors writes its files 0600; only the files written here are touched.
         honour_umask([*out.glob("*.safetensors"), *(out / ADAPTER_DIR).glob("*.safetensors")])
         return out
+
+
+def _rerank_hits(
+    reranker: Any,
+    queries: Sequence[Any],
+    corpus: Sequence[Any],
+    hits: list[list[dict[str, Any]]],
+    depth: int,
+    instruction: str | None,
+    batch_size: int,
+) -> list[list[dict[str, Any]]]:
+    """Each query's first ``depth`` hits re-ordered by reranker score (stable for ties), the
+    rest after them unchanged; every query's pairs are scored in one batched call."""
+    pairs = [(queries[qi], corpus[hit["corpus_id"]]) for qi, row in enumerate(hits) for hit in row[:depth]]
+    flat = reranker.score_pairs(pairs, instruction, batch_size=batch_size).tolist()
+    out: list[list[dict[str, Any]]] = []
+    start = 0
+    for row in hits:
+        head = [{**hit, "rerank_score": float(s)} for hit, s in zip(row[:depth], flat[start : start + depth])]
+        start += len(head)
+        head.sort(key=lambda hit: -hit["rerank_score"])  # sort is stable: ties keep recall order
+        out.append(head + row[depth:])
+    return out
 
 
 def wrap_lora(
