@@ -10,6 +10,8 @@ embedding search (:meth:`vlm2emb.EmbeddingModel.search` with ``reranker=``). The
 - :func:`listwise_softmax_loss` (:mod:`vlm2emb.rerank.loss`): the training objective.
 - :func:`train_reranker` / :class:`RerankTrainConfig` (:mod:`vlm2emb.rerank.train`): a
   standalone training loop over the canonical training rows.
+- :func:`score_rows` (:mod:`vlm2emb.rerank.score`): reranker scores written into training
+  rows as ``teacher_scores``, for the embedder's ``distill`` loss.
 
 Names are resolved lazily, so ``import vlm2emb.rerank`` imports neither transformers nor
 peft (docs/rerank.md).
@@ -25,6 +27,7 @@ __all__ = [
     "Reranker",
     "RerankerConfig",
     "listwise_softmax_loss",
+    "score_rows",
     "train_reranker",
 ]
 
@@ -34,6 +37,7 @@ _LAZY = {
     "listwise_softmax_loss": "vlm2emb.rerank.loss",
     "RerankTrainConfig": "vlm2emb.rerank.train",
     "train_reranker": "vlm2emb.rerank.train",
+    "score_rows": "vlm2emb.rerank.score",
 }
 
 
