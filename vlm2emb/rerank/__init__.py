@@ -12,6 +12,8 @@ embedding search (:meth:`vlm2emb.EmbeddingModel.search` with ``reranker=``). The
   standalone training loop over the canonical training rows.
 - :func:`score_rows` (:mod:`vlm2emb.rerank.score`): reranker scores written into training
   rows as ``teacher_scores``, for the embedder's ``distill`` loss.
+- :func:`evaluate_pipeline` (:mod:`vlm2emb.rerank.evaluate`): embedder-only and recall ->
+  rerank metrics side by side, with the seconds of each stage.
 
 Names are resolved lazily, so ``import vlm2emb.rerank`` imports neither transformers nor
 peft (docs/rerank.md).
@@ -26,6 +28,7 @@ __all__ = [
     "RerankTrainConfig",
     "Reranker",
     "RerankerConfig",
+    "evaluate_pipeline",
     "listwise_softmax_loss",
     "score_rows",
     "train_reranker",
@@ -38,6 +41,7 @@ _LAZY = {
     "RerankTrainConfig": "vlm2emb.rerank.train",
     "train_reranker": "vlm2emb.rerank.train",
     "score_rows": "vlm2emb.rerank.score",
+    "evaluate_pipeline": "vlm2emb.rerank.evaluate",
 }
 
 
