@@ -205,3 +205,23 @@ def test_collated_batch_of_distinct_items_scores_each_pair(reranker, digit_image
     alone = torch.stack([reranker.score_pairs([pair])[0] for pair in pairs])
     torch.testing.assert_close(batched, alone, atol=ATOL, rtol=0)
     assert len(set(alone.tolist())) == len(pairs)  # different images, different scores
+
+
+def test_a_saved_embedder_starts_a_reranker_with_its_weights(tmp_path):
+    from vlm2emb import EmbeddingModel
+
+    embedder = EmbeddingModel.from_pretrained("tiny:qwen2_vl", seed=5)
+    with torch.no_grad():  # make the weights differ from any tiny init
+        for p in embedder.backbone.parameters():
+            p.add_(0.01)
+    embedder.save_pretrained(tmp_path / "emb")
+    model = Reranker.from_pretrained(tmp_path / "emb")
+    want = dict(embedder.backbone.named_parameters())
+    got = dict(model.backbone.named_parameters())
+    assert set(got) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
+    # Qwen2-VL ties its head to the input embeddings: the head is the embedder's too.
+    assert torch.equal(
+        model.base_lm.get_output_embeddings().weight, want["language_model.embed_tokens.weight"]
+    )
