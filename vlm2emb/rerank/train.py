@@ -272,6 +272,7 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout (LoRA's, the backbone's) draws from the global RNG
     order: list[int] = []
     losses: list[float] = []
     bad_streak = 0
