@@ -33,6 +33,14 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--recall", type=int, default=3, help="captions the embedder hands to the reranker")
     ap.add_argument("--queries", type=int, default=100, help="evaluation images used (of 300)")
+    ap.add_argument("--batch-size", type=int, default=8, help="reranker queries per step")
+    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument(
+        "--embedder",
+        type=Path,
+        default=None,
+        help="a trained demo embedder to reuse (trained on this seed's data) instead of training one",
+    )
     args = ap.parse_args()
 
     import vlm2emb
@@ -42,17 +50,21 @@ def main() -> None:
     from vlm2emb.rerank import Reranker, train_reranker
 
     torch.manual_seed(args.seed)
-    work = Path(tempfile.mkdtemp(prefix="rerank-digits-"))
-    data = write_digits(work / "data", seed=args.seed)
+    work = args.work or Path(tempfile.mkdtemp(prefix="rerank-digits-"))
+    data = write_digits(work / "data", seed=args.seed)  # the same files for the same seed
     t0 = time.perf_counter()
-    summary = vlm2emb.train(
-        "recipes/demo.yaml",
-        output_dir=str(work / "embedder"),
-        seed=args.seed,
-        data={"train": [str(data / "train.jsonl")], "eval": []},
-        train={"max_steps": args.embed_steps},
-        progress=False,
-    )
+    if args.embedder is None:
+        summary = vlm2emb.train(
+            "recipes/demo.yaml",
+            output_dir=str(work / "embedder"),
+            seed=args.seed,
+            data={"train": [str(data / "train.jsonl")], "eval": []},
+            train={"max_steps": args.embed_steps},
+            progress=False,
+        )
+        embedder_dir = Path(summary["output_dir"]) / "final"
+    else:
+        embedder_dir = args.embedder
     embed_train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = train_reranker(
@@ -62,7 +74,7 @@ def main() -> None:
             "seed": args.seed,
             "data": {"train": [str(data / "train.jsonl")]},
             "group_size": args.group_size,
-            "batch_size": 8,
+            "batch_size": args.batch_size,
             "max_steps": args.rerank_steps,
             "learning_rate": args.rerank_lr,
             "log_steps": 10,
@@ -70,7 +82,7 @@ def main() -> None:
     )
     rerank_train_s = time.perf_counter() - t0
 
-    embedder = EmbeddingModel.from_pretrained(Path(summary["output_dir"]) / "final")
+    embedder = EmbeddingModel.from_pretrained(embedder_dir)
     reranker = Reranker.from_pretrained(result.final_dir)
     rows = [r for r in load_eval_examples([str(data / "eval.jsonl")]) if r.task == "digits-i2t"]
     rows = rows[:: max(1, len(rows) // args.queries)][: args.queries]  # rows come sorted by digit
@@ -112,6 +124,8 @@ def main() -> None:
         "recall_depth": args.recall,
         "embedder_train_steps": args.embed_steps,
         "reranker_train_steps": args.rerank_steps,
+        "reranker_batch_size": args.batch_size,
+        "reranker_group_size": args.group_size,
         "reranker_lr": args.rerank_lr,
         "reranker_first_last_loss": [result.losses[0], result.losses[-1]],
         "hit@1": {
@@ -121,7 +135,7 @@ def main() -> None:
         },
         f"embedder_recall@{args.recall}": recall(plain),
         "seconds": {
-            "embedder_train": round(embed_train_s, 1),
+            "embedder_train": round(embed_train_s, 1) if args.embedder is None else None,
             "reranker_train": round(rerank_train_s, 1),
             "embedder_search": round(embed_s, 2),
             "embedder_search_plus_rerank": round(pipeline_s, 2),

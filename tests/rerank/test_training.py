@@ -112,6 +112,15 @@ def test_groups_fill_from_other_positives_and_mask_the_rest():
     assert groups[2] == [{"text": "b"}, {"text": "m0"}, {"text": "m1"}, {"text": "m2"}] and bool(
         mask[2].all()
     )
+    # In-batch negatives come from the row's own dataset only.
+    rows = [
+        TrainExample(query={"text": "q0"}, positive={"text": "a"}, dataset="i2t"),
+        TrainExample(query={"text": "q1"}, positive={"image": "x.png"}, dataset="t2i"),
+        TrainExample(query={"text": "q2"}, positive={"text": "c"}, dataset="i2t"),
+    ]
+    groups, mask = reranker_groups(rows, 3, np.random.default_rng(0))
+    assert groups[0][1] == {"text": "c"} and mask[0].tolist() == [True, True, False]
+    assert mask[1].tolist() == [True, False, False]
 
 
 def test_first_step_loss_equals_the_loss_of_the_untrained_model(tmp_path, digit_images):

@@ -3,7 +3,8 @@
 Each step takes ``batch_size`` rows. A row's group is its positive followed by up to
 ``group_size - 1`` negatives: its own ``negatives`` first (hard negatives, and mined ones,
 which ``vlm2emb mine`` writes into the same key), then the positives of other rows in the
-batch whose content differs from this row's positive (in-batch negatives). The loss is
+batch of the same dataset whose content differs from this row's positive (in-batch
+negatives). The loss is
 :func:`~vlm2emb.rerank.loss.listwise_softmax_loss` of the reranker's scores.
 
 This is a standalone loop, not the embedder's trainer (:mod:`vlm2emb.train.loop`): one
@@ -158,9 +159,9 @@ def reranker_groups(
     """Each row's candidates (positive first) and which slots are filled.
 
     A row's own negatives come first (at most ``group_size - 1``); missing slots are filled
-    with other rows' positives, drawn with ``rng``, whose content differs from this row's
-    positive (equal content would be a false negative). Slots that stay empty (a small
-    batch) are masked.
+    with positives of other rows of the same ``dataset``, drawn with ``rng``, whose content
+    differs from this row's positive (equal content would be a false negative). Slots that
+    stay empty (a small batch) are masked.
 
     Args:
         rows: The batch's rows.
@@ -178,7 +179,10 @@ def reranker_groups(
         group = [row.positive, *row.negatives[: group_size - 1]]
         need = group_size - len(group)
         if need > 0:
-            others = [j for j in range(len(rows)) if keys[j] != keys[q]]
+            # Only the same dataset's positives: another task's candidates are often another
+            # modality (a digit image among captions), which the reranker learns to reject
+            # without reading the query (measured on the digits demo, docs/rerank.md).
+            others = [j for j in range(len(rows)) if keys[j] != keys[q] and rows[j].dataset == row.dataset]
             picks = rng.permutation(others)[:need].tolist() if others else []
             group.extend(rows[j].positive for j in picks)
         mask[q, : len(group)] = True
