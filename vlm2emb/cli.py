@@ -195,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     p_doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_data_parser(sub)
     _add_mine_parser(sub)
+    from vlm2emb.rerank.cli import add_parser as add_rerank_parser  # argparse only
+
+    add_rerank_parser(sub)
 
     p_export = sub.add_parser(
         "export",
@@ -678,6 +681,12 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    from vlm2emb.rerank.cli import run
+
+    return run(args)
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from vlm2emb.data.schema import DataError
     from vlm2emb.train.config import ConfigError
@@ -692,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parse_known_args lets overrides follow options (`train r.yaml --no-progress a=1`),
     # which a plain nargs="*" positional after an option would reject.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "data-efficiency"):
+    if args.command in ("train", "data-efficiency") or getattr(args, "rerank_command", None) == "train":
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
     if extra:
@@ -713,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": _cmd_data,
         "mine": _cmd_mine,
     }
-    handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency}
+    handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency, "rerank": _cmd_rerank}
     # demo-data only writes files; every other command runs torch.
     restore_threads = _apply_thread_default() if args.command != "demo-data" else (lambda: None)
     try:

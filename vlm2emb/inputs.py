@@ -28,6 +28,7 @@ __all__ = [
     "DUMMY_ROWS",
     "InputBuilder",
     "RenderedItem",
+    "decode_media",
     "length_keys",
     "length_sorted_batches",
     "token_counts",
@@ -157,8 +158,6 @@ class InputBuilder:
         """Prompt strings and decoded images per item, the dummy row count, and per prompt
         the character spans of the item's own content (:meth:`_content_spans`; empty lists
         unless the content mask is on)."""
-        from vlm2emb.data.media import load_image, load_video_frames
-
         if instructions is None or isinstance(instructions, str):
             instructions = [instructions] * len(items)
         if len(instructions) != len(items):
@@ -171,15 +170,7 @@ class InputBuilder:
         want_spans = self.config.multivector_dim is not None and self.config.multivector_tokens == "content"
         for raw, instruction in zip(items, instructions):
             item = Item.parse(raw)
-            imgs = []
-            for ref in item.media:
-                if isinstance(ref, VideoRef):  # several frames, given as several images
-                    path = Path(ref.path)
-                    imgs.extend(
-                        load_video_frames(path if path.is_absolute() or root is None else Path(root) / path)
-                    )
-                else:
-                    imgs.append(load_image(ref, base_dir=root))
+            imgs = decode_media(item, root)
             prompt = self.render_prompt(item.text, len(imgs), instruction)
             spans.append(self._content_spans(prompt, item.text, len(imgs), instruction) if want_spans else [])
             prompts.append(prompt + suffix)
@@ -299,6 +290,27 @@ class InputBuilder:
     def length_keys(self, items: Sequence[Any]) -> list[tuple[int, int]]:
         """:func:`length_keys` with this builder's tokenizer."""
         return length_keys(items, self.adapter.tokenizer)
+
+
+def decode_media(item: Item, root: str | Path | None) -> list[Any]:
+    """An item's media decoded into RGB images, in order (a video gives its frames).
+
+    Args:
+        item: The parsed item.
+        root: Folder that relative paths resolve against (None: the working directory).
+    """
+    from vlm2emb.data.media import load_image, load_video_frames
+
+    images: list[Any] = []
+    for ref in item.media:
+        if isinstance(ref, VideoRef):  # several frames, given as several images
+            path = Path(ref.path)
+            images.extend(
+                load_video_frames(path if path.is_absolute() or root is None else Path(root) / path)
+            )
+        else:
+            images.append(load_image(ref, base_dir=root))
+    return images
 
 
 def length_sorted_batches(items: Sequence[Any], tokenizer: Any, batch_size: int) -> list[list[int]]:

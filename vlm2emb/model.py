@@ -176,16 +176,21 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def saved_config_and_family(
-    path: str | os.PathLike[str], *, trust_remote_code: bool = False
+    path: str | os.PathLike[str], *, trust_remote_code: bool = False, config_name: str = CONFIG_NAME
 ) -> tuple[dict[str, Any], str]:
     """A model directory's saved ``vlm2emb_config.json`` (empty for a raw VLM) and its
     backbone family (saved, else transformers' ``model_type``).
+
+    Args:
+        path: The model directory.
+        trust_remote_code: Passed to ``AutoConfig`` for a raw VLM.
+        config_name: The vlm2emb config file to read (the reranker saves its own).
 
     Raises:
         ValueError: The saved config is not valid JSON (the file is named).
     """
     saved: dict[str, Any] = {}
-    cfg_file = Path(path) / CONFIG_NAME
+    cfg_file = Path(path) / config_name
     if cfg_file.is_file():
         try:
             saved = json.loads(cfg_file.read_text())
@@ -923,14 +928,21 @@ class EmbeddingModel(nn.Module):
         instruction: str | None = None,
         batch_size: int = 32,
         candidates: int | None = None,
+        reranker: Any | None = None,
+        rerank_top_k: int | None = None,
+        corpus: Sequence[Any] | None = None,
+        rerank_instruction: str | None = None,
+        rerank_batch_size: int = 16,
     ) -> list[list[dict[str, float | int]]]:
         """Exact search of a corpus (sentence-transformers' form): cosine for single
-        vectors, MaxSim for token sets.
+        vectors, MaxSim for token sets; single-vector search can be re-ranked (recall by
+        embeddings, then a reranker reads the best hits).
 
         Args:
             queries: Query items (embedded with :meth:`encode_queries`, as token sets when
                 the corpus is multi-vector), or query embeddings: [n, d] as a tensor or numpy
-                array, or a list of ``[L_i, D]`` token sets.
+                array, or a list of ``[L_i, D]`` token sets (not with ``reranker``: it reads
+                the query items).
             corpus_embeddings: [m, d] corpus embeddings (tensor or numpy array); or a
                 multi-vector corpus: a :class:`vlm2emb.index.MultiVectorIndex` or a list of
                 ``[L_i, D]`` token sets (``encode(output="multivector")``).
@@ -939,10 +951,29 @@ class EmbeddingModel(nn.Module):
             batch_size: Encoding batch size when ``queries`` are items.
             candidates: Multi-vector corpora only: documents picked by the index's first
                 stage and re-scored exactly (None = score all exactly).
+            reranker: A :class:`vlm2emb.rerank.Reranker` (or any object with its
+                ``score_pairs(pairs, instructions, batch_size=...)`` returning [n] scores).
+                Single-vector corpora only.
+            rerank_top_k: How many of each query's best embedding hits the reranker
+                re-orders (None: ``top_k``). The embedding search recalls
+                ``max(top_k, rerank_top_k)`` hits; the re-ranked ones come first, best
+                reranker score first, and hits below ``rerank_top_k`` follow in embedding
+                order, untouched.
+            corpus: The corpus items, in the order of ``corpus_embeddings`` (needed with
+                ``reranker``).
+            rerank_instruction: The reranker's instruction (None: its default).
+            rerank_batch_size: Pairs per reranker forward; all queries' pairs are scored
+                together, sorted by length.
 
         Returns:
-            Per query, ``top_k`` dicts ``{"corpus_id": int, "score": float}``, best first.
-            For a large single-vector corpus use :class:`vlm2emb.index.FlatIndex` instead.
+            Per query, ``top_k`` dicts ``{"corpus_id": int, "score": float}``, best first;
+            re-ranked hits also hold ``"rerank_score"``. For a large single-vector corpus
+            use :class:`vlm2emb.index.FlatIndex` instead.
+
+        Raises:
+            ValueError: Mismatched dimensions, ``candidates`` or ``reranker`` with the wrong
+                kind of corpus, or a reranker without query items or a ``corpus`` of the
+                right length.
         """
         import numpy as np
 
@@ -953,32 +984,49 @@ class EmbeddingModel(nn.Module):
             and corpus_embeddings
             and np.ndim(corpus_embeddings[0]) == 2
         ):
+            if reranker is not None:
+                raise ValueError("search with a reranker takes a single-vector corpus, not token sets")
             return self._search_multivector(
                 queries, corpus_embeddings, top_k, instruction, batch_size, candidates
             )
         if candidates is not None:
             raise ValueError("candidates applies to multi-vector corpora (token sets or a MultiVectorIndex)")
 
-        if isinstance(queries, (torch.Tensor, np.ndarray)):
+        embedded = isinstance(queries, (torch.Tensor, np.ndarray))
+        if reranker is not None:
+            if embedded:
+                raise ValueError("search with a reranker needs the query items, not their embeddings")
+            if corpus is None or len(corpus) != len(corpus_embeddings):
+                raise ValueError(
+                    "search with a reranker needs corpus= (the items, one per row of corpus_embeddings)"
+                )
+            if rerank_top_k is not None and (isinstance(rerank_top_k, bool) or rerank_top_k < 1):
+                raise ValueError(f"rerank_top_k must be a positive integer or None, got {rerank_top_k!r}")
+        if embedded:
             q = torch.as_tensor(queries).float()
         else:
-            q = self.encode_queries(
-                queries if isinstance(queries, (list, tuple)) else [queries],
-                instruction=instruction,
-                batch_size=batch_size,
-            )
+            queries = queries if isinstance(queries, (list, tuple)) else [queries]
+            q = self.encode_queries(queries, instruction=instruction, batch_size=batch_size)
         q = q.reshape(-1, q.shape[-1])  # [n, d]
-        corpus = torch.as_tensor(corpus_embeddings).float()  # [m, d]
-        if corpus.shape[-1] != q.shape[-1]:
+        corpus_emb = torch.as_tensor(corpus_embeddings).float()  # [m, d]
+        if corpus_emb.shape[-1] != q.shape[-1]:
             raise ValueError(
-                f"queries have dimension {q.shape[-1]} but corpus_embeddings have {corpus.shape[-1]}"
+                f"queries have dimension {q.shape[-1]} but corpus_embeddings have {corpus_emb.shape[-1]}"
             )
-        k = min(int(top_k), corpus.shape[0])
-        scores, idx = self.similarity(q, corpus).topk(k, dim=1)  # [n, k]
-        return [
+        k = min(int(top_k), corpus_emb.shape[0])
+        deep = (
+            k if reranker is None or rerank_top_k is None else max(k, min(rerank_top_k, corpus_emb.shape[0]))
+        )
+        scores, idx = self.similarity(q, corpus_emb).topk(deep, dim=1)  # [n, deep]
+        hits = [
             [{"corpus_id": int(i), "score": float(s)} for i, s in zip(row_i, row_s)]
             for row_i, row_s in zip(idx.tolist(), scores.tolist())
         ]
+        if reranker is not None:
+            hits = _rerank_hits(
+                reranker, queries, corpus, hits, rerank_top_k or k, rerank_instruction, rerank_batch_size
+            )
+        return [row[:k] for row in hits]
 
     def _search_multivector(
         self,
@@ -1109,20 +1157,15 @@ class EmbeddingModel(nn.Module):
                 backbone was loaded, how many processes run); the global RNG is left as it
                 was. None draws from the global RNG.
         """
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(
+        self.backbone = wrap_lora(
+            self.backbone,
             r=r,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
+            alpha=alpha,
+            dropout=dropout,
             target_modules=target_modules or self.adapter.lora_target_modules,
             use_dora=use_dora,
+            seed=seed,
         )
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.backbone = get_peft_model(self.backbone, cfg)
 
     @property
     def has_lora(self) -> bool:
@@ -1214,6 +1257,56 @@ class EmbeddingModel(nn.Module):
         # safetensors writes its files 0600; only the files written here are touched.
         honour_umask([*out.glob("*.safetensors"), *(out / ADAPTER_DIR).glob("*.safetensors")])
         return out
+
+
+def _rerank_hits(
+    reranker: Any,
+    queries: Sequence[Any],
+    corpus: Sequence[Any],
+    hits: list[list[dict[str, Any]]],
+    depth: int,
+    instruction: str | None,
+    batch_size: int,
+) -> list[list[dict[str, Any]]]:
+    """Each query's first ``depth`` hits re-ordered by reranker score (stable for ties), the
+    rest after them unchanged; every query's pairs are scored in one batched call."""
+    pairs = [(queries[qi], corpus[hit["corpus_id"]]) for qi, row in enumerate(hits) for hit in row[:depth]]
+    flat = reranker.score_pairs(pairs, instruction, batch_size=batch_size).tolist()
+    out: list[list[dict[str, Any]]] = []
+    start = 0
+    for row in hits:
+        head = [{**hit, "rerank_score": float(s)} for hit, s in zip(row[:depth], flat[start : start + depth])]
+        start += len(head)
+        head.sort(key=lambda hit: -hit["rerank_score"])  # sort is stable: ties keep recall order
+        out.append(head + row[depth:])
+    return out
+
+
+def wrap_lora(
+    module: nn.Module,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: str | list[str],
+    use_dora: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """``module`` wrapped in a peft LoRA adapter (shared by the embedder and the reranker).
+
+    With a ``seed`` the adapter's init depends on it alone and the global RNG is left as it
+    was (:meth:`EmbeddingModel.apply_lora`).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, use_dora=use_dora
+    )
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return get_peft_model(module, cfg)
 
 
 def _unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

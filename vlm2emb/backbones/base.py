@@ -92,6 +92,10 @@ class BackboneAdapter:
     # implements pack_inputs and enable_packing. Tests in tests/backbones/test_packing.py
     # check packed embeddings and gradients equal the padded ones for every such family.
     supports_packing: ClassVar[bool] = False
+    # The family is a next-token predictor whose LM head can score an answer token, so it can
+    # serve as a generative reranker (vlm2emb.rerank). Diffusion families predict masked
+    # tokens, not the next one, and set it False.
+    generative_head: ClassVar[bool] = True
 
     def __init__(
         self, processor: Any, *, padding_side: str = "right", settings: AdapterSettings | None = None
@@ -144,6 +148,83 @@ class BackboneAdapter:
         return AutoModel.from_pretrained(str(path), **kwargs)
 
     @classmethod
+    def load_lm(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> nn.Module:
+        """Loads the backbone *with* its LM head, for generative scoring (:mod:`vlm2emb.rerank`).
+
+        Uses ``AutoModelForImageTextToText`` (the ``...ForConditionalGeneration`` class of
+        every autoregressive family vlm2emb ships). :meth:`lm_backbone` returns the base model
+        inside it, on which :meth:`forward` runs unchanged; :meth:`answer_logits` applies the
+        head to the hidden states.
+
+        Raises:
+            ValueError: The family has no next-token head (:attr:`generative_head`).
+        """
+        cls.check_generative_head()
+        from transformers import AutoModelForImageTextToText
+
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+
+    @classmethod
+    def check_generative_head(cls) -> None:
+        """Refuses a family without a next-token head (:attr:`generative_head`).
+
+        Raises:
+            ValueError: One line naming the family.
+        """
+        if not cls.generative_head:
+            raise ValueError(
+                f"backbone {cls.family!r} has no next-token LM head to score answers with "
+                "(a diffusion family); a generative reranker needs an autoregressive VLM"
+            )
+
+    def lm_backbone(self, lm: nn.Module) -> nn.Module:
+        """The base model inside a model from :meth:`load_lm`: what :meth:`forward` runs on.
+
+        transformers' ``...ForConditionalGeneration`` classes hold it as ``.model``.
+        """
+        return lm.model
+
+    def answer_logits(self, lm: nn.Module, hidden: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token logits of a few vocabulary entries, from final hidden states.
+
+        Only the head rows of ``token_ids`` are multiplied (a reranker needs two logits, not
+        the whole vocabulary). Computed in float32; a text config's
+        ``final_logit_softcapping`` is applied as the family's own head does.
+
+        Args:
+            lm: The model from :meth:`load_lm` (or a peft wrapper of it).
+            hidden: [B, H] the last real token's final hidden state per row.
+            token_ids: The vocabulary ids to score.
+
+        Returns:
+            [B, len(token_ids)] float32 logits.
+        """
+        head = lm.get_output_embeddings()
+        ids = torch.tensor(list(token_ids), device=head.weight.device)
+        weight = head.weight.index_select(0, ids).float()  # [K, H]
+        logits = hidden.float() @ weight.T  # [B, K]
+        bias = getattr(head, "bias", None)
+        if bias is not None:
+            logits = logits + bias.index_select(0, ids).float()
+        cfg = lm.config
+        cap = getattr(getattr(cfg, "text_config", cfg), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @classmethod
     def load_processor(cls, path: str | Path, *, trust_remote_code: bool = False) -> Any:
         """Loads the family's processor (tokenizer + image processor) from ``path``."""
         from transformers import AutoProcessor
@@ -171,6 +252,18 @@ class BackboneAdapter:
         if text:
             parts.append(text)
         return "".join(parts)
+
+    def render_segments(self, segments: Sequence[tuple[str, int]]) -> str:
+        """One prompt interleaving several parts, each ``(text, num_images)`` in order.
+
+        A generative reranker's prompt holds an instruction, a query and a candidate, each
+        with its own images (:mod:`vlm2emb.rerank`). The default writes each part's image
+        placeholders right before its text, so the images sit where their part does.
+        Families whose processor wants images elsewhere override this.
+        """
+        if any(n for _, n in segments) and not self.image_placeholder:
+            raise ValueError(f"backbone {self.family!r} takes no images")
+        return "".join(self.image_placeholder * n + text for text, n in segments)
 
     def check_prompt_style(self, style: str) -> None:
         """Refuses a prompt style this family has no form for (``vlm2vec`` needs

@@ -57,6 +57,7 @@ class DiffusionGemmaAdapter(BackboneAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("diffusion_gemma",)
     lora_target_modules: ClassVar[str] = _LM_PROJ
     default_attention: ClassVar[str] = "bidirectional"
+    generative_head: ClassVar[bool] = False  # it denoises blocks, no next-token answer to score
 
     @property
     def image_placeholder(self) -> str:

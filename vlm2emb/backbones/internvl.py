@@ -11,6 +11,7 @@ thumbnail, which changes only the token count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,6 +30,10 @@ class InternVLAdapter(BackboneAdapter):
     # Qwen2 decoder under ``language_model``; the InternViT tower (``vision_tower``) also has
     # q_proj/k_proj/v_proj, hence the anchor on ``language_model.layers``.
     lora_target_modules: ClassVar[str] = LANGUAGE_MODEL_PROJECTIONS
+
+    def render_segments(self, segments: Sequence[tuple[str, int]]) -> str:
+        # Each image as in render_prompt (token + newline), right before its part's text.
+        return "".join((self.processor.image_token + "\n") * n + text for text, n in segments)
 
     def render_prompt(self, text: str | None, num_images: int, instruction: str | None) -> str:
         # The processor knows the placeholder the checkpoint's tokenizer declares.

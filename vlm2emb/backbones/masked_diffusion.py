@@ -157,6 +157,7 @@ class MaskedDiffusionAdapter(BackboneAdapter):
     # model they never saw.
     attention_modes: ClassVar[tuple[str, ...]] = ("bidirectional",)
     default_attention: ClassVar[str] = "bidirectional"
+    generative_head: ClassVar[bool] = False  # predicts masked tokens, not the next one
     spec: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, processor: Any, **kwargs: Any) -> None:

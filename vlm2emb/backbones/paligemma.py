@@ -52,6 +52,12 @@ class PaliGemmaAdapter(BackboneAdapter):
         parts.append("\n")  # PaliGemma's prefix ends with a newline
         return "".join(parts)
 
+    def render_segments(self, segments: Sequence[tuple[str, int]]) -> str:
+        # PaliGemma's processor wants every image before the BOS token; the texts follow in
+        # order and the prefix ends with a newline, as in render_prompt.
+        images = self.image_placeholder * sum(n for _, n in segments)
+        return images + self.tokenizer.bos_token + "".join(text for text, _ in segments) + "\n"
+
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
         """Expands ``<image>`` and tokenises directly (see the module docstring for why)."""
         per_image = self.image_placeholder * int(self.processor.image_seq_length)
