@@ -106,7 +106,9 @@ class MmebVideoKind(TaskKind):
                 "candidate_fields or candidate_values"
             )
         if named == 0 and not spec.answer_field:
-            raise DataError(f"{where}: no candidates; set a candidate source or 'answer_field' (global labels)")
+            raise DataError(
+                f"{where}: no candidates; set a candidate source or 'answer_field' (global labels)"
+            )
         if spec.labels is not None and spec.scope != "global":
             raise DataError(f"{where}: 'labels' needs 'scope: global'")
 
