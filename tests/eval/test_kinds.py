@@ -186,7 +186,7 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
     assert task_kind_names() == ("local", "corpus", "beir", "mmeb-video", "pending")
     assert get_task_kind("local").spec.__name__ == "LocalTaskSpec"
     with pytest.raises(
-        ValueError, match=r"unknown eval task kind 'pairs'; known kinds: local, corpus, beir, pending$"
+        ValueError, match=r"unknown eval task kind 'pairs'; known kinds: local, corpus, beir, mmeb-video, pending$"
     ):
         get_task_kind("pairs")
 
