@@ -207,7 +207,7 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
         suite = tmp_path / "s.yaml"
         suite.write_text("tasks:\n  - name: a\n    kind: global\n")
         with pytest.raises(
-            DataError, match=r"'kind' is 'global'; choose one of local, corpus, beir, pending, pairs$"
+            DataError, match=r"'kind' is 'global'; choose one of local, corpus, beir, mmeb-video, pending, pairs$"
         ):
             load_suite(suite)
     finally:
