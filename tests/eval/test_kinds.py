@@ -216,5 +216,5 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="'pairs' is not registered"):
         unregister_task_kind("pairs")
     # Unregistered, a suite naming the kind fails like any unknown kind.
-    with pytest.raises(DataError, match=r"'kind' is 'pairs'; choose one of local, corpus, beir, pending$"):
+    with pytest.raises(DataError, match=r"'kind' is 'pairs'; choose one of local, corpus, beir, mmeb-video, pending$"):
         load_suite(write_pairs_suite(tmp_path))
