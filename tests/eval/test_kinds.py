@@ -186,7 +186,8 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
     assert task_kind_names() == ("local", "corpus", "beir", "mmeb-video", "pending")
     assert get_task_kind("local").spec.__name__ == "LocalTaskSpec"
     with pytest.raises(
-        ValueError, match=r"unknown eval task kind 'pairs'; known kinds: local, corpus, beir, mmeb-video, pending$"
+        ValueError,
+        match=r"unknown eval task kind 'pairs'; known kinds: local, corpus, beir, mmeb-video, pending$",
     ):
         get_task_kind("pairs")
 
@@ -207,7 +208,8 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
         suite = tmp_path / "s.yaml"
         suite.write_text("tasks:\n  - name: a\n    kind: global\n")
         with pytest.raises(
-            DataError, match=r"'kind' is 'global'; choose one of local, corpus, beir, mmeb-video, pending, pairs$"
+            DataError,
+            match=r"'kind' is 'global'; choose one of local, corpus, beir, mmeb-video, pending, pairs$",
         ):
             load_suite(suite)
     finally:
@@ -216,5 +218,7 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="'pairs' is not registered"):
         unregister_task_kind("pairs")
     # Unregistered, a suite naming the kind fails like any unknown kind.
-    with pytest.raises(DataError, match=r"'kind' is 'pairs'; choose one of local, corpus, beir, mmeb-video, pending$"):
+    with pytest.raises(
+        DataError, match=r"'kind' is 'pairs'; choose one of local, corpus, beir, mmeb-video, pending$"
+    ):
         load_suite(write_pairs_suite(tmp_path))

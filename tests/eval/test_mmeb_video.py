@@ -21,6 +21,7 @@ from PIL import Image
 
 import vlm2emb.eval.suites
 from vlm2emb import EmbeddingModel
+from vlm2emb.cli import main
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.harness import load_suite_tasks, run_suite
 from vlm2emb.eval.mmeb_video import drop_letter, list_frames, sample_frames
@@ -461,6 +462,17 @@ def test_bad_layouts_fail_with_one_line_naming_the_file_and_field(tmp_path: Path
     assert "'answer_type' is 'ordinal'" in msg
     with pytest.raises(Exception, match="unknown"):
         load_suite(one_task_suite(tmp_path, {**task, "frame_dir": "x"}))
+
+
+def test_cli_reports_a_bad_row_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task = nextqa_task()
+    rows, folders = LAYOUT["NExTQA"]
+    write_frames(tmp_path / task["frame_root"] / "4010069381", N_FRAMES, 0)  # the second is missing
+    write_table(tmp_path / task["data"], rows)
+    suite = one_task_suite(tmp_path, task)
+    assert main(["eval", "--model", "tiny:qwen2_vl", "--suite", str(suite), "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "test.parquet:2" in err and "frame folder not found" in err
 
 
 def test_global_labels_file_sets_the_candidate_set(tmp_path: Path, model: EmbeddingModel) -> None:
