@@ -466,7 +466,7 @@ def test_bad_layouts_fail_with_one_line_naming_the_file_and_field(tmp_path: Path
 
 def test_cli_reports_a_bad_row_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     task = nextqa_task()
-    rows, folders = LAYOUT["NExTQA"]
+    rows, _ = LAYOUT["NExTQA"]
     write_frames(tmp_path / task["frame_root"] / "4010069381", N_FRAMES, 0)  # the second is missing
     write_table(tmp_path / task["data"], rows)
     suite = one_task_suite(tmp_path, task)
