@@ -183,10 +183,11 @@ def test_a_registered_kind_spec_is_validated_like_the_built_in_ones(
 
 
 def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> None:
-    assert task_kind_names() == ("local", "corpus", "beir", "pending")
+    assert task_kind_names() == ("local", "corpus", "beir", "mmeb-video", "pending")
     assert get_task_kind("local").spec.__name__ == "LocalTaskSpec"
     with pytest.raises(
-        ValueError, match=r"unknown eval task kind 'pairs'; known kinds: local, corpus, beir, pending$"
+        ValueError,
+        match=r"unknown eval task kind 'pairs'; known kinds: local, corpus, beir, mmeb-video, pending$",
     ):
         get_task_kind("pairs")
 
@@ -201,20 +202,23 @@ def test_registry_refuses_duplicates_and_lists_known_kinds(tmp_path: Path) -> No
         register_task_kind(PairsKind)  # type: ignore[arg-type]
     register_task_kind(PairsKind())
     try:
-        assert task_kind_names() == ("local", "corpus", "beir", "pending", "pairs")
+        assert task_kind_names() == ("local", "corpus", "beir", "mmeb-video", "pending", "pairs")
         with pytest.raises(ValueError, match="eval task kind 'pairs' is already registered"):
             register_task_kind(PairsKind())
         suite = tmp_path / "s.yaml"
         suite.write_text("tasks:\n  - name: a\n    kind: global\n")
         with pytest.raises(
-            DataError, match=r"'kind' is 'global'; choose one of local, corpus, beir, pending, pairs$"
+            DataError,
+            match=r"'kind' is 'global'; choose one of local, corpus, beir, mmeb-video, pending, pairs$",
         ):
             load_suite(suite)
     finally:
         unregister_task_kind("pairs")
-    assert task_kind_names() == ("local", "corpus", "beir", "pending")
+    assert task_kind_names() == ("local", "corpus", "beir", "mmeb-video", "pending")
     with pytest.raises(ValueError, match="'pairs' is not registered"):
         unregister_task_kind("pairs")
     # Unregistered, a suite naming the kind fails like any unknown kind.
-    with pytest.raises(DataError, match=r"'kind' is 'pairs'; choose one of local, corpus, beir, pending$"):
+    with pytest.raises(
+        DataError, match=r"'kind' is 'pairs'; choose one of local, corpus, beir, mmeb-video, pending$"
+    ):
         load_suite(write_pairs_suite(tmp_path))

@@ -44,6 +44,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "local": "vlm2emb.eval.kinds.local",
     "corpus": "vlm2emb.eval.kinds.corpus",
     "beir": "vlm2emb.eval.kinds.beir",
+    "mmeb-video": "vlm2emb.eval.kinds.mmeb_video",
     "pending": "vlm2emb.eval.kinds.pending",
 }
 
