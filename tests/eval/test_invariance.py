@@ -10,6 +10,7 @@ The tolerances asserted here are the ones docs/evaluation.md states.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,16 @@ def write_mini_suite(out: Path, digits: Path, *, shuffle: int | None = None) -> 
     _jsonl(beir / "corpus.jsonl", [{"_id": r["id"], "image": r["item"]["image"]} for r in corpus])
     _jsonl(beir / "queries.jsonl", [{"_id": r["id"], "text": r["item"]["text"]} for r in queries])
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+    # mmeb-video (VLM2Vec's K700 layout): a table of video ids and labels, a frame folder per
+    # video (three frames of one digit), each video ranked against every label.
+    video_rows = []
+    for d in perm(6):
+        folder = out / "frames" / f"v{d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, src in enumerate([images[d][0], images[d][1], images[d][0]], start=1):
+            shutil.copyfile(digits / src, folder / f"frame_{j}{Path(src).suffix}")
+        video_rows.append({"video_id": f"v{d}", "pos_text": caption(d)})
+    _jsonl(out / "video.jsonl", video_rows)
     suite = out / "suite.yaml"
     suite.write_text(
         "name: invariance\nmetric: hit@1\nks: [1, 3, 5]\ntasks:\n"
@@ -105,6 +116,8 @@ def write_mini_suite(out: Path, digits: Path, *, shuffle: int | None = None) -> 
         "  - {name: corpus, kind: corpus, meta_task: retrieval, corpus: corpus.jsonl,"
         " queries: queries.jsonl, qrels: qrels.tsv, metric: ndcg@5}\n"
         "  - {name: beir, kind: beir, meta_task: retrieval, data: beir, metric: ndcg@5}\n"
+        "  - {name: video, kind: mmeb-video, meta_task: classification, data: video.jsonl,"
+        ' frame_root: frames, query_video: "{video_id}", answer_field: pos_text, scope: global}\n'
     )
     return suite
 

@@ -338,9 +338,13 @@ def test_loaded_rows_match_the_files(video_root: tuple[Path, dict[str, Any]]) ->
     # Global classification: the corpus is the distinct labels, the qrels each row's label.
     k700 = tasks["K700"].corpus
     assert [c["text"] for c in k700.corpus_items] == ["archery", "bowling"]
-    assert k700.qrels == {"q0": {"c0": 1.0}, "q1": {"c1": 1.0}}
+    q = k700.query_ids  # ids from the query content (row order does not matter)
+    assert k700.qrels == {q[0]: {"c0": 1.0}, q[1]: {"c1": 1.0}}
     ucf = tasks["UCF101"].corpus
-    assert len(ucf.corpus_items) == 1 and ucf.qrels == {"q0": {"c0": 1.0}, "q1": {"c0": 1.0}}
+    assert len(ucf.corpus_items) == 1 and ucf.qrels == {
+        ucf.query_ids[0]: {"c0": 1.0},
+        ucf.query_ids[1]: {"c0": 1.0},
+    }
     assert k700.query_items[1]["images"] == sampled(frames["K700"]["v1"])
 
     # Global retrieval: caption queries, the corpus the rows' videos.
@@ -354,7 +358,10 @@ def test_loaded_rows_match_the_files(video_root: tuple[Path, dict[str, Any]]) ->
         corpus = tasks[name].corpus
         assert corpus.query_items[0] == {"text": first_caption}, name
         assert corpus.corpus_items[0]["images"] == sampled(frames[name][folder]), name
-        assert len(corpus.corpus_items) == 2 and corpus.qrels == {"q0": {"c0": 1.0}, "q1": {"c1": 1.0}}
+        assert len(corpus.corpus_items) == 2 and corpus.qrels == {
+            corpus.query_ids[0]: {"c0": 1.0},
+            corpus.query_ids[1]: {"c1": 1.0},
+        }
 
     # Moment retrieval: the query's own frames plus text; clips sorted, positive_* relevant,
     # a clip with fewer than 8 frames gives all of them.
@@ -486,7 +493,7 @@ def test_global_labels_file_sets_the_candidate_set(tmp_path: Path, model: Embedd
     corpus = load_suite_tasks(suite)[0].corpus
     # The label file's order and its unused label "run"; rows map onto it.
     assert [c["text"] for c in corpus.corpus_items] == ["wave", "clap", "run"]
-    assert corpus.qrels == {"q0": {"c1": 1.0}, "q1": {"c0": 1.0}}
+    assert corpus.qrels == {corpus.query_ids[0]: {"c1": 1.0}, corpus.query_ids[1]: {"c0": 1.0}}
     report = run_suite(model, suite)
     assert report["tasks"]["HMDB51"]["corpus_size"] == 3
     (tmp_path / "labels.txt").write_text("wave\n")

@@ -178,7 +178,8 @@ def test_resume_after_a_refresh_loads_it_and_is_exact(
     # A kill after step 5: checkpoints 2 and 4, refreshes 2 and 4, no final/.
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    shutil.rmtree(out / "final")
+    for name in ("final", "checkpoints/step-6"):
+        shutil.rmtree(out / name)
     capsys.readouterr()
     assert _train(data, out, "train.resume_from=auto") == 0
     log = capsys.readouterr().out
@@ -192,7 +193,7 @@ def test_resume_before_a_refresh_redoes_it_and_is_exact(reference: Path, data: P
     # half-written temporary folder of the refresh left behind.
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    for name in ("final", "checkpoints/step-4", "mined/step-4"):
+    for name in ("final", "checkpoints/step-6", "checkpoints/step-4", "mined/step-4"):
         shutil.rmtree(out / name)
     half = out / "mined" / ".tmp-step-4"
     half.mkdir()
@@ -210,8 +211,8 @@ def test_resume_without_the_refresh_it_needs_is_a_one_line_error(
 ) -> None:
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    shutil.rmtree(out / "final")
-    shutil.rmtree(out / "mined" / "step-4")
+    for name in ("final", "checkpoints/step-6", "mined/step-4"):
+        shutil.rmtree(out / name)
     capsys.readouterr()
     assert _train(data, out, "train.resume_from=auto") == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -181,6 +181,9 @@ def evaluate_corpus(
     """
     doc_index = {cid: i for i, cid in enumerate(task.corpus_ids)}
     keep = [i for i, qid in enumerate(task.query_ids) if any(r > 0 for r in task.qrels.get(qid, {}).values())]
+    # Queries in id order: the per-query means then add up in the same order whatever the
+    # file's order (the reports of reordered files are equal to the last bit).
+    keep.sort(key=lambda i: task.query_ids[i])
     if not keep:
         raise DataError("corpus task: no query has a relevant document in the qrels")
     scorer = get_scoring(scoring)

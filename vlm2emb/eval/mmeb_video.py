@@ -23,6 +23,7 @@ newlines / spaces), ``{f:lettered}`` (a list as ``(A) x`` lines) and ``{f:drop_l
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from dataclasses import dataclass, field
@@ -340,6 +341,14 @@ def load_video_task(
         for label in layout.labels:
             item = {"text": label}
             corpus.setdefault(_corpus_key(item), (f"c{len(corpus)}", item))
+    # Query ids from the query's content (plus a counter for repeats), not its row number,
+    # so a reordered table gives the same ids and the same report.
+    seen: dict[str, int] = {}
+    query_ids = []
+    for query in queries:
+        content = json.dumps(query, sort_keys=True, default=str)
+        query_ids.append(f"{content}#{seen.get(content, 0)}")
+        seen[content] = seen.get(content, 0) + 1
     qrels: dict[str, dict[str, float]] = {}
     for qi, (cands, pos) in enumerate(row_cands):
         for i, item in enumerate(cands):
@@ -351,13 +360,13 @@ def load_video_task(
                     )
                 corpus[key] = (f"c{len(corpus)}", item)
             if i in pos:
-                qrels.setdefault(f"q{qi}", {})[corpus[key][0]] = 1.0
+                qrels.setdefault(query_ids[qi], {})[corpus[key][0]] = 1.0
     ids = [cid for cid, _ in corpus.values()]
     items = [item for _, item in corpus.values()]
     task = CorpusTask(
         corpus_ids=ids,
         corpus_items=items,
-        query_ids=[f"q{i}" for i in range(len(queries))],
+        query_ids=query_ids,
         query_items=queries,
         query_instructions=[None] * len(queries),
         qrels=qrels,

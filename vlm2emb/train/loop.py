@@ -1056,12 +1056,20 @@ class _Trainer:
         The refresh folders live in the run that wrote the checkpoint.
         """
         from vlm2emb.train.remine import REFRESH_DIR, apply_refresh, last_refresh
-        from vlm2emb.train.state import CheckpointError
+        from vlm2emb.train.state import CheckpointError, read_json
 
         every = self.cfg.train.remine_steps
         step = last_refresh(self.start_step, every)
         if self.resume_dir is None or step == 0:
             return
+        if step == self.start_step:
+            saved = read_json(self.resume_dir / TRAINER_STATE).get("recipe", {}).get("train", {})
+            if saved.get("max_steps") == self.start_step:
+                # The checkpoint is a finished run's last step, after which no refresh runs:
+                # an extended run goes on with the refresh before it.
+                step = last_refresh(self.start_step - 1, every)
+                if step == 0:
+                    return
         folder = self.resume_dir.parent.parent / REFRESH_DIR / f"step-{step}"
         if not folder.is_dir():
             raise CheckpointError(
