@@ -266,6 +266,42 @@ def check_model_path(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def model_folder(name: str, seed: int = 0) -> Iterator[tuple[str, bool]]:
+    """Where to load ``name`` from, and whether it is a ``tiny:`` model.
+
+    ``tiny:FAMILY`` is built offline into a temporary folder, removed when the block ends
+    (everything is in memory once loaded); anything else is :func:`check_model_path`'s
+    answer. Both :class:`EmbeddingModel` and :class:`vlm2emb.rerank.Reranker` load this way.
+
+    Raises:
+        KeyError: ``tiny:`` with an unknown family (the message lists the families).
+        FileNotFoundError: As :func:`check_model_path`.
+    """
+    if not name.startswith(TINY_PREFIX):
+        yield check_model_path(name), False
+        return
+    from vlm2emb.backbones.registry import get_adapter_class
+    from vlm2emb.testing import tiny_backbone
+
+    family = name[len(TINY_PREFIX) :]
+    get_adapter_class(family)  # fail early with the list of families
+    with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
+        tiny_backbone(family, tmp, seed=seed)
+        yield tmp, True
+
+
+def apply_saved_lora(module: nn.Module, adapter_dir: Path, merge: bool) -> nn.Module:
+    """``module`` with the peft adapter saved in ``adapter_dir`` (unchanged when there is none):
+    merged into the weights, or kept a trainable peft module (``merge=False``)."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return module
+    from peft import PeftModel
+
+    module = PeftModel.from_pretrained(module, str(adapter_dir), is_trainable=not merge)
+    return module.merge_and_unload() if merge else module
+
+
 class EmbeddingModel(nn.Module):
     """A vision-language model used as an embedding model.
 
@@ -368,7 +404,6 @@ class EmbeddingModel(nn.Module):
             ValueError: An unknown key in ``config_overrides``.
         """
         from vlm2emb._quiet import quiet_third_party
-        from vlm2emb.backbones.registry import get_adapter_class
 
         quiet_third_party()
         name = str(name_or_path)
@@ -391,17 +426,8 @@ class EmbeddingModel(nn.Module):
             adapter_base=str(base_model) if base_model is not None else None,
             seed=seed,
         )
-        if name.startswith(TINY_PREFIX):
-            family = name[len(TINY_PREFIX) :]
-            get_adapter_class(family)  # fail early with the list of families
-            from vlm2emb.testing import tiny_backbone
-
-            # Built offline into a temporary folder: everything is in memory once loaded.
-            with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
-                tiny_backbone(family, tmp, seed=seed)
-                model = load(tmp, trust_remote_code=False)
-        else:
-            model = load(check_model_path(name), trust_remote_code=trust_remote_code)
+        with model_folder(name, seed) as (path, tiny):
+            model = load(path, trust_remote_code=trust_remote_code and not tiny)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -446,12 +472,7 @@ class EmbeddingModel(nn.Module):
                 attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code,
             )
-        if adapter_dir.is_dir() and (adapter_dir / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=not merge_lora)
-            if merge_lora:
-                backbone = backbone.merge_and_unload()
+        backbone = apply_saved_lora(backbone, adapter_dir, merge_lora)
         processor = adapter_cls.load_processor(path, trust_remote_code=trust_remote_code)
         config = EmbeddingConfig.from_dict({**saved, "family": adapter_cls.family})
         if config.base_model is None:

@@ -140,12 +140,9 @@ class BackboneAdapter:
         """
         from transformers import AutoModel
 
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        return AutoModel.from_pretrained(str(path), **kwargs)
+        return AutoModel.from_pretrained(
+            str(path), **_load_kwargs(dtype, attn_implementation, trust_remote_code)
+        )
 
     @classmethod
     def load_lm(
@@ -169,11 +166,7 @@ class BackboneAdapter:
         cls.check_generative_head()
         from transformers import AutoModelForImageTextToText
 
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
+        kwargs = _load_kwargs(dtype, attn_implementation, trust_remote_code)
         return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
 
     @classmethod
@@ -533,3 +526,15 @@ def _tensors(call: Callable[..., Mapping[str, Any]], *args: Any, **kwargs: Any) 
             array.astype(np.int64, copy=False) if array.dtype.kind == "i" else array
         )
     return tensors
+
+
+def _load_kwargs(
+    dtype: torch.dtype | str | None, attn_implementation: str | None, trust_remote_code: bool
+) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments: only what was given, so transformers' defaults hold."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 # The input checks and the tie rule are ranking_metrics' own, so both reports rank alike.
-from vlm2emb.eval.metrics import _as_score_array, _gain_matrix, _rank_order, _relevance_mask
+from vlm2emb.eval.metrics import rank_queries
 
 __all__ = ["MISSING", "MMEB_FAMILIES", "MODALITIES", "accumulate", "mmeb_metrics", "mmeb_submission"]
 
@@ -80,14 +80,9 @@ def mmeb_metrics(
         (0.0, 0.5, 0.5)
     """
     ks = tuple(int(k) for k in ks)
-    score_arr = _as_score_array(scores)
-    n_queries, n_candidates = score_arr.shape
-    rel_mask = _relevance_mask(relevant, n_queries, n_candidates)  # [Q, C] bool
-    gain = rel_mask.astype(np.float64) if gains is None else _gain_matrix(relevant, gains, rel_mask)  # [Q, C]
-    order = _rank_order(score_arr, gain)  # [Q, C]
-    sorted_rel = np.take_along_axis(rel_mask, order, axis=1).astype(np.float64)  # [Q, C]
-    sorted_gain = np.take_along_axis(gain, order, axis=1)  # [Q, C]
-    n_rel = rel_mask.sum(axis=1).astype(np.float64)  # [Q]
+    ranked = rank_queries(scores, relevant, gains)
+    gain, sorted_rel, sorted_gain, n_rel = ranked.gain, ranked.sorted_rel, ranked.sorted_gain, ranked.n_rel
+    n_queries, n_candidates = gain.shape
     ideal = -np.sort(-gain, axis=1)  # [Q, C]: the gains high to low
 
     ranks = np.arange(1, n_candidates + 1, dtype=np.float64)  # [C]

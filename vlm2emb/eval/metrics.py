@@ -24,11 +24,11 @@ from __future__ import annotations
 import numbers
 import operator
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["metric_names", "per_query_ranks", "ranking_metrics"]
+__all__ = ["RankedQueries", "metric_names", "per_query_ranks", "rank_queries", "ranking_metrics"]
 
 # Per-k metric families, in the order their keys appear in the returned dict.
 _PER_K_METRICS = ("hit", "ndcg", "recall", "precision")
@@ -136,16 +136,9 @@ def ranking_metrics(
         0.5
     """
     ks = _validate_ks(ks)
-    score_arr = _as_score_array(scores)
-    n_queries, n_candidates = score_arr.shape
-    rel_mask = _relevance_mask(relevant, n_queries, n_candidates)  # [Q, C] bool
-    gain = rel_mask.astype(np.float64) if gains is None else _gain_matrix(relevant, gains, rel_mask)  # [Q, C]
-
-    order = _rank_order(score_arr, gain)  # [Q, C]
-    # sorted_rel[q, r] is True when the candidate at 0-based rank r is relevant for query q.
-    sorted_rel = np.take_along_axis(rel_mask, order, axis=1).astype(np.float64)  # [Q, C]
-    sorted_gain = np.take_along_axis(gain, order, axis=1)  # [Q, C]
-    n_rel = rel_mask.sum(axis=1).astype(np.float64)  # [Q], >= 1 after validation
+    ranked = rank_queries(scores, relevant, gains)
+    n_candidates = ranked.gain.shape[1]
+    gain, sorted_rel, sorted_gain, n_rel = ranked.gain, ranked.sorted_rel, ranked.sorted_gain, ranked.n_rel
 
     ranks = np.arange(1, n_candidates + 1, dtype=np.float64)  # [C]
     discounts = 1.0 / np.log2(ranks + 1.0)  # [C]
@@ -173,6 +166,35 @@ def ranking_metrics(
     out["mrr"] = float(mrr.mean())
     out["map"] = float(ap.mean())
     return out
+
+
+class RankedQueries(NamedTuple):
+    """Each query's candidates in ranked order (:func:`rank_queries`); every array ``[Q, C]``
+    except ``n_rel``."""
+
+    gain: np.ndarray  # gain of each candidate, in candidate order (0: not relevant)
+    sorted_rel: np.ndarray  # 1.0 where the candidate at 0-based rank r is relevant
+    sorted_gain: np.ndarray  # gain of the candidate at rank r
+    n_rel: np.ndarray  # [Q] relevant candidates per query (>= 1 after validation)
+
+
+def rank_queries(
+    scores: Any, relevant: Sequence[Any], gains: Sequence[Sequence[float]] | None = None
+) -> RankedQueries:
+    """Validates the inputs of :func:`ranking_metrics` and ranks every query's candidates
+    with the tie rule of the module docstring; the MMEB leaderboard block
+    (:mod:`vlm2emb.eval.leaderboard`) ranks the same way."""
+    score_arr = _as_score_array(scores)
+    n_queries, n_candidates = score_arr.shape
+    rel_mask = _relevance_mask(relevant, n_queries, n_candidates)  # [Q, C] bool
+    gain = rel_mask.astype(np.float64) if gains is None else _gain_matrix(relevant, gains, rel_mask)  # [Q, C]
+    order = _rank_order(score_arr, gain)  # [Q, C]
+    return RankedQueries(
+        gain=gain,
+        sorted_rel=np.take_along_axis(rel_mask, order, axis=1).astype(np.float64),
+        sorted_gain=np.take_along_axis(gain, order, axis=1),
+        n_rel=rel_mask.sum(axis=1).astype(np.float64),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +30,8 @@ from vlm2emb.model import (
     _grad_free,
     _prefetched,
     _strip_lora,
-    check_model_path,
+    apply_saved_lora,
+    model_folder,
     resolve_dtype,
     saved_config_and_family,
     wrap_lora,
@@ -238,15 +238,9 @@ class Reranker(nn.Module):
             "base_model": name,
         }
         if name.startswith(TINY_PREFIX):
-            family = name[len(TINY_PREFIX) :]
-            get_adapter_class(family).check_generative_head()  # before building anything
-            from vlm2emb.testing import tiny_backbone
-
-            with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
-                tiny_backbone(family, tmp, seed=seed)
-                model = cls._load_dir(tmp, trust_remote_code=False, **kwargs)
-        else:
-            model = cls._load_dir(check_model_path(name), trust_remote_code=trust_remote_code, **kwargs)
+            get_adapter_class(name[len(TINY_PREFIX) :]).check_generative_head()  # before building anything
+        with model_folder(name, seed) as (path, tiny):
+            model = cls._load_dir(path, trust_remote_code=trust_remote_code and not tiny, **kwargs)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -274,13 +268,7 @@ class Reranker(nn.Module):
         lm = adapter_cls.load_lm(
             path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
-        adapter_dir = Path(path) / ADAPTER_DIR
-        if (adapter_dir / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=not merge_lora)
-            if merge_lora:
-                lm = lm.merge_and_unload()
+        lm = apply_saved_lora(lm, Path(path) / ADAPTER_DIR, merge_lora)
         processor = adapter_cls.load_processor(path, trust_remote_code=trust_remote_code)
         data = {**saved, "family": adapter_cls.family}
         data.setdefault("attention", adapter_cls.default_attention)

@@ -1059,17 +1059,14 @@ class _Trainer:
         from vlm2emb.train.state import CheckpointError, read_json
 
         every = self.cfg.train.remine_steps
-        step = last_refresh(self.start_step, every)
-        if self.resume_dir is None or step == 0:
+        if self.resume_dir is None or every == 0:
             return
-        if step == self.start_step:
-            saved = read_json(self.resume_dir / TRAINER_STATE).get("recipe", {}).get("train", {})
-            if saved.get("max_steps") == self.start_step:
-                # The checkpoint is a finished run's last step, after which no refresh runs:
-                # an extended run goes on with the refresh before it.
-                step = last_refresh(self.start_step - 1, every)
-                if step == 0:
-                    return
+        # The refreshes the checkpoint's own run made: a finished run's last step (which an
+        # extended run resumes from) is followed by none.
+        saved = read_json(self.resume_dir / TRAINER_STATE).get("recipe", {}).get("train", {})
+        step = last_refresh(self.start_step, every, saved.get("max_steps"))
+        if step == 0:
+            return
         folder = self.resume_dir.parent.parent / REFRESH_DIR / f"step-{step}"
         if not folder.is_dir():
             raise CheckpointError(

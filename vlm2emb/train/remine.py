@@ -42,8 +42,12 @@ def refresh_due(step: int, every: int, max_steps: int) -> bool:
     return every > 0 and step % every == 0 and step < max_steps
 
 
-def last_refresh(step: int, every: int) -> int:
-    """The step of the newest refresh at or before ``step`` (0: none yet)."""
+def last_refresh(step: int, every: int, max_steps: int | None = None) -> int:
+    """The step of the newest refresh at or before ``step`` (0: none yet) in a run of
+    ``max_steps`` steps (:func:`refresh_due`: none follows the last step); None: a step
+    before the last."""
+    if max_steps is not None and step >= max_steps:
+        step = max_steps - 1
     return step // every * every if every > 0 else 0
 
 

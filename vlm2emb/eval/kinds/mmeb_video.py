@@ -25,6 +25,7 @@ MMEB-layout image rows.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,24 +122,12 @@ class MmebVideoKind(TaskKind):
             labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             if not labels:
                 raise DataError(f"{spec.labels}: no labels")
-        layout = VideoLayout(
-            frame_root=spec.frame_root,
-            num_frames=spec.num_frames,
-            query_text=spec.query_text,
-            query_video=spec.query_video,
-            target_video=spec.target_video,
-            candidates_field=spec.candidates_field,
-            candidate_fields=list(spec.candidate_fields),
-            candidate_values=list(spec.candidate_values),
-            candidate_format=spec.candidate_format,
-            answer_field=spec.answer_field,
-            answer_type=spec.answer_type,
-            labels=labels,
-            clip_folders=spec.clip_folders,
-            positive_prefix=spec.positive_prefix,
-            skip_clips=list(spec.skip_clips),
-            scope=spec.scope,
-        )
+        # The spec's keys are the layout's fields (labels read from the spec's file above).
+        given = {f.name: getattr(spec, f.name) for f in dataclasses.fields(VideoLayout) if f.name != "labels"}
+        given = {
+            k: list(v) if isinstance(v, list) else v for k, v in given.items()
+        }  # the spec stays as given
+        layout = VideoLayout(**given, labels=labels)
         if not Path(spec.frame_root).is_dir():
             raise DataError(f"{spec.name}: frame_root not found: {spec.frame_root}")
         return load_video_task(spec.data, layout, verify_images=verify_images, work_dir=work_dir)
