@@ -150,3 +150,19 @@ def test_gradcache_equals_the_full_batch_step_for_other_objectives(model, rows, 
     chunked = ContrastiveCollator(model.inputs, chunk_size=2)(scored)
     assert chunked.teacher_scores is not None and chunked.teacher_scores.shape == (6, 3)
     _assert_same(_grads(model, chunked, gradcache=True, loss=objective()), plain)
+
+
+@pytest.mark.parametrize("gradcache", [False, True])
+def test_a_single_vector_loss_leaves_the_multivector_head_out(tiny_qwen2_vl_dir, model, rows, gradcache):
+    """InfoNCE on a model that also has a multi-vector head: the head is not run, so it gets
+    no gradient (not zeros, which AdamW's weight decay would still act on, and no forward
+    output DDP would wait for), and every other gradient is the head-less model's."""
+    headed = EmbeddingModel.from_pretrained(
+        tiny_qwen2_vl_dir, config_overrides={"multivector_dim": 16}
+    ).train()
+    headed.load_state_dict(model.state_dict(), strict=False)  # the same backbone weights
+    batch = ContrastiveCollator(headed.inputs, chunk_size=2 if gradcache else 0)(rows)
+    loss, grads = _grads(headed, batch, gradcache=gradcache)
+    assert not any(name.startswith("multivector_head") for name in grads)
+    assert all(p.grad is None for p in headed.multivector_head.parameters())
+    _assert_same((loss, grads), _grads(model, ContrastiveCollator(model.inputs)(rows), gradcache=False))

@@ -114,6 +114,11 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
     if inner is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        if isinstance(value, bool):
+            # YAML 1.1 reads yes/no/on/off/true/false as booleans; "True" is rarely meant.
+            raise ConfigError(
+                f"{key}: expected a string, got the boolean {str(value).lower()} (quote it in YAML)"
+            )
         return str(value)
     if typing.get_origin(inner) is dict:
         if isinstance(value, str) and value.startswith("{"):

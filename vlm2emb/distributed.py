@@ -70,3 +70,32 @@ def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([0 if flag else 1], device=device, dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item()) == 0
+
+
+def reachable_parameters(output: torch.Tensor, params: list[torch.nn.Parameter]) -> list[bool]:
+    """Which of ``params`` the autograd graph of ``output`` reaches (a backward would give
+    them a gradient), found by walking the graph without running it.
+
+    This is the walk DDP repeats every step under ``find_unused_parameters=True``; done once
+    on a probe batch it tells whether that search is needed at all.
+
+    Args:
+        output: A tensor computed from the parameters (typically a loss).
+        params: The parameters to look for.
+
+    Returns:
+        One flag per parameter, in order.
+    """
+    found: set[int] = set()
+    seen: set[object] = set()  # the nodes are kept alive here, so their Python objects stay unique
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it feeds
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return [id(p) in found for p in params]

@@ -366,9 +366,15 @@ class ContrastiveStep:
                 f"the loss's temperature {standalone:g} differs from the model's config.temperature "
                 f"{self.fixed_temperature:g}; the model owns the training temperature (set model.config.temperature)"
             )
+        # A single-vector objective leaves the multi-vector head out of the forward.
+        self.multivector = loss_fn.takes_multivector
         self._pending: dict[str, Any] | None = None
         # Of the last forward_loss: a [] tensor on the device (read once per log window).
         self.last_accuracy: torch.Tensor | None = None
+
+    def _forward(self, chunks: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
+        """The (possibly wrapped) model on ``chunks``, with the head the objective uses."""
+        return self.model(chunks, multivector=self.multivector, **kwargs)
 
     def _loss(
         self,
@@ -401,7 +407,7 @@ class ContrastiveStep:
         chunks = batch.chunks
         nq, np_ = len(batch.query), len(batch.positive)
         if not self.gradcache:
-            out = self.model(chunks, with_temperature=self.learnable_temperature)
+            out = self._forward(chunks, with_temperature=self.learnable_temperature)
             embs, temperature = out if self.learnable_temperature else (out, None)
             self._pending = None
             return self._loss(batch, *self._split(embs, nq, np_, batch), temperature)
@@ -416,14 +422,14 @@ class ContrastiveStep:
         for i, chunk in enumerate(chunks):
             if i == keep:
                 with (sync_context or _no_context)(False):
-                    kept = self.model([chunk])[0]  # [n, d], with a graph
+                    kept = self._forward([chunk])[0]  # [n, d], with a graph
                 embs[i] = kept
                 continue
             replays[i] = ChunkReplay(RngState(self.device), vision, i)
             with torch.no_grad(), vision.recording(i) if vision is not None else contextlib.nullcontext():
-                embs[i] = self.model([chunk])[0]  # [n, d]
+                embs[i] = self._forward([chunk])[0]  # [n, d]
         with torch.no_grad():
-            temperature = self.model([], with_temperature=True)[1] if self.learnable_temperature else None
+            temperature = self._forward([], with_temperature=True)[1] if self.learnable_temperature else None
         leaves = [as_leaf(e) for e in embs]
         t_leaf = temperature.detach().requires_grad_() if temperature is not None else None
         loss = self._loss(batch, *self._split(leaves, nq, np_, batch), t_leaf)
@@ -494,7 +500,7 @@ class ContrastiveStep:
             if i != pending["keep"]
         ]
         if self.single_backward:
-            out = self.model(
+            out = self._forward(
                 pending["chunks"], with_temperature=t_leaf is not None, replays=pending["replays"]
             )
             embs, temperature = out if t_leaf is not None else (out, None)
@@ -507,9 +513,9 @@ class ContrastiveStep:
             last = i == len(work) - 1 and t_leaf is None
             with sync_context(last):
                 with replay.random_state(), replay.frozen_outputs():
-                    emb = self.model([chunk])[0]  # [n, d], with a graph this time
+                    emb = self._forward([chunk])[0]  # [n, d], with a graph this time
                 backward(grad_dot(emb, leaf), last)
         if t_leaf is not None:
             with sync_context(True):
-                temperature = self.model([], with_temperature=True)[1]
+                temperature = self._forward([], with_temperature=True)[1]
                 backward(temperature * t_leaf.grad, True)

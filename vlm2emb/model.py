@@ -690,6 +690,7 @@ class EmbeddingModel(nn.Module):
         inputs: dict[str, Any] | Sequence[dict[str, Any]],
         with_temperature: bool = False,
         replays: Sequence[Any] | None = None,
+        multivector: bool = True,
     ) -> torch.Tensor | list[torch.Tensor] | tuple[Any, torch.Tensor]:
         """Embeds one collated batch, or several in one call.
 
@@ -713,6 +714,9 @@ class EmbeddingModel(nn.Module):
                 batch: each batch runs under activation checkpointing with that random
                 state and the frozen outputs it kept (GradCache's one-backward form; see
                 :mod:`vlm2emb.gradcache`).
+            multivector: False skips the multi-vector head: [B, d] embeddings only. A
+                single-vector objective asks for this, so that the head is not part of a
+                forward whose outputs the loss ignores (DDP would wait for its gradient).
         """
         if replays is not None:
             from torch.utils.checkpoint import checkpoint
@@ -724,17 +728,24 @@ class EmbeddingModel(nn.Module):
                 # the CUDA state only for CUDA tensors among the arguments, and a chunk arrives
                 # on the CPU, so on a GPU the recompute drew other dropout masks (CUDA test).
                 out.append(
-                    checkpoint(replay.replayed, self._embed, x, use_reentrant=False, preserve_rng_state=False)
+                    checkpoint(
+                        replay.replayed,
+                        self._embed,
+                        x,
+                        multivector,
+                        use_reentrant=False,
+                        preserve_rng_state=False,
+                    )
                 )
         elif isinstance(inputs, (list, tuple)):
-            out = [self._embed(x) for x in inputs]
+            out = [self._embed(x, multivector) for x in inputs]
         else:
-            out = self._embed(inputs)
+            out = self._embed(inputs, multivector)
         if with_temperature:
             return out, self.learned_temperature()
         return out
 
-    def _embed(self, inputs: dict[str, Any]) -> torch.Tensor:
+    def _embed(self, inputs: dict[str, Any], multivector: bool = True) -> torch.Tensor:
         dummy_rows = int(inputs.get(DUMMY_ROWS, 0))
         content = inputs.get(CONTENT_MASK)  # [B, L] bool, or None: every real token counts
         inputs = {k: v for k, v in inputs.items() if k not in (DUMMY_ROWS, CONTENT_MASK)}
@@ -742,17 +753,18 @@ class EmbeddingModel(nn.Module):
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        head = self.multivector_head if multivector else None
         if self.config.pack_sequences:
             packed, cu_seqlens = self.adapter.forward_packed(self.backbone, inputs)  # [T, H], [B + 1]
             emb = pool_packed(packed, cu_seqlens, self.config.pooling).float()  # [B, H]
-            if self.multivector_head is not None:
+            if head is not None:
                 hidden, mask = _unpack(packed, cu_seqlens)  # [B, L, H], [B, L]
         else:
             hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
             emb = pool(hidden, mask, self.config.pooling).float()  # [B, H]
         if self.config.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
-        if self.multivector_head is None:
+        if head is None:
             return emb[:-dummy_rows] if dummy_rows else emb  # the blank image row added by collate()
         if content is not None:
             if content.shape != mask.shape:
@@ -763,7 +775,7 @@ class EmbeddingModel(nn.Module):
                 )
             # Only the multi-vector set loses the prompt tokens; pooling above saw them all.
             mask = mask.to(torch.bool) & content.to(mask.device)  # [B, L]
-        multi = self.multivector_head(hidden, mask)  # tokens [B, L, D], mask [B, L]
+        multi = head(hidden, mask)  # tokens [B, L, D], mask [B, L]
         multi.dense = emb if self.config.dense_head else None
         return multi.drop_last_rows(dummy_rows)
 

@@ -318,3 +318,70 @@ def test_two_processes_match_one_for_the_maxsim_loss(tmp_path):
         assert ref.keys() == got.keys()
         worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
         assert worst < 2e-5, (name, worst)
+
+
+REDUCER_WARNING = "find_unused_parameters=True was specified in DDP constructor"
+
+
+def _run_both(cmd: list[str]) -> tuple[str, str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_searches_for_unused_parameters_only_when_a_step_leaves_some_out(single, tmp_path):
+    """The probe step decides DDP's unused-parameter search: off for the demo recipe (every
+    trainable parameter takes part, so torch's reducer warning is gone) with the same weights
+    as one process; on for a single-vector loss on a model with a multi-vector head (the head
+    is left out, named in the log, and stays as initialised, as in one process); and the
+    recipe key overrides the probe."""
+    plain = tmp_path / "plain"
+    out, err = _run_both(_launch_cmd("ddp", plain))
+    assert REDUCER_WARNING not in err
+    assert "DDP searches for unused parameters" not in out
+    ref, got = _weights(single), _weights(plain)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 2e-5
+
+    # Before the fix the head was part of the forward: DDP waited for its gradient and the
+    # second step failed ("Expected to have finished reduction in the prior iteration").
+    extra = ("model.multivector_dim=16", "train.gradcache_chunk_size=3")
+    one, head = tmp_path / "one", tmp_path / "head"
+    _run(_train_cmd(one, *extra))
+    out, err = _run_both(_launch_cmd("ddp", head, *extra))
+    assert "a step leaves out multivector_head.proj.weight, multivector_head.proj.bias" in out
+    assert REDUCER_WARNING not in err
+    assert _losses(head) == pytest.approx(_losses(one), abs=1e-5)
+    ref, got = (
+        load_file(one / "final" / "multivector_head.safetensors"),
+        load_file(head / "final" / "multivector_head.safetensors"),
+    )
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+    forced = tmp_path / "forced"
+    out, err = _run_both(_launch_cmd("ddp", forced, "train.ddp_find_unused_parameters=true"))
+    assert REDUCER_WARNING in err  # asked for, and nothing was unused: torch says so
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_extending_a_finished_two_process_run_matches_one_process(tmp_path):
+    """A finished 2-process DDP run, extended with a larger max_steps and resume_from=auto,
+    continues from its last-step checkpoint (one RNG file per process) and ends where the
+    same extension ends in one process: same losses at every step, same weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, launch in ((one, _train_cmd), (two, lambda o, *e: _launch_cmd("ddp", o, *e))):
+        _run(launch(out))  # COMMON: 3 steps
+        stdout = _run(launch(out, "train.max_steps=5", "train.resume_from=auto"))
+        assert "Resumed from" in stdout and "step-3" in stdout
+    assert [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    ref, got = _weights(one), _weights(two)
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) < 2e-5

@@ -300,3 +300,35 @@ def test_non_finite_streak_writes_no_checkpoint_and_valid_metrics(
     records = _records(out)  # strict JSON: the NaN loss of a window of skipped steps is null
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["loss"] is None and records[-1]["skipped_steps"] == 5
+
+
+def _edit_saved_recipes(out: Path, edit) -> None:
+    """Applies ``edit`` to the train section of every checkpoint's saved recipe, keeping the
+    checkpoints whole (their manifests rewritten)."""
+    from vlm2emb.train.state import TRAINER_STATE, write_manifest
+
+    for state in out.glob(f"checkpoints/*/{TRAINER_STATE}"):
+        data = json.loads(state.read_text())
+        edit(data["recipe"]["train"])
+        state.write_text(json.dumps(data))
+        write_manifest(state.parent)
+
+
+def test_a_checkpoint_from_before_a_new_recipe_key_resumes(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint written before a key existed (its saved recipe lacks the key) resumes
+    when this run leaves the key at its default, and is refused, naming the key, when the
+    run sets it otherwise. A key the saved recipe has and vlm2emb no longer knows is a
+    one-line error naming the checkpoint."""
+    out = _interrupted_copy(reference, tmp_path)
+    _edit_saved_recipes(out, lambda train: train.pop("weight_decay"))  # as if it came later
+    line = _one_error_line(capsys, _train(out, "train.resume_from=auto", "train.weight_decay=0.5"))
+    assert "different recipe: train.weight_decay (train.weight_decay: 0.0 there, 0.5 now)" in line
+    assert _train(out, "train.resume_from=auto") == 0
+    assert "Resumed from" in capsys.readouterr().out
+
+    out = _interrupted_copy(reference, tmp_path / "gone")
+    _edit_saved_recipes(out, lambda train: train.update(retired_key=1))
+    line = _one_error_line(capsys, _train(out, "train.resume_from=auto"))
+    assert "its recipe does not load here" in line and "retired_key" in line

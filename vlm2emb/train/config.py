@@ -178,6 +178,9 @@ class TrainConfig:
     # false saves its disk (the weights twice + AdamW's two moments of the trainable ones)
     # but the run can then not be continued. save_total_limit applies to it as to the others.
     save_final_checkpoint: bool = True
+    # DDP's per-step search for trainable parameters a step leaves out (HF Trainer's key of
+    # the same name). None: decided by one probe step on the first rows (docs/distributed.md).
+    ddp_find_unused_parameters: bool | None = None
     resume_from: str | None = None  # auto = newest whole checkpoint in output_dir, or a path
     # A new (not resumed) run refuses an output_dir holding another run unless this is true;
     # then the other run's outputs are deleted first, so resume_from=auto cannot pick them.

@@ -173,8 +173,9 @@ def make_accelerator(cfg: RecipeConfig) -> Any:
     from vlm2emb.train.tracking import accelerator_kwargs
 
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
-    # A VLM batch without images leaves the vision tower unused; DDP must not wait for it.
-    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    # Whether DDP searches for unused parameters is decided once the model is loaded
+    # (Trainer._ddp_find_unused), before prepare() reads this handler.
+    handlers: list[Any] = [DistributedDataParallelKwargs()]
     common = {"mixed_precision": precision, **accelerator_kwargs(cfg.train.report_to, cfg.output_dir)}
     if torch.cuda.is_available():
         return Accelerator(kwargs_handlers=handlers, **common)
@@ -208,6 +209,7 @@ RESUME_KEYS = (
     "train.report_to",
     "train.run_name",
     "train.save_final_checkpoint",
+    "train.ddp_find_unused_parameters",  # how DDP reduces, not what it computes
 )
 # What a run leaves in output_dir (demo-data/ and tiny-backbone/ are inputs, not outputs).
 RUN_OUTPUTS = (
@@ -290,16 +292,24 @@ def check_resume_recipe(cfg: RecipeConfig, checkpoint: Path) -> None:
     """Refuses to resume a checkpoint trained under a different recipe.
 
     Only the keys in ``RESUME_KEYS`` may differ (a longer ``train.max_steps`` continues the run).
+    The saved recipe is read through today's recipe loader first: a key added to vlm2emb
+    after the checkpoint was written takes its default there, so the checkpoint resumes
+    unless this run sets that key to something else.
 
     Raises:
         CheckpointError: Naming the keys that differ, with both values of the first.
     """
+    from vlm2emb._typed_config import build_dataclass
     from vlm2emb.train.state import CheckpointError, read_json
 
     saved = read_json(checkpoint / TRAINER_STATE).get("recipe")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{checkpoint / TRAINER_STATE}: no recipe (a checkpoint of an older vlm2emb)")
-    now, then = _flatten(recipe_to_dict(cfg)), _flatten(saved)
+    try:
+        then = _flatten(recipe_to_dict(build_dataclass(RecipeConfig, saved)))
+    except ConfigError as exc:  # a key this vlm2emb no longer has
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: its recipe does not load here: {exc}") from None
+    now = _flatten(recipe_to_dict(cfg))
     differ = [
         k for k in sorted(now.keys() | then.keys()) if k not in RESUME_KEYS and now.get(k) != then.get(k)
     ]
@@ -1178,7 +1188,60 @@ class _Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg)
         if self.deepspeed:
             _configure_deepspeed(acc, cfg, cfg.train.batch_size // acc.num_processes)
+        elif acc.num_processes > 1:
+            acc.ddp_handler.find_unused_parameters = self._ddp_find_unused(model)
         self.prepared, self.optimizer = acc.prepare(model, self.optimizer)
+
+    def _ddp_find_unused(self, model: Any) -> bool:
+        """Whether DDP must search every step for trainable parameters the step leaves out.
+
+        DDP waits for a gradient of every trainable parameter unless told to search the
+        autograd graph for unused ones, a walk it repeats every step (and, when nothing is
+        unused, a warning it prints). ``train.ddp_find_unused_parameters`` decides when set.
+        Otherwise one probe step (the real objective on the first rows, no backward, random
+        state untouched) finds what a step reaches: a batch without images reaches the
+        vision tower too, through the blank-image row of multi-process runs. A streamed
+        dataset has no rows to probe before training: the search stays on.
+        """
+        from vlm2emb.distributed import all_true, reachable_parameters
+        from vlm2emb.gradcache import ContrastiveStep, RngState
+
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.train.ddp_find_unused_parameters is not None:
+            return cfg.train.ddp_find_unused_parameters
+        rows = self.train_examples[: acc.num_processes * 2]
+        if len(rows) < acc.num_processes * 2:
+            return True
+        probe = ContrastiveStep(model, self.loss_fn, gradcache=False, device=acc.device)
+        with RngState(acc.device).replay(), acc.autocast():
+            loss = probe.forward_loss(self._collator(model)(rows))
+        used = reachable_parameters(loss, self.params)
+        probe.discard()
+        del loss
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        unused = [name for name, reached in zip(trainable, used) if not reached]
+        # Every process must wrap its model alike.
+        everything_used = all_true(not unused, acc.device)
+        if self.is_main and unused:
+            shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+            print(f"DDP searches for unused parameters each step: a step leaves out {shown}", flush=True)
+        return not everything_used
+
+    def _collator(self, model: Any) -> Any:
+        """The recipe's collator: rows -> this process's ContrastiveBatch."""
+        from vlm2emb.data.collate import ContrastiveCollator
+
+        cfg, acc = self.cfg, self.accelerator
+        return ContrastiveCollator(
+            model.inputs,
+            query_instruction=cfg.data.query_instruction,
+            target_instruction=cfg.data.target_instruction,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            chunk_size=cfg.train.gradcache_chunk_size,
+            length_buckets=cfg.train.length_buckets,
+            media=self.media,
+        )
 
     def _evaluate_now(self, name: str, title: str) -> dict[str, Any]:
         """Evaluates on data.eval; the main process writes ``name`` and prints the report.
@@ -1197,7 +1260,6 @@ class _Trainer:
     def _setup_step(self, model: Any) -> tuple[Any, Any]:
         """The objective (``train.loss`` from the registry), the collator, the loader and the
         training step."""
-        from vlm2emb.data.collate import ContrastiveCollator
         from vlm2emb.gradcache import ContrastiveStep
 
         cfg, acc = self.cfg, self.accelerator
@@ -1206,17 +1268,7 @@ class _Trainer:
             raise ValueError(
                 f"train.loss {cfg.train.loss!r} needs a multi-vector head: set model.multivector_dim (e.g. 128)"
             )
-        collator = ContrastiveCollator(
-            model.inputs,
-            query_instruction=cfg.data.query_instruction,
-            target_instruction=cfg.data.target_instruction,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            chunk_size=cfg.train.gradcache_chunk_size,
-            length_buckets=cfg.train.length_buckets,
-            media=self.media,
-        )
-        self.collator = collator
+        self.collator = self._collator(model)
         if cfg.data.streaming:
             from vlm2emb.data.streaming import streaming_for
 
