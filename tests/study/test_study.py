@@ -265,7 +265,9 @@ def _small_study(tmp_path: Path, study_data: Path) -> Path:
             {"name": "ar", "kind": "autoregressive", "overrides": ["model.name_or_path=tiny:qwen2_vl"]},
             {"name": "dm", "kind": "diffusion", "overrides": ["model.name_or_path=tiny:diffusion_gemma"]},
         ],
-        "data_efficiency": {"fractions": [0.5]},
+        # Only the full run: four runs keep the test near a minute; the curve's nested
+        # subsets are tested in tests/train/test_training_studies.py.
+        "data_efficiency": {"fractions": [1.0]},
         "analysis": {"max_rows_per_task": 4},
     }
     path = tmp_path / "study.yaml"
@@ -307,8 +309,8 @@ def test_study_end_to_end_summary_equals_the_runs(
             suite = json.loads((run / "suite.json").read_text())
             eff = json.loads((run / "data_efficiency.json").read_text())
             an = json.loads((run / "analysis.json").read_text())
-            # The full run's model is frac-1's, and the curve has both points.
-            assert [p["fraction"] for p in eff["points"]] == [0.5, 1.0]
+            # The full run's model is frac-1's.
+            assert [p["fraction"] for p in eff["points"]] == [1.0]
             assert (run / "frac-1" / "final").is_dir()
             # Per-task scores recomputed from the suite report's own metric values.
             tasks = {t: v[v["metric"]] for t, v in suite["tasks"].items()}
@@ -329,7 +331,7 @@ def test_study_end_to_end_summary_equals_the_runs(
         gap = np.mean([per_seed[s]["gap"] for s in (3, 4)])
         assert results["backbones"][name]["mean"]["modality_gap"]["mean"] == pytest.approx(gap)
         eff_mean = results["backbones"][name]["mean"]["data_efficiency"]
-        for i in range(2):
+        for i in range(1):
             assert eff_mean[i]["mean"] == pytest.approx(np.mean([per_seed[s]["eff"][i] for s in (3, 4)]))
     # The difference row is the difference of the two means.
     diff = rows["ar - dm"]
