@@ -170,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     p_study.add_argument("--out", default=None, help="output folder (default: the study's output_dir)")
     p_study.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     p_study.add_argument("--fractions", default=None, help="data-efficiency fractions (default: the study's)")
-    p_study.add_argument("--data-root", default=None, help="data folder of a bundled suite (default: the study's)")
+    p_study.add_argument(
+        "--data-root", default=None, help="data folder of a bundled suite (default: the study's)"
+    )
     p_study.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p_demo = sub.add_parser(
@@ -739,7 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parse_known_args lets overrides follow options (`train r.yaml --no-progress a=1`),
     # which a plain nargs="*" positional after an option would reject.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "data-efficiency", "study") or getattr(args, "rerank_command", None) == "train":
+    if (
+        args.command in ("train", "data-efficiency", "study")
+        or getattr(args, "rerank_command", None) == "train"
+    ):
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
     if extra:

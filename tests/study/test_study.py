@@ -204,7 +204,11 @@ def test_figures_draw_the_numbers_and_read_back(tmp_path: Path) -> None:
     assert heights == pytest.approx([0.7, 0.35, 0.7, 0.4, 0.2, 0.4])
     # Error bars: the vertical segments span mean ± sample std.
     segs = [
-        seg for coll in ax.collections if hasattr(coll, "get_segments") for seg in coll.get_segments() if len(seg) == 2
+        seg
+        for coll in ax.collections
+        if hasattr(coll, "get_segments")
+        for seg in coll.get_segments()
+        if len(seg) == 2
     ]
     spans = sorted(round(float(abs(s[1][1] - s[0][1])) / 2, 6) for s in segs)
     # AR's a / overall (std 0.1) and b (0.05); diffusion's a (0.2646) and b (0.1323).
@@ -286,7 +290,14 @@ def test_study_end_to_end_summary_equals_the_runs(
     out = tmp_path / "out"
     assert main(["study", str(_small_study(tmp_path, study_data)), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for name in ("results.json", "summary.md", "meta_tasks.png", "data_efficiency.png", "projection.png", "modality_gap.png"):
+    for name in (
+        "results.json",
+        "summary.md",
+        "meta_tasks.png",
+        "data_efficiency.png",
+        "projection.png",
+        "modality_gap.png",
+    ):
         assert (out / name).is_file(), name
     for png in out.glob("*.png"):
         with Image.open(png) as im:
@@ -320,14 +331,18 @@ def test_study_end_to_end_summary_equals_the_runs(
                 "eff": [p["value"] for p in eff["points"]],
                 "gap": an["modality_gap"],
             }
-            assert results["backbones"][name]["runs"][str(seed)]["overall"] == pytest.approx(per_seed[seed]["overall"])
+            assert results["backbones"][name]["runs"][str(seed)]["overall"] == pytest.approx(
+                per_seed[seed]["overall"]
+            )
         cells = rows[name]
         assert cells[0] == results["backbones"][name]["kind"]
         for j, meta in enumerate(metas):
             vals = [per_seed[s]["metas"][j] for s in (3, 4)]
             assert _cell(cells[1 + j]) == pytest.approx(np.mean(vals), abs=5e-4), meta
             assert cells[1 + j].endswith(f"± {np.std(vals, ddof=1):.3f}")
-        assert _cell(cells[1 + len(metas)]) == pytest.approx(np.mean([per_seed[s]["overall"] for s in (3, 4)]), abs=5e-4)
+        assert _cell(cells[1 + len(metas)]) == pytest.approx(
+            np.mean([per_seed[s]["overall"] for s in (3, 4)]), abs=5e-4
+        )
         gap = np.mean([per_seed[s]["gap"] for s in (3, 4)])
         assert results["backbones"][name]["mean"]["modality_gap"]["mean"] == pytest.approx(gap)
         eff_mean = results["backbones"][name]["mean"]["data_efficiency"]

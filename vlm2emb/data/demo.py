@@ -154,7 +154,9 @@ def _labelled_images(path: Path, task: str) -> list[tuple[str, int]]:
         row = json.loads(line)
         if row.get("dataset", row.get("task")) != task:
             continue
-        label = row["positive"] if "candidates" in row else WORDS.index(row["positive"]["text"].rsplit(" ", 1)[1])
+        label = (
+            row["positive"] if "candidates" in row else WORDS.index(row["positive"]["text"].rsplit(" ", 1)[1])
+        )
         out.append((row["query"]["image"], int(label)))
     return out
 
@@ -191,7 +193,12 @@ def _grounding_row(
         candidates = [{"image": t} for t in tiles]
         return {**row, "candidates": candidates, "positive": target, "task": "digits-grounding"}
     negatives = [{"image": t} for k, t in enumerate(tiles) if k != target]
-    return {**row, "positive": {"image": tiles[target]}, "negatives": negatives, "dataset": "digits-grounding"}
+    return {
+        **row,
+        "positive": {"image": tiles[target]},
+        "negatives": negatives,
+        "dataset": "digits-grounding",
+    }
 
 
 _STUDY_SUITE = """\
@@ -239,7 +246,8 @@ def write_study(out_dir: str | Path, *, seed: int = 0) -> Path:
         "digits-vqa": [_vqa_row(p, lab, rng, eval_row=True) for p, lab in balanced[:STUDY_EVAL_ROWS]],
         "digits-t2i": [r for r in digits_eval if r["task"] == "digits-t2i"][:STUDY_EVAL_ROWS],
         "digits-grounding": [
-            _grounding_row(out, f"eval-{k:04d}", eval_images, rng, eval_row=True) for k in range(STUDY_EVAL_ROWS)
+            _grounding_row(out, f"eval-{k:04d}", eval_images, rng, eval_row=True)
+            for k in range(STUDY_EVAL_ROWS)
         ],
     }
     suite = _STUDY_SUITE

@@ -69,7 +69,9 @@ def meta_task_figure(results: dict[str, Any]) -> Any:
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(f"score ({results['metric']}), mean over seeds")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{results['suite']}: per meta-task ({len(results['seeds'])} seed(s), bars ± std)", fontsize=10)
+    ax.set_title(
+        f"{results['suite']}: per meta-task ({len(results['seeds'])} seed(s), bars ± std)", fontsize=10
+    )
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -88,7 +90,11 @@ def data_efficiency_figure(results: dict[str, Any]) -> Any:
         std = [p["std"] or 0.0 for p in pts]
         ax.plot(rows, mean, marker="o", color=colors[name], label=f"{name} ({b['kind']})")
         ax.fill_between(
-            rows, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colors[name], alpha=0.2
+            rows,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            color=colors[name],
+            alpha=0.2,
         )
     ax.set_xscale("log")
     ax.set_xlabel("training rows (log scale)")
@@ -127,7 +133,12 @@ def modality_gap_figure(results: dict[str, Any]) -> Any:
 
 
 def write_figures(
-    results: dict[str, Any], analyses: Sequence[Any], out_dir: str | Path, *, max_points: int = 200, seed: int = 0
+    results: dict[str, Any],
+    analyses: Sequence[Any],
+    out_dir: str | Path,
+    *,
+    max_points: int = 200,
+    seed: int = 0,
 ) -> list[Path]:
     """Saves the four figures (the projection only when ``analyses`` is not empty)."""
     out = Path(out_dir)
@@ -137,7 +148,9 @@ def write_figures(
         "data_efficiency.png": data_efficiency_figure(results),
     }
     if analyses:
-        figures["projection.png"] = projection_figure(list(analyses), max_points=max_points, seed=seed, color_by="task")
+        figures["projection.png"] = projection_figure(
+            list(analyses), max_points=max_points, seed=seed, color_by="task"
+        )
         figures["modality_gap.png"] = modality_gap_figure(results)
     paths = []
     for name, fig in figures.items():

@@ -42,7 +42,12 @@ def _analysis_rows(suite: Any, loaded: list[Any], max_rows: int) -> list[dict[st
     # labelled with their task; corpus-style tasks have no per-row candidates to pair.
     rows: list[dict[str, Any]] = []
     for task, payload in zip(suite.tasks, loaded):
-        if isinstance(payload, list) and payload and isinstance(payload[0], dict) and "candidates" in payload[0]:
+        if (
+            isinstance(payload, list)
+            and payload
+            and isinstance(payload[0], dict)
+            and "candidates" in payload[0]
+        ):
             rows += [{**r, "task": task.name} for r in payload[:max_rows]]
     return rows
 
@@ -263,7 +268,9 @@ def summary_markdown(results: dict[str, Any], figures: Sequence[str]) -> str:
     tasks = list(next(iter(results["backbones"].values()))["mean"]["tasks"])
     lines += ["", "## Per task", "", "| Task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for t in tasks:
-        lines.append(f"| {t} | " + " | ".join(_pm(results["backbones"][x]["mean"]["tasks"][t]) for x in names) + " |")
+        lines.append(
+            f"| {t} | " + " | ".join(_pm(results["backbones"][x]["mean"]["tasks"][t]) for x in names) + " |"
+        )
     metric = results["data_efficiency_metric"]
     first = next(iter(results["backbones"].values()))["mean"]["data_efficiency"]
     lines += [
