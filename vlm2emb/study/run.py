@@ -73,6 +73,7 @@ def run_study(cfg: StudyConfig, recipe_overrides: Sequence[str] = ()) -> dict[st
     from vlm2emb.eval.analysis import analyze
     from vlm2emb.eval.cache import CachedEncoder
     from vlm2emb.eval.harness import load_suite_tasks, run_suite
+    from vlm2emb.eval.mmeb import MMEB_LAYOUT
     from vlm2emb.eval.suite import load_suite
     from vlm2emb.items import resolve_instruction
     from vlm2emb.model import EmbeddingModel
@@ -134,7 +135,16 @@ def run_study(cfg: StudyConfig, recipe_overrides: Sequence[str] = ()) -> dict[st
             if analysis_rows:
                 an = analyze(
                     encoder,
-                    [{**r, "instruction": r.get("instruction") or q_instr} for r in analysis_rows],
+                    # As the suite embeds them: MMEB-layout rows carry their instruction in
+                    # their text, other rows without one get the model's default.
+                    [
+                        {
+                            **r,
+                            "instruction": r.get("instruction")
+                            or (None if r.get("layout") == MMEB_LAYOUT else q_instr),
+                        }
+                        for r in analysis_rows
+                    ],
                     batch_size=cfg.eval_batch_size,
                     target_instruction=t_instr,
                     name=b.name,
