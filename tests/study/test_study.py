@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.backbones.tiny_mdvlm import build_tiny_mdvlm
 from vlm2emb.cli import main
 from vlm2emb.data.demo import STUDY_TASKS, WORDS, resolve_demo, write_study
 from vlm2emb.study import BACKBONE_KINDS, load_study
@@ -267,7 +268,19 @@ def _small_study(tmp_path: Path, study_data: Path) -> Path:
         "seeds": [3, 4],
         "backbones": [
             {"name": "ar", "kind": "autoregressive", "overrides": ["model.name_or_path=tiny:qwen2_vl"]},
-            {"name": "dm", "kind": "diffusion", "overrides": ["model.name_or_path=tiny:diffusion_gemma"]},
+            {
+                # The remote-code masked-diffusion path (LaViDa / MMaDA's adapter), cheaper on a
+                # CPU than the tiny DiffusionGemma, whose vision tower pads every image to its
+                # full patch budget; the saved final/ reloads with trust_remote_code.
+                "name": "dm",
+                "kind": "diffusion",
+                "overrides": [
+                    f"model.name_or_path={build_tiny_mdvlm(tmp_path / 'mdvlm')}",
+                    "model.trust_remote_code=true",
+                    "model.pooling=mean",
+                    "model.attention=bidirectional",
+                ],
+            },
         ],
         # Only the full run: four runs keep the test near a minute; the curve's nested
         # subsets are tested in tests/train/test_training_studies.py.
