@@ -1,4 +1,4 @@
-"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | data check | data make-eval | export | mine | demo-data | doctor``.
+"""Command line: ``vlm2emb train | eval | analyze | data-efficiency | study | data check | data make-eval | export | mine | demo-data | doctor``.
 
 Also ``python -m vlm2emb``.
 
@@ -157,6 +157,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_eff.add_argument("--metric", default="hit@1", help="eval metric to plot (averaged over tasks)")
     p_eff.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p_study = sub.add_parser(
+        "study",
+        help="the seed study: one recipe on autoregressive and diffusion backbones, several seeds",
+        description="Train the study's recipe per backbone and seed (with data-efficiency runs), evaluate each "
+        "on the suite per meta-task, analyse the embedding space; write results.json, summary.md and figures.",
+        epilog="example: vlm2emb study recipes/study/tiny.yaml --out runs/study  (docs/study.md)",
+    )
+    p_study.add_argument("study", help="study YAML file (recipes/study/)")
+    p_study.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
+    p_study.add_argument("--out", default=None, help="output folder (default: the study's output_dir)")
+    p_study.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
+    p_study.add_argument("--fractions", default=None, help="data-efficiency fractions (default: the study's)")
+    p_study.add_argument(
+        "--data-root", default=None, help="data folder of a bundled suite (default: the study's)"
+    )
+    p_study.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p_demo = sub.add_parser(
         "demo-data",
@@ -533,6 +550,29 @@ def _cmd_data_efficiency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from vlm2emb.study import load_study, run_study
+    from vlm2emb.train.data_efficiency import parse_fractions
+
+    cfg = load_study(args.study)
+    if args.out is not None:
+        cfg.output_dir = args.out
+    if args.seeds is not None:
+        try:
+            cfg.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
+    if args.fractions is not None:
+        cfg.data_efficiency.fractions = parse_fractions(args.fractions)
+    if args.data_root is not None:
+        cfg.data_root = args.data_root
+    cfg.validate(args.study)
+    result = run_study(cfg, args.overrides)
+    print(Path(result["files"][1]).read_text())
+    print("wrote " + ", ".join(result["files"]))
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from vlm2emb.data.demo import write_digits
 
@@ -701,7 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # parse_known_args lets overrides follow options (`train r.yaml --no-progress a=1`),
     # which a plain nargs="*" positional after an option would reject.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "data-efficiency") or getattr(args, "rerank_command", None) == "train":
+    if (
+        args.command in ("train", "data-efficiency", "study")
+        or getattr(args, "rerank_command", None) == "train"
+    ):
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
     if extra:
@@ -723,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mine": _cmd_mine,
     }
     handlers |= {"analyze": _cmd_analyze, "data-efficiency": _cmd_data_efficiency, "rerank": _cmd_rerank}
+    handlers["study"] = _cmd_study
     # demo-data only writes files; every other command runs torch.
     restore_threads = _apply_thread_default() if args.command != "demo-data" else (lambda: None)
     try:

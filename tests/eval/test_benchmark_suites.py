@@ -211,7 +211,7 @@ def test_bundled_suites_list_the_published_tasks(tmp_path: Path) -> None:
         "moment_retrieval": 3,
         "visdoc": 24,
     }
-    assert Counter(t.kind for t in v2.tasks) == {"local": 36, "mmeb-video": 17, "pending": 1, "beir": 24}
+    assert Counter(t.kind for t in v2.tasks) == {"local": 36, "mmeb-video": 18, "beir": 24}
     assert all(t.metric == "ndcg@5" for t in v2.tasks if t.kind == "beir")
     assert [len(load_suite(f"vidore-v{i}", data_root=tmp_path).tasks) for i in (1, 2, 3)] == [10, 4, 8]
     with pytest.raises(DataError, match=r"bundled with vlm2emb .* give --data-root DIR"):

@@ -8,6 +8,7 @@ ones, so a wrong field name in the suite fails here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ def write_frames(folder: Path, n: int, seed: int) -> list[Path]:
 
 def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":  # MomentSeeker's table is a JSONL file in VLM2Vec's config
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
@@ -221,6 +225,34 @@ for _name in ("K700", "HMDB51", "UCF101", "Breakfast", "Video-MME"):
 LAYOUT["SmthSmthV2"][1].update({"10": N_FRAMES, "11": N_FRAMES})
 # Moment retrieval: <video>/query plus one sub-folder per clip; the negatives have fewer
 # frames than 8, so all of theirs are taken.
+# MomentSeeker (VLM2Vec's momentseeker_dataset.py): a text-only query (empty input_frames)
+# and a video query; clips listed as {"output_path": ...}, frames under
+# video_frames/<path before .mp4, "/" -> "_">. Its image queries: test_momentseeker_*.
+LAYOUT["MomentSeeker"] = (
+    [
+        {
+            "query": "a dog jumps into the lake",
+            "input_frames": "",
+            "positive_frames": [{"output_path": "ms/m1/clip_0.mp4"}],
+            "negative_frames": [{"output_path": "ms/m1/clip_1.mp4"}, {"output_path": "ms/m1/clip_2.mp4"}],
+        },
+        {
+            "query": "the same scene later",
+            "input_frames": "ms/m2/full.mp4",
+            "positive_frames": [{"output_path": "ms/m2/clip_5.mp4"}, {"output_path": "ms/m2/clip_6.mp4"}],
+            "negative_frames": [{"output_path": "ms/m2/clip_1.mp4"}],
+        },
+    ],
+    {
+        "video_frames/ms_m1_clip_0": 3,
+        "video_frames/ms_m1_clip_1": 3,
+        "video_frames/ms_m1_clip_2": 3,
+        "video_frames/ms_m2_full": N_FRAMES,
+        "video_frames/ms_m2_clip_5": 2,
+        "video_frames/ms_m2_clip_6": 2,
+        "video_frames/ms_m2_clip_1": 2,
+    },
+)
 for _name in ("QVHighlight", "Charades-STA"):
     LAYOUT[_name] = (
         [
@@ -291,7 +323,7 @@ def test_frames_are_chosen_as_vlm2vec_does(tmp_path: Path) -> None:
 def test_loaded_rows_match_the_files(video_root: tuple[Path, dict[str, Any]]) -> None:
     root, frames = video_root
     tasks = loaded_tasks(root)
-    assert len(tasks) == 17
+    assert len(tasks) == 18
 
     # Local QA: NExTQA, options a0..a4, the answer an index.
     rows = tasks["NExTQA"].rows
@@ -362,6 +394,25 @@ def test_loaded_rows_match_the_files(video_root: tuple[Path, dict[str, Any]]) ->
             corpus.query_ids[0]: {"c0": 1.0},
             corpus.query_ids[1]: {"c1": 1.0},
         }
+
+    # MomentSeeker: a text-only query, then a video query (8 of its 12 frames); the clips
+    # are the positives then the negatives, in the row's order, every frame of each.
+    rows = tasks["MomentSeeker"].rows
+    ms = frames["MomentSeeker"]
+    assert rows[0]["query"] == {"text": "a dog jumps into the lake"} and rows[0]["query_media"] == "text"
+    assert [c["images"] for c in rows[0]["candidates"]] == [
+        [str(p) for p in ms[f"video_frames/ms_m1_clip_{i}"]] for i in (0, 1, 2)
+    ]
+    assert rows[0]["positive"] == [0]
+    assert rows[1]["query"] == {
+        "text": "the same scene later",
+        "images": sampled(ms["video_frames/ms_m2_full"]),
+    }
+    assert rows[1]["query_media"] == "video"
+    assert [c["images"] for c in rows[1]["candidates"]] == [
+        [str(p) for p in ms[f"video_frames/ms_m2_clip_{i}"]] for i in (5, 6, 1)
+    ]
+    assert rows[1]["positive"] == [0, 1]
 
     # Moment retrieval: the query's own frames plus text; clips sorted, positive_* relevant,
     # a clip with fewer than 8 frames gives all of them.
@@ -504,10 +555,120 @@ def test_global_labels_file_sets_the_candidate_set(tmp_path: Path, model: Embedd
 def test_bundled_suite_resolves_video_paths_against_the_data_root(tmp_path: Path) -> None:
     suite = load_suite("mmeb-v2", data_root=tmp_path)
     video = {t.name: t for t in suite.tasks if t.kind == "mmeb-video"}
-    assert len(video) == 17
+    assert len(video) == 18
     assert video["MSR-VTT"].data == [str(tmp_path / "video-tasks/data/MSR-VTT/test.parquet")]
     assert video["MSR-VTT"].frame_root == str(tmp_path / "video-tasks/frames/video_ret/MSR-VTT")
     assert video["Charades-STA"].frame_root == str(tmp_path / "video-tasks/frames/video_mret/Charades_STA")
     assert all(t.num_frames == 8 for t in video.values())
-    pending = [t for t in suite.tasks if t.kind == "pending"]
-    assert [t.name for t in pending] == ["MomentSeeker"]
+    assert not [t for t in suite.tasks if t.kind == "pending"]  # all 78 tasks run
+    assert video["MomentSeeker"].data == [str(tmp_path / "video-tasks/data/momentseeker.jsonl")]
+    assert video["MomentSeeker"].frame_root == str(tmp_path / "video-tasks/frames/video_mret/MomentSeeker")
+
+
+def momentseeker_task() -> dict[str, Any]:
+    return next(t for t in bundled_video_tasks() if t["name"] == "MomentSeeker")
+
+
+def test_momentseeker_image_queries_and_per_form_instructions(tmp_path: Path, model: EmbeddingModel) -> None:
+    """One row per query form, scored through the suite and by hand with the instruction
+    VLM2Vec gives that form (TASK_INST_QRY_TEXT / _IMG / _VIDEO)."""
+    task = {**momentseeker_task(), "num_frames": 2}
+    frame_root = tmp_path / task["frame_root"]
+    for rel, n, seed in [
+        ("video_frames/a_clip_0", 3, 1),
+        ("video_frames/a_clip_1", 3, 2),
+        ("video_frames/b_full", 4, 3),
+        ("video_frames/b_clip_0", 2, 4),
+        ("video_frames/b_clip_1", 2, 5),
+    ]:
+        write_frames(frame_root / rel, n, seed)
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(frame_root / "query_a_42.jpg")
+    clips = {
+        "a": {
+            "positive_frames": [{"output_path": "a/clip_0.mp4"}],
+            "negative_frames": [{"output_path": "a/clip_1.mp4"}],
+        },
+        "b": {
+            "positive_frames": [{"output_path": "b/clip_1.mp4"}],
+            "negative_frames": [{"output_path": "b/clip_0.mp4"}],
+        },
+    }
+    rows = [
+        {"query": "a red kite", "input_frames": "", **clips["a"]},
+        {"query": "the kite again", "input_frames": "a_42.jpg", **clips["a"]},
+        {"query": "what follows", "input_frames": "b/full.mp4", **clips["b"]},
+    ]
+    write_table(tmp_path / task["data"], rows)
+    task = {**task, "data": str(tmp_path / task["data"]), "frame_root": str(frame_root)}
+    suite = load_suite(one_task_suite(tmp_path, task))
+    (spec,) = suite.tasks
+    (payload,) = load_suite_tasks(suite)
+    loaded = payload.rows
+    assert [r["query_media"] for r in loaded] == ["text", "image", "video"]
+    assert loaded[1]["query"] == {
+        "text": "the kite again",
+        "images": [str((frame_root / "query_a_42.jpg").resolve())],
+    }
+    assert len(loaded[2]["query"]["images"]) == 2
+    instructions = {
+        "text": "Find the clip that corresponds to the given text:",
+        "image": "Select the video clip that aligns with the given text and image:",
+        "video": "Find the clip that corresponds to the given sentence and video segment:",
+    }
+    assert spec.query_instruction == instructions["text"]
+    assert {"text": spec.query_instruction, **spec.query_instruction_by_media} == instructions
+    report = run_suite(model, suite, loaded=[payload], batch_size=2)
+    by_hand = [
+        hit1_local(model, [r], instructions[r["query_media"]], spec.target_instruction) for r in loaded
+    ]
+    assert report["tasks"]["MomentSeeker"]["hit@1"] == pytest.approx(sum(by_hand) / 3)
+    # The instruction matters: the same rows under one instruction embed differently.
+    q = [r["query"] for r in loaded]
+    assert not torch.allclose(
+        model.encode(q[1:2], instruction=instructions["image"]),
+        model.encode(q[1:2], instruction=instructions["text"]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"query_media_image": None, "query_media_video": None}, "'query_media_field' needs"),
+        ({"clip_video": None}, "'positive_clips_field' needs 'clip_video'"),
+        ({"query_instruction_by_media": {"audio": "x"}}, "key 'audio' is not one of text, image, video"),
+        ({"query_video": "x"}, "give one query video source"),
+        ({"clip_folders": "x"}, "give one candidate source"),
+    ],
+)
+def test_momentseeker_layout_keys_are_checked(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    task = {k: v for k, v in {**momentseeker_task(), **changes}.items() if v is not None}
+    with pytest.raises(DataError, match=message):
+        load_suite(one_task_suite(tmp_path, task))
+
+
+def test_momentseeker_bad_rows_name_the_row_and_field(tmp_path: Path) -> None:
+    task = momentseeker_task()
+    frame_root = tmp_path / task["frame_root"]
+    write_frames(frame_root / "video_frames/a_clip_0", 2, 0)
+    task = {**task, "data": str(tmp_path / "ms.jsonl"), "frame_root": str(frame_root)}
+    good = {
+        "query": "q",
+        "input_frames": "",
+        "positive_frames": [{"output_path": "a/clip_0.mp4"}],
+        "negative_frames": [],
+    }
+    for bad, message in [
+        ({**good, "positive_frames": []}, "ms.jsonl:2: field 'positive_frames' lists no clip"),
+        (
+            {**good, "negative_frames": [{"path": "a/clip_0.mp4"}]},
+            "ms.jsonl:2: negative_frames\\[0\\] has no 'output_path'",
+        ),
+        ({**good, "input_frames": "z/full.mp4"}, "ms.jsonl:2: .*frame folder not found"),
+        (
+            {**good, "negative_frames": [{"output_path": "a/clip_9.mp4"}]},
+            "ms.jsonl:2: clip 1 frame folder not found",
+        ),
+    ]:
+        write_table(tmp_path / "ms.jsonl", [good, bad])
+        with pytest.raises(DataError, match=message):
+            load_suite_tasks(load_suite(one_task_suite(tmp_path, task)))

@@ -17,7 +17,10 @@ from vlm2emb.train.config import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted(p for p in (REPO_ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+# recipes/accelerate/ holds launch configs and recipes/study/ study files (tests/test_study.py).
+RECIPES = sorted(
+    p for p in (REPO_ROOT / "recipes").rglob("*.yaml") if not {"accelerate", "study"} & set(p.parts)
+)
 DEMO = REPO_ROOT / "recipes" / "demo.yaml"
 
 # Enough for validate() to pass when no recipe file is given.

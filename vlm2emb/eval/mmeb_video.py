@@ -17,8 +17,15 @@ every frame (VLM2Vec's MomentSeeker loader).
 Templates (the ``query_text``, ``query_video``... keys) are :meth:`str.format` strings over
 the row's fields, with a few format specs for what VLM2Vec does to a value: ``{f:stem}`` (the
 file name without folder and extension), ``{f:lines}`` and ``{f:join}`` (a list joined by
-newlines / spaces), ``{f:lettered}`` (a list as ``(A) x`` lines) and ``{f:drop_letter}`` (an
-``"A. text."`` option reduced to ``text``).
+newlines / spaces), ``{f:lettered}`` (a list as ``(A) x`` lines), ``{f:drop_letter}`` (an
+``"A. text."`` option reduced to ``text``) and ``{f:flat}`` (a video path as VLM2Vec names its
+frame folder: the part before ``.mp4`` with ``/`` turned into ``_``).
+
+Two layouts go beyond "one query form, one candidate source" (both from VLM2Vec's
+MomentSeeker loader, ``momentseeker_dataset.py``): ``query_media_field`` makes the query's
+media depend on the row (a video path, an image file or nothing, by the value's suffix;
+:data:`QUERY_MEDIA`), and ``positive_clips_field`` / ``negative_clips_field`` read the
+candidate clips from lists of ``{clip_path_key: path}`` entries, positives first.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from vlm2emb.eval.mmeb import records, row_checker
 
 __all__ = [
     "ANSWER_TYPES",
+    "QUERY_MEDIA",
     "SCOPES",
     "VideoLayout",
     "VideoTask",
@@ -51,6 +59,10 @@ __all__ = [
 
 ANSWER_TYPES = ("index", "letter", "text")
 SCOPES = ("local", "global")
+# What a row's query holds besides its text (``query_media`` of a local row), under
+# ``query_media_field``: the value's suffix decides (an empty or other value: text only).
+QUERY_MEDIA = ("text", "image", "video")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -96,6 +108,9 @@ _SPECS = {
     "join": lambda v: " ".join(str(x) for x in v),
     "lettered": _lettered,
     "drop_letter": lambda v: drop_letter(str(v)),
+    # VLM2Vec's frame-folder name of a video (momentseeker_dataset.py): path.split(".mp4")[0]
+    # with "/" replaced by "_".
+    "flat": lambda v: str(v).split(".mp4")[0].replace("/", "_"),
 }
 
 
@@ -139,6 +154,16 @@ class VideoLayout:
         skip_clips: Sub-folder names that are not candidates (the query video's).
         scope: ``local`` (each row ranks its own candidates) or ``global`` (every row ranks
             the union of all rows' candidates, or ``labels``).
+        query_media_field: A row field naming the query's media by its suffix: a video
+            (frames from ``query_media_video``), an image (``query_media_image``) or neither
+            (text only); each local row records which in ``query_media``.
+        query_media_video: Template of the query's frame folder, over the row and ``value``.
+        query_media_image: Template of the query's image file under ``frame_root``.
+        positive_clips_field: A row field listing the positive clips (entries holding a
+            path under ``clip_path_key``); candidates are these, then the negatives.
+        negative_clips_field: Likewise for the negative clips (optional).
+        clip_path_key: The key of a clip entry that holds its path.
+        clip_video: Template of a clip's frame folder, over the row and ``path``.
     """
 
     frame_root: str
@@ -157,6 +182,13 @@ class VideoLayout:
     positive_prefix: str = "positive"
     skip_clips: list[str] = field(default_factory=lambda: ["query"])
     scope: str = "local"
+    query_media_field: str | None = None
+    query_media_video: str | None = None
+    query_media_image: str | None = None
+    positive_clips_field: str | None = None
+    negative_clips_field: str | None = None
+    clip_path_key: str = "output_path"
+    clip_video: str | None = None
 
 
 @dataclass
@@ -208,7 +240,37 @@ class _Reader:
         frames = None
         if lay.query_video:
             frames = self.frames(lineno, "query", self.fill(lineno, "query_video", lay.query_video, rec))
+        if lay.query_media_field:
+            media = self.query_media(lineno, rec)
+            value = rec[lay.query_media_field]
+            if media == "video":
+                rel = self.fill(lineno, "query_media_video", lay.query_media_video or "", rec, value=value)
+                frames = self.frames(lineno, "query", rel)
+            elif media == "image":
+                frames = [
+                    self.fill(lineno, "query_media_image", lay.query_media_image or "", rec, value=value)
+                ]
         return self.item(lineno, "query", text, frames)
+
+    def query_media(self, lineno: int, rec: dict[str, Any]) -> str:
+        """``video``, ``image`` or ``text``: what ``query_media_field`` names (one of
+        :data:`QUERY_MEDIA`); ``text`` when the layout has no such field."""
+        lay = self.layout
+        if not lay.query_media_field:
+            return "text"
+        value = self.field(lineno, rec, lay.query_media_field)
+        suffix = Path(str(value or "")).suffix.lower()
+        if suffix in VIDEO_SUFFIXES and lay.query_media_video:
+            return "video"
+        if suffix in IMAGE_SUFFIXES and lay.query_media_image:
+            return "image"
+        if suffix in VIDEO_SUFFIXES or suffix in IMAGE_SUFFIXES:
+            kind = "video" if suffix in VIDEO_SUFFIXES else "image"
+            raise self.check.fail(
+                lineno,
+                f"field {lay.query_media_field!r} = {value!r} is a {kind} but query_media_{kind} is not set",
+            )
+        return "text"
 
     def field(self, lineno: int, rec: dict[str, Any], name: str) -> Any:
         if name not in rec:
@@ -223,6 +285,8 @@ class _Reader:
             return [self.item(lineno, "target", None, self.frames(lineno, "target", rel))], [0]
         if lay.clip_folders:
             return self.clips(lineno, rec)
+        if lay.positive_clips_field:
+            return self.clip_lists(lineno, rec)
         raw = self.raw_candidates(lineno, rec)
         texts = [
             self.fill(lineno, "candidate_format", lay.candidate_format, rec, text=c, letter=chr(ord("A") + i))
@@ -287,6 +351,34 @@ class _Reader:
         ]
         return items, positives
 
+    def clip_lists(self, lineno: int, rec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int]]:
+        """Candidates from lists of clip entries: the positives, then the negatives."""
+        lay = self.layout
+        paths: list[list[str]] = []
+        for name in (lay.positive_clips_field, lay.negative_clips_field):
+            if name is None:
+                paths.append([])
+                continue
+            entries = self.field(lineno, rec, name)
+            if isinstance(entries, np.ndarray):  # Parquet list columns arrive as arrays
+                entries = entries.tolist()
+            if not isinstance(entries, list):
+                raise self.check.fail(lineno, f"field {name!r} must be a list of clip entries")
+            found = []
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, dict) or not entry.get(lay.clip_path_key):
+                    raise self.check.fail(lineno, f"{name}[{i}] has no {lay.clip_path_key!r}")
+                found.append(str(entry[lay.clip_path_key]))
+            paths.append(found)
+        positives, negatives = paths
+        if not positives:
+            raise self.check.fail(lineno, f"field {lay.positive_clips_field!r} lists no clip")
+        items = []
+        for i, path in enumerate(positives + negatives):
+            rel = self.fill(lineno, "clip_video", lay.clip_video or "", rec, path=path)
+            items.append(self.item(lineno, f"clip {path!r}", None, self.frames(lineno, f"clip {i}", rel)))
+        return items, list(range(len(positives)))
+
 
 def _corpus_key(item: dict[str, Any]) -> tuple[Any, ...]:
     return (item.get("text"), tuple(str(p) for p in item.get("images", ())))
@@ -315,6 +407,7 @@ def load_video_task(
         DataError: One line naming the file, the row and the field or folder at fault.
     """
     queries: list[dict[str, Any]] = []
+    media: list[str] = []  # per query: QUERY_MEDIA
     row_cands: list[tuple[list[dict[str, Any]], list[int]]] = []
     for spec in files:
         source = resolve_source(spec, work_dir)
@@ -325,13 +418,14 @@ def load_video_task(
             if not isinstance(rec, dict):
                 raise check.fail(lineno, f"a row must be an object, got {type(rec).__name__}")
             queries.append(reader.query(lineno, rec))
+            media.append(reader.query_media(lineno, rec))
             row_cands.append(reader.candidates(lineno, rec))
         if len(queries) == n_before:
             raise DataError(f"{source.name}: no evaluation rows")
     if layout.scope == "local":
         rows = [
-            {"query": q, "candidates": cands, "positive": pos, "instruction": None}
-            for q, (cands, pos) in zip(queries, row_cands, strict=True)
+            {"query": q, "candidates": cands, "positive": pos, "instruction": None, "query_media": m}
+            for q, m, (cands, pos) in zip(queries, media, row_cands, strict=True)
         ]
         return VideoTask(rows=rows)
     # Global: the corpus is the label file, else every row's candidates once each, in

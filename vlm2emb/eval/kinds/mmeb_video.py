@@ -33,7 +33,7 @@ from typing import Any
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.corpus import evaluate_corpus
 from vlm2emb.eval.kinds.base import PATH, InstructionDefaults, TaskKind, TaskSpec
-from vlm2emb.eval.mmeb_video import ANSWER_TYPES, SCOPES, VideoLayout, VideoTask, load_video_task
+from vlm2emb.eval.mmeb_video import ANSWER_TYPES, QUERY_MEDIA, SCOPES, VideoLayout, VideoTask, load_video_task
 from vlm2emb.eval.runner import evaluate
 
 __all__ = ["KIND", "MmebVideoKind", "MmebVideoTaskSpec"]
@@ -53,7 +53,12 @@ class MmebVideoTaskSpec(TaskSpec):
             ``video_classification_utils.py``); without it, the labels the rows name.
         query_text, query_video, target_video, candidates_field, candidate_fields,
         candidate_values, candidate_format, answer_field, answer_type, clip_folders,
-        positive_prefix, skip_clips, scope: As :class:`~vlm2emb.eval.mmeb_video.VideoLayout`.
+        positive_prefix, skip_clips, scope, query_media_field, query_media_video,
+        query_media_image, positive_clips_field, negative_clips_field, clip_path_key,
+        clip_video: As :class:`~vlm2emb.eval.mmeb_video.VideoLayout`.
+        query_instruction_by_media: Query instruction per query form (``image``, ``video``,
+            ``text``; :data:`~vlm2emb.eval.mmeb_video.QUERY_MEDIA`) of a task whose rows mix
+            them (MomentSeeker); a form not listed gets ``query_instruction``.
     """
 
     kind: str = "mmeb-video"
@@ -74,6 +79,14 @@ class MmebVideoTaskSpec(TaskSpec):
     positive_prefix: str = "positive"
     skip_clips: list[str] = field(default_factory=lambda: ["query"])
     scope: str = "local"
+    query_media_field: str | None = None
+    query_media_video: str | None = None
+    query_media_image: str | None = None
+    positive_clips_field: str | None = None
+    negative_clips_field: str | None = None
+    clip_path_key: str = "output_path"
+    clip_video: str | None = None
+    query_instruction_by_media: dict[str, str] = field(default_factory=dict)
 
 
 class MmebVideoKind(TaskKind):
@@ -91,11 +104,29 @@ class MmebVideoKind(TaskKind):
             )
         if spec.num_frames is not None and spec.num_frames < 1:
             raise DataError(f"{where}: 'num_frames' must be at least 1 (or null for every frame)")
-        if not (spec.query_text or spec.query_video):
-            raise DataError(f"{where}: set 'query_text' and/or 'query_video'")
+        if not (spec.query_text or spec.query_video or spec.query_media_field):
+            raise DataError(f"{where}: set 'query_text', 'query_video' and/or 'query_media_field'")
+        if spec.query_media_field and not (spec.query_media_video or spec.query_media_image):
+            raise DataError(
+                f"{where}: 'query_media_field' needs 'query_media_video' and/or 'query_media_image'"
+            )
+        if spec.query_media_field and spec.query_video:
+            raise DataError(f"{where}: give one query video source: 'query_video' or 'query_media_field'")
+        unknown = sorted(set(spec.query_instruction_by_media) - set(QUERY_MEDIA))
+        if unknown:
+            raise DataError(
+                f"{where}: 'query_instruction_by_media' key {unknown[0]!r} is not one of {', '.join(QUERY_MEDIA)}"
+            )
+        if spec.query_instruction_by_media and spec.scope != "local":
+            raise DataError(f"{where}: 'query_instruction_by_media' needs 'scope: local'")
+        if spec.positive_clips_field and not spec.clip_video:
+            raise DataError(f"{where}: 'positive_clips_field' needs 'clip_video' (the clips' frame folders)")
+        if spec.negative_clips_field and not spec.positive_clips_field:
+            raise DataError(f"{where}: 'negative_clips_field' needs 'positive_clips_field'")
         sources = [
             spec.target_video,
             spec.clip_folders,
+            spec.positive_clips_field,
             spec.candidates_field,
             spec.candidate_fields or None,
             spec.candidate_values or None,
@@ -103,8 +134,8 @@ class MmebVideoKind(TaskKind):
         named = sum(s is not None for s in sources)
         if named > 1:
             raise DataError(
-                f"{where}: give one candidate source: target_video, clip_folders, candidates_field, "
-                "candidate_fields or candidate_values"
+                f"{where}: give one candidate source: target_video, clip_folders, positive_clips_field, "
+                "candidates_field, candidate_fields or candidate_values"
             )
         if named == 0 and not spec.answer_field:
             raise DataError(
@@ -156,7 +187,16 @@ class MmebVideoKind(TaskKind):
                 target_instruction=target_instruction,
                 scoring=spec.scoring,
             )
-        rows = [{**row, "task": spec.name, "instruction": query_instruction} for row in payload.rows or []]
+        # Rows whose query form has its own instruction (MomentSeeker) take that one.
+        by_media = {m: defaults.query(i, mmeb=True) for m, i in spec.query_instruction_by_media.items()}
+        rows = [
+            {
+                **row,
+                "task": spec.name,
+                "instruction": by_media.get(row.get("query_media", "text"), query_instruction),
+            }
+            for row in payload.rows or []
+        ]
         result = evaluate(
             encoder,
             rows,
