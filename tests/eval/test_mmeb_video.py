@@ -38,9 +38,25 @@ N_FRAMES = 12  # frames per query video: more than 8, so 8 are sampled
 PICKED = [0, 1, 3, 4, 6, 7, 9, 11]
 
 
+SUITES = Path(vlm2emb.eval.suites.__file__).parent
+
+
 def bundled_video_tasks() -> list[dict[str, Any]]:
-    text = (Path(vlm2emb.eval.suites.__file__).parent / "mmeb-v2.yaml").read_text()
-    return [t for t in yaml.safe_load(text)["tasks"] if t.get("kind") == "mmeb-video"]
+    """The bundled mmeb-v2 video tasks, to be written into a test suite elsewhere: their
+    "suite:" label files (shipped beside the bundled suite) made absolute."""
+    tasks = [
+        t
+        for t in yaml.safe_load((SUITES / "mmeb-v2.yaml").read_text())["tasks"]
+        if t.get("kind") == "mmeb-video"
+    ]
+    for task in tasks:
+        if str(task.get("labels", "")).startswith("suite:"):
+            task["labels"] = str(SUITES / task["labels"].removeprefix("suite:"))
+    return tasks
+
+
+def shipped_labels(task: str) -> list[str]:
+    return (SUITES / "labels" / f"{task}.txt").read_text().splitlines()
 
 
 def write_frames(folder: Path, n: int, seed: int) -> list[Path]:
@@ -367,15 +383,21 @@ def test_loaded_rows_match_the_files(video_root: tuple[Path, dict[str, Any]]) ->
     assert [c["text"] for c in rows[0]["candidates"]] == ["Closing something", "Opening something"]
     assert rows[0]["positive"] == [1] and rows[1]["positive"] == [0]
 
-    # Global classification: the corpus is the distinct labels, the qrels each row's label.
+    # Global classification: the corpus is VLM2Vec's whole label list (its loader's corpus is
+    # VIDEOCLS_LABEL_MAPPING[dataset]), the qrels each row's label in it.
     k700 = tasks["K700"].corpus
-    assert [c["text"] for c in k700.corpus_items] == ["archery", "bowling"]
+    labels = shipped_labels("K700")
+    assert [c["text"] for c in k700.corpus_items] == labels
     q = k700.query_ids  # ids from the query content (row order does not matter)
-    assert k700.qrels == {q[0]: {"c0": 1.0}, q[1]: {"c1": 1.0}}
+    assert k700.qrels == {
+        q[0]: {f"c{labels.index('archery')}": 1.0},
+        q[1]: {f"c{labels.index('bowling')}": 1.0},
+    }
     ucf = tasks["UCF101"].corpus
-    assert len(ucf.corpus_items) == 1 and ucf.qrels == {
-        ucf.query_ids[0]: {"c0": 1.0},
-        ucf.query_ids[1]: {"c0": 1.0},
+    diving = f"c{shipped_labels('UCF101').index('Diving')}"
+    assert len(ucf.corpus_items) == 101 and ucf.qrels == {
+        ucf.query_ids[0]: {diving: 1.0},
+        ucf.query_ids[1]: {diving: 1.0},
     }
     assert k700.query_items[1]["images"] == sampled(frames["K700"]["v1"])
 
@@ -535,6 +557,7 @@ def test_cli_reports_a_bad_row_in_one_line(tmp_path: Path, capsys: pytest.Captur
 
 def test_global_labels_file_sets_the_candidate_set(tmp_path: Path, model: EmbeddingModel) -> None:
     task = next(t for t in bundled_video_tasks() if t["name"] == "HMDB51")
+    del task["labels"]  # this test's own file below
     rows, folders = LAYOUT["HMDB51"]
     write_table(tmp_path / task["data"], rows)
     for rel, n in folders.items():
@@ -558,6 +581,8 @@ def test_bundled_suite_resolves_video_paths_against_the_data_root(tmp_path: Path
     assert len(video) == 18
     assert video["MSR-VTT"].data == [str(tmp_path / "video-tasks/data/MSR-VTT/test.parquet")]
     assert video["MSR-VTT"].frame_root == str(tmp_path / "video-tasks/frames/video_ret/MSR-VTT")
+    # "suite:" paths follow the suite file, not the data root: the label lists ship with it.
+    assert video["K700"].labels == str(SUITES / "labels" / "K700.txt")
     assert video["Charades-STA"].frame_root == str(tmp_path / "video-tasks/frames/video_mret/Charades_STA")
     assert all(t.num_frames == 8 for t in video.values())
     assert not [t for t in suite.tasks if t.kind == "pending"]  # all 78 tasks run
@@ -672,3 +697,24 @@ def test_momentseeker_bad_rows_name_the_row_and_field(tmp_path: Path) -> None:
         write_table(tmp_path / "ms.jsonl", [good, bad])
         with pytest.raises(DataError, match=message):
             load_suite_tasks(load_suite(one_task_suite(tmp_path, task)))
+
+
+def test_shipped_label_lists_are_vlm2vecs():
+    """The four global classification tasks rank VLM2Vec's full label lists
+    (src/data/eval_dataset/video_classification_utils.py at commit 6e1e1d4: 700 K700, 101
+    UCF101, 51 HMDB51, 10 Breakfast labels), in that file's order, each once; the bundled
+    suite points each task at its list. Spot checks: the first and last labels there."""
+    expected = {
+        "K700": (700, "waiting_in_line"),
+        "UCF101": (101, "Kayaking"),
+        "HMDB51": (51, "ride_bike"),
+        "Breakfast": (10, "pancake"),
+    }
+    tasks = {t["name"]: t for t in bundled_video_tasks()}
+    for name, (count, first) in expected.items():
+        labels = shipped_labels(name)
+        assert len(labels) == len(set(labels)) == count and labels[0] == first, name
+        assert all(label == label.strip() and label for label in labels), name
+        assert tasks[name]["labels"] == str(SUITES / "labels" / f"{name}.txt")
+    assert shipped_labels("Breakfast")[-1] == "salad"
+    assert "labels" not in tasks["SmthSmthV2"]  # local: its rows' own neg_text candidates

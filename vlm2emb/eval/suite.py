@@ -1,6 +1,7 @@
 """Evaluation suites: a YAML file listing tasks, loaded into typed dataclasses.
 
-Example (paths are relative to the suite file's folder)::
+Example (paths are relative to the suite file's folder, or to ``data_root`` when one is
+given; a path written ``suite:NAME`` is always relative to the suite file's folder)::
 
     name: digits
     metric: hit@1             # default headline metric of every task
@@ -83,23 +84,32 @@ class SuiteConfig:
     source: str = field(default="", metadata={"key": False})  # the YAML file, for messages
 
 
-def _resolve(base: Path, ref: str) -> str:
-    # demo: specs and absolute paths stay as they are; relative ones follow the suite file.
-    if ref.startswith("demo:") or Path(ref).expanduser().is_absolute():
-        return str(Path(ref).expanduser()) if not ref.startswith("demo:") else ref
+SUITE_PREFIX = "suite:"
+
+
+def _resolve(base: Path, ref: str, suite_dir: Path) -> str:
+    # demo: specs and absolute paths stay as they are; relative ones follow the suite file
+    # (or the data root). "suite:" paths always follow the suite file: files shipped beside
+    # a bundled suite (MMEB-V2's label lists) while its data lives under --data-root.
+    if ref.startswith("demo:"):
+        return ref
+    if ref.startswith(SUITE_PREFIX):
+        return str(suite_dir / ref[len(SUITE_PREFIX) :])
+    if Path(ref).expanduser().is_absolute():
+        return str(Path(ref).expanduser())
     return str(base / ref)
 
 
-def _resolve_paths(obj: Any, base: Path) -> None:
+def _resolve_paths(obj: Any, base: Path, suite_dir: Path) -> None:
     """Resolves every path field (``metadata=PATH``) of a suite or spec against ``base``."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not f.metadata.get("path") or not value:
             continue
         if isinstance(value, list):
-            setattr(obj, f.name, [_resolve(base, v) if v else v for v in value])
+            setattr(obj, f.name, [_resolve(base, v, suite_dir) if v else v for v in value])
         else:
-            setattr(obj, f.name, _resolve(base, value))
+            setattr(obj, f.name, _resolve(base, value, suite_dir))
 
 
 def _given(raw: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +117,7 @@ def _given(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if v is not None}
 
 
-def _task(where: str, raw: Any, base: Path) -> TaskSpec:
+def _task(where: str, raw: Any, base: Path, suite_dir: Path) -> TaskSpec:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: a task must be a mapping, got {type(raw).__name__}")
     given = _given(raw)
@@ -136,7 +146,7 @@ def _task(where: str, raw: Any, base: Path) -> TaskSpec:
         spec = build_dataclass(kind.spec, {**given, "kind": kind_name})
     except ConfigError as exc:
         raise DataError(f"{where}: {exc}") from None
-    _resolve_paths(spec, base)
+    _resolve_paths(spec, base, suite_dir)
     if spec.instruction_fallback is not None and spec.instruction_fallback not in FALLBACKS:
         raise DataError(
             f"{named}: 'instruction_fallback' is {spec.instruction_fallback!r}; choose one of {', '.join(FALLBACKS)}"
@@ -182,7 +192,7 @@ def load_suite(path: str | Path, *, data_root: str | Path | None = None) -> Suit
     def tasks(_key: str, value: Any) -> list[TaskSpec]:
         if not isinstance(value, list) or not value:
             raise DataError(f"{p}: 'tasks' must be a non-empty list")
-        return [_task(f"{p}: tasks[{i}]", t, base) for i, t in enumerate(value)]
+        return [_task(f"{p}: tasks[{i}]", t, base, p.parent) for i, t in enumerate(value)]
 
     base = Path(data_root).expanduser().resolve() if data_root is not None else p.parent
     given = _given(raw)
@@ -194,7 +204,7 @@ def load_suite(path: str | Path, *, data_root: str | Path | None = None) -> Suit
         raise DataError(f"{p}: 'tasks' must be a non-empty list")
     suite.source = str(p)
     suite.name = suite.name if given.get("name") else p.stem
-    _resolve_paths(suite, base)
+    _resolve_paths(suite, base, p.parent)
     if not all(k > 0 for k in suite.ks):
         raise DataError(f"{p}: 'ks' must be a list of positive integers")
     if suite.instruction_fallback not in FALLBACKS:
