@@ -78,6 +78,49 @@ def test_chunked_maxsim_equals_one_block_values_and_gradients(chunk_elements):
     assert grads[0][2][1].abs().sum() == 0  # the empty document gets no gradient
 
 
+@pytest.mark.parametrize("chunk_elements", [64, 1 << 24])
+def test_length_bucketing_gives_the_unbucketed_scores_and_gradients(chunk_elements, monkeypatch):
+    """Sorting rows by length and padding each block to its own longest member (the default)
+    equals padding everything to the longest (``bucket_by_length=False``), in the input
+    order, for token sets, for padded tensors whose masks have holes (content tokens), with
+    an empty document, and through the gradients."""
+    import vlm2emb.multivector as mv
+
+    # Small block limits, so the lengths below fall into several buckets on both sides.
+    monkeypatch.setattr(mv, "QUERY_BLOCK_TOKENS", 12)
+    monkeypatch.setattr(mv, "BUCKET_BLOCK_ELEMENTS", 200)
+    g = torch.Generator().manual_seed(3)
+    q_lengths = torch.randint(1, 9, (11,), generator=g).tolist()
+    d_lengths = [*torch.randint(1, 14, (9,), generator=g).tolist(), 0]  # the last one is empty
+    queries = [_unit(n, 6, seed=100 + i) for i, n in enumerate(q_lengths)]
+    docs = [_unit(n, 6, seed=200 + i) for i, n in enumerate(d_lengths)]
+    reference = maxsim_lists(queries, docs, bucket_by_length=False, chunk_elements=chunk_elements)
+    torch.testing.assert_close(reference, _loop_scores(queries, docs))  # the reference is right
+    got = maxsim_lists(queries, docs, chunk_elements=chunk_elements)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-12)  # float64: rounding only
+    assert got[:, -1].eq(0).all()
+
+    # Padded tensors, masks with holes: a masked token sits before real ones.
+    q_tokens, q_mask = pad_token_sets(queries)
+    d_tokens, d_mask = pad_token_sets(docs)
+    q_mask[0, 0] = False if q_lengths[0] > 1 else q_mask[0, 0]
+    d_mask[2, 0] = False if d_lengths[2] > 1 else d_mask[2, 0]
+    results = []
+    for bucket in (False, True):
+        q, d = q_tokens.clone().requires_grad_(), d_tokens.clone().requires_grad_()
+        scores = maxsim(q, d, q_mask, d_mask, chunk_elements=chunk_elements, bucket_by_length=bucket)
+        weights = torch.arange(scores.numel(), dtype=scores.dtype).view_as(scores)
+        (scores * weights).sum().backward()
+        results.append((scores.detach(), q.grad, d.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    # float32 as used in practice: equal up to the rounding of the sum over query tokens.
+    q32, d32 = [t.float() for t in queries], [t.float() for t in docs]
+    torch.testing.assert_close(
+        maxsim_lists(q32, d32), maxsim_lists(q32, d32, bucket_by_length=False), rtol=1e-6, atol=1e-6
+    )
+
+
 def test_embedding_rows_pad_group_and_flatten():
     a = MultiVectorEmbeddings(_unit(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), _unit(2, 5))
     b = MultiVectorEmbeddings(_unit(1, 5, 4, seed=1), torch.ones(1, 5, dtype=torch.bool), _unit(1, 5, seed=1))
