@@ -189,18 +189,39 @@ def test_multivector_only_model(tiny_qwen2_vl_dir):
         EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"dense_head": False})
 
 
-def test_export_carries_the_head(multi, tmp_path):
+def test_export_carries_the_head_and_verifies_the_token_vectors(multi, tmp_path):
     from vlm2emb.export import ExportError, export_model
 
     multi.save_pretrained(tmp_path / "src")
-    export_model(tmp_path / "src", tmp_path / "out", mode="merged")
+    result = export_model(tmp_path / "src", tmp_path / "out", mode="merged")
+    assert [v.loader for v in result.verifications] == ["vlm2emb", "vlm2emb token vectors"]
+    assert all(v.passed for v in result.verifications)
     loaded = EmbeddingModel.from_pretrained(tmp_path / "out")
     for a, b in zip(multi.encode(ITEMS, output="multivector"), loaded.encode(ITEMS, output="multivector")):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    # A multi-vector-only model exports, verified on its token vectors alone.
     only = EmbeddingModel.from_pretrained(tmp_path / "src", config_overrides={"dense_head": False})
     only.save_pretrained(tmp_path / "only")
-    with pytest.raises(ExportError, match="multi-vector-only"):
-        export_model(tmp_path / "only", tmp_path / "out2", mode="merged")
+    result = export_model(tmp_path / "only", tmp_path / "out2", mode="merged")
+    assert [v.loader for v in result.verifications] == ["vlm2emb token vectors"]
+    reloaded = EmbeddingModel.from_pretrained(tmp_path / "out2")
+    for a, b in zip(only.encode(ITEMS, output="multivector"), reloaded.encode(ITEMS, output="multivector")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ExportError, match="needs the single-vector head"):
+        export_model(tmp_path / "only", tmp_path / "out3", format="sentence-transformers")
+
+    # The check can fail: a moved token vector or a changed token count.
+    from vlm2emb.export import _compare_token_sets
+
+    ref = multi.encode(ITEMS, output="multivector")
+    assert _compare_token_sets(ref, [t.clone() for t in ref], torch.float32).passed
+    moved = [t.clone() for t in ref]
+    moved[2][3] = F.normalize(moved[2][3] + 0.01, dim=-1)
+    assert not _compare_token_sets(ref, moved, torch.float32).passed
+    shorter = [ref[0], ref[1], ref[2][:-1]]
+    check = _compare_token_sets(ref, shorter, torch.float32)
+    assert not check.passed and "token count" in check.rule
 
 
 def test_matryoshka_refuses_a_multivector_loss():

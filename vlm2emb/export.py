@@ -220,16 +220,23 @@ def export_model(
     _check_finite(model.backbone.named_parameters(), str(source))
     if mode == "adapter" and not model.has_lora:
         raise ExportError(f"{source}: --adapter-only needs a LoRA/DoRA checkpoint, this one is fully trained")
-    if not model.config.dense_head:
-        # Verification compares single vectors; a multi-vector-only model has none.
-        raise ExportError(f"{source}: a multi-vector-only model (dense_head: false) cannot be exported yet")
+    if not model.config.dense_head and format == "sentence-transformers":
+        # That format is a pooled single-vector pipeline; a multi-vector-only model has none.
+        raise ExportError(
+            f"{source}: --format sentence-transformers needs the single-vector head; this model has "
+            "only a multi-vector head (dense_head: false)"
+        )
     target = resolve_dtype(dtype) if dtype is not None else _stored_dtype(source)
     if target not in _DTYPE_NAMES:
         raise ExportError(f"--dtype: {dtype!r} is not one of fp32, bf16, fp16")
     probes = probe_items(model)
     instruction = model.config.query_instruction
     truncate_dim, model.config.truncate_dim = model.config.truncate_dim, None  # compare full vectors
-    reference = model.encode(probes, instruction=instruction)  # [n_probes, d]
+    reference = model.encode(probes, instruction=instruction) if model.config.dense_head else None  # [n, d]
+    # The token vectors are verified too: the head file and the backbone must agree.
+    reference_tokens = None
+    if model.multivector_head is not None:
+        reference_tokens = model.encode(probes, instruction=instruction, output="multivector")  # n x [L_i, D]
     model.config.truncate_dim = truncate_dim
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +260,9 @@ def export_model(
         del model  # free the source before the reload
 
         # 3. Verify by reloading what was written.
-        verifications = [_verify_vlm2emb(tmp, source, mode, target, probes, instruction, reference)]
+        verifications = _verify_vlm2emb(
+            tmp, source, mode, target, probes, instruction, reference, reference_tokens
+        )
         if format == "sentence-transformers":
             idx = [i for i, p in enumerate(probes) if st_images or isinstance(p, str)]
             verifications.append(
@@ -503,14 +512,36 @@ def _verify_vlm2emb(
     dtype: torch.dtype,
     probes: list[Any],
     instruction: str | None,
-    reference: torch.Tensor,
-) -> Verification:
+    reference: torch.Tensor | None,
+    reference_tokens: list[torch.Tensor] | None,
+) -> list[Verification]:
+    """The reload's single vectors (when the model has them) and token vectors (when it has a
+    multi-vector head) against the source's."""
     # An adapter export's base weights are the checkpoint's (unmerged) weights.
     base = str(source) if mode == "adapter" else None
     reloaded = EmbeddingModel.from_pretrained(tmp, torch_dtype=dtype, base_model=base)
     reloaded.config.truncate_dim = None  # the reference is untruncated
-    got = reloaded.encode(probes, instruction=instruction)  # [n_probes, d]
-    return _compare(reference, got, dtype, "vlm2emb")
+    out = []
+    if reference is not None:
+        got = reloaded.encode(probes, instruction=instruction)  # [n_probes, d]
+        out.append(_compare(reference, got, dtype, "vlm2emb"))
+    if reference_tokens is not None:
+        got_tokens = reloaded.encode(probes, instruction=instruction, output="multivector")  # n x [L_i, D]
+        out.append(_compare_token_sets(reference_tokens, got_tokens, dtype))
+    return out
+
+
+def _compare_token_sets(ref: list[torch.Tensor], got: list[torch.Tensor], dtype: torch.dtype) -> Verification:
+    """Every probe's token vectors ``[L_i, D]``, under :func:`_compare`'s rule per token vector;
+    a probe whose token count changed fails outright."""
+    loader = "vlm2emb token vectors"
+    counts = [(len(r), len(g)) for r, g in zip(ref, got)]
+    if len(ref) != len(got) or any(a != b for a, b in counts):
+        rule = f"the same token count per probe (source {[a for a, _ in counts]}, reload {[b for _, b in counts]})"
+        return Verification(loader, len(ref), float("inf"), -1.0, False, rule)
+    check = _compare(torch.cat(ref).float(), torch.cat(got).float(), dtype, loader)  # [sum L_i, D]
+    check.n_probes = len(ref)
+    return check
 
 
 def _verify_sentence_transformers(
