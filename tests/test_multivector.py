@@ -224,6 +224,37 @@ def test_export_carries_the_head_and_verifies_the_token_vectors(multi, tmp_path)
     assert not check.passed and "token count" in check.rule
 
 
+def test_sentence_transformers_multivector_encoder_gives_the_token_vectors(multi, tmp_path):
+    """A --format sentence-transformers export plus the head, as sentence-transformers' own
+    MultiVectorEncoder, gives encode(output="multivector")'s token vectors for text queries
+    and image documents, and again after its own save and reload."""
+    from PIL import Image
+    from sentence_transformers import MultiVectorEncoder
+
+    from vlm2emb.export import ExportError, export_model, multivector_encoder
+
+    multi.save_pretrained(tmp_path / "src")
+    export_model(tmp_path / "src", tmp_path / "st", format="sentence-transformers")
+    mve = multivector_encoder(tmp_path / "st")
+    image = Image.new("RGB", (48, 48), (200, 30, 90))
+    want_q = multi.encode(ITEMS, output="multivector", instruction=multi.config.query_instruction)
+    want_d = multi.encode([image, "two"], output="multivector", instruction=multi.config.target_instruction)
+    got_q, got_d = mve.encode_query(ITEMS), mve.encode_document([image, "two"])
+    for want, got in zip([*want_q, *want_d], [*got_q, *got_d]):
+        assert want.shape == got.shape
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        mve.similarity(got_q, got_d).float(), maxsim_lists(want_q, want_d), atol=1e-4, rtol=1e-4
+    )
+    mve.save(str(tmp_path / "mve"))
+    again = MultiVectorEncoder(str(tmp_path / "mve"), device="cpu").encode_query(ITEMS)
+    for want, got in zip(want_q, again):
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ExportError, match="no multi-vector head"):
+        (tmp_path / "st" / MULTIVECTOR_HEAD_NAME).unlink()
+        multivector_encoder(tmp_path / "st")
+
+
 def test_matryoshka_refuses_a_multivector_loss():
     from vlm2emb.losses import MatryoshkaLoss
     from vlm2emb.losses.maxsim import MaxSimLoss

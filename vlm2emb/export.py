@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from vlm2emb.model import CONFIG_NAME, EmbeddingModel, first_non_finite, resolve_dtype
+from vlm2emb.model import CONFIG_NAME, MULTIVECTOR_HEAD_NAME, EmbeddingModel, first_non_finite, resolve_dtype
 
 EXPORT_MODES = ("merged", "adapter")
 EXPORT_FORMATS = ("vlm2emb", "sentence-transformers")
@@ -552,6 +552,59 @@ def _verify_sentence_transformers(
     st = SentenceTransformer(str(tmp), device="cpu", model_kwargs={"dtype": dtype}, truncate_dim=None)
     got = st.encode_query(items, convert_to_tensor=True).float().cpu()  # [n, d]
     return _compare(reference, got[:, : reference.shape[1]], dtype, "sentence-transformers")
+
+
+def multivector_encoder(export_dir: str | os.PathLike[str], device: str = "cpu") -> Any:
+    """A sentence-transformers ``MultiVectorEncoder`` over a ``--format sentence-transformers``
+    export of a model with a multi-vector head.
+
+    The export's own ``Transformer`` module (the backbone, its processor, the chat template
+    and the query/document prompts) is followed by the head as a ``Dense`` (H -> D, with bias,
+    no activation) on ``token_embeddings``, a token-level ``Normalize`` and a
+    ``MultiVectorMask`` without skiplist: ``encode_query`` / ``encode_document`` then give the
+    token vectors of ``EmbeddingModel.encode(output="multivector")`` with the matching
+    instruction. Only ``multivector_tokens: all`` is reproduced (``content`` masks tokens that
+    ``MultiVectorMask`` cannot find). Call ``.save(dir)`` on the result for a folder that
+    ``MultiVectorEncoder(dir)`` loads.
+
+    Args:
+        export_dir: The export folder (``vlm2emb export CKPT DIR --format sentence-transformers``).
+        device: Where sentence-transformers puts the model.
+
+    Returns:
+        The ``sentence_transformers.MultiVectorEncoder``.
+
+    Raises:
+        ExportError: The folder is not such an export, or its model has no multi-vector head
+            or masks content tokens.
+    """
+    from safetensors.torch import load_file
+    from sentence_transformers import MultiVectorEncoder, SentenceTransformer
+    from sentence_transformers.base.modules import Normalize
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.multi_vector_encoder.modules.multi_vector_mask import MultiVectorMask
+
+    folder = Path(export_dir)
+    head_file = folder / MULTIVECTOR_HEAD_NAME
+    if not (folder / "modules.json").is_file():
+        raise ExportError(f"{folder}: not a --format sentence-transformers export (no modules.json)")
+    if not head_file.is_file():
+        raise ExportError(f"{folder}: the model has no multi-vector head ({MULTIVECTOR_HEAD_NAME} missing)")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("multivector_tokens", "all") != "all":
+        raise ExportError(
+            f"{folder}: multivector_tokens {config['multivector_tokens']!r} has no sentence-transformers "
+            "equivalent (only 'all')"
+        )
+    single = SentenceTransformer(str(folder), device=device)
+    head = load_file(head_file)  # weight [D, H], bias [D]
+    dim, hidden = head["weight"].shape
+    dense = Dense(hidden, dim, bias=True, activation_function=None, module_input_name="token_embeddings")
+    with torch.no_grad():
+        dense.linear.weight.copy_(head["weight"])
+        dense.linear.bias.copy_(head["bias"])
+    modules = [single[0], dense, Normalize(module_input_name="token_embeddings"), MultiVectorMask()]
+    return MultiVectorEncoder(modules=modules, device=device, prompts=single.prompts)
 
 
 # --------------------------------------------------------------------- model card
