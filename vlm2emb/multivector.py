@@ -202,21 +202,25 @@ class MultiVectorHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(hidden_size, dim)
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> MultiVectorEmbeddings:
+    def forward(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Projects and normalises every token.
+
+        Returns a plain tuple, not a :class:`MultiVectorEmbeddings`: DeepSpeed ZeRO-3's module
+        hooks only see tensors in tuples, lists and dicts, and a backward through a module
+        whose output tensors they cannot see fails ("active_backward_submodules is empty").
 
         Args:
             hidden: [B, L, H] last hidden states (any float dtype).
             mask: [B, L] attention mask (nonzero = real token).
 
         Returns:
-            Float32 token vectors with the bool mask (``dense`` unset).
+            ``(tokens [B, L, D] float32, mask [B, L] bool)``; padded tokens are zero vectors.
         """
         # The projection runs in the head's own dtype (float32 unless a wrapper cast it).
         tokens = self.proj(hidden.to(self.proj.weight.dtype)).float()  # [B, L, D]
         keep = mask.to(torch.bool)  # [B, L]
         tokens = F.normalize(tokens, dim=-1) * keep.unsqueeze(-1)
-        return MultiVectorEmbeddings(tokens, keep)
+        return tokens, keep
 
 
 def pad_token_sets(sets: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
