@@ -89,6 +89,7 @@ def test_length_bucketing_gives_the_unbucketed_scores_and_gradients(chunk_elemen
     # Small block limits, so the lengths below fall into several buckets on both sides.
     monkeypatch.setattr(mv, "QUERY_BLOCK_TOKENS", 12)
     monkeypatch.setattr(mv, "BUCKET_BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(mv, "QUERY_BLOCK_MIN_TOKENS", 0)
     g = torch.Generator().manual_seed(3)
     q_lengths = torch.randint(1, 9, (11,), generator=g).tolist()
     d_lengths = [*torch.randint(1, 14, (9,), generator=g).tolist(), 0]  # the last one is empty

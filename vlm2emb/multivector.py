@@ -47,6 +47,9 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 # gets a block of its own): similar-length queries share a block, and the GEMM keeps a few
 # hundred columns.
 QUERY_BLOCK_TOKENS = 512
+# Query blocks are not split for padding below this many slots: each query block is one
+# more pass over every document block, and a narrow one makes a narrow GEMM.
+QUERY_BLOCK_MIN_TOKENS = 256
 # Target size of one bucketed block of token dot products (8 MiB in float32): its GEMM
 # output is still in cache when the max reads it (measured 1.3x-1.8x faster than blocks of
 # 2**24 on this CPU), and large enough that a parallel op's start-up does not dominate.
@@ -253,13 +256,14 @@ def _extents(mask: Tensor, length: int) -> Tensor:
     return (mask * positions).amax(dim=1) if length else mask.new_zeros(mask.shape[0], dtype=torch.int64)
 
 
-def _length_blocks(extents: Tensor, budget: int) -> list[tuple[Tensor, int]]:
+def _length_blocks(extents: Tensor, budget: int, min_slots: int = 0) -> list[tuple[Tensor, int]]:
     """Rows grouped by extent: ``(rows [b] int64, padded length)`` per block.
 
     Rows are sorted by extent and a block is padded only to its own longest member. A block
-    grows while ``rows * padded length <= budget`` and its padding stays under
-    ``1 / PADDING_SHARE_DIVISOR`` of its slots (at least one row), so similar lengths share
-    a few large blocks: large blocks keep the number of parallel ops small.
+    grows while ``rows * padded length <= budget`` and, once it has ``min_slots`` slots, while
+    its padding stays under ``1 / PADDING_SHARE_DIVISOR`` of its slots (at least one row), so
+    similar lengths share a few large blocks: large blocks keep the number of parallel ops
+    small, and ``min_slots`` keeps a GEMM from getting too narrow.
     """
     lengths = extents.clamp(min=1).cpu()  # an empty row still occupies one (zero/filler) slot
     order = lengths.argsort(stable=True)  # [n] ascending
@@ -270,7 +274,8 @@ def _length_blocks(extents: Tensor, budget: int) -> list[tuple[Tensor, int]]:
         # Ascending order: the longest member of rows[start:end + 1] is the last one.
         while end < n:
             slots = (end - start + 1) * sorted_lengths[end]
-            if slots > budget or (slots - real - sorted_lengths[end]) * PADDING_SHARE_DIVISOR > slots:
+            wasteful = (slots - real - sorted_lengths[end]) * PADDING_SHARE_DIVISOR > slots
+            if slots > budget or (slots > min_slots and wasteful):
                 break
             real += sorted_lengths[end]
             end += 1
@@ -323,7 +328,8 @@ def _bucketed_maxsim(
     # which is where query padding is saved; the GEMM stays wide along the document axis.
     # The memory bound uses the widest query block, so every block of token dot products
     # stays under chunk_elements.
-    q_blocks = _length_blocks(query.extents, max(lq_max, min(QUERY_BLOCK_TOKENS, chunk_elements // ld_max)))
+    q_budget = max(lq_max, min(QUERY_BLOCK_TOKENS, chunk_elements // ld_max))
+    q_blocks = _length_blocks(query.extents, q_budget, min_slots=QUERY_BLOCK_MIN_TOKENS)
     widest = max(len(rows) * length for rows, length in q_blocks)
     d_blocks = _length_blocks(docs.extents, max(ld_max, min(BUCKET_BLOCK_ELEMENTS, chunk_elements) // widest))
     device = query.flat.device
