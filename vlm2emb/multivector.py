@@ -51,8 +51,9 @@ QUERY_BLOCK_TOKENS = 512
 # more pass over every document block, and a narrow one makes a narrow GEMM.
 QUERY_BLOCK_MIN_TOKENS = 256
 # Target size of one bucketed block of token dot products (8 MiB in float32): its GEMM
-# output is still in cache when the max reads it (measured 1.3x-1.8x faster than blocks of
-# 2**24 on this CPU), and large enough that a parallel op's start-up does not dominate.
+# output is still in cache when the max reads it (1.2x-1.7x faster than unbounded blocks in
+# one single-thread sweep on ragged lengths). With 2 threads on a loaded machine, blocks of
+# this size and smaller were erratic; see docs/benchmarks.md.
 BUCKET_BLOCK_ELEMENTS = 1 << 21
 # A bucketed block stops growing when padding would exceed 1/8 of its slots.
 PADDING_SHARE_DIVISOR = 8
