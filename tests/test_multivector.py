@@ -197,6 +197,8 @@ def test_export_carries_the_head_and_verifies_the_token_vectors(multi, tmp_path)
     result = export_model(tmp_path / "src", tmp_path / "out", mode="merged")
     assert [v.loader for v in result.verifications] == ["vlm2emb", "vlm2emb token vectors"]
     assert all(v.passed for v in result.verifications)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "vlm2emb token vectors" in card and 'output="multivector"' in card and "encode_queries" in card
     loaded = EmbeddingModel.from_pretrained(tmp_path / "out")
     for a, b in zip(multi.encode(ITEMS, output="multivector"), loaded.encode(ITEMS, output="multivector")):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -206,6 +208,8 @@ def test_export_carries_the_head_and_verifies_the_token_vectors(multi, tmp_path)
     only.save_pretrained(tmp_path / "only")
     result = export_model(tmp_path / "only", tmp_path / "out2", mode="merged")
     assert [v.loader for v in result.verifications] == ["vlm2emb token vectors"]
+    card = (tmp_path / "out2" / "README.md").read_text()
+    assert 'output="multivector"' in card and "encode_queries" not in card  # no single vectors
     reloaded = EmbeddingModel.from_pretrained(tmp_path / "out2")
     for a, b in zip(only.encode(ITEMS, output="multivector"), reloaded.encode(ITEMS, output="multivector")):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -751,7 +751,9 @@ def _usage_lines(config: dict[str, Any], mode: str, base: str) -> list[str]:
     else:
         lines.append('model = EmbeddingModel.from_pretrained("path/to/this/folder")')
     record = config.get("instructions") or {}
-    if not record:
+    if config.get("dense_head", True) is False:
+        record = {}  # no single vectors: only the token-vector lines below apply
+    elif not record:
         lines += [
             'queries = model.encode_queries(["a handwritten digit seven"])  # [1, d]',
             'docs = model.encode_targets([{"image": "digit.png"}, "a caption"])  # [2, d]',
@@ -776,6 +778,15 @@ def _usage_lines(config: dict[str, Any], mode: str, base: str) -> list[str]:
         ]
     if len(record) > _USAGE_TASKS:
         lines.append(f"# ... and task= for the other {len(record) - _USAGE_TASKS} tasks of the table above")
+    if config.get("multivector_dim"):
+        lines += [
+            "# token vectors of the multi-vector head, scored by MaxSim (late interaction):",
+            "from vlm2emb.multivector import maxsim_lists",
+            "",
+            'query_sets = model.encode(["a query text"], output="multivector")  # [L_i, D] per item',
+            'doc_sets = model.encode([{"image": "doc.png"}], output="multivector")',
+            "print(maxsim_lists(query_sets, doc_sets))  # [1, 1]",
+        ]
     lines.append("```")
     return lines
 
