@@ -7,23 +7,31 @@ from the project's environment without its dependencies and put it on the path:
 Otherwise its formula (token sets zero-padded per block of 128, einsum
 ``bnd,csd->bcns``, max over document tokens, sum over query tokens) is recomputed here.
 
-    PYTHONPATH=/tmp/cpe:. python benchmarks/maxsim.py                 # the CPU shape grid
-    python benchmarks/maxsim.py --shapes 32x32x256x256 --ragged       # one shape, ragged docs
+    PYTHONPATH=/tmp/cpe:. python benchmarks/maxsim.py                    # the shape grid, equal lengths
+    PYTHONPATH=/tmp/cpe:. python benchmarks/maxsim.py --spread wide      # variable lengths
 
-A shape is ``queries x query tokens x docs x doc tokens``. With ``--ragged`` each document
-has between half and all of the doc tokens (as page images of different sizes would), so
-padding is in play. Prints one JSON line per shape and method: the median seconds of
-``--repeat`` runs (the methods alternate inside each repeat, so both see the same machine
-load), query-document pairs per second, the speed-up over the baseline, the largest
-absolute difference from the baseline's scores and the share of queries whose best
-document agrees with the baseline's. ``bf16`` computes the dot products in bfloat16
-(``maxsim(compute_dtype=torch.bfloat16)``).
+A shape is ``queries x query tokens x docs x doc tokens``; the token counts are the
+longest. ``--spread`` draws every query's and every document's length (seeded) as real
+corpora have them (page token counts vary with image size, query lengths vary):
+``uniform`` all at the longest, ``mild`` between 3/4 of it and all of it, ``ragged``
+between 1/2 and all, ``wide`` between 1/8 and all. colpali-engine pads each batch of 128
+to its longest member; vlm2emb's ``maxsim`` sorts by length and pads each block to its own
+longest (``bucket_by_length``; the ``unbucketed`` row turns that off).
+
+Prints one JSON line per shape and method: the median seconds of ``--repeat`` runs (the
+methods alternate inside each repeat, so all see the same machine load), query-document
+pairs per second, the speed-up over the baseline, the largest absolute difference from the
+baseline's scores and the share of queries whose best document agrees with the baseline's,
+and ``real_pair_share``: real token dot products over the ones colpali-engine's padding
+computes (the most that skipping padding can save). ``bf16`` computes the dot products in
+bfloat16 (``maxsim(compute_dtype=torch.bfloat16)``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +42,25 @@ import torch.nn.functional as F
 from vlm2emb.multivector import maxsim_lists
 
 DEFAULT_SHAPES = "32x32x256x256,16x20x256x1030,64x16x1024x128,4x32x2048x256"
+# Shortest length as a share of the longest; lengths are uniform between the two.
+SPREADS = {"uniform": 1.0, "mild": 0.75, "ragged": 0.5, "wide": 0.125}
+
+
+def _lengths(n: int, longest: int, spread: str, g: torch.Generator) -> list[int]:
+    shortest = max(1, math.ceil(longest * SPREADS[spread]))
+    return torch.randint(shortest, longest + 1, (n,), generator=g).tolist()
+
+
+def _real_pair_share(q_lengths: list[int], d_lengths: list[int], block: int = 128) -> float:
+    """Real token dot products over the ones computed with colpali-engine's padding (each
+    batch of ``block`` padded to its longest member)."""
+
+    def padded(lengths: list[int]) -> int:
+        return sum(
+            len(lengths[i : i + block]) * max(lengths[i : i + block]) for i in range(0, len(lengths), block)
+        )
+
+    return sum(q_lengths) * sum(d_lengths) / (padded(q_lengths) * padded(d_lengths))
 
 
 def einsum_scores(qs: list[torch.Tensor], ds: list[torch.Tensor], block: int = 128) -> torch.Tensor:
@@ -77,23 +104,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated QxLQxDxLD")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--ragged", action="store_true", help="doc lengths between LD/2 and LD")
+    parser.add_argument(
+        "--spread",
+        choices=sorted(SPREADS),
+        default="uniform",
+        help="how query and document lengths vary (shortest share of the longest)",
+    )
     parser.add_argument("--chunk-elements", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     base_name, base_fn = baseline()
     kwargs = {} if args.chunk_elements is None else {"chunk_elements": args.chunk_elements}
     rows: list[dict[str, float | str]] = []
     for text in args.shapes.split(","):
         nq, lq, nd, ld = _shape(text)
         g = torch.Generator().manual_seed(0)
-        qs = list(F.normalize(torch.randn(nq, lq, args.dim, generator=g), dim=-1))
-        lengths = (
-            torch.randint(max(1, ld // 2), ld + 1, (nd,), generator=g).tolist() if args.ragged else [ld] * nd
-        )
-        ds = [F.normalize(torch.randn(n, args.dim, generator=g), dim=-1) for n in lengths]
+        q_lengths = _lengths(nq, lq, args.spread, g)
+        d_lengths = _lengths(nd, ld, args.spread, g)
+        qs = [F.normalize(torch.randn(n, args.dim, generator=g), dim=-1) for n in q_lengths]
+        ds = [F.normalize(torch.randn(n, args.dim, generator=g), dim=-1) for n in d_lengths]
         methods = {
             base_name: base_fn,
+            "vlm2emb maxsim_lists unbucketed": lambda q, d: maxsim_lists(
+                q, d, bucket_by_length=False, **kwargs
+            ),
             "vlm2emb maxsim_lists": lambda q, d: maxsim_lists(q, d, **kwargs),
             "vlm2emb maxsim_lists bf16": lambda q, d: maxsim_lists(
                 q, d, compute_dtype=torch.bfloat16, **kwargs
@@ -112,7 +149,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
             sec = statistics.median(times[name])
             row = {
                 "shape": text,
-                "ragged": args.ragged,
+                "spread": args.spread,
+                "threads": torch.get_num_threads(),
+                "real_pair_share": _real_pair_share(q_lengths, d_lengths),
                 "method": name,
                 "median_s": sec,
                 "runs_s": times[name],

@@ -78,6 +78,50 @@ def test_chunked_maxsim_equals_one_block_values_and_gradients(chunk_elements):
     assert grads[0][2][1].abs().sum() == 0  # the empty document gets no gradient
 
 
+@pytest.mark.parametrize("chunk_elements", [64, 1 << 24])
+def test_length_bucketing_gives_the_unbucketed_scores_and_gradients(chunk_elements, monkeypatch):
+    """Sorting rows by length and padding each block to its own longest member (the default)
+    equals padding everything to the longest (``bucket_by_length=False``), in the input
+    order, for token sets, for padded tensors whose masks have holes (content tokens), with
+    an empty document, and through the gradients."""
+    import vlm2emb.multivector as mv
+
+    # Small block limits, so the lengths below fall into several buckets on both sides.
+    monkeypatch.setattr(mv, "QUERY_BLOCK_TOKENS", 12)
+    monkeypatch.setattr(mv, "BUCKET_BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(mv, "QUERY_BLOCK_MIN_TOKENS", 0)
+    g = torch.Generator().manual_seed(3)
+    q_lengths = torch.randint(1, 9, (11,), generator=g).tolist()
+    d_lengths = [*torch.randint(1, 14, (9,), generator=g).tolist(), 0]  # the last one is empty
+    queries = [_unit(n, 6, seed=100 + i) for i, n in enumerate(q_lengths)]
+    docs = [_unit(n, 6, seed=200 + i) for i, n in enumerate(d_lengths)]
+    reference = maxsim_lists(queries, docs, bucket_by_length=False, chunk_elements=chunk_elements)
+    torch.testing.assert_close(reference, _loop_scores(queries, docs))  # the reference is right
+    got = maxsim_lists(queries, docs, chunk_elements=chunk_elements)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-12)  # float64: rounding only
+    assert got[:, -1].eq(0).all()
+
+    # Padded tensors, masks with holes: a masked token sits before real ones.
+    q_tokens, q_mask = pad_token_sets(queries)
+    d_tokens, d_mask = pad_token_sets(docs)
+    q_mask[0, 0] = False if q_lengths[0] > 1 else q_mask[0, 0]
+    d_mask[2, 0] = False if d_lengths[2] > 1 else d_mask[2, 0]
+    results = []
+    for bucket in (False, True):
+        q, d = q_tokens.clone().requires_grad_(), d_tokens.clone().requires_grad_()
+        scores = maxsim(q, d, q_mask, d_mask, chunk_elements=chunk_elements, bucket_by_length=bucket)
+        weights = torch.arange(scores.numel(), dtype=scores.dtype).view_as(scores)
+        (scores * weights).sum().backward()
+        results.append((scores.detach(), q.grad, d.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    # float32 as used in practice: equal up to the rounding of the sum over query tokens.
+    q32, d32 = [t.float() for t in queries], [t.float() for t in docs]
+    torch.testing.assert_close(
+        maxsim_lists(q32, d32), maxsim_lists(q32, d32, bucket_by_length=False), rtol=1e-6, atol=1e-6
+    )
+
+
 def test_embedding_rows_pad_group_and_flatten():
     a = MultiVectorEmbeddings(_unit(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), _unit(2, 5))
     b = MultiVectorEmbeddings(_unit(1, 5, 4, seed=1), torch.ones(1, 5, dtype=torch.bool), _unit(1, 5, seed=1))
@@ -146,18 +190,74 @@ def test_multivector_only_model(tiny_qwen2_vl_dir):
         EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir, config_overrides={"dense_head": False})
 
 
-def test_export_carries_the_head(multi, tmp_path):
+def test_export_carries_the_head_and_verifies_the_token_vectors(multi, tmp_path):
     from vlm2emb.export import ExportError, export_model
 
     multi.save_pretrained(tmp_path / "src")
-    export_model(tmp_path / "src", tmp_path / "out", mode="merged")
+    result = export_model(tmp_path / "src", tmp_path / "out", mode="merged")
+    assert [v.loader for v in result.verifications] == ["vlm2emb", "vlm2emb token vectors"]
+    assert all(v.passed for v in result.verifications)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "vlm2emb token vectors" in card and 'output="multivector"' in card and "encode_queries" in card
     loaded = EmbeddingModel.from_pretrained(tmp_path / "out")
     for a, b in zip(multi.encode(ITEMS, output="multivector"), loaded.encode(ITEMS, output="multivector")):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    # A multi-vector-only model exports, verified on its token vectors alone.
     only = EmbeddingModel.from_pretrained(tmp_path / "src", config_overrides={"dense_head": False})
     only.save_pretrained(tmp_path / "only")
-    with pytest.raises(ExportError, match="multi-vector-only"):
-        export_model(tmp_path / "only", tmp_path / "out2", mode="merged")
+    result = export_model(tmp_path / "only", tmp_path / "out2", mode="merged")
+    assert [v.loader for v in result.verifications] == ["vlm2emb token vectors"]
+    card = (tmp_path / "out2" / "README.md").read_text()
+    assert 'output="multivector"' in card and "encode_queries" not in card  # no single vectors
+    reloaded = EmbeddingModel.from_pretrained(tmp_path / "out2")
+    for a, b in zip(only.encode(ITEMS, output="multivector"), reloaded.encode(ITEMS, output="multivector")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ExportError, match="needs the single-vector head"):
+        export_model(tmp_path / "only", tmp_path / "out3", format="sentence-transformers")
+
+    # The check can fail: a moved token vector or a changed token count.
+    from vlm2emb.export import _compare_token_sets
+
+    ref = multi.encode(ITEMS, output="multivector")
+    assert _compare_token_sets(ref, [t.clone() for t in ref], torch.float32).passed
+    moved = [t.clone() for t in ref]
+    moved[2][3] = F.normalize(moved[2][3] + 0.01, dim=-1)
+    assert not _compare_token_sets(ref, moved, torch.float32).passed
+    shorter = [ref[0], ref[1], ref[2][:-1]]
+    check = _compare_token_sets(ref, shorter, torch.float32)
+    assert not check.passed and "token count" in check.rule
+
+
+def test_sentence_transformers_multivector_encoder_gives_the_token_vectors(multi, tmp_path):
+    """A --format sentence-transformers export plus the head, as sentence-transformers' own
+    MultiVectorEncoder, gives encode(output="multivector")'s token vectors for text queries
+    and image documents, and again after its own save and reload."""
+    from PIL import Image
+    from sentence_transformers import MultiVectorEncoder
+
+    from vlm2emb.export import ExportError, export_model, multivector_encoder
+
+    multi.save_pretrained(tmp_path / "src")
+    export_model(tmp_path / "src", tmp_path / "st", format="sentence-transformers")
+    mve = multivector_encoder(tmp_path / "st")
+    image = Image.new("RGB", (48, 48), (200, 30, 90))
+    want_q = multi.encode(ITEMS, output="multivector", instruction=multi.config.query_instruction)
+    want_d = multi.encode([image, "two"], output="multivector", instruction=multi.config.target_instruction)
+    got_q, got_d = mve.encode_query(ITEMS), mve.encode_document([image, "two"])
+    for want, got in zip([*want_q, *want_d], [*got_q, *got_d]):
+        assert want.shape == got.shape
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        mve.similarity(got_q, got_d).float(), maxsim_lists(want_q, want_d), atol=1e-4, rtol=1e-4
+    )
+    mve.save(str(tmp_path / "mve"))
+    again = MultiVectorEncoder(str(tmp_path / "mve"), device="cpu").encode_query(ITEMS)
+    for want, got in zip(want_q, again):
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ExportError, match="no multi-vector head"):
+        (tmp_path / "st" / MULTIVECTOR_HEAD_NAME).unlink()
+        multivector_encoder(tmp_path / "st")
 
 
 def test_matryoshka_refuses_a_multivector_loss():

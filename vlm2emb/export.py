@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from vlm2emb.model import CONFIG_NAME, EmbeddingModel, first_non_finite, resolve_dtype
+from vlm2emb.model import CONFIG_NAME, MULTIVECTOR_HEAD_NAME, EmbeddingModel, first_non_finite, resolve_dtype
 
 EXPORT_MODES = ("merged", "adapter")
 EXPORT_FORMATS = ("vlm2emb", "sentence-transformers")
@@ -220,16 +220,23 @@ def export_model(
     _check_finite(model.backbone.named_parameters(), str(source))
     if mode == "adapter" and not model.has_lora:
         raise ExportError(f"{source}: --adapter-only needs a LoRA/DoRA checkpoint, this one is fully trained")
-    if not model.config.dense_head:
-        # Verification compares single vectors; a multi-vector-only model has none.
-        raise ExportError(f"{source}: a multi-vector-only model (dense_head: false) cannot be exported yet")
+    if not model.config.dense_head and format == "sentence-transformers":
+        # That format is a pooled single-vector pipeline; a multi-vector-only model has none.
+        raise ExportError(
+            f"{source}: --format sentence-transformers needs the single-vector head; this model has "
+            "only a multi-vector head (dense_head: false)"
+        )
     target = resolve_dtype(dtype) if dtype is not None else _stored_dtype(source)
     if target not in _DTYPE_NAMES:
         raise ExportError(f"--dtype: {dtype!r} is not one of fp32, bf16, fp16")
     probes = probe_items(model)
     instruction = model.config.query_instruction
     truncate_dim, model.config.truncate_dim = model.config.truncate_dim, None  # compare full vectors
-    reference = model.encode(probes, instruction=instruction)  # [n_probes, d]
+    reference = model.encode(probes, instruction=instruction) if model.config.dense_head else None  # [n, d]
+    # The token vectors are verified too: the head file and the backbone must agree.
+    reference_tokens = None
+    if model.multivector_head is not None:
+        reference_tokens = model.encode(probes, instruction=instruction, output="multivector")  # n x [L_i, D]
     model.config.truncate_dim = truncate_dim
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +260,9 @@ def export_model(
         del model  # free the source before the reload
 
         # 3. Verify by reloading what was written.
-        verifications = [_verify_vlm2emb(tmp, source, mode, target, probes, instruction, reference)]
+        verifications = _verify_vlm2emb(
+            tmp, source, mode, target, probes, instruction, reference, reference_tokens
+        )
         if format == "sentence-transformers":
             idx = [i for i, p in enumerate(probes) if st_images or isinstance(p, str)]
             verifications.append(
@@ -503,14 +512,36 @@ def _verify_vlm2emb(
     dtype: torch.dtype,
     probes: list[Any],
     instruction: str | None,
-    reference: torch.Tensor,
-) -> Verification:
+    reference: torch.Tensor | None,
+    reference_tokens: list[torch.Tensor] | None,
+) -> list[Verification]:
+    """The reload's single vectors (when the model has them) and token vectors (when it has a
+    multi-vector head) against the source's."""
     # An adapter export's base weights are the checkpoint's (unmerged) weights.
     base = str(source) if mode == "adapter" else None
     reloaded = EmbeddingModel.from_pretrained(tmp, torch_dtype=dtype, base_model=base)
     reloaded.config.truncate_dim = None  # the reference is untruncated
-    got = reloaded.encode(probes, instruction=instruction)  # [n_probes, d]
-    return _compare(reference, got, dtype, "vlm2emb")
+    out = []
+    if reference is not None:
+        got = reloaded.encode(probes, instruction=instruction)  # [n_probes, d]
+        out.append(_compare(reference, got, dtype, "vlm2emb"))
+    if reference_tokens is not None:
+        got_tokens = reloaded.encode(probes, instruction=instruction, output="multivector")  # n x [L_i, D]
+        out.append(_compare_token_sets(reference_tokens, got_tokens, dtype))
+    return out
+
+
+def _compare_token_sets(ref: list[torch.Tensor], got: list[torch.Tensor], dtype: torch.dtype) -> Verification:
+    """Every probe's token vectors ``[L_i, D]``, under :func:`_compare`'s rule per token vector;
+    a probe whose token count changed fails outright."""
+    loader = "vlm2emb token vectors"
+    counts = [(len(r), len(g)) for r, g in zip(ref, got)]
+    if len(ref) != len(got) or any(a != b for a, b in counts):
+        rule = f"the same token count per probe (source {[a for a, _ in counts]}, reload {[b for _, b in counts]})"
+        return Verification(loader, len(ref), float("inf"), -1.0, False, rule)
+    check = _compare(torch.cat(ref).float(), torch.cat(got).float(), dtype, loader)  # [sum L_i, D]
+    check.n_probes = len(ref)
+    return check
 
 
 def _verify_sentence_transformers(
@@ -521,6 +552,59 @@ def _verify_sentence_transformers(
     st = SentenceTransformer(str(tmp), device="cpu", model_kwargs={"dtype": dtype}, truncate_dim=None)
     got = st.encode_query(items, convert_to_tensor=True).float().cpu()  # [n, d]
     return _compare(reference, got[:, : reference.shape[1]], dtype, "sentence-transformers")
+
+
+def multivector_encoder(export_dir: str | os.PathLike[str], device: str = "cpu") -> Any:
+    """A sentence-transformers ``MultiVectorEncoder`` over a ``--format sentence-transformers``
+    export of a model with a multi-vector head.
+
+    The export's own ``Transformer`` module (the backbone, its processor, the chat template
+    and the query/document prompts) is followed by the head as a ``Dense`` (H -> D, with bias,
+    no activation) on ``token_embeddings``, a token-level ``Normalize`` and a
+    ``MultiVectorMask`` without skiplist: ``encode_query`` / ``encode_document`` then give the
+    token vectors of ``EmbeddingModel.encode(output="multivector")`` with the matching
+    instruction. Only ``multivector_tokens: all`` is reproduced (``content`` masks tokens that
+    ``MultiVectorMask`` cannot find). Call ``.save(dir)`` on the result for a folder that
+    ``MultiVectorEncoder(dir)`` loads.
+
+    Args:
+        export_dir: The export folder (``vlm2emb export CKPT DIR --format sentence-transformers``).
+        device: Where sentence-transformers puts the model.
+
+    Returns:
+        The ``sentence_transformers.MultiVectorEncoder``.
+
+    Raises:
+        ExportError: The folder is not such an export, or its model has no multi-vector head
+            or masks content tokens.
+    """
+    from safetensors.torch import load_file
+    from sentence_transformers import MultiVectorEncoder, SentenceTransformer
+    from sentence_transformers.base.modules import Normalize
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.multi_vector_encoder.modules.multi_vector_mask import MultiVectorMask
+
+    folder = Path(export_dir)
+    head_file = folder / MULTIVECTOR_HEAD_NAME
+    if not (folder / "modules.json").is_file():
+        raise ExportError(f"{folder}: not a --format sentence-transformers export (no modules.json)")
+    if not head_file.is_file():
+        raise ExportError(f"{folder}: the model has no multi-vector head ({MULTIVECTOR_HEAD_NAME} missing)")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("multivector_tokens", "all") != "all":
+        raise ExportError(
+            f"{folder}: multivector_tokens {config['multivector_tokens']!r} has no sentence-transformers "
+            "equivalent (only 'all')"
+        )
+    single = SentenceTransformer(str(folder), device=device)
+    head = load_file(head_file)  # weight [D, H], bias [D]
+    dim, hidden = head["weight"].shape
+    dense = Dense(hidden, dim, bias=True, activation_function=None, module_input_name="token_embeddings")
+    with torch.no_grad():
+        dense.linear.weight.copy_(head["weight"])
+        dense.linear.bias.copy_(head["bias"])
+    modules = [single[0], dense, Normalize(module_input_name="token_embeddings"), MultiVectorMask()]
+    return MultiVectorEncoder(modules=modules, device=device, prompts=single.prompts)
 
 
 # --------------------------------------------------------------------- model card
@@ -667,7 +751,9 @@ def _usage_lines(config: dict[str, Any], mode: str, base: str) -> list[str]:
     else:
         lines.append('model = EmbeddingModel.from_pretrained("path/to/this/folder")')
     record = config.get("instructions") or {}
-    if not record:
+    if config.get("dense_head", True) is False:
+        record = {}  # no single vectors: only the token-vector lines below apply
+    elif not record:
         lines += [
             'queries = model.encode_queries(["a handwritten digit seven"])  # [1, d]',
             'docs = model.encode_targets([{"image": "digit.png"}, "a caption"])  # [2, d]',
@@ -692,6 +778,15 @@ def _usage_lines(config: dict[str, Any], mode: str, base: str) -> list[str]:
         ]
     if len(record) > _USAGE_TASKS:
         lines.append(f"# ... and task= for the other {len(record) - _USAGE_TASKS} tasks of the table above")
+    if config.get("multivector_dim"):
+        lines += [
+            "# token vectors of the multi-vector head, scored by MaxSim (late interaction):",
+            "from vlm2emb.multivector import maxsim_lists",
+            "",
+            'query_sets = model.encode(["a query text"], output="multivector")  # [L_i, D] per item',
+            'doc_sets = model.encode([{"image": "doc.png"}], output="multivector")',
+            "print(maxsim_lists(query_sets, doc_sets))  # [1, 1]",
+        ]
     lines.append("```")
     return lines
 

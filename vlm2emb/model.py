@@ -775,8 +775,8 @@ class EmbeddingModel(nn.Module):
                 )
             # Only the multi-vector set loses the prompt tokens; pooling above saw them all.
             mask = mask.to(torch.bool) & content.to(mask.device)  # [B, L]
-        multi = head(hidden, mask)  # tokens [B, L, D], mask [B, L]
-        multi.dense = emb if self.config.dense_head else None
+        tokens, keep = head(hidden, mask)  # [B, L, D], [B, L]
+        multi = MultiVectorEmbeddings(tokens, keep, emb if self.config.dense_head else None)
         return multi.drop_last_rows(dummy_rows)
 
     # ------------------------------------------------------------------ encode

@@ -43,6 +43,20 @@ __all__ = [
 # Upper bound on the token dot products one block of :func:`maxsim` holds at once
 # (2**24 float32 = 64 MiB, plus the same again for the masked copy and the max's indices).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Most padded query tokens in one block of :func:`maxsim`'s bucketed path (a longer query
+# gets a block of its own): similar-length queries share a block, and the GEMM keeps a few
+# hundred columns.
+QUERY_BLOCK_TOKENS = 512
+# Query blocks are not split for padding below this many slots: each query block is one
+# more pass over every document block, and a narrow one makes a narrow GEMM.
+QUERY_BLOCK_MIN_TOKENS = 256
+# Target size of one bucketed block of token dot products (8 MiB in float32): its GEMM
+# output is still in cache when the max reads it (1.2x-1.7x faster than unbounded blocks in
+# one single-thread sweep on ragged lengths). With 2 threads on a loaded machine, blocks of
+# this size and smaller were erratic; see docs/benchmarks.md.
+BUCKET_BLOCK_ELEMENTS = 1 << 21
+# A bucketed block stops growing when padding would exceed 1/8 of its slots.
+PADDING_SHARE_DIVISOR = 8
 
 
 def _pad_tokens(x: Tensor, length: int) -> Tensor:
@@ -192,21 +206,25 @@ class MultiVectorHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(hidden_size, dim)
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> MultiVectorEmbeddings:
+    def forward(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Projects and normalises every token.
+
+        Returns a plain tuple, not a :class:`MultiVectorEmbeddings`: DeepSpeed ZeRO-3's module
+        hooks only see tensors in tuples, lists and dicts, and a backward through a module
+        whose output tensors they cannot see fails ("active_backward_submodules is empty").
 
         Args:
             hidden: [B, L, H] last hidden states (any float dtype).
             mask: [B, L] attention mask (nonzero = real token).
 
         Returns:
-            Float32 token vectors with the bool mask (``dense`` unset).
+            ``(tokens [B, L, D] float32, mask [B, L] bool)``; padded tokens are zero vectors.
         """
         # The projection runs in the head's own dtype (float32 unless a wrapper cast it).
         tokens = self.proj(hidden.to(self.proj.weight.dtype)).float()  # [B, L, D]
         keep = mask.to(torch.bool)  # [B, L]
         tokens = F.normalize(tokens, dim=-1) * keep.unsqueeze(-1)
-        return MultiVectorEmbeddings(tokens, keep)
+        return tokens, keep
 
 
 def pad_token_sets(sets: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -228,6 +246,126 @@ def pad_token_sets(sets: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return tokens, mask.to(tokens.device)
 
 
+def _extents(mask: Tensor, length: int) -> Tensor:
+    """[n] one past each row's last real token, from ``mask`` [n, L].
+
+    The extent, not the count of real tokens, bounds what a block may cut: a mask with holes
+    (``multivector_tokens: content`` masks the instruction before the item's tokens) still has
+    real tokens up to its last True.
+    """
+    positions = torch.arange(1, length + 1, device=mask.device)  # [L]
+    return (mask * positions).amax(dim=1) if length else mask.new_zeros(mask.shape[0], dtype=torch.int64)
+
+
+def _length_blocks(extents: Tensor, budget: int, min_slots: int = 0) -> list[tuple[Tensor, int]]:
+    """Rows grouped by extent: ``(rows [b] int64, padded length)`` per block.
+
+    Rows are sorted by extent and a block is padded only to its own longest member. A block
+    grows while ``rows * padded length <= budget`` and, once it has ``min_slots`` slots, while
+    its padding stays under ``1 / PADDING_SHARE_DIVISOR`` of its slots (at least one row), so
+    similar lengths share a few large blocks: large blocks keep the number of parallel ops
+    small, and ``min_slots`` keeps a GEMM from getting too narrow.
+    """
+    lengths = extents.clamp(min=1).cpu()  # an empty row still occupies one (zero/filler) slot
+    order = lengths.argsort(stable=True)  # [n] ascending
+    sorted_lengths = lengths[order].tolist()
+    blocks, start, n = [], 0, len(sorted_lengths)
+    while start < n:
+        end, real = start + 1, sorted_lengths[start]
+        # Ascending order: the longest member of rows[start:end + 1] is the last one.
+        while end < n:
+            slots = (end - start + 1) * sorted_lengths[end]
+            wasteful = (slots - real - sorted_lengths[end]) * PADDING_SHARE_DIVISOR > slots
+            if slots > budget or (slots > min_slots and wasteful):
+                break
+            real += sorted_lengths[end]
+            end += 1
+        blocks.append((order[start:end], int(sorted_lengths[end - 1])))
+        start = end
+    return blocks
+
+
+@dataclass
+class _FlatRows:
+    """Token sets stored as one ``[T, D]`` matrix, with what a padded block of rows needs.
+
+    Row ``r``'s position ``p`` is ``flat[starts[r] + p]`` where ``real[r, p]`` (or, without
+    ``real``, where ``p < extents[r]``), and ``flat[fill[r]]`` elsewhere.
+    """
+
+    flat: Tensor  # [T, D]
+    starts: Tensor  # [n] int64
+    extents: Tensor  # [n] int64
+    fill: Tensor  # [n] int64
+    real: Tensor | None = None  # [n, L] bool, for masks with holes
+
+    def block(self, rows: Tensor, length: int) -> Tensor:
+        """[len(rows) * length, D]: ``rows`` padded to ``length``, flattened (one gather)."""
+        positions = torch.arange(length, device=self.flat.device)  # [L_b]
+        index = self.starts[rows].unsqueeze(1) + positions  # [b, L_b]
+        if self.real is not None:
+            keep = self.real[rows, :length]  # [b, L_b]
+        else:
+            keep = positions < self.extents[rows].unsqueeze(1)  # [b, L_b]
+        index = torch.where(keep, index, self.fill[rows].unsqueeze(1))  # [b, L_b]
+        return self.flat[index.reshape(-1)]  # [b * L_b, D]
+
+
+def _bucketed_maxsim(
+    query: _FlatRows,
+    docs: _FlatRows,
+    chunk_elements: int,
+    dtype: torch.dtype,
+    track: bool,
+) -> Tensor:
+    """[Nq, Nd] MaxSim with rows sorted by length and each block padded to its own longest.
+
+    Padded query slots gather a zero vector (adds 0 to every sum); padded document slots
+    gather a copy of one of the document's own tokens (never changes a max).
+    """
+    lq_max = max(1, int(query.extents.max()))
+    ld_max = max(1, int(docs.extents.max()))
+    # Narrow query blocks (few hundred tokens) let similar-length queries share a block,
+    # which is where query padding is saved; the GEMM stays wide along the document axis.
+    # The memory bound uses the widest query block, so every block of token dot products
+    # stays under chunk_elements.
+    q_budget = max(lq_max, min(QUERY_BLOCK_TOKENS, chunk_elements // ld_max))
+    q_blocks = _length_blocks(query.extents, q_budget, min_slots=QUERY_BLOCK_MIN_TOKENS)
+    widest = max(len(rows) * length for rows, length in q_blocks)
+    d_blocks = _length_blocks(docs.extents, max(ld_max, min(BUCKET_BLOCK_ELEMENTS, chunk_elements) // widest))
+    device = query.flat.device
+    flat_docs = [docs.block(rows.to(device), length) for rows, length in d_blocks]  # [bd * Ld_b, D] each
+    out_rows = []
+    for q_rows, lq_b in q_blocks:
+        a = len(q_rows)
+        flat_q = query.block(q_rows.to(device), lq_b)  # [bq * Lq_b, D]
+        cols = []
+        for flat_d, (d_rows, ld_b) in zip(flat_docs, d_blocks):
+            cols.append(_block_scores(flat_q, a, lq_b, flat_d, len(d_rows), ld_b, dtype, track))
+        out_rows.append(torch.cat(cols, dim=1))  # [bq, Nd] in sorted document order
+    q_order = torch.cat([rows for rows, _ in q_blocks]).to(device)  # [Nq]
+    d_order = torch.cat([rows for rows, _ in d_blocks]).to(device)  # [Nd]
+    # Back to the input order: sorted row k is input row order[k].
+    return torch.cat(out_rows, dim=0)[q_order.argsort()][:, d_order.argsort()]  # [Nq, Nd]
+
+
+def _block_scores(
+    flat_q: Tensor, a: int, lq: int, flat_d: Tensor, c: int, ld: int, dtype: torch.dtype, track: bool
+) -> Tensor:
+    """[a, c] MaxSim of ``a`` queries (``flat_q`` [a * lq, D]) and ``c`` documents
+    (``flat_d`` [c * ld, D]), every slot already real, zero (query) or a duplicate (document)."""
+    # One plain GEMM with the document tokens as rows, read in place as [c, ld, a * lq]:
+    # the max over a document's tokens is a reduction over the middle axis, vectorised
+    # along the contiguous query-token axis. (Query tokens as rows, reducing along a
+    # contiguous Ld axis, measured 1.6x slower for 1,030-token pages; einsum
+    # "aid,cjd->acij" also writes a permuted copy.)
+    sim = (flat_d @ flat_q.T).view(c, ld, a * lq)
+    # Training keeps max()'s [c, a * lq] indices for the backward; amax() would keep the
+    # whole block, and is only the cheaper reduction without grad.
+    best = sim.max(dim=1).values if track else sim.amax(dim=1)  # [c, a * lq]
+    return best.view(c, a, lq).sum(dim=-1, dtype=dtype).T  # [a, c]
+
+
 def maxsim(
     query: Tensor,
     docs: Tensor,
@@ -236,14 +374,21 @@ def maxsim(
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     compute_dtype: torch.dtype | None = None,
+    bucket_by_length: bool = True,
 ) -> Tensor:
     r"""MaxSim scores of every query against every document, computed block by block.
 
     ``score[a, c] = sum_{i: query_mask[a, i]} max_{j: doc_mask[c, j]} query[a, i] . docs[c, j]``.
 
-    Queries and documents are cut into blocks so that one block's token dot products
-    (``bq * bd * Lq * Ld``) stay under ``chunk_elements``; the result (and its gradient) is
-    the same as computing everything at once. A document without any real token scores 0.
+    Queries and documents are cut into blocks so that one block's token dot products stay
+    under ``chunk_elements``; the result (and its gradient) is the same as computing
+    everything at once. A document without any real token scores 0.
+
+    With ``bucket_by_length`` (the default) and padding present, queries and documents are
+    sorted by length and each block is padded only to its own longest member (scores come
+    back in the input order), so padding costs almost no dot products. Without padding
+    nothing changes. Bucketed scores equal the unbucketed ones up to the float rounding of
+    the sum over query tokens.
 
     Args:
         query: [Nq, Lq, D] query token vectors.
@@ -255,6 +400,8 @@ def maxsim(
             least float32). ``torch.bfloat16`` roughly halves the time on a CPU with
             bfloat16 matrix units, at about 3 significant digits per dot product (the sums
             over query tokens stay float32); see docs/benchmarks.md.
+        bucket_by_length: Sort rows by length so each block is padded to its own longest
+            member. False pads every block to ``Lq`` x ``Ld`` (the reference path).
 
     Returns:
         [Nq, Nd] scores in the promoted dtype of the inputs (at least float32).
@@ -270,50 +417,82 @@ def maxsim(
     nd, ld, _ = docs.shape
     device = query.device
     docs = docs.to(device)
-    if query_mask is not None and not bool(query_mask.all()):
-        # A zero query token scores 0 against every document token, so zeroing the padded
-        # query slots drops them from the sum with no mask in the inner loop.
-        query = query * query_mask.to(device, torch.bool).unsqueeze(-1)  # [Nq, Lq, D]
-    empty = None
-    if doc_mask is not None and not bool(doc_mask.all()):
-        doc_mask = doc_mask.to(device, torch.bool)
-        # A padded document slot takes a copy of one of its document's real tokens: the max
-        # over the document is unchanged (a duplicate never beats its original), so no
-        # [.., Lq, Ld] block is masked; through the gather, the gradient of a copy that wins
-        # reaches the original token.
-        first_real = doc_mask.to(torch.int8).argmax(dim=1)  # [Nd] (0 when none is real)
-        filler = docs[torch.arange(nd, device=device), first_real]  # [Nd, D]
-        docs = torch.where(doc_mask.unsqueeze(-1), docs, filler.unsqueeze(1))  # [Nd, Ld, D]
-        empty = ~doc_mask.any(dim=1)  # [Nd] documents without a real token score 0
-    per_pair = max(1, lq * ld)
-    bq = max(1, min(nq, chunk_elements // per_pair))
-    bd = max(1, min(nd, chunk_elements // (bq * per_pair)))
-    # Training keeps max()'s [bd, bq * Lq] indices for the backward; amax() would keep the
-    # whole block, and is only the cheaper reduction without grad.
+    padded_queries = query_mask is not None and not bool(query_mask.all())
+    padded_docs = doc_mask is not None and not bool(doc_mask.all())
     track = torch.is_grad_enabled() and (query.requires_grad or docs.requires_grad)
-    flat_docs = docs.reshape(nd * ld, dim)  # [Nd * Ld, D]
     if compute_dtype is not None:
-        query, flat_docs = query.to(compute_dtype), flat_docs.to(compute_dtype)
-    rows = []
-    for qs in range(0, nq, bq):
-        a = min(bq, nq - qs)
-        flat_q = query[qs : qs + a].reshape(a * lq, dim)  # [bq * Lq, D]
-        cols = []
-        for ds in range(0, nd, bd):
-            c = min(bd, nd - ds)
-            # One plain GEMM with the document tokens as rows, read in place as
-            # [bd, Ld, bq * Lq]: the max over a document's tokens is a reduction over the
-            # middle axis, vectorised along the contiguous query-token axis. (Query tokens
-            # as rows, reducing along a contiguous Ld axis, measured 1.6x slower for
-            # 1,030-token pages; einsum "aid,cjd->acij" also writes a permuted copy.)
-            sim = (flat_docs[ds * ld : (ds + c) * ld] @ flat_q.T).view(c, ld, a * lq)
-            best = sim.max(dim=1).values if track else sim.amax(dim=1)  # [bd, bq * Lq]
-            cols.append(best.view(c, a, lq).sum(dim=-1, dtype=dtype).T)  # [bq, bd]
-        rows.append(torch.cat(cols, dim=1))  # [bq, Nd]
-    scores = torch.cat(rows, dim=0)  # [Nq, Nd]
+        query, docs = query.to(compute_dtype), docs.to(compute_dtype)
+    empty = None
+    if padded_docs:
+        doc_mask = doc_mask.to(device, torch.bool)
+        empty = ~doc_mask.any(dim=1)  # [Nd] documents without a real token score 0
+    if bucket_by_length and (padded_queries or padded_docs) and nq and nd:
+        rows_q = torch.arange(nq, device=device) * lq  # [Nq] start of each row in the flat view
+        rows_d = torch.arange(nd, device=device) * ld  # [Nd]
+        if padded_queries:
+            q_real = query_mask.to(device, torch.bool)  # [Nq, Lq]
+            # Padded query slots gather the appended zero row.
+            q_flat = torch.cat([query.reshape(nq * lq, dim), query.new_zeros(1, dim)])  # [Nq * Lq + 1, D]
+            q_rows = _FlatRows(q_flat, rows_q, _extents(q_real, lq), torch.full_like(rows_q, nq * lq), q_real)
+        else:
+            full = torch.full_like(rows_q, lq)
+            q_rows = _FlatRows(query.reshape(nq * lq, dim), rows_q, full, rows_q)
+        if padded_docs:
+            # Padded document slots gather the document's first real token (row start when
+            # it has none; its score is zeroed below).
+            first_real = doc_mask.to(torch.int8).argmax(dim=1)  # [Nd]
+            d_rows = _FlatRows(
+                docs.reshape(nd * ld, dim), rows_d, _extents(doc_mask, ld), rows_d + first_real, doc_mask
+            )
+        else:
+            d_rows = _FlatRows(docs.reshape(nd * ld, dim), rows_d, torch.full_like(rows_d, ld), rows_d)
+        scores = _bucketed_maxsim(q_rows, d_rows, chunk_elements, dtype, track)
+    else:
+        if padded_queries:
+            # A zero query token scores 0 against every document token, so zeroing the padded
+            # query slots drops them from the sum with no mask in the inner loop.
+            query = query * query_mask.to(device, torch.bool).unsqueeze(-1)  # [Nq, Lq, D]
+        if padded_docs:
+            # A padded document slot takes a copy of one of its document's real tokens: the
+            # max over the document is unchanged (a duplicate never beats its original), so
+            # no [.., Lq, Ld] block is masked; through the gather, the gradient of a copy
+            # that wins reaches the original token.
+            first_real = doc_mask.to(torch.int8).argmax(dim=1)  # [Nd] (0 when none is real)
+            filler = docs[torch.arange(nd, device=device), first_real]  # [Nd, D]
+            docs = torch.where(doc_mask.unsqueeze(-1), docs, filler.unsqueeze(1))  # [Nd, Ld, D]
+        per_pair = max(1, lq * ld)
+        bq = max(1, min(nq, chunk_elements // per_pair))
+        bd = max(1, min(nd, chunk_elements // (bq * per_pair)))
+        flat_docs = docs.reshape(nd * ld, dim)  # [Nd * Ld, D]
+        out_rows = []
+        for qs in range(0, nq, bq):
+            a = min(bq, nq - qs)
+            flat_q = query[qs : qs + a].reshape(a * lq, dim)  # [bq * Lq, D]
+            cols = []
+            for ds in range(0, nd, bd):
+                c = min(bd, nd - ds)
+                cols.append(
+                    _block_scores(flat_q, a, lq, flat_docs[ds * ld : (ds + c) * ld], c, ld, dtype, track)
+                )
+            out_rows.append(torch.cat(cols, dim=1))  # [bq, Nd]
+        scores = torch.cat(out_rows, dim=0)  # [Nq, Nd]
     if empty is not None and bool(empty.any()):
         scores = scores.masked_fill(empty.unsqueeze(0), 0.0)
     return scores
+
+
+def _flat_sets(sets: Sequence[Tensor], dtype: torch.dtype, device: torch.device, pad: str) -> _FlatRows:
+    """Token sets ``[L_i, D]`` as one flat matrix plus a zero row at the end; padded slots
+    gather the zero row (``pad="zero"``, queries) or the set's first token (``"first"``)."""
+    lengths = torch.tensor([int(s.shape[0]) for s in sets], dtype=torch.int64, device=device)  # [n]
+    dim = sets[0].shape[-1]
+    flat = torch.cat([*(s.to(device, dtype) for s in sets), torch.zeros(1, dim, dtype=dtype, device=device)])
+    starts = lengths.cumsum(0) - lengths  # [n]
+    zero_row = torch.full_like(starts, flat.shape[0] - 1)
+    # An empty set has no first token; it gathers the zero row (an empty document's score
+    # is zeroed by the caller).
+    fill = zero_row if pad == "zero" else torch.where(lengths > 0, starts, zero_row)
+    return _FlatRows(flat, starts, lengths, fill)
 
 
 def maxsim_lists(
@@ -322,21 +501,44 @@ def maxsim_lists(
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     compute_dtype: torch.dtype | None = None,
+    bucket_by_length: bool = True,
 ) -> Tensor:
     """:func:`maxsim` of variable-length token sets (what ``encode(output="multivector")`` returns).
+
+    With ``bucket_by_length`` the sets are never padded to the longest of all: each block
+    gathers its rows from one flat copy, padded to the block's own longest member.
 
     Args:
         queries: ``Nq`` tensors ``[Lq_i, D]``.
         docs: ``Nd`` tensors ``[Ld_j, D]``.
+        chunk_elements, compute_dtype, bucket_by_length: As for :func:`maxsim`.
 
     Returns:
         [Nq, Nd] scores.
     """
-    q, qm = pad_token_sets(queries)
-    d, dm = pad_token_sets(docs)
-    return maxsim(
-        q, d.to(q.device), qm, dm.to(q.device), chunk_elements=chunk_elements, compute_dtype=compute_dtype
-    )
+    if not bucket_by_length or not queries or not docs:
+        q, qm = pad_token_sets(queries)
+        d, dm = pad_token_sets(docs)
+        return maxsim(
+            q,
+            d.to(q.device),
+            qm,
+            dm.to(q.device),
+            chunk_elements=chunk_elements,
+            compute_dtype=compute_dtype,
+            bucket_by_length=bucket_by_length,
+        )
+    dtype = torch.promote_types(torch.promote_types(queries[0].dtype, docs[0].dtype), torch.float32)
+    device = queries[0].device
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (*queries, *docs))
+    work = compute_dtype if compute_dtype is not None else dtype
+    q_rows = _flat_sets(queries, work, device, pad="zero")
+    d_rows = _flat_sets(docs, work, device, pad="first")
+    scores = _bucketed_maxsim(q_rows, d_rows, chunk_elements, dtype, track)
+    empty = d_rows.extents == 0  # [Nd]
+    if bool(empty.any()):
+        scores = scores.masked_fill(empty.unsqueeze(0), 0.0)
+    return scores
 
 
 def pool_tokens(tokens: Tensor, pool_factor: int) -> Tensor:

@@ -297,27 +297,53 @@ def _losses_of(out: Path) -> list[float]:
     return [rec["loss"] for rec in lines if "loss" in rec]
 
 
+MAXSIM_EXTRA = ("model.multivector_dim=16", "train.loss=maxsim", "train.loss_args.dense_weight=0.5")
+
+
+@pytest.fixture(scope="module")
+def single_maxsim(tmp_path_factory) -> dict[str, Path]:
+    """One process, joint dense + MaxSim, with and without GradCache (the references)."""
+    out = {}
+    for name, extra in (("plain", ()), ("gradcache", ("train.gradcache_chunk_size=3",))):
+        out[name] = tmp_path_factory.mktemp(f"single-maxsim-{name}")
+        _run(_train_cmd(out[name], *MAXSIM_EXTRA, *extra))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_match_one_for_the_maxsim_loss(tmp_path):
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [
+        ("ddp", ("train.gradcache_chunk_size=3",)),
+        ("zero2", ()),
+        ("zero3", ()),
+        ("zero3", ("train.gradcache_chunk_size=3",)),
+    ],
+    ids=["ddp-gradcache", "zero2", "zero3", "zero3-gradcache"],
+)
+def test_two_processes_match_one_for_the_maxsim_loss(single_maxsim, tmp_path, config, extra):
     """Late interaction across processes: token sets of different lengths are gathered
-    (padded to the longest of any process, with masks), so DDP + GradCache at two processes
-    gives one process's losses and weights, the multi-vector head included."""
-    extra = (
-        "model.multivector_dim=16",
-        "train.loss=maxsim",
-        "train.loss_args.dense_weight=0.5",
-        "train.gradcache_chunk_size=3",
-    )
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run(_train_cmd(one, *extra))
-    _run(_launch_cmd("ddp", two, *extra))
+    (padded to the longest of any process, with masks), so two processes under DDP, ZeRO-2
+    or ZeRO-3 give one process's losses and weights at the same global batch, the
+    multi-vector head included (under ZeRO-3 the head is partitioned like any parameter
+    and gathered for saving); the saved model reloads with the same token vectors."""
+    from vlm2emb import EmbeddingModel
+
+    one = single_maxsim["gradcache" if extra else "plain"]
+    two = tmp_path / "two"
+    _run(_launch_cmd(config, two, *MAXSIM_EXTRA, *extra))
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
     for name in ("model.safetensors", "multivector_head.safetensors"):
         ref, got = load_file(one / "final" / name), load_file(two / "final" / name)
         assert ref.keys() == got.keys()
         worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
         assert worst < 2e-5, (name, worst)
+    items = ["a handwritten seven", "the digit two"]
+    ref_sets = EmbeddingModel.from_pretrained(one / "final").encode(items, output="multivector")
+    got_sets = EmbeddingModel.from_pretrained(two / "final").encode(items, output="multivector")
+    for a, b in zip(ref_sets, got_sets):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
 REDUCER_WARNING = "find_unused_parameters=True was specified in DDP constructor"
