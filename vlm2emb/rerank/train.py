@@ -34,6 +34,7 @@ from vlm2emb.rerank.loss import listwise_softmax_loss
 from vlm2emb.train.config import LoraConfig
 
 _BAD_EXAMPLE = ("error", "skip")
+_SCHEDULES = ("linear", "cosine", "constant")  # the embedder's train.lr_scheduler names
 
 
 @dataclass
@@ -70,7 +71,11 @@ class RerankTrainConfig:
         queries_per_forward: Queries whose groups run in one forward (0 = the whole batch);
             the gradient is the same, memory is lower.
         max_steps: Optimizer steps.
-        learning_rate: AdamW learning rate (constant).
+        learning_rate: AdamW peak learning rate.
+        warmup_ratio: Share of ``max_steps`` spent warming up from 0 (``round(ratio * max_steps)``
+            steps), as the embedder's ``train.warmup_ratio``.
+        lr_scheduler: ``linear``, ``cosine`` or ``constant`` after the warmup: transformers'
+            curves, as the embedder's ``train.lr_scheduler``.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping (0 = off).
         temperature: Scores are divided by it in the softmax.
@@ -94,6 +99,8 @@ class RerankTrainConfig:
     queries_per_forward: int = 0
     max_steps: int = 100
     learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -124,6 +131,12 @@ class RerankTrainConfig:
         if self.group_size < 2:
             raise ConfigError(
                 f"group_size must be at least 2 (a positive and a negative), got {self.group_size}"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler not in _SCHEDULES:
+            raise ConfigError(
+                f"lr_scheduler must be one of {', '.join(_SCHEDULES)}, got {self.lr_scheduler!r}"
             )
         if self.queries_per_forward < 0:
             raise ConfigError(
@@ -242,6 +255,7 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
     """
     from vlm2emb.data.schema import load_train_examples
     from vlm2emb.rerank.model import Reranker
+    from vlm2emb.train.loop import lr_schedule
 
     cfg = config if isinstance(config, RerankTrainConfig) else RerankTrainConfig.from_mapping(config)
     cfg.validate()
@@ -275,6 +289,9 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
         model.apply_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = lr_schedule(
+        optimizer, cfg.lr_scheduler, round(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
+    )
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout (LoRA's, the backbone's) draws from the global RNG
     order: list[int] = []
@@ -290,8 +307,9 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
             del order[: cfg.batch_size]
             groups, mask = reranker_groups(batch, cfg.group_size, rng)
             loss = _step_backward(model, batch, groups, mask, cfg)
+            lr = optimizer.param_groups[0]["lr"]  # this step's rate (the schedule's factor of the peak)
             if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # skipped: the schedule waits, as in loop.py
                 losses.append(float("nan"))
                 bad_streak += 1
                 if bad_streak >= cfg.max_bad_steps:
@@ -303,10 +321,11 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
             if step % cfg.log_steps == 0 or step == cfg.max_steps:
-                record = {"step": step, "loss": loss, "lr": cfg.learning_rate}
+                record = {"step": step, "loss": loss, "lr": lr}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
     seconds = time.perf_counter() - start
