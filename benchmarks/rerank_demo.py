@@ -99,6 +99,7 @@ def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict:
             "learning_rate": args.rerank_lr,
             "warmup_ratio": 0.1,
             "lr_scheduler": "cosine",
+            "temperature": args.rerank_temperature,
             "log_steps": 10,
         }
     )
@@ -189,6 +190,9 @@ def main() -> None:
     ap.add_argument("--embed-steps", type=int, default=150)
     ap.add_argument("--rerank-steps", type=int, default=100)
     ap.add_argument("--rerank-lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--rerank-temperature", type=float, default=0.05, help="listwise softmax temperature of the reranker"
+    )
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8, help="reranker queries per step")
     ap.add_argument("--recall", type=int, default=3, help="captions the embedder hands to the reranker")

@@ -278,3 +278,46 @@ def test_recipe_errors(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:1"):
         train_reranker({"data": {"train": [str(bad)]}, "output_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run" / "final").exists()
+
+
+def _weights(final_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(final_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
+    from vlm2emb.train.state import CheckpointError
+
+    base = {
+        "data": {"train": [_write(tmp_path, _text_rows())]},
+        "group_size": 4,  # two own negatives + one in-batch fill: the fill's RNG must resume too
+        "batch_size": 3,  # 8 rows: batches straddle epochs, so the row order must resume too
+        "max_steps": 5,
+        "log_steps": 1,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.4,
+        "lr_scheduler": "cosine",
+        "save_steps": 2,
+    }
+    whole = train_reranker({**base, "output_dir": str(tmp_path / "whole")})
+    ckpt = tmp_path / "whole" / "checkpoints" / "step-2"
+    assert (ckpt / "manifest.json").is_file() and (tmp_path / "whole" / "checkpoints" / "step-4").is_dir()
+    # A run stopped after step 2 (its later records and final/ never written), then resumed.
+    (tmp_path / "part").mkdir()
+    kept = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "part" / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))  # 5 records
+    resumed = train_reranker(
+        {**base, "output_dir": str(tmp_path / "part"), "save_steps": 0, "resume_from_checkpoint": str(ckpt)}
+    )
+    assert resumed.losses == whole.losses  # steps 1-2 from the checkpoint, 3-5 recomputed
+    a, b = _weights(whole.final_dir), _weights(resumed.final_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "part" / "metrics.jsonl").read_text() == (
+        tmp_path / "whole" / "metrics.jsonl"
+    ).read_text()
+    # A damaged checkpoint is refused before anything loads, naming the file.
+    state = ckpt / "state" / "optimizer.safetensors"
+    state.write_bytes(state.read_bytes()[:-3])
+    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors: .*bytes"):
+        train_reranker({**base, "output_dir": str(tmp_path / "bad"), "resume_from_checkpoint": str(ckpt)})

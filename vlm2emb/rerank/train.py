@@ -88,6 +88,10 @@ class RerankTrainConfig:
         yes_token: "Relevant" answer (None: the model's).
         no_token: "Not relevant" answer (None: the model's).
         max_bad_steps: Stop after this many non-finite losses in a row (each is skipped).
+        save_steps: Write ``checkpoints/step-N`` every this many steps (0 = none); a run
+            resumed from one continues bit for bit as the run without the stop.
+        resume_from_checkpoint: A ``checkpoints/step-N`` folder to continue from (the same
+            recipe; ``max_steps`` may be larger).
         overwrite_output_dir: Replace an existing ``final/``.
     """
 
@@ -113,6 +117,8 @@ class RerankTrainConfig:
     yes_token: str | None = None
     no_token: str | None = None
     max_bad_steps: int = 5
+    save_steps: int = 0
+    resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
 
     def validate(self) -> None:
@@ -138,6 +144,8 @@ class RerankTrainConfig:
             raise ConfigError(
                 f"lr_scheduler must be one of {', '.join(_SCHEDULES)}, got {self.lr_scheduler!r}"
             )
+        if self.save_steps < 0:
+            raise ConfigError(f"save_steps must be 0 (none) or positive, got {self.save_steps}")
         if self.queries_per_forward < 0:
             raise ConfigError(
                 f"queries_per_forward must be 0 (all) or positive, got {self.queries_per_forward}"
@@ -297,10 +305,23 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
     order: list[int] = []
     losses: list[float] = []
     bad_streak = 0
+    first = 1
+    records: list[str] = []
+    if cfg.resume_from_checkpoint:
+        loop = _load_checkpoint(
+            Path(cfg.resume_from_checkpoint), params, model, optimizer, scheduler, rng, cfg
+        )
+        first, order, losses, bad_streak = loop["step"] + 1, loop["order"], loop["losses"], loop["bad_streak"]
+        old = out / "metrics.jsonl"  # keep the records up to the checkpoint, drop any written after it
+        if old.is_file():
+            records = [
+                line + "\n" for line in old.read_text().splitlines() if json.loads(line)["step"] < first
+            ]
     model.train()
     start = time.perf_counter()
     with (out / "metrics.jsonl").open("w") as log:
-        for step in range(1, cfg.max_steps + 1):
+        log.writelines(records)
+        for step in range(first, cfg.max_steps + 1):
             while len(order) < cfg.batch_size:  # epochs of seeded permutations
                 order.extend(rng.permutation(len(rows)).tolist())
             batch = [rows[i] for i in order[: cfg.batch_size]]
@@ -328,6 +349,9 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
                 record = {"step": step, "loss": loss, "lr": lr}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                loop = {"step": step, "order": order, "losses": losses, "bad_streak": bad_streak}
+                _save_checkpoint(out / "checkpoints" / f"step-{step}", model, optimizer, scheduler, rng, loop)
     seconds = time.perf_counter() - start
     model.eval()
     tmp = out / ".tmp-final"
@@ -358,3 +382,79 @@ def _step_backward(
             (loss * weight).backward()
         total += float(loss.detach()) * weight
     return total
+
+
+_LOOP_STATE = "reranker_state.json"
+
+
+def _save_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, rng: np.random.Generator, loop: dict[str, Any]
+) -> None:
+    """Everything the next step depends on, without pickle, renamed into place once complete.
+
+    ``state/model.safetensors`` holds the trainable tensors only: the frozen ones are rebuilt
+    by loading ``model`` again (the recipe's), as the run did at its start.
+    """
+    from vlm2emb.train.state import rng_file, rng_state, save_tree, write_manifest
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = tmp / "state"
+    state.mkdir(parents=True)
+    save_tree(
+        state / "model.safetensors", {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    )
+    save_tree(state / "optimizer.safetensors", optimizer.state_dict())
+    (state / "scheduler.json").write_text(json.dumps(scheduler.state_dict()) + "\n")
+    save_tree(rng_file(state, 0), rng_state())
+    # The generator's state holds 128-bit integers: JSON keeps them exact.
+    (state / _LOOP_STATE).write_text(json.dumps({**loop, "generator": rng.bit_generator.state}) + "\n")
+    write_manifest(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(
+    path: Path,
+    params: list[torch.nn.Parameter],
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    rng: np.random.Generator,
+    cfg: RerankTrainConfig,
+) -> dict[str, Any]:
+    """Restores what :func:`_save_checkpoint` wrote; returns the loop's state.
+
+    Raises:
+        CheckpointError: A missing, damaged or foreign checkpoint (one line naming the file).
+    """
+    from vlm2emb.train.state import (
+        CheckpointError,
+        load_tree,
+        read_json,
+        rng_file,
+        set_rng_state,
+        verify_checkpoint,
+    )
+
+    verify_checkpoint(path)  # a truncated or altered file is found before anything loads
+    state = path / "state"
+    saved = load_tree(state / "model.safetensors")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(trainable):
+        raise CheckpointError(
+            f"{state / 'model.safetensors'}: its trainable tensors differ from this recipe's model "
+            f"({len(saved)} saved, {len(trainable)} here; same model and lora settings?)"
+        )
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
+    optimizer.load_state_dict(load_tree(state / "optimizer.safetensors"))
+    scheduler.load_state_dict(read_json(state / "scheduler.json"))
+    set_rng_state(load_tree(rng_file(state, 0)), rng_file(state, 0))
+    loop = read_json(state / _LOOP_STATE)
+    rng.bit_generator.state = loop.pop("generator")
+    if loop["step"] >= cfg.max_steps:
+        raise CheckpointError(f"{path}: already at step {loop['step']}; max_steps is {cfg.max_steps}")
+    return loop
