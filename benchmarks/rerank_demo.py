@@ -18,6 +18,7 @@ per image): embedder alone, embedder recall@k -> reranker, reranker alone over a
 control, distilled embedder; hit@1, MRR and the seconds of each stage.
 
     python benchmarks/rerank_demo.py --seeds 0 1 2 --out benchmarks/results/rerank_demo_cpu.json
+    # or one process per seed, then: --merge seed0.json seed1.json seed2.json --out all.json
 
 docs/rerank.md quotes its output.
 """
@@ -205,13 +206,28 @@ def main() -> None:
     ap.add_argument("--distill-lr", type=float, default=5e-4)
     ap.add_argument("--kl-weight", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="summarise the runs of these output files instead"
+    )
     args = ap.parse_args()
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="rerank-demo-"))
     runs = []
-    for seed in args.seeds:
-        runs.append(run_seed(args, seed, work / f"seed{seed}"))
-        print(json.dumps(runs[-1]), flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("merge", "out", "work")}
+    if args.merge:  # seeds run as separate processes (in parallel), summarised together
+        files = [json.loads(path.read_text()) for path in args.merge]
+        per_run = ("seeds", "merge", "out", "work")  # may differ between the merged files
+        settings = {k: v for k, v in files[0]["settings"].items() if k not in per_run}
+        for path, data in zip(args.merge, files):
+            other = {k: v for k, v in data["settings"].items() if k not in per_run}
+            if other != settings:
+                raise SystemExit(f"{path}: other settings than {args.merge[0]}; not merged")
+            runs.extend(data["runs"])
+        settings["seeds"] = [r["seed"] for r in runs]
+    else:
+        work = args.work or Path(tempfile.mkdtemp(prefix="rerank-demo-"))
+        for seed in args.seeds:
+            runs.append(run_seed(args, seed, work / f"seed{seed}"))
+            print(json.dumps(runs[-1]), flush=True)
     names = list(runs[0]["metrics"])
     summary = {
         name: {
@@ -227,7 +243,7 @@ def main() -> None:
     }
     out = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings,
         "mean_std": summary,
         "runs": runs,
     }
