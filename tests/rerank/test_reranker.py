@@ -225,3 +225,27 @@ def test_a_saved_embedder_starts_a_reranker_with_its_weights(tmp_path):
     assert torch.equal(
         model.base_lm.get_output_embeddings().weight, want["language_model.embed_tokens.weight"]
     )
+
+
+def test_plain_transformers_example_reproduces_the_scores(tmp_path, digit_images):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = Reranker.from_pretrained("tiny:qwen2_vl", instruction="Which {digit} is it?")  # braces kept
+    out = model.save_pretrained(tmp_path / "rr")
+    image = tmp_path / "q.png"
+    digit_images[3].save(image)
+    captions = ["a handwritten digit three", "a handwritten digit eight"]
+    example = Path(__file__).resolve().parents[2] / "examples" / "load_reranker_transformers.py"
+    done = subprocess.run(
+        [sys.executable, str(example), str(out), str(image), *captions],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    got = [float(line.split("\t")[0]) for line in done.stdout.splitlines()]
+    want = model.score_pairs([({"image": str(image)}, c) for c in captions]).tolist()
+    assert got == pytest.approx(want, abs=1e-4)
+    assert abs(want[0] - want[1]) > 1e-4  # the captions score differently: the check can fail

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.train.test_schedule import transformers_curve
 from vlm2emb._typed_config import ConfigError
 from vlm2emb.data.schema import DataError, TrainExample
 from vlm2emb.rerank import Reranker, RerankTrainConfig, listwise_softmax_loss, train_reranker
@@ -187,6 +188,8 @@ def test_a_few_steps_reduce_the_loss_and_the_model_reloads(tmp_path):
             "batch_size": 8,
             "max_steps": 10,
             "learning_rate": 3e-4,
+            "lr_scheduler": "constant",  # this test is about the optimisation, not the schedule
+            "warmup_ratio": 0.0,
         }
     )
     assert result.losses[-1] < result.losses[0] - 0.03, result.losses
@@ -194,6 +197,29 @@ def test_a_few_steps_reduce_the_loss_and_the_model_reloads(tmp_path):
     untrained = Reranker.from_pretrained("tiny:qwen2_vl")
     # The saved model is the trained one: after the last update its loss is lower still.
     assert _training_loss(trained, rows) < result.losses[-1] < _training_loss(untrained, rows)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_logged_rates_follow_the_transformers_schedule(tmp_path, kind):
+    result = train_reranker(
+        {
+            "data": {"train": [_write(tmp_path, _text_rows())]},
+            "output_dir": str(tmp_path / "run"),
+            "group_size": 2,
+            "batch_size": 2,
+            "max_steps": 6,
+            "log_steps": 1,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0.34,  # round(0.34 * 6) = 2 warmup steps
+            "lr_scheduler": kind,
+        }
+    )
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Each record holds the rate its own step trained at: step s (1-based) uses curve(s - 1).
+    assert [r["lr"] for r in logged] == pytest.approx(
+        [1e-3 * transformers_curve(kind, s, 2, 6) for s in range(6)]
+    )
+    assert logged[0]["lr"] == 0.0 and len(result.losses) == 6
 
 
 def test_lora_training_saves_an_adapter(tmp_path):
@@ -243,8 +269,55 @@ def test_recipe_errors(tmp_path):
         RerankTrainConfig.from_mapping({"data": {"train": ["x"]}, "group_size": 1})
     with pytest.raises(ConfigError, match=r"data\.train"):
         RerankTrainConfig.from_mapping({})
+    with pytest.raises(ConfigError, match="lr_scheduler must be one of linear, cosine, constant"):
+        RerankTrainConfig.from_mapping({"data": {"train": ["x"]}, "lr_scheduler": "step"})
+    with pytest.raises(ConfigError, match=r"warmup_ratio: must be in \[0, 1\)"):
+        RerankTrainConfig.from_mapping({"data": {"train": ["x"]}, "warmup_ratio": 1.0})
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"query": {"text": "q"}}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1"):
         train_reranker({"data": {"train": [str(bad)]}, "output_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run" / "final").exists()
+
+
+def _weights(final_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(final_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
+    from vlm2emb.train.state import CheckpointError
+
+    base = {
+        "data": {"train": [_write(tmp_path, _text_rows())]},
+        "group_size": 4,  # two own negatives + one in-batch fill: the fill's RNG must resume too
+        "batch_size": 3,  # 8 rows: batches straddle epochs, so the row order must resume too
+        "max_steps": 5,
+        "log_steps": 1,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.4,
+        "lr_scheduler": "cosine",
+        "save_steps": 2,
+    }
+    whole = train_reranker({**base, "output_dir": str(tmp_path / "whole")})
+    ckpt = tmp_path / "whole" / "checkpoints" / "step-2"
+    assert (ckpt / "manifest.json").is_file() and (tmp_path / "whole" / "checkpoints" / "step-4").is_dir()
+    # A run stopped after step 2 (its later records and final/ never written), then resumed.
+    (tmp_path / "part").mkdir()
+    kept = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "part" / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))  # 5 records
+    resumed = train_reranker(
+        {**base, "output_dir": str(tmp_path / "part"), "save_steps": 0, "resume_from_checkpoint": str(ckpt)}
+    )
+    assert resumed.losses == whole.losses  # steps 1-2 from the checkpoint, 3-5 recomputed
+    a, b = _weights(whole.final_dir), _weights(resumed.final_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "part" / "metrics.jsonl").read_text() == (
+        tmp_path / "whole" / "metrics.jsonl"
+    ).read_text()
+    # A damaged checkpoint is refused before anything loads, naming the file.
+    state = ckpt / "state" / "optimizer.safetensors"
+    state.write_bytes(state.read_bytes()[:-3])
+    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors: .*bytes"):
+        train_reranker({**base, "output_dir": str(tmp_path / "bad"), "resume_from_checkpoint": str(ckpt)})

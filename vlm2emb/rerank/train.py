@@ -34,6 +34,7 @@ from vlm2emb.rerank.loss import listwise_softmax_loss
 from vlm2emb.train.config import LoraConfig
 
 _BAD_EXAMPLE = ("error", "skip")
+_SCHEDULES = ("linear", "cosine", "constant")  # the embedder's train.lr_scheduler names
 
 
 @dataclass
@@ -70,7 +71,11 @@ class RerankTrainConfig:
         queries_per_forward: Queries whose groups run in one forward (0 = the whole batch);
             the gradient is the same, memory is lower.
         max_steps: Optimizer steps.
-        learning_rate: AdamW learning rate (constant).
+        learning_rate: AdamW peak learning rate.
+        warmup_ratio: Share of ``max_steps`` spent warming up from 0 (``round(ratio * max_steps)``
+            steps), as the embedder's ``train.warmup_ratio``.
+        lr_scheduler: ``linear``, ``cosine`` or ``constant`` after the warmup: transformers'
+            curves, as the embedder's ``train.lr_scheduler``.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping (0 = off).
         temperature: Scores are divided by it in the softmax.
@@ -83,6 +88,10 @@ class RerankTrainConfig:
         yes_token: "Relevant" answer (None: the model's).
         no_token: "Not relevant" answer (None: the model's).
         max_bad_steps: Stop after this many non-finite losses in a row (each is skipped).
+        save_steps: Write ``checkpoints/step-N`` every this many steps (0 = none); a run
+            resumed from one continues bit for bit as the run without the stop.
+        resume_from_checkpoint: A ``checkpoints/step-N`` folder to continue from (the same
+            recipe; ``max_steps`` may be larger).
         overwrite_output_dir: Replace an existing ``final/``.
     """
 
@@ -94,6 +103,8 @@ class RerankTrainConfig:
     queries_per_forward: int = 0
     max_steps: int = 100
     learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -106,6 +117,8 @@ class RerankTrainConfig:
     yes_token: str | None = None
     no_token: str | None = None
     max_bad_steps: int = 5
+    save_steps: int = 0
+    resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
 
     def validate(self) -> None:
@@ -125,6 +138,14 @@ class RerankTrainConfig:
             raise ConfigError(
                 f"group_size must be at least 2 (a positive and a negative), got {self.group_size}"
             )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler not in _SCHEDULES:
+            raise ConfigError(
+                f"lr_scheduler must be one of {', '.join(_SCHEDULES)}, got {self.lr_scheduler!r}"
+            )
+        if self.save_steps < 0:
+            raise ConfigError(f"save_steps must be 0 (none) or positive, got {self.save_steps}")
         if self.queries_per_forward < 0:
             raise ConfigError(
                 f"queries_per_forward must be 0 (all) or positive, got {self.queries_per_forward}"
@@ -242,6 +263,7 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
     """
     from vlm2emb.data.schema import load_train_examples
     from vlm2emb.rerank.model import Reranker
+    from vlm2emb.train.loop import lr_schedule
 
     cfg = config if isinstance(config, RerankTrainConfig) else RerankTrainConfig.from_mapping(config)
     cfg.validate()
@@ -275,23 +297,40 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
         model.apply_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = lr_schedule(
+        optimizer, cfg.lr_scheduler, round(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
+    )
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout (LoRA's, the backbone's) draws from the global RNG
     order: list[int] = []
     losses: list[float] = []
     bad_streak = 0
+    first = 1
+    records: list[str] = []
+    if cfg.resume_from_checkpoint:
+        loop = _load_checkpoint(
+            Path(cfg.resume_from_checkpoint), params, model, optimizer, scheduler, rng, cfg
+        )
+        first, order, losses, bad_streak = loop["step"] + 1, loop["order"], loop["losses"], loop["bad_streak"]
+        old = out / "metrics.jsonl"  # keep the records up to the checkpoint, drop any written after it
+        if old.is_file():
+            records = [
+                line + "\n" for line in old.read_text().splitlines() if json.loads(line)["step"] < first
+            ]
     model.train()
     start = time.perf_counter()
     with (out / "metrics.jsonl").open("w") as log:
-        for step in range(1, cfg.max_steps + 1):
+        log.writelines(records)
+        for step in range(first, cfg.max_steps + 1):
             while len(order) < cfg.batch_size:  # epochs of seeded permutations
                 order.extend(rng.permutation(len(rows)).tolist())
             batch = [rows[i] for i in order[: cfg.batch_size]]
             del order[: cfg.batch_size]
             groups, mask = reranker_groups(batch, cfg.group_size, rng)
             loss = _step_backward(model, batch, groups, mask, cfg)
+            lr = optimizer.param_groups[0]["lr"]  # this step's rate (the schedule's factor of the peak)
             if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # skipped: the schedule waits, as in loop.py
                 losses.append(float("nan"))
                 bad_streak += 1
                 if bad_streak >= cfg.max_bad_steps:
@@ -303,12 +342,16 @@ def train_reranker(config: RerankTrainConfig | Mapping[str, Any]) -> RerankTrain
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
             if step % cfg.log_steps == 0 or step == cfg.max_steps:
-                record = {"step": step, "loss": loss, "lr": cfg.learning_rate}
+                record = {"step": step, "loss": loss, "lr": lr}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                loop = {"step": step, "order": order, "losses": losses, "bad_streak": bad_streak}
+                _save_checkpoint(out / "checkpoints" / f"step-{step}", model, optimizer, scheduler, rng, loop)
     seconds = time.perf_counter() - start
     model.eval()
     tmp = out / ".tmp-final"
@@ -339,3 +382,79 @@ def _step_backward(
             (loss * weight).backward()
         total += float(loss.detach()) * weight
     return total
+
+
+_LOOP_STATE = "reranker_state.json"
+
+
+def _save_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, rng: np.random.Generator, loop: dict[str, Any]
+) -> None:
+    """Everything the next step depends on, without pickle, renamed into place once complete.
+
+    ``state/model.safetensors`` holds the trainable tensors only: the frozen ones are rebuilt
+    by loading ``model`` again (the recipe's), as the run did at its start.
+    """
+    from vlm2emb.train.state import rng_file, rng_state, save_tree, write_manifest
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = tmp / "state"
+    state.mkdir(parents=True)
+    save_tree(
+        state / "model.safetensors", {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    )
+    save_tree(state / "optimizer.safetensors", optimizer.state_dict())
+    (state / "scheduler.json").write_text(json.dumps(scheduler.state_dict()) + "\n")
+    save_tree(rng_file(state, 0), rng_state())
+    # The generator's state holds 128-bit integers: JSON keeps them exact.
+    (state / _LOOP_STATE).write_text(json.dumps({**loop, "generator": rng.bit_generator.state}) + "\n")
+    write_manifest(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(
+    path: Path,
+    params: list[torch.nn.Parameter],
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    rng: np.random.Generator,
+    cfg: RerankTrainConfig,
+) -> dict[str, Any]:
+    """Restores what :func:`_save_checkpoint` wrote; returns the loop's state.
+
+    Raises:
+        CheckpointError: A missing, damaged or foreign checkpoint (one line naming the file).
+    """
+    from vlm2emb.train.state import (
+        CheckpointError,
+        load_tree,
+        read_json,
+        rng_file,
+        set_rng_state,
+        verify_checkpoint,
+    )
+
+    verify_checkpoint(path)  # a truncated or altered file is found before anything loads
+    state = path / "state"
+    saved = load_tree(state / "model.safetensors")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(trainable):
+        raise CheckpointError(
+            f"{state / 'model.safetensors'}: its trainable tensors differ from this recipe's model "
+            f"({len(saved)} saved, {len(trainable)} here; same model and lora settings?)"
+        )
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
+    optimizer.load_state_dict(load_tree(state / "optimizer.safetensors"))
+    scheduler.load_state_dict(read_json(state / "scheduler.json"))
+    set_rng_state(load_tree(rng_file(state, 0)), rng_file(state, 0))
+    loop = read_json(state / _LOOP_STATE)
+    rng.bit_generator.state = loop.pop("generator")
+    if loop["step"] >= cfg.max_steps:
+        raise CheckpointError(f"{path}: already at step {loop['step']}; max_steps is {cfg.max_steps}")
+    return loop

@@ -58,13 +58,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
     trains at ``s / warmup`` of the peak, so the first step's rate is 0; then linear or
     cosine decay to 0 at ``train.max_steps``, or the peak (``constant``). docs/training.md
     """
+    return lr_schedule(optimizer, cfg.train.lr_scheduler, warmup_steps(cfg), cfg.train.max_steps)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, num_warmup: int, max_steps: int) -> Any:
+    """transformers' ``get_scheduler`` for one of our names (``linear``, ``cosine``, ``constant``).
+
+    Shared by the embedder's recipe (:func:`make_scheduler`) and the reranker's trainer, so
+    both follow the same curve for the same settings.
+    """
     from transformers import get_scheduler
 
     return get_scheduler(
-        LR_SCHEDULERS[cfg.train.lr_scheduler],
-        optimizer,
-        num_warmup_steps=warmup_steps(cfg),
-        num_training_steps=cfg.train.max_steps,
+        LR_SCHEDULERS[kind], optimizer, num_warmup_steps=num_warmup, num_training_steps=max_steps
     )
 
 
