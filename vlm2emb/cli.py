@@ -156,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
         "--fractions", default="0.01,0.05,0.25,1.0", help="comma-separated fractions in (0, 1]"
     )
     p_eff.add_argument("--metric", default="hit@1", help="eval metric to plot (averaged over tasks)")
+    p_eff.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped study: finished runs are read back, not retrained",
+    )
     p_eff.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p_study = sub.add_parser(
@@ -172,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     p_study.add_argument("--fractions", default=None, help="data-efficiency fractions (default: the study's)")
     p_study.add_argument(
         "--data-root", default=None, help="data folder of a bundled suite (default: the study's)"
+    )
+    p_study.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped study: finished runs are read back, not retrained",
     )
     p_study.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -543,7 +553,7 @@ def _cmd_data_efficiency(args: argparse.Namespace) -> int:
     from vlm2emb.train.data_efficiency import parse_fractions, run_data_efficiency
 
     cfg = load_recipe(args.recipe, args.overrides)
-    result = run_data_efficiency(cfg, parse_fractions(args.fractions), metric=args.metric)
+    result = run_data_efficiency(cfg, parse_fractions(args.fractions), metric=args.metric, resume=args.resume)
     for point in result["points"]:
         print(f"{point['fraction']:>8.4g}  {point['rows']:>7} rows  {args.metric} {point['value']:.4f}")
     print(f"wrote {result['json']} and {result['png']}")
@@ -567,7 +577,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if args.data_root is not None:
         cfg.data_root = args.data_root
     cfg.validate(args.study)
-    result = run_study(cfg, args.overrides)
+    result = run_study(cfg, args.overrides, resume=args.resume)
     print(Path(result["files"][1]).read_text())
     print("wrote " + ", ".join(result["files"]))
     return 0

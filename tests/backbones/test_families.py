@@ -559,7 +559,9 @@ def test_gemma3_bidirectional_sliding_layers_use_a_symmetric_window(tiny_dir, di
 
 # --------------------------------------------------------------------------- recipes
 _REPO = Path(__file__).resolve().parents[2]
-FAMILY_RECIPES = sorted(p for p in (_REPO / "recipes").glob("*/*.yaml") if p.parent.name not in ("accelerate", "study"))
+FAMILY_RECIPES = sorted(
+    p for p in (_REPO / "recipes").glob("*/*.yaml") if p.parent.name not in ("accelerate", "study")
+)
 
 
 @pytest.mark.parametrize("recipe", FAMILY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")

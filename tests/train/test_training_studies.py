@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlm2emb import EmbeddingModel
 from vlm2emb.cli import main
@@ -116,3 +117,48 @@ def test_cli_data_efficiency_on_the_demo_recipe(
     png = (tmp_path / "data_efficiency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert main(["data-efficiency", str(RECIPE), "--metric", "acc", f"output_dir={tmp_path}"]) == 2
+
+
+def test_data_efficiency_resume_continues_a_stopped_study_to_the_same_result(
+    tmp_path: Path, small_eval: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    argv = ["data-efficiency", str(RECIPE), "--fractions", "0.005,0.02", f"output_dir={tmp_path}"]
+    argv += [f"data.eval={small_eval}", "train.max_steps=2", "train.batch_size=8", "train.save_steps=1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = json.loads((tmp_path / "data_efficiency.json").read_text())["points"]
+    small, large = (tmp_path / f"frac-{f}" for f in (0.005, 0.02))
+    weights = {d: load_file(next((d / "final").glob("*.safetensors"))) for d in (small, large)}
+    capsys.readouterr()
+
+    # Without --resume a folder holding a run is refused, as for `vlm2emb train`.
+    assert main(argv) != 0
+    assert "resume" in capsys.readouterr().err
+
+    # `small` stopped before its first checkpoint; `large` after step 1 of 2.
+    for name in ("checkpoints", "final", "eval.json"):
+        path = small / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(large / "checkpoints" / "step-2")
+    shutil.rmtree(large / "final")
+    (large / "eval.json").unlink()
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    second = json.loads((tmp_path / "data_efficiency.json").read_text())["points"]
+    assert [p["value"] for p in second] == [p["value"] for p in first]
+    for d in (small, large):  # the same weights as the uninterrupted runs
+        again = load_file(next((d / "final").glob("*.safetensors")))
+        assert again.keys() == weights[d].keys()
+        assert all(torch.equal(again[k], weights[d][k]) for k in again)
+
+    # Finished runs are read back, not trained or saved again.
+    stamp = {d: next((d / "final").glob("*.safetensors")).stat().st_mtime_ns for d in (small, large)}
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert capsys.readouterr().out.count("Nothing to do") == 2
+    assert json.loads((tmp_path / "data_efficiency.json").read_text())["points"] == second
+    assert all(
+        next((d / "final").glob("*.safetensors")).stat().st_mtime_ns == stamp[d] for d in (small, large)
+    )

@@ -52,13 +52,20 @@ def _analysis_rows(suite: Any, loaded: list[Any], max_rows: int) -> list[dict[st
     return rows
 
 
-def run_study(cfg: StudyConfig, recipe_overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run_study(
+    cfg: StudyConfig, recipe_overrides: Sequence[str] = (), *, resume: bool = False
+) -> dict[str, Any]:
     """Runs the study ``cfg`` describes; see the module docstring for the files.
 
     Args:
         cfg: A loaded study (:func:`~vlm2emb.study.config.load_study`).
         recipe_overrides: ``key=value`` recipe overrides applied to every run, after the
             study's and the backbone's (the command line's).
+        resume: Continue a study that stopped: finished runs are read back instead of
+            retrained, interrupted ones continue from their last checkpoint
+            (:func:`~vlm2emb.train.data_efficiency.run_data_efficiency`'s ``resume``).
+            The suite and the analysis are run again on every model (their embeddings come
+            from each run's cache when the model is unchanged).
 
     Returns:
         The content of ``results.json`` plus ``"files"`` (the paths written).
@@ -110,7 +117,7 @@ def run_study(cfg: StudyConfig, recipe_overrides: Sequence[str] = ()) -> dict[st
         for seed in cfg.seeds:
             recipe = recipes[(b.name, seed)]
             run_dir = Path(recipe.output_dir)
-            eff = run_data_efficiency(recipe, cfg.fractions, metric=cfg.data_efficiency.metric)
+            eff = run_data_efficiency(recipe, cfg.fractions, metric=cfg.data_efficiency.metric, resume=resume)
             full = next(p for p in eff["points"] if p["fraction"] == 1.0)
             model = EmbeddingModel.from_pretrained(
                 Path(full["output_dir"]) / "final",

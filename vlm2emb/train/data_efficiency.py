@@ -64,13 +64,19 @@ def _row(ex: Any) -> dict[str, Any]:
     return row
 
 
-def run_data_efficiency(cfg: Any, fractions: list[float], *, metric: str = "hit@1") -> dict[str, Any]:
+def run_data_efficiency(
+    cfg: Any, fractions: list[float], *, metric: str = "hit@1", resume: bool = False
+) -> dict[str, Any]:
     """Trains ``cfg`` once per fraction and records the eval ``metric`` (task average).
 
     Args:
         cfg: A validated :class:`~vlm2emb.train.config.RecipeConfig` with ``data.eval`` set.
         fractions: Fractions of the training rows, in (0, 1].
         metric: A key of the eval report's ``average`` (e.g. ``hit@1``, ``ndcg@10``).
+        resume: Continue a study that stopped: a fraction whose folder holds a checkpoint
+            resumes from it (``train.resume_from=auto``; a finished run is read back, not
+            retrained), one whose run stopped before its first checkpoint starts over.
+            Without it, a folder holding a run is an error (as for ``vlm2emb train``).
 
     Returns:
         ``{"metric", "points": [{"fraction", "rows", "batch_size", "value", "output_dir"}],
@@ -79,7 +85,7 @@ def run_data_efficiency(cfg: Any, fractions: list[float], *, metric: str = "hit@
     from vlm2emb.data.demo import resolve_demo
     from vlm2emb.data.schema import load_train_examples
     from vlm2emb.train.config import ConfigError
-    from vlm2emb.train.loop import train
+    from vlm2emb.train.loop import RUN_OUTPUTS, checkpoint_dirs, train
 
     if metric not in metric_names((1, 5, 10)):
         raise ConfigError(f"--metric: {metric!r} is not one of {', '.join(metric_names((1, 5, 10)))}")
@@ -112,6 +118,12 @@ def run_data_efficiency(cfg: Any, fractions: list[float], *, metric: str = "hit@
         sub.data.media_root = None  # the subset file holds absolute paths
         sub.train.eval_before = False
         sub.train.batch_size = min(cfg.train.batch_size, len(indices) - len(indices) % 2)
+        if resume and checkpoint_dirs(run_dir):
+            # The recipe check of a resumed run refuses a different recipe or subset.
+            sub.train.resume_from = "auto"
+        elif resume and any((run_dir / name).exists() for name in RUN_OUTPUTS):
+            # Stopped before its first checkpoint: nothing of it can be continued.
+            sub.train.overwrite_output_dir = True
         summary = train(sub, progress=False)
         points.append(
             {

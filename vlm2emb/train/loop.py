@@ -234,7 +234,7 @@ RUN_OUTPUTS = (
 )
 
 
-def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
     """``checkpoints/step-N`` directories of a run, oldest first."""
     return sorted(
         (int(m.group(1)), p)
@@ -268,7 +268,7 @@ def find_checkpoint(output_dir: Path, resume_from: str, warn: Any = None) -> Pat
             raise FileNotFoundError(f"train.resume_from: {path} is not a vlm2emb checkpoint")
         verify_checkpoint(path)
         return path
-    found = _checkpoint_dirs(output_dir)
+    found = checkpoint_dirs(output_dir)
     if not found:
         raise FileNotFoundError(f"train.resume_from=auto: no checkpoint in {output_dir / 'checkpoints'}")
     damaged: list[str] = []
@@ -895,7 +895,7 @@ class _Trainer:
         limit = self.cfg.train.save_total_limit
         if limit is None:
             return
-        for _, path in _checkpoint_dirs(self.out)[:-limit]:
+        for _, path in checkpoint_dirs(self.out)[:-limit]:
             shutil.rmtree(path, ignore_errors=True)
 
     def _track_best(self, best: Any, step: int, report: dict[str, Any], metrics_file: Any) -> None:
@@ -1119,9 +1119,7 @@ class _Trainer:
             metrics_file.flush()
         self._report(record, step)
         if self.is_main:
-            prune_refreshes(
-                self.out, cfg.train.remine_steps, [s for s, _ in _checkpoint_dirs(self.out)], step
-            )
+            prune_refreshes(self.out, cfg.train.remine_steps, [s for s, _ in checkpoint_dirs(self.out)], step)
             mean = stats["negative_score_mean"]
             print(
                 f"step {step}: re-mined {stats['negatives']:,} hard negatives for {stats['rows']:,} rows "
