@@ -129,7 +129,7 @@ def render(template: str, values: dict[str, Any]) -> str:
     return _FORMATTER.format(template, **values)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VideoLayout:
     """How one task's rows become a query, candidates and an answer (all from suite keys).
 

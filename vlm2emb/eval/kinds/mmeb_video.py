@@ -25,6 +25,7 @@ MMEB-layout image rows.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,52 +41,31 @@ __all__ = ["KIND", "MmebVideoKind", "MmebVideoTaskSpec"]
 
 
 @dataclass(kw_only=True)
-class MmebVideoTaskSpec(TaskSpec):
-    """A video task; the keys after ``frame_root`` are :class:`VideoLayout`'s.
+class MmebVideoTaskSpec(TaskSpec, VideoLayout):
+    """A video task: the common task keys, :class:`VideoLayout`'s keys, and the ones below.
 
     Attributes:
         data: The task's table(s): JSONL or Parquet rows as VLM2Vec's Hugging Face dataset
             holds them.
-        frame_root: Folder of pre-extracted frame folders, one per video (or clip).
-        num_frames: Frames per video (VLM2Vec: 8); null = all.
+        frame_root: Folder of pre-extracted frame folders, one per video (or clip); relative
+            to the suite file.
         labels: Text file, one label per line: the candidate set of a global
             classification task (VLM2Vec keeps these lists in
-            ``video_classification_utils.py``); without it, the labels the rows name.
-        query_text, query_video, target_video, candidates_field, candidate_fields,
-        candidate_values, candidate_format, answer_field, answer_type, clip_folders,
-        positive_prefix, skip_clips, scope, query_media_field, query_media_video,
-        query_media_image, positive_clips_field, negative_clips_field, clip_path_key,
-        clip_video: As :class:`~vlm2emb.eval.mmeb_video.VideoLayout`.
+            ``video_classification_utils.py``); without it, the labels the rows name. The
+            layout gets the file's lines.
         query_instruction_by_media: Query instruction per query form (``image``, ``video``,
             ``text``; :data:`~vlm2emb.eval.mmeb_video.QUERY_MEDIA`) of a task whose rows mix
             them (MomentSeeker); a form not listed gets ``query_instruction``.
+
+    Every other key is :class:`~vlm2emb.eval.mmeb_video.VideoLayout`'s, with its default.
     """
 
     kind: str = "mmeb-video"
     data: list[str] = field(metadata=PATH)
+    # Redeclared for the path metadata (resolved against the suite file's folder).
     frame_root: str = field(metadata=PATH)
-    num_frames: int | None = 8
-    labels: str | None = field(default=None, metadata=PATH)
-    query_text: str | None = None
-    query_video: str | None = None
-    target_video: str | None = None
-    candidates_field: str | None = None
-    candidate_fields: list[str] = field(default_factory=list)
-    candidate_values: list[str] = field(default_factory=list)
-    candidate_format: str = "{text}"
-    answer_field: str | None = None
-    answer_type: str = "text"
-    clip_folders: str | None = None
-    positive_prefix: str = "positive"
-    skip_clips: list[str] = field(default_factory=lambda: ["query"])
-    scope: str = "local"
-    query_media_field: str | None = None
-    query_media_video: str | None = None
-    query_media_image: str | None = None
-    positive_clips_field: str | None = None
-    negative_clips_field: str | None = None
-    clip_path_key: str = "output_path"
-    clip_video: str | None = None
+    # A file here; the layout holds its lines (VideoLayout.labels: list[str] | None).
+    labels: str | None = field(default=None, metadata=PATH)  # type: ignore[assignment]
     query_instruction_by_media: dict[str, str] = field(default_factory=dict)
 
 
@@ -153,12 +133,10 @@ class MmebVideoKind(TaskKind):
             labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             if not labels:
                 raise DataError(f"{spec.labels}: no labels")
-        # The spec's keys are the layout's fields (labels read from the spec's file above).
-        given = {f.name: getattr(spec, f.name) for f in dataclasses.fields(VideoLayout) if f.name != "labels"}
-        given = {
-            k: list(v) if isinstance(v, list) else v for k, v in given.items()
-        }  # the spec stays as given
-        layout = VideoLayout(**given, labels=labels)
+        # The spec is a layout too; copied so that loading leaves the spec as given, and with
+        # the labels file's lines in place of its path.
+        given = {f.name: copy.copy(getattr(spec, f.name)) for f in dataclasses.fields(VideoLayout)}
+        layout = VideoLayout(**{**given, "labels": labels})
         if not Path(spec.frame_root).is_dir():
             raise DataError(f"{spec.name}: frame_root not found: {spec.frame_root}")
         return load_video_task(spec.data, layout, verify_images=verify_images, work_dir=work_dir)
