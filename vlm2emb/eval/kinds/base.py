@@ -95,6 +95,10 @@ class TaskKind:
     # False for kinds that list a task without scoring it (``pending``): the harness
     # reports them under ``not_run`` and leaves them out of the averages.
     runnable: ClassVar[bool] = True
+    # True for kinds whose ``evaluate`` takes ``rescore=`` (a second ranking of the same
+    # scores, reported under ``"rescored"``: the reranker pipeline). A kind registered
+    # without it still evaluates; the pipeline refuses it by name.
+    supports_rescore: ClassVar[bool] = False
 
     def check(self, spec: Any, where: str) -> None:
         """Value checks the spec's types do not express; raise
@@ -113,6 +117,11 @@ class TaskKind:
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Any = None,
     ) -> dict[str, Any]:
-        """Scores the loaded task; returns metrics holding ``spec.metric`` (plus ``n``...)."""
+        """Scores the loaded task; returns metrics holding ``spec.metric`` (plus ``n``...).
+
+        ``rescore`` (only passed where :attr:`supports_rescore`): a
+        :class:`~vlm2emb.eval.rescore.Rescorer` whose metrics go under ``"rescored"``.
+        """
         raise NotImplementedError

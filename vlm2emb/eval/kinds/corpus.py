@@ -45,6 +45,7 @@ class CorpusTaskSpec(TaskSpec):
 class CorpusKind(TaskKind):
     name = "corpus"
     spec = CorpusTaskSpec
+    supports_rescore = True
 
     def check(self, spec: CorpusTaskSpec, where: str) -> None:
         for key in ("corpus", "queries", "qrels"):
@@ -65,6 +66,7 @@ class CorpusKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Any = None,
     ) -> dict[str, Any]:
         return evaluate_corpus(
             encoder,
@@ -74,6 +76,7 @@ class CorpusKind(TaskKind):
             query_instruction=defaults.query(spec.query_instruction, mmeb=False),
             target_instruction=defaults.target(spec.target_instruction, mmeb=False),
             scoring=spec.scoring,
+            rescore=rescore,
         )
 
 

@@ -46,6 +46,7 @@ class LocalTaskSpec(TaskSpec):
 class LocalKind(TaskKind):
     name = "local"
     spec = LocalTaskSpec
+    supports_rescore = True
 
     def check(self, spec: LocalTaskSpec, where: str) -> None:
         if not spec.data:
@@ -72,6 +73,7 @@ class LocalKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Any = None,
     ) -> dict[str, Any]:
         has_mmeb = any(row.get("layout") == MMEB_LAYOUT for row in payload)
         target_instruction = defaults.target(spec.target_instruction, mmeb=has_mmeb)
@@ -86,6 +88,7 @@ class LocalKind(TaskKind):
             ks=ks,
             target_instruction=target_instruction,
             scoring=spec.scoring,
+            rescore=rescore,
         )
         return result["tasks"][spec.name]
 

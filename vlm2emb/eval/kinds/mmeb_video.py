@@ -92,6 +92,7 @@ class MmebVideoTaskSpec(TaskSpec):
 class MmebVideoKind(TaskKind):
     name = "mmeb-video"
     spec = MmebVideoTaskSpec
+    supports_rescore = True
 
     def check(self, spec: MmebVideoTaskSpec, where: str) -> None:
         if not spec.data:
@@ -172,6 +173,7 @@ class MmebVideoKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Any = None,
     ) -> dict[str, Any]:
         # The suite carries VLM2Vec's instructions; a model default on top would change the
         # prompt VLM2Vec scores (the same rule as MMEB-layout image rows).
@@ -186,6 +188,7 @@ class MmebVideoKind(TaskKind):
                 query_instruction=query_instruction,
                 target_instruction=target_instruction,
                 scoring=spec.scoring,
+                rescore=rescore,
             )
         # Rows whose query form has its own instruction (MomentSeeker) take that one.
         by_media = {m: defaults.query(i, mmeb=True) for m, i in spec.query_instruction_by_media.items()}
@@ -204,6 +207,7 @@ class MmebVideoKind(TaskKind):
             ks=ks,
             target_instruction=target_instruction,
             scoring=spec.scoring,
+            rescore=rescore,
         )
         return result["tasks"][spec.name]
 
