@@ -164,7 +164,7 @@ def _eval(args: argparse.Namespace) -> int:
             recall_k=args.rerank_top_k,
             batch_size=args.batch_size,
             rerank_batch_size=args.rerank_batch_size,
-            cache_dir=None if args.no_cache else args.cache_dir,
+            cache_dir=cache_dir,
         )
     text = format_pipeline_report(report)
     print(text)
