@@ -268,3 +268,63 @@ def test_cli_suite_writes_json_and_table(suite_file, tmp_path, capsys):
     assert main([*argv, "--suite", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "colour" in err and len(err.splitlines()) == 1
+
+
+def test_embedding_cache_serves_the_second_run(embedder, reranker, suite_file, tmp_path):
+    suite = load_suite(suite_file)
+    loaded = load_suite_tasks(suite)
+    runs = [
+        evaluate_suite_pipeline(embedder, reranker, suite, loaded=loaded, rerank_top_k=1, cache_dir=tmp_path)
+        for _ in range(2)
+    ]
+    assert runs[0]["cache"]["items_encoded"] > 0 and runs[1]["cache"]["items_encoded"] == 0
+    assert runs[1]["cache"]["items_from_cache"] == runs[0]["cache"]["items_encoded"]
+    for name, task in runs[1]["tasks"].items():
+        assert task["embedder"] == runs[0]["tasks"][name]["embedder"]
+        assert task["reranked"]["mrr"] == pytest.approx(runs[0]["tasks"][name]["reranked"]["mrr"], abs=1e-6)
+
+
+def test_mmeb_video_tasks_report_the_pipeline(embedder, reranker, tmp_path):
+    """Two MMEB-V2 video layouts (local QA, a corpus of videos) from the video tests' files."""
+    import yaml
+
+    from tests.eval.test_mmeb_video import LAYOUT, bundled_video_tasks, write_frames, write_table
+
+    tasks = [{**t, "num_frames": 2} for t in bundled_video_tasks() if t["name"] in ("NExTQA", "MSR-VTT")]
+    for seed, task in enumerate(tasks):
+        rows, folders = LAYOUT[task["name"]]
+        write_table(tmp_path / task["data"], rows)
+        for j, (rel, n) in enumerate(folders.items()):
+            write_frames(tmp_path / task["frame_root"] / rel, n, seed * 100 + j)
+    (tmp_path / "video.yaml").write_text(
+        yaml.safe_dump({"name": "video", "metric": "hit@1", "ks": [1, 2], "tasks": tasks}, sort_keys=False)
+    )
+    suite = load_suite(tmp_path / "video.yaml")
+    loaded = load_suite_tasks(suite)
+    reference = run_suite(embedder, suite, loaded=loaded, cache_dir=None)
+    report = evaluate_suite_pipeline(embedder, reranker, suite, loaded=loaded, rerank_top_k=0)
+    for name, ref in reference["tasks"].items():
+        assert (
+            report["tasks"][name]["embedder"]["mrr"] == ref["mrr"] == report["tasks"][name]["reranked"]["mrr"]
+        )
+    report = evaluate_suite_pipeline(embedder, reranker, suite, loaded=loaded, rerank_top_k=2)
+    for task in report["tasks"].values():
+        assert task["pairs_reranked"] == 2 * task["n"] and task["seconds"]["rerank"] > 0
+        # Re-ordering inside the top 2 leaves hit@2 as the embedder's (NExTQA: 5 answers).
+        assert task["reranked"]["hit@2"] == task["embedder"]["hit@2"]
+    # MSR-VTT here ranks a corpus of 2 videos: top 2 is all of it, so the pipeline is the
+    # reranker alone; its MRR recomputed from each (caption, video) pair scored alone.
+    corpus = dict(zip([t.name for t in suite.tasks], loaded, strict=True))["MSR-VTT"].corpus
+    # The reranker reads the instruction the embedder's query side used (the task's own).
+    instruction = next(t for t in suite.tasks if t.name == "MSR-VTT").query_instruction
+    reciprocal = []
+    for qid, query in zip(corpus.query_ids, corpus.query_items, strict=True):
+        if not any(r > 0 for r in corpus.qrels.get(qid, {}).values()):
+            continue
+        scores = [
+            float(reranker.score_pairs([(query, doc)], [instruction])[0]) for doc in corpus.corpus_items
+        ]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        relevant = {corpus.corpus_ids.index(d) for d, r in corpus.qrels[qid].items() if r > 0}
+        reciprocal.append(1.0 / (1 + next(rank for rank, i in enumerate(order) if i in relevant)))
+    assert report["tasks"]["MSR-VTT"]["reranked"]["mrr"] == pytest.approx(sum(reciprocal) / len(reciprocal))
