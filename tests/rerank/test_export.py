@@ -137,3 +137,23 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(saved, tmp_path, capsy
     assert "--adapter-only is not supported for a reranker export" in capsys.readouterr().err
     assert not any((tmp_path / f"out{i}").exists() for i in (1, 2, 3))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_lora_reranker_exports_merged(tmp_path):
+    reranker = Reranker.from_pretrained("tiny:qwen2_vl", seed=5)
+    pairs = [("which digit?", "seven"), ("a cat", "a dog on a chair")]
+    base = reranker.score_pairs(pairs)
+    reranker.apply_lora(r=4, alpha=8, seed=0)
+    with torch.no_grad():  # a trained-looking adapter: LoRA's B starts at zero
+        for name, param in reranker.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    source = reranker.save_pretrained(tmp_path / "lora", merge_lora=False)
+    assert (source / "adapter").is_dir()
+    expected = reranker.score_pairs(pairs)
+    assert not torch.allclose(expected, base)  # the adapter changes the scores
+    result = export_reranker(source, tmp_path / "out")
+    assert not (result.out_dir / "adapter").exists() and "model.safetensors" in result.files
+    torch.testing.assert_close(
+        Reranker.from_pretrained(result.out_dir).score_pairs(pairs), expected, atol=1e-5, rtol=0
+    )

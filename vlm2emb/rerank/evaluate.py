@@ -414,8 +414,7 @@ def _metrics_only(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _rounded(seconds: Mapping[str, float]) -> dict[str, float]:
-    # Rounded for the report; kept above 0 so a stage that ran is never shown as free.
-    return {name: max(round(value, 4), 1e-4) if value > 0 else 0.0 for name, value in seconds.items()}
+    return {name: round(value, 6) for name, value in seconds.items()}
 
 
 def _check_row(row: Any, index: int) -> None:
