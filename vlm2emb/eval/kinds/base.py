@@ -4,7 +4,10 @@ instruction-fallback rule."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # the hook's type only; kinds import nothing for it at run time
+    from vlm2emb.eval.rescore import Rescorer
 
 __all__ = ["DEFAULT_KIND", "FALLBACKS", "PATH", "InstructionDefaults", "TaskKind", "TaskSpec"]
 
@@ -117,7 +120,7 @@ class TaskKind:
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
-        rescore: Any = None,
+        rescore: Rescorer | None = None,
     ) -> dict[str, Any]:
         """Scores the loaded task; returns metrics holding ``spec.metric`` (plus ``n``...).
 

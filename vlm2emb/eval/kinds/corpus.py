@@ -21,6 +21,7 @@ from typing import Any
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.corpus import CorpusTask, evaluate_corpus, load_corpus_task
 from vlm2emb.eval.kinds.base import PATH, InstructionDefaults, TaskKind, TaskSpec
+from vlm2emb.eval.rescore import Rescorer
 
 __all__ = ["KIND", "CorpusKind", "CorpusTaskSpec"]
 
@@ -66,7 +67,7 @@ class CorpusKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
-        rescore: Any = None,
+        rescore: Rescorer | None = None,
     ) -> dict[str, Any]:
         return evaluate_corpus(
             encoder,

@@ -34,6 +34,7 @@ from vlm2emb.data.schema import DataError
 from vlm2emb.eval.corpus import evaluate_corpus
 from vlm2emb.eval.kinds.base import PATH, InstructionDefaults, TaskKind, TaskSpec
 from vlm2emb.eval.mmeb_video import ANSWER_TYPES, QUERY_MEDIA, SCOPES, VideoLayout, VideoTask, load_video_task
+from vlm2emb.eval.rescore import Rescorer
 from vlm2emb.eval.runner import evaluate
 
 __all__ = ["KIND", "MmebVideoKind", "MmebVideoTaskSpec"]
@@ -173,7 +174,7 @@ class MmebVideoKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
-        rescore: Any = None,
+        rescore: Rescorer | None = None,
     ) -> dict[str, Any]:
         # The suite carries VLM2Vec's instructions; a model default on top would change the
         # prompt VLM2Vec scores (the same rule as MMEB-layout image rows).
