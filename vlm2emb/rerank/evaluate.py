@@ -179,7 +179,7 @@ def evaluate_pipeline(
         ``{"tasks": {task: {"embedder": {metric: value}, "reranked": {metric: value}, "n":
         queries, "pairs_reranked": n, "seconds": {"embed", "search", "rerank"}}},
         "average": {"embedder": ..., "reranked": ..., "n_tasks": n}, "recall_k": k,
-        "rerank_top_k": k}``; averages are unweighted means over tasks, as in
+        "rerank_top_k": k, "cache": {...}}``; averages are unweighted means over tasks, as in
         :func:`vlm2emb.eval.evaluate`.
 
     Raises:
@@ -229,6 +229,7 @@ def evaluate_pipeline(
         "average": {**average, "n_tasks": len(reports)},
         "recall_k": recall_k,
         "rerank_top_k": recall_k,
+        "cache": dataclasses.asdict(encoder.stats),
     }
 
 
@@ -397,9 +398,25 @@ def format_pipeline_report(report: Mapping[str, Any], metrics: Sequence[str] | N
         {s: sum(rep["seconds"][s] for rep in tasks.values()) for s in _STAGES}
     )
     lines.append(cells("average", total_n, average, seconds))
+    meta = report.get("meta_tasks") or {}
+    if meta:  # suites: the per-meta-task means of the headline score, as vlm2emb eval prints them
+        width = max(len("meta-task"), *(len(m) for m in meta))
+        lines += ["", f"{'meta-task':<{width}}  {'score emb':>10}  {f'score +rr@{k}':>14}  {'tasks':>5}"]
+        for name, rep in meta.items():
+            lines.append(
+                f"{name:<{width}}  {_cell(rep['embedder'].get('score'), 10)}  "
+                f"{_cell(rep['reranked'].get('score'), 14)}  {rep['n_tasks']:>5}"
+            )
     not_run = report.get("not_run") or {}
     if not_run:
         lines.append(f"not run ({len(not_run)} tasks, not in the averages): {', '.join(not_run)}")
+    cache = report.get("cache")
+    if cache:
+        lines.append("")
+        lines.append(
+            f"embedding cache: {cache['hits']} hits, {cache['misses']} misses "
+            f"({cache['items_from_cache']} items from cache, {cache['items_encoded']} encoded)"
+        )
     return "\n".join(lines)
 
 
