@@ -232,7 +232,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Write CHECKPOINT (OUTPUT_DIR/final, OUTPUT_DIR/checkpoints/step-N) to OUT_DIR as merged "
             "weights (default) or the LoRA/DoRA adapter alone, with a model card. The export is reloaded "
-            "and compared with the checkpoint before it appears under OUT_DIR (docs/export.md)."
+            "and compared with the checkpoint before it appears under OUT_DIR (docs/export.md). A saved "
+            "reranker folder (vlm2emb_reranker.json) exports as merged safetensors + its prompt settings "
+            "+ a model card, verified the same way (docs/rerank.md)."
         ),
         epilog="example: vlm2emb export runs/demo/final exports/demo --dtype bf16",
     )
@@ -248,6 +250,11 @@ def _parser() -> argparse.ArgumentParser:
     p_export.add_argument("--format", choices=["vlm2emb", "sentence-transformers"], default="vlm2emb")
     p_export.add_argument("--license", default=None, help="license id for the model card")
     p_export.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p_export.add_argument(
+        "--eval-report",
+        default=None,
+        help="reranker exports: a vlm2emb rerank eval --out JSON for the model card's results",
+    )
     p_export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -614,8 +621,32 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from vlm2emb.data.schema import DataError
     from vlm2emb.export import export_model
+    from vlm2emb.rerank.export import export_reranker, is_reranker_dir
 
+    if is_reranker_dir(args.checkpoint):
+        # A reranker is always written merged, as one transformers checkpoint.
+        for given, flag in (
+            (args.mode == "adapter", "--adapter-only"),
+            (args.format != "vlm2emb", "--format sentence-transformers"),
+            (args.max_shard_size != "5GB", "--max-shard-size"),
+        ):
+            if given:
+                raise DataError(f"{args.checkpoint}: {flag} is not supported for a reranker export")
+        result = export_reranker(
+            args.checkpoint,
+            args.out_dir,
+            dtype=args.dtype,
+            license=args.license,
+            overwrite=args.overwrite,
+            report=args.eval_report,
+        )
+        checks = "; ".join(f"{v.loader} max |diff| {v.max_abs_diff:.2e}" for v in result.verifications)
+        print(f"exported reranker {result.source} -> {result.out_dir} ({result.dtype}; checks: {checks})")
+        return 0
+    if args.eval_report is not None:
+        raise DataError("--eval-report is for reranker exports; an embedder's card reads its run's eval.json")
     kw = {k: getattr(args, k) for k in ("mode", "dtype", "max_shard_size", "format", "license", "overwrite")}
     result = export_model(args.checkpoint, args.out_dir, **kw)
     checks = "; ".join(f"{v.loader} max |diff| {v.max_abs_diff:.2e}" for v in result.verifications)

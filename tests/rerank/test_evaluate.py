@@ -92,6 +92,6 @@ def test_bad_rows_and_recall_k():
     with pytest.raises(ValueError, match="row 0: 'positive'"):
         evaluate_pipeline(None, None, [{"query": "q", "candidates": ["a"], "positive": 3}])
     with pytest.raises(ValueError, match="recall_k"):
-        evaluate_pipeline(None, None, _rows(), recall_k=0)
+        evaluate_pipeline(None, None, _rows(), recall_k=-1)
     with pytest.raises(ValueError, match="at least one row"):
         evaluate_pipeline(None, None, [])

@@ -11,11 +11,13 @@ from __future__ import annotations
 from vlm2emb.eval.cache import CachedEncoder
 from vlm2emb.eval.harness import format_suite_report, run_suite
 from vlm2emb.eval.metrics import metric_names, per_query_ranks, ranking_metrics
+from vlm2emb.eval.rescore import Rescorer
 from vlm2emb.eval.runner import SupportsEncode, evaluate, format_report
 from vlm2emb.eval.suite import load_suite
 
 __all__ = [
     "CachedEncoder",
+    "Rescorer",
     "SupportsEncode",
     "evaluate",
     "format_report",

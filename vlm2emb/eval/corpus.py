@@ -25,6 +25,7 @@ from vlm2emb.data.sources import resolve_source
 from vlm2emb.eval.leaderboard import accumulate, mmeb_metrics
 from vlm2emb.eval.metrics import ranking_metrics
 from vlm2emb.eval.mmeb import records, resolve_path, row_checker
+from vlm2emb.eval.rescore import Rescorer
 from vlm2emb.eval.scoring import get_scoring
 from vlm2emb.items import resolve_instruction
 
@@ -163,6 +164,7 @@ def evaluate_corpus(
     query_instruction: str | None = None,
     target_instruction: str | None = None,
     scoring: str = "cosine",
+    rescore: Rescorer | None = None,
 ) -> dict[str, Any]:
     """Embeds corpus and queries, ranks the whole corpus for every query, averages metrics.
 
@@ -174,6 +176,8 @@ def evaluate_corpus(
         query_instruction: Instruction for queries without their own.
         target_instruction: Instruction for corpus items.
         scoring: ``cosine`` or ``maxsim`` (:mod:`vlm2emb.eval.scoring`).
+        rescore: Optional second ranking (:class:`vlm2emb.eval.rescore.Rescorer`); its
+            metrics, by the same code and qrels, are added under ``"rescored"``.
 
     Returns:
         ``{metric: value, ..., "n": evaluated queries, "n_skipped": queries without qrels,
@@ -193,7 +197,9 @@ def evaluate_corpus(
     for i in keep:
         by_instr.setdefault(resolve_instruction(task.query_instructions[i], query_instruction), []).append(i)
     parts, position = [], {}  # position[query index] = its row in the concatenated encodings
+    instruction_of: dict[int, str | None] = {}  # query index -> the instruction it was embedded with
     for instruction, idx in by_instr.items():
+        instruction_of.update(dict.fromkeys(idx, instruction))
         parts.append(scorer.encode(model, [task.query_items[i] for i in idx], instruction, batch_size))
         position.update({i: len(position) + j for j, i in enumerate(idx)})
     query_emb = scorer.concat(parts)  # [Q_kept, ...]
@@ -218,6 +224,18 @@ def evaluate_corpus(
         )
         # Per-query means weighted by block size give the mean over all queries.
         accumulate(totals, metrics, len(rows) / len(keep))
+        if rescore is not None:
+            new_scores = rescore(
+                scores,
+                [task.query_items[r] for r in rows],
+                [instruction_of[r] for r in rows],
+                [task.corpus_items] * len(rows),
+            )  # [b, N]
+            block_relevant = relevant[start : start + block]
+            block_gains = gains[start : start + block]
+            rescored: dict[str, Any] = ranking_metrics(new_scores, block_relevant, ks=ks, gains=block_gains)
+            rescored["leaderboard"] = mmeb_metrics(new_scores, block_relevant, ks=ks, gains=block_gains)
+            accumulate(totals.setdefault("rescored", {}), rescored, len(rows) / len(keep))
     return {
         **totals,
         "n": len(keep),

@@ -33,6 +33,7 @@ from vlm2emb.data.schema import DataError
 from vlm2emb.eval.cache import CachedEncoder, model_fingerprint
 from vlm2emb.eval.kinds import InstructionDefaults, get_task_kind
 from vlm2emb.eval.metrics import metric_names
+from vlm2emb.eval.rescore import Rescorer
 from vlm2emb.eval.runner import format_report
 from vlm2emb.eval.suite import SuiteConfig
 
@@ -63,6 +64,7 @@ def run_suite(
     cache_dir: str | Path | None = None,
     default_query_instruction: str | None = None,
     default_target_instruction: str | None = None,
+    rescore: Rescorer | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``model`` on every task of ``suite``.
 
@@ -75,16 +77,22 @@ def run_suite(
         default_query_instruction: For tasks and rows without one (the model's own), as
             the task's ``instruction_fallback`` allows.
         default_target_instruction: For tasks without ``target_instruction``, likewise.
+        rescore: A second ranking of every task's scores
+            (:class:`~vlm2emb.eval.rescore.Rescorer`); each task's report then holds its
+            metrics (and ``score``) under ``"rescored"``.
 
     Returns:
         The report described in the module docstring (plus ``seconds``).
+
+    Raises:
+        DataError: ``rescore`` is given and a task's kind cannot take it (names the task).
     """
     start = time.perf_counter()
     loaded = loaded if loaded is not None else load_suite_tasks(suite)
     with _prompt_style(model, suite.prompt_style):
         encoder = model if isinstance(model, CachedEncoder) else CachedEncoder(model, cache_dir)
         tasks = _run_tasks(
-            encoder, suite, loaded, batch_size, default_query_instruction, default_target_instruction
+            encoder, suite, loaded, batch_size, default_query_instruction, default_target_instruction, rescore
         )
     report = summarize(tasks, metric_names(tuple(suite.ks)))
     report = {"suite": suite.name, **report}
@@ -130,6 +138,7 @@ def _run_tasks(
     batch_size: int,
     default_query_instruction: str | None,
     default_target_instruction: str | None,
+    rescore: Rescorer | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every task's metrics, in suite order (see :func:`run_suite`)."""
     ks = tuple(suite.ks)
@@ -142,9 +151,18 @@ def _run_tasks(
             target_instruction=default_target_instruction,
             fallback=spec.instruction_fallback or suite.instruction_fallback,
         )
-        metrics = get_task_kind(spec.kind).evaluate(
-            encoder, spec, payload, ks=ks, batch_size=batch_size, defaults=defaults
+        kind = get_task_kind(spec.kind)
+        # Only a given rescore is passed on: kinds registered without it keep working.
+        extra: dict[str, Any] = {}
+        if rescore is not None:
+            if not kind.supports_rescore:
+                raise DataError(f"task {spec.name!r}: kind {spec.kind!r} cannot report a re-ranked pipeline")
+            extra["rescore"] = rescore
+        metrics = kind.evaluate(
+            encoder, spec, payload, ks=ks, batch_size=batch_size, defaults=defaults, **extra
         )
+        if "rescored" in metrics:
+            metrics["rescored"]["score"] = metrics["rescored"][str(spec.metric)]
         tasks[spec.name] = {
             **metrics,
             "kind": spec.kind,

@@ -32,6 +32,7 @@ import torch
 
 from vlm2emb.eval.leaderboard import accumulate, mmeb_metrics
 from vlm2emb.eval.metrics import metric_names, ranking_metrics
+from vlm2emb.eval.rescore import Rescorer
 from vlm2emb.eval.scoring import Scoring, get_scoring
 
 __all__ = ["SupportsEncode", "evaluate", "format_report"]
@@ -65,6 +66,7 @@ def evaluate(
     target_instruction: str | None = None,
     show_progress_bar: bool = False,
     scoring: str = "cosine",
+    rescore: Rescorer | None = None,
 ) -> dict[str, Any]:
     """Embed queries and candidates, rank each row's candidates and report metrics per task.
 
@@ -90,6 +92,9 @@ def evaluate(
         target_instruction: Instruction used when encoding candidates (``None`` for none).
         show_progress_bar: Passed to ``model.encode``.
         scoring: ``cosine`` or ``maxsim`` (:data:`vlm2emb.eval.scoring.SCORINGS`).
+        rescore: Optional second ranking (:class:`vlm2emb.eval.rescore.Rescorer`): each
+            task's metrics of its scores are added under ``"rescored"`` (same metric code,
+            same relevant candidates).
 
     Returns:
         ``{"tasks": {task: {metric: value, ..., "n": n_queries}}, "average": {metric: value,
@@ -125,6 +130,7 @@ def evaluate(
             batch_size=batch_size,
             target_instruction=target_instruction,
             show_progress_bar=show_progress_bar,
+            rescore=rescore,
         )
         task_reports[task] = {**metrics, "n": len(task_rows)}
 
@@ -249,7 +255,8 @@ def _evaluate_task(
     batch_size: int,
     target_instruction: str | None,
     show_progress_bar: bool,
-) -> dict[str, float]:
+    rescore: Rescorer | None = None,
+) -> dict[str, Any]:
     """Encode one task's queries/candidates (deduplicated) and return its averaged metrics."""
     # ---- queries: one encode call per distinct instruction, distinct queries only ----
     # groups[instruction] = (items to encode, key -> position in that list)
@@ -313,6 +320,17 @@ def _evaluate_task(
         # (The weight is exactly 1.0 in the common single-group case, so values stay exact.)
         accumulate(weighted, metrics, len(row_ids) / n_total)
         logger.debug("%d rows with %d candidates: %s", len(row_ids), n_cand, metrics)
+        if rescore is not None:
+            rows_of = [task_rows[r][1] for r in row_ids]
+            new_scores = rescore(
+                scores,  # [b, n_cand]
+                [row["query"] for row in rows_of],
+                [row.get("instruction") for row in rows_of],
+                [[cand_items[i] for i in cand_idx[r]] for r in row_ids],
+            )  # [b, n_cand]
+            rescored: dict[str, Any] = ranking_metrics(new_scores, relevant, ks=ks)
+            rescored["leaderboard"] = mmeb_metrics(new_scores, relevant, ks=ks)
+            accumulate(weighted.setdefault("rescored", {}), rescored, len(row_ids) / n_total)
     return weighted
 
 

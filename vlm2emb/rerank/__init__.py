@@ -12,8 +12,9 @@ embedding search (:meth:`vlm2emb.EmbeddingModel.search` with ``reranker=``). The
   standalone training loop over the canonical training rows.
 - :func:`score_rows` (:mod:`vlm2emb.rerank.score`): reranker scores written into training
   rows as ``teacher_scores``, for the embedder's ``distill`` loss.
-- :func:`evaluate_pipeline` (:mod:`vlm2emb.rerank.evaluate`): embedder-only and recall ->
-  rerank metrics side by side, with the seconds of each stage.
+- :func:`evaluate_pipeline` / :func:`evaluate_suite_pipeline` (:mod:`vlm2emb.rerank.evaluate`):
+  embedder-only and recall -> rerank metrics side by side (rows, or any eval suite), with
+  the seconds of each stage.
 
 Names are resolved lazily, so ``import vlm2emb.rerank`` imports neither transformers nor
 peft (docs/rerank.md).
@@ -29,6 +30,7 @@ __all__ = [
     "Reranker",
     "RerankerConfig",
     "evaluate_pipeline",
+    "evaluate_suite_pipeline",
     "listwise_softmax_loss",
     "score_rows",
     "train_reranker",
@@ -42,6 +44,7 @@ _LAZY = {
     "train_reranker": "vlm2emb.rerank.train",
     "score_rows": "vlm2emb.rerank.score",
     "evaluate_pipeline": "vlm2emb.rerank.evaluate",
+    "evaluate_suite_pipeline": "vlm2emb.rerank.evaluate",
 }
 
 

@@ -37,19 +37,46 @@ def add_parser(sub: Any) -> None:
     p_eval = rsub.add_parser(
         "eval",
         help="embedder alone vs embedder recall -> reranker, side by side, with timings",
-        description="Rank each row's candidates with the embedder alone and with the reranker "
-        "re-ordering the embedder's best --recall-k; print both metric sets per task and the "
-        "seconds of each stage.",
-        epilog="example: vlm2emb rerank eval --embedder runs/demo/final --reranker runs/rr/final "
-        "--data eval.jsonl --recall-k 3",
+        description="Rank each query's candidates with the embedder alone and with the reranker "
+        "re-ordering the embedder's best --rerank-top-k; print both metric sets per task (and "
+        "averaged) with the seconds of each stage (embed, search, rerank). Takes local-candidate "
+        "rows (--data) or any eval suite (--suite: local, MMEB, corpus + qrels, BEIR, video).",
+        epilog="examples: vlm2emb rerank eval --embedder runs/demo/final --reranker runs/rr/final "
+        "--data eval.jsonl --rerank-top-k 3;  vlm2emb rerank eval --embedder E --reranker R "
+        "--suite vidore-v2 --data-root DIR --rerank-top-k 20 --out pipeline.json",
     )
     p_eval.add_argument("--embedder", required=True, help="EmbeddingModel directory or tiny:FAMILY")
     p_eval.add_argument("--reranker", required=True, help="reranker directory, raw VLM or tiny:FAMILY")
-    p_eval.add_argument("--data", required=True, nargs="+", help="local-candidate evaluation rows")
-    p_eval.add_argument("--recall-k", type=int, default=10, help="candidates the reranker re-orders")
+    source = p_eval.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", help="local-candidate evaluation rows")
+    source.add_argument(
+        "--suite",
+        help="suite YAML, or a bundled suite: mmeb-v1, mmeb-v2, vidore-v1, vidore-v2, vidore-v3 "
+        "(docs/evaluation.md)",
+    )
+    p_eval.add_argument(
+        "--data-root", default=None, help="--suite: the folder its relative paths resolve against"
+    )
+    p_eval.add_argument("--media-root", default=None, help="folder for relative image paths")
+    p_eval.add_argument(
+        "--rerank-top-k",
+        "--recall-k",
+        dest="rerank_top_k",
+        type=int,
+        default=10,
+        help="candidates per query the reranker re-orders (0: the embedder's order); default 10",
+    )
     p_eval.add_argument("--batch-size", type=int, default=32)
     p_eval.add_argument("--rerank-batch-size", type=int, default=16)
-    p_eval.add_argument("--out", default=None, help="write the report as JSON")
+    p_eval.add_argument(
+        "--cache-dir",
+        default=None,
+        help="--suite: embedding cache (default $VLM2EMB_CACHE, else ~/.cache/vlm2emb/embeddings)",
+    )
+    p_eval.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    p_eval.add_argument(
+        "--out", default=None, help="write the report as JSON (and the table beside it, .txt)"
+    )
     p_eval.add_argument("--debug", **debug)
 
     p_score = rsub.add_parser(
@@ -88,48 +115,65 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vlm2emb.data.schema import load_eval_examples
+    from pathlib import Path
+
+    from vlm2emb.data.schema import DataError
+    from vlm2emb.eval.cache import default_cache_dir
     from vlm2emb.model import EmbeddingModel
-    from vlm2emb.rerank.evaluate import evaluate_pipeline
+    from vlm2emb.rerank.evaluate import evaluate_pipeline, evaluate_suite_pipeline, format_pipeline_report
     from vlm2emb.rerank.model import Reranker
 
-    rows = [ex.as_row() for ex in load_eval_examples(list(args.data))]  # data before models
+    if args.rerank_top_k < 0:
+        raise DataError(f"--rerank-top-k must be 0 or more, got {args.rerank_top_k}")
+    if args.data_root is not None and not args.suite:
+        raise DataError("--data-root needs --suite")
+    # Every file is read and checked before a model loads: a bad row fails in seconds.
+    if args.suite:
+        from vlm2emb.eval.harness import load_suite_tasks
+        from vlm2emb.eval.suite import load_suite
+
+        suite = load_suite(args.suite, data_root=args.data_root)
+        for task in suite.tasks:  # --media-root is the default of tasks that name none
+            task.media_root = task.media_root or args.media_root
+        loaded = load_suite_tasks(suite)
+    else:
+        from vlm2emb.data.schema import load_eval_examples
+
+        rows = [ex.as_row() for ex in load_eval_examples(list(args.data), media_root=args.media_root)]
     embedder = EmbeddingModel.from_pretrained(args.embedder)
     reranker = Reranker.from_pretrained(args.reranker)
-    report = evaluate_pipeline(
-        embedder,
-        reranker,
-        rows,
-        recall_k=args.recall_k,
-        batch_size=args.batch_size,
-        rerank_batch_size=args.rerank_batch_size,
-    )
-    print(format_pipeline_report(report))
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    if args.suite:
+        report = evaluate_suite_pipeline(
+            embedder,
+            reranker,
+            suite,
+            loaded=loaded,
+            rerank_top_k=args.rerank_top_k,
+            batch_size=args.batch_size,
+            rerank_batch_size=args.rerank_batch_size,
+            cache_dir=cache_dir,
+            default_query_instruction=embedder.config.query_instruction,
+            default_target_instruction=embedder.config.target_instruction,
+        )
+    else:
+        report = evaluate_pipeline(
+            embedder,
+            reranker,
+            rows,
+            recall_k=args.rerank_top_k,
+            batch_size=args.batch_size,
+            rerank_batch_size=args.rerank_batch_size,
+            cache_dir=cache_dir,
+        )
+    text = format_pipeline_report(report)
+    print(text)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".txt").write_text(text + "\n")
     return 0
-
-
-def format_pipeline_report(
-    report: dict[str, Any], metrics: tuple[str, ...] = ("hit@1", "ndcg@10", "mrr")
-) -> str:
-    """A text table: per task, the embedder's and the pipeline's metrics and stage seconds."""
-    k = report["recall_k"]
-    head = ["task", "n"] + [f"{m} emb" for m in metrics] + [f"{m} +rr@{k}" for m in metrics]
-    head += ["embed s", "rerank s"]
-    lines = ["  ".join(f"{h:>12}" for h in head)]
-    for task, r in report["tasks"].items():
-        cells = [task[:12], str(r["n"])]
-        cells += [f"{r['embedder'][m]:.3f}" for m in metrics] + [f"{r['reranked'][m]:.3f}" for m in metrics]
-        cells += [f"{r['seconds']['embed']:.2f}", f"{r['seconds']['rerank']:.2f}"]
-        lines.append("  ".join(f"{c:>12}" for c in cells))
-    avg = report["average"]
-    cells = ["average", str(avg["n_tasks"])]
-    cells += [f"{avg['embedder'][m]:.3f}" for m in metrics] + [f"{avg['reranked'][m]:.3f}" for m in metrics]
-    lines.append("  ".join(f"{c:>12}" for c in cells))
-    return "\n".join(lines)
 
 
 def _score(args: argparse.Namespace) -> int:

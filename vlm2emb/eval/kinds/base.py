@@ -4,7 +4,10 @@ instruction-fallback rule."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # the hook's type only; kinds import nothing for it at run time
+    from vlm2emb.eval.rescore import Rescorer
 
 __all__ = ["DEFAULT_KIND", "FALLBACKS", "PATH", "InstructionDefaults", "TaskKind", "TaskSpec"]
 
@@ -95,6 +98,10 @@ class TaskKind:
     # False for kinds that list a task without scoring it (``pending``): the harness
     # reports them under ``not_run`` and leaves them out of the averages.
     runnable: ClassVar[bool] = True
+    # True for kinds whose ``evaluate`` takes ``rescore=`` (a second ranking of the same
+    # scores, reported under ``"rescored"``: the reranker pipeline). A kind registered
+    # without it still evaluates; the pipeline refuses it by name.
+    supports_rescore: ClassVar[bool] = False
 
     def check(self, spec: Any, where: str) -> None:
         """Value checks the spec's types do not express; raise
@@ -113,6 +120,11 @@ class TaskKind:
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Rescorer | None = None,
     ) -> dict[str, Any]:
-        """Scores the loaded task; returns metrics holding ``spec.metric`` (plus ``n``...)."""
+        """Scores the loaded task; returns metrics holding ``spec.metric`` (plus ``n``...).
+
+        ``rescore`` (only passed where :attr:`supports_rescore`): a
+        :class:`~vlm2emb.eval.rescore.Rescorer` whose metrics go under ``"rescored"``.
+        """
         raise NotImplementedError

@@ -21,6 +21,7 @@ from typing import Any
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.corpus import CorpusTask, evaluate_corpus, load_corpus_task
 from vlm2emb.eval.kinds.base import PATH, InstructionDefaults, TaskKind, TaskSpec
+from vlm2emb.eval.rescore import Rescorer
 
 __all__ = ["KIND", "CorpusKind", "CorpusTaskSpec"]
 
@@ -45,6 +46,7 @@ class CorpusTaskSpec(TaskSpec):
 class CorpusKind(TaskKind):
     name = "corpus"
     spec = CorpusTaskSpec
+    supports_rescore = True
 
     def check(self, spec: CorpusTaskSpec, where: str) -> None:
         for key in ("corpus", "queries", "qrels"):
@@ -65,6 +67,7 @@ class CorpusKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Rescorer | None = None,
     ) -> dict[str, Any]:
         return evaluate_corpus(
             encoder,
@@ -74,6 +77,7 @@ class CorpusKind(TaskKind):
             query_instruction=defaults.query(spec.query_instruction, mmeb=False),
             target_instruction=defaults.target(spec.target_instruction, mmeb=False),
             scoring=spec.scoring,
+            rescore=rescore,
         )
 
 

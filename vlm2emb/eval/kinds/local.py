@@ -21,6 +21,7 @@ from typing import Any
 from vlm2emb.data.schema import DataError
 from vlm2emb.eval.kinds.base import PATH, InstructionDefaults, TaskKind, TaskSpec
 from vlm2emb.eval.mmeb import MMEB_LAYOUT, load_local_rows
+from vlm2emb.eval.rescore import Rescorer
 from vlm2emb.eval.runner import evaluate
 
 __all__ = ["FORMATS", "KIND", "LocalKind", "LocalTaskSpec"]
@@ -46,6 +47,7 @@ class LocalTaskSpec(TaskSpec):
 class LocalKind(TaskKind):
     name = "local"
     spec = LocalTaskSpec
+    supports_rescore = True
 
     def check(self, spec: LocalTaskSpec, where: str) -> None:
         if not spec.data:
@@ -72,6 +74,7 @@ class LocalKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Rescorer | None = None,
     ) -> dict[str, Any]:
         has_mmeb = any(row.get("layout") == MMEB_LAYOUT for row in payload)
         target_instruction = defaults.target(spec.target_instruction, mmeb=has_mmeb)
@@ -86,6 +89,7 @@ class LocalKind(TaskKind):
             ks=ks,
             target_instruction=target_instruction,
             scoring=spec.scoring,
+            rescore=rescore,
         )
         return result["tasks"][spec.name]
 

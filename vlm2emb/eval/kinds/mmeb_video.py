@@ -35,6 +35,7 @@ from vlm2emb.data.schema import DataError
 from vlm2emb.eval.corpus import evaluate_corpus
 from vlm2emb.eval.kinds.base import PATH, InstructionDefaults, TaskKind, TaskSpec
 from vlm2emb.eval.mmeb_video import ANSWER_TYPES, QUERY_MEDIA, SCOPES, VideoLayout, VideoTask, load_video_task
+from vlm2emb.eval.rescore import Rescorer
 from vlm2emb.eval.runner import evaluate
 
 __all__ = ["KIND", "MmebVideoKind", "MmebVideoTaskSpec"]
@@ -72,6 +73,7 @@ class MmebVideoTaskSpec(TaskSpec, VideoLayout):
 class MmebVideoKind(TaskKind):
     name = "mmeb-video"
     spec = MmebVideoTaskSpec
+    supports_rescore = True
 
     def check(self, spec: MmebVideoTaskSpec, where: str) -> None:
         if not spec.data:
@@ -150,6 +152,7 @@ class MmebVideoKind(TaskKind):
         ks: tuple[int, ...],
         batch_size: int,
         defaults: InstructionDefaults,
+        rescore: Rescorer | None = None,
     ) -> dict[str, Any]:
         # The suite carries VLM2Vec's instructions; a model default on top would change the
         # prompt VLM2Vec scores (the same rule as MMEB-layout image rows).
@@ -164,6 +167,7 @@ class MmebVideoKind(TaskKind):
                 query_instruction=query_instruction,
                 target_instruction=target_instruction,
                 scoring=spec.scoring,
+                rescore=rescore,
             )
         # Rows whose query form has its own instruction (MomentSeeker) take that one.
         by_media = {m: defaults.query(i, mmeb=True) for m, i in spec.query_instruction_by_media.items()}
@@ -182,6 +186,7 @@ class MmebVideoKind(TaskKind):
             ks=ks,
             target_instruction=target_instruction,
             scoring=spec.scoring,
+            rescore=rescore,
         )
         return result["tasks"][spec.name]
 
