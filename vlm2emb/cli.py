@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--data", nargs="+", help="eval JSONL/Parquet file(s) (docs/data.md)")
     source.add_argument(
         "--suite",
-        help="suite YAML, or a bundled suite: mmeb-v1, mmeb-v2, vidore-v1, vidore-v2, vidore-v3 (docs/evaluation.md)",
+        help="suite YAML, a bundled suite (mmeb-v1, mmeb-v2, vidore-v1, vidore-v2, vidore-v3) or the offline "
+        "demo:study/suite (docs/evaluation.md)",
     )
     p_eval.add_argument(
         "--data-root", default=None, help="--suite: the folder its relative paths resolve against"

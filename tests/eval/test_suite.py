@@ -349,3 +349,15 @@ def test_suite_prompt_style_is_used_for_the_run_and_restored(suite_file: Path, t
     bad = _mixed_suite(suite_file, tmp_path, "prompt_style: vlm3vec\n")
     with pytest.raises(DataError, match=r"mixed\.yaml: prompt_style: unknown prompt style 'vlm3vec'"):
         load_suite(bad)
+
+
+def test_the_demo_suite_resolves_like_a_file(tmp_path, monkeypatch) -> None:
+    from vlm2emb.data.errors import DataError as DemoError
+    from vlm2emb.eval.suite import load_suite as load
+
+    monkeypatch.setenv("VLM2EMB_CACHE", str(tmp_path))
+    suite = load("demo:study/suite")
+    assert [t.meta_task for t in suite.tasks] == ["classification", "vqa", "retrieval", "grounding"]
+    assert all(Path(t.data[0]).is_file() and tmp_path in Path(t.data[0]).parents for t in suite.tasks)
+    with pytest.raises(DemoError, match="not a suite"):
+        load("demo:digits/train")

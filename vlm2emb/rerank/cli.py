@@ -51,7 +51,7 @@ def add_parser(sub: Any) -> None:
     source.add_argument("--data", nargs="+", help="local-candidate evaluation rows")
     source.add_argument(
         "--suite",
-        help="suite YAML, or a bundled suite: mmeb-v1, mmeb-v2, vidore-v1, vidore-v2, vidore-v3 "
+        help="suite YAML, a bundled suite (mmeb-v1, mmeb-v2, vidore-v1, vidore-v2, vidore-v3) or demo:study/suite "
         "(docs/evaluation.md)",
     )
     p_eval.add_argument(

@@ -22,7 +22,11 @@ def bundled_suites() -> list[str]:
 
 
 def resolve_suite(ref: str | Path, data_root: str | Path | None = None) -> Path:
-    """The suite file for ``ref``: an existing file, else a bundled suite's name.
+    """The suite file for ``ref``: an existing file, a bundled suite's name, or ``demo:``.
+
+    ``demo:study/suite`` (the seed study's digits suite) is written once to vlm2emb's cache
+    folder (:func:`vlm2emb.data.demo.resolve_demo`), so ``vlm2emb eval --suite`` and
+    ``vlm2emb rerank eval --suite`` run it as they run any file.
 
     Raises:
         DataError: ``ref`` is neither; a bundled suite without ``data_root``; a
@@ -30,6 +34,13 @@ def resolve_suite(ref: str | Path, data_root: str | Path | None = None) -> Path:
     """
     if data_root is not None and not Path(data_root).expanduser().is_dir():
         raise DataError(f"--data-root: folder not found: {data_root}")
+    if str(ref).startswith("demo:"):
+        from vlm2emb.data.demo import resolve_demo
+
+        path = resolve_demo(str(ref))
+        if path.suffix != ".yaml":
+            raise DataError(f"{ref} is demo data, not a suite; the demo suite is demo:study/suite")
+        return path
     path = Path(ref).expanduser()
     if path.is_file():
         return path
@@ -41,4 +52,6 @@ def resolve_suite(ref: str | Path, data_root: str | Path | None = None) -> Path:
                 "give --data-root DIR (docs/evaluation.md says what DIR holds)"
             )
         return bundled
-    raise DataError(f"suite file not found: {ref} (bundled suites: {', '.join(bundled_suites())})")
+    raise DataError(
+        f"suite file not found: {ref} (bundled suites: {', '.join(bundled_suites())}; demo: demo:study/suite)"
+    )
