@@ -368,3 +368,43 @@ def test_study_end_to_end_summary_equals_the_runs(
         d = results["backbones"]["dm"]["mean"]["meta_tasks"][meta]["mean"]
         assert float(diff[j]) == pytest.approx(a - d, abs=5e-4)
     assert re.search(r"!\[projection.png\]\(projection.png\)", summary)
+
+
+def test_data_efficiency_on_the_suite_gives_curves_per_meta_task(
+    tmp_path: Path, study_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = yaml.safe_load(_small_study(tmp_path, study_data).read_text())
+    study["backbones"] = study["backbones"][:1]
+    study["seeds"] = [3]
+    study["data_efficiency"] = {"fractions": [0.5], "on_suite": True}
+    path = tmp_path / "on_suite.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    assert main(["study", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    run = out / "runs" / "ar" / "seed-3"
+    points = results["backbones"]["ar"]["runs"]["3"]["data_efficiency"]
+    assert [p["fraction"] for p in points] == [0.5, 1.0]
+    for point, report_file in zip(points, (run / "frac-0.5" / "suite.json", run / "suite.json")):
+        report = json.loads(report_file.read_text())
+        # Each point is that fraction's model scored on the suite: the mean of its tasks' scores.
+        tasks = {t: v[v["metric"]] for t, v in report["tasks"].items()}
+        assert point["suite"]["overall"] == pytest.approx(np.mean(list(tasks.values())))
+        for meta in set(STUDY_TASKS.values()):
+            scores = [tasks[t] for t, m in STUDY_TASKS.items() if m == meta]
+            assert point["suite"]["meta_tasks"][meta] == pytest.approx(np.mean(scores))
+    # The two models differ (the half run saw other rows), so the curve is not a copy.
+    half, full = (json.loads(f.read_text()) for f in (run / "frac-0.5" / "suite.json", run / "suite.json"))
+    assert half["tasks"] != full["tasks"]
+
+    from vlm2emb.study.figures import data_efficiency_meta_task_figure
+
+    fig = data_efficiency_meta_task_figure(results)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [*results["meta_task_order"], "overall"]
+    overall = fig.axes[-1].get_lines()[0]
+    assert list(overall.get_ydata()) == pytest.approx([p["suite"]["overall"] for p in points])
+    assert (out / "data_efficiency_meta_tasks.png").is_file()
+    summary = (out / "summary.md").read_text()
+    assert "## Data efficiency on the suite" in summary
+    assert f"| ar | 0.5 | {points[0]['rows']} |" in summary

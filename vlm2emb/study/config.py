@@ -60,11 +60,20 @@ class StudyBackbone:
 
 @dataclass
 class StudyDataEfficiency:
-    """The data-efficiency curves: fractions of the training rows (1.0 is always run:
-    its model is the one the suite evaluates) and the ``data.eval`` average they plot."""
+    """The data-efficiency curves.
+
+    Attributes:
+        fractions: Fractions of the training rows (1.0 is always run: its model is the one
+            the suite evaluates).
+        metric: The ``data.eval`` average (a metric name) each point plots.
+        on_suite: Also evaluate every fraction's model on the study's suite, for curves per
+            meta-task (``data_efficiency_meta_tasks.png``); costs one suite evaluation per
+            fraction below 1.0.
+    """
 
     fractions: list[float] = field(default_factory=lambda: [1.0])
     metric: str = "hit@1"
+    on_suite: bool = False
 
 
 @dataclass

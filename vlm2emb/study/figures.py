@@ -4,6 +4,8 @@
   the mean over seeds, the sample standard deviation as an error bar, each seed a dot;
 * ``data_efficiency.png``: the data-efficiency metric against training rows (log scale),
   one line per backbone, a band of ± one standard deviation;
+* ``data_efficiency_meta_tasks.png`` (``data_efficiency.on_suite``): the suite's score
+  against training rows, one panel per meta-task and overall;
 * ``projection.png``: PCA and t-SNE of query-target pairs of the first seed, a line joining
   each pair (:func:`vlm2emb.eval.analysis.projection_figure`, one column per backbone);
 * ``modality_gap.png``: modality gap and alignment per backbone, mean bars and seed dots.
@@ -22,6 +24,7 @@ from vlm2emb.eval.analysis import _pyplot, projection_figure
 __all__ = [
     "KIND_COLORS",
     "data_efficiency_figure",
+    "data_efficiency_meta_task_figure",
     "meta_task_figure",
     "modality_gap_figure",
     "write_figures",
@@ -106,6 +109,41 @@ def data_efficiency_figure(results: dict[str, Any]) -> Any:
     return fig
 
 
+def data_efficiency_meta_task_figure(results: dict[str, Any]) -> Any:
+    """The suite score against training rows, one panel per meta-task (then overall), one
+    line per backbone with a ± std band (``data_efficiency.on_suite``)."""
+    plt = _pyplot()
+    groups = [*results["meta_task_order"], "overall"]
+    colors = _colors(results)
+    fig, axes = plt.subplots(1, len(groups), figsize=(1.0 + 2.8 * len(groups), 3.4), dpi=100, squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for name, b in results["backbones"].items():
+            pts = b["mean"]["data_efficiency"]
+            stats = [
+                p["suite"]["overall"] if group == "overall" else p["suite"]["meta_tasks"][group] for p in pts
+            ]
+            rows = [p["rows"] for p in pts]
+            mean = [st["mean"] for st in stats]
+            std = [st["std"] or 0.0 for st in stats]
+            ax.plot(rows, mean, marker="o", color=colors[name], label=f"{name} ({b['kind']})")
+            ax.fill_between(
+                rows,
+                [m - e for m, e in zip(mean, std)],
+                [m + e for m, e in zip(mean, std)],
+                color=colors[name],
+                alpha=0.2,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("training rows (log scale)")
+        ax.set_title(group, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"score ({results['metric']})")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"data efficiency on {results['suite']} (mean over seeds, band ± std)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def modality_gap_figure(results: dict[str, Any]) -> Any:
     """Two panels, modality gap and alignment: a bar per backbone (mean), seeds as dots."""
     plt = _pyplot()
@@ -147,6 +185,9 @@ def write_figures(
         "meta_tasks.png": meta_task_figure(results),
         "data_efficiency.png": data_efficiency_figure(results),
     }
+    first = next(iter(results["backbones"].values()))["mean"]["data_efficiency"]
+    if all("suite" in p for p in first):
+        figures["data_efficiency_meta_tasks.png"] = data_efficiency_meta_task_figure(results)
     if analyses:
         figures["projection.png"] = projection_figure(
             list(analyses), max_points=max_points, seed=seed, color_by="task"

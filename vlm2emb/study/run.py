@@ -11,6 +11,8 @@ Layout of ``output_dir``::
     runs/NAME/seed-S/               one data-efficiency study (frac-F/ runs, frac-1/ the full one)
     runs/NAME/seed-S/suite.json     the suite report of frac-1/final
     runs/NAME/seed-S/analysis.json  the analysis numbers of frac-1/final
+    runs/NAME/seed-S/frac-F/suite.json  with data_efficiency.on_suite: the suite report of frac-F
+    data_efficiency_meta_tasks.png  with data_efficiency.on_suite: the curves per meta-task
 
 Nothing here is specific to a model: a backbone is a set of recipe overrides.
 """
@@ -78,12 +80,10 @@ def run_study(
 
     from vlm2emb.data.demo import resolve_demo
     from vlm2emb.eval.analysis import analyze
-    from vlm2emb.eval.cache import CachedEncoder
-    from vlm2emb.eval.harness import load_suite_tasks, run_suite
+    from vlm2emb.eval.harness import load_suite_tasks
     from vlm2emb.eval.mmeb import MMEB_LAYOUT
     from vlm2emb.eval.suite import load_suite
     from vlm2emb.items import resolve_instruction
-    from vlm2emb.model import EmbeddingModel
     from vlm2emb.study.figures import write_figures
     from vlm2emb.train.config import load_recipe
     from vlm2emb.train.data_efficiency import run_data_efficiency
@@ -119,25 +119,39 @@ def run_study(
             run_dir = Path(recipe.output_dir)
             eff = run_data_efficiency(recipe, cfg.fractions, metric=cfg.data_efficiency.metric, resume=resume)
             full = next(p for p in eff["points"] if p["fraction"] == 1.0)
-            model = EmbeddingModel.from_pretrained(
+
+            curve_on_suite: list[dict[str, Any]] = []
+            if cfg.data_efficiency.on_suite:
+                for point in eff["points"]:
+                    if point["fraction"] == 1.0:
+                        continue  # the full run is evaluated below
+                    _, _, sub_report = _evaluate_on_suite(
+                        Path(point["output_dir"]) / "final",
+                        run_dir,
+                        recipe,
+                        suite,
+                        loaded,
+                        cfg.eval_batch_size,
+                        device,
+                    )
+                    (Path(point["output_dir"]) / "suite.json").write_text(
+                        json.dumps(sub_report, indent=2) + "\n"
+                    )
+                    curve_on_suite.append(_suite_numbers(sub_report))
+            model, encoder, report = _evaluate_on_suite(
                 Path(full["output_dir"]) / "final",
-                device=device,
-                trust_remote_code=recipe.model.trust_remote_code,
+                run_dir,
+                recipe,
+                suite,
+                loaded,
+                cfg.eval_batch_size,
+                device,
             )
-            model.eval()
-            # One cache per run: the analysis re-uses the suite's embeddings where they match.
-            encoder = CachedEncoder(model, run_dir / "embedding-cache")
             q_instr = resolve_instruction(None, model.config.query_instruction)
             t_instr = resolve_instruction(None, model.config.target_instruction)
-            report = run_suite(
-                encoder,
-                suite,
-                loaded=loaded,
-                batch_size=cfg.eval_batch_size,
-                default_query_instruction=q_instr,
-                default_target_instruction=t_instr,
-            )
             (run_dir / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
+            if cfg.data_efficiency.on_suite:
+                curve_on_suite.append(_suite_numbers(report))  # fractions sorted: 1.0 is last
             numbers: dict[str, Any] = {}
             if analysis_rows:
                 an = analyze(
@@ -173,6 +187,11 @@ def run_study(
                     {k: p[k] for k in ("fraction", "rows", "batch_size", "value")} for p in eff["points"]
                 ],
             }
+            if curve_on_suite:
+                for point, numbers_on_suite in zip(
+                    per_run[b.name][str(seed)]["data_efficiency"], curve_on_suite
+                ):
+                    point["suite"] = numbers_on_suite
             del model, encoder
     results = {
         "suite": suite.name,
@@ -196,6 +215,40 @@ def run_study(
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(results, [Path(f).name for f in files]))
     return {**results, "files": [str(out / "results.json"), str(out / "summary.md"), *map(str, files)]}
+
+
+def _evaluate_on_suite(
+    final_dir: Path, run_dir: Path, recipe: Any, suite: Any, loaded: list[Any], batch_size: int, device: str
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Loads a run's saved model and evaluates it on the suite: (model, encoder, report)."""
+    from vlm2emb.eval.cache import CachedEncoder
+    from vlm2emb.eval.harness import run_suite
+    from vlm2emb.items import resolve_instruction
+    from vlm2emb.model import EmbeddingModel
+
+    model = EmbeddingModel.from_pretrained(
+        final_dir, device=device, trust_remote_code=recipe.model.trust_remote_code
+    )
+    model.eval()
+    # One cache per backbone and seed: the analysis (and --resume) re-use its embeddings.
+    encoder = CachedEncoder(model, run_dir / "embedding-cache")
+    report = run_suite(
+        encoder,
+        suite,
+        loaded=loaded,
+        batch_size=batch_size,
+        default_query_instruction=resolve_instruction(None, model.config.query_instruction),
+        default_target_instruction=resolve_instruction(None, model.config.target_instruction),
+    )
+    return model, encoder, report
+
+
+def _suite_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """A suite report's overall score and per-meta-task scores."""
+    return {
+        "overall": report["average"]["score"],
+        "meta_tasks": {m: v["score"] for m, v in report["meta_tasks"].items()},
+    }
 
 
 def _meta_task_order(suite: Any) -> list[str]:
@@ -235,6 +288,16 @@ def aggregate(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for i, p in enumerate(first["data_efficiency"])
         ],
     }
+    if all("suite" in p for p in first["data_efficiency"]):
+        # The curve on the suite (data_efficiency.on_suite): overall and per meta-task.
+        for i, point in enumerate(mean["data_efficiency"]):
+            point["suite"] = {
+                "overall": over(lambda r, i=i: r["data_efficiency"][i]["suite"]["overall"]),
+                "meta_tasks": {
+                    m: over(lambda r, i=i, m=m: r["data_efficiency"][i]["suite"]["meta_tasks"][m])
+                    for m in first["data_efficiency"][i]["suite"]["meta_tasks"]
+                },
+            }
     return {"runs": runs, "mean": mean}
 
 
@@ -300,6 +363,18 @@ def summary_markdown(results: dict[str, Any], figures: Sequence[str]) -> str:
     for i, p in enumerate(first):
         cells = [_pm(results["backbones"][x]["mean"]["data_efficiency"][i]) for x in names]
         lines.append(f"| {p['fraction']:g} | {p['rows']} | " + " | ".join(cells) + " |")
+    if all("suite" in p for p in first):
+        lines += [
+            "",
+            f"## Data efficiency on the suite (score per meta-task, {results['metric']})",
+            "",
+            "| Backbone | Fraction | Rows | " + " | ".join(metas) + " | overall |",
+            "|---|---|---|" + "---|" * (len(metas) + 1),
+        ]
+        for x in names:
+            for p in results["backbones"][x]["mean"]["data_efficiency"]:
+                cells = [_pm(p["suite"]["meta_tasks"].get(m)) for m in metas] + [_pm(p["suite"]["overall"])]
+                lines.append(f"| {x} | {p['fraction']:g} | {p['rows']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Embedding space",
