@@ -561,7 +561,11 @@ def _cmd_data_efficiency(args: argparse.Namespace) -> int:
     from vlm2emb.train.data_efficiency import parse_fractions, run_data_efficiency
 
     cfg = load_recipe(args.recipe, args.overrides)
+    # Under `accelerate launch` every run trains on all processes; the main one writes the files.
+    state = _distributed_state()
     result = run_data_efficiency(cfg, parse_fractions(args.fractions), metric=args.metric, resume=args.resume)
+    if state is not None and not state.is_main_process:
+        return 0
     for point in result["points"]:
         print(f"{point['fraction']:>8.4g}  {point['rows']:>7} rows  {args.metric} {point['value']:.4f}")
     print(f"wrote {result['json']} and {result['png']}")
@@ -585,7 +589,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if args.data_root is not None:
         cfg.data_root = args.data_root
     cfg.validate(args.study)
+    state = _distributed_state()  # under `accelerate launch`: every run on all processes
     result = run_study(cfg, args.overrides, resume=args.resume)
+    if state is not None and not state.is_main_process:
+        return 0
     print(Path(result["files"][1]).read_text())
     print("wrote " + ", ".join(result["files"]))
     return 0

@@ -11,6 +11,9 @@ batch B/N compute the same gradients as one process at batch B (open_clip calls 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -25,6 +28,25 @@ def rank_and_world() -> tuple[int, int]:
     if not is_distributed():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[bool]:
+    """Runs the block on the main process, then on the others; yields ``is_main``.
+
+    For files that the main process writes and every process reads: inside the block, write
+    only where ``is_main`` is true, and read anywhere. Outside a process group it runs once
+    and yields True. The main process reaches the closing barrier even when its block raises,
+    so the others are not left waiting (they then run the block and usually fail alike).
+    """
+    rank, world = rank_and_world()
+    if rank != 0:
+        dist.barrier()
+    try:
+        yield rank == 0
+    finally:
+        if rank == 0 and world > 1:
+            dist.barrier()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -408,3 +408,37 @@ def test_data_efficiency_on_the_suite_gives_curves_per_meta_task(
     summary = (out / "summary.md").read_text()
     assert "## Data efficiency on the suite" in summary
     assert f"| ar | 0.5 | {points[0]['rows']} |" in summary
+
+
+@pytest.mark.distributed
+def test_a_study_under_accelerate_launch_equals_one_process(tmp_path: Path, study_data: Path) -> None:
+    import subprocess
+
+    from tests.helpers import accelerate_launch, launch_env
+
+    study = yaml.safe_load(_small_study(tmp_path, study_data).read_text())
+    study["backbones"] = study["backbones"][:1]
+    study["seeds"] = [3]
+    study["data_efficiency"] = {"fractions": [0.5], "on_suite": True}
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump(study))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["study", str(path), "--out", str(one)]) == 0
+    proc = subprocess.run(
+        [*accelerate_launch("ddp", 2), "-m", "vlm2emb", "study", str(path), "--out", str(two)],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # only the main process reports
+    a, b = (json.loads((d / "results.json").read_text())["backbones"]["ar"]["runs"]["3"] for d in (one, two))
+    # Same global batches (2 processes == 1 for training) and the same suite, sharded.
+    assert b["overall"] == pytest.approx(a["overall"], abs=1e-6)
+    assert b["meta_tasks"] == pytest.approx(a["meta_tasks"], abs=1e-6)
+    for pa, pb in zip(a["data_efficiency"], b["data_efficiency"], strict=True):
+        assert (pb["rows"], pb["value"]) == (pa["rows"], pytest.approx(pa["value"], abs=1e-6))
+        assert pb["suite"]["meta_tasks"] == pytest.approx(pa["suite"]["meta_tasks"], abs=1e-6)
+    assert b["modality_gap"] == pytest.approx(a["modality_gap"], abs=1e-4)
+    assert (two / "data_efficiency_meta_tasks.png").is_file() and (two / "summary.md").is_file()

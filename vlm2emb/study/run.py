@@ -79,6 +79,7 @@ def run_study(
     import torch
 
     from vlm2emb.data.demo import resolve_demo
+    from vlm2emb.distributed import main_process_first
     from vlm2emb.eval.analysis import analyze
     from vlm2emb.eval.harness import load_suite_tasks
     from vlm2emb.eval.mmeb import MMEB_LAYOUT
@@ -90,11 +91,13 @@ def run_study(
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Everything is read and checked before the first run trains.
-    suite_file = resolve_demo(cfg.suite, out) if cfg.suite.startswith("demo:") else cfg.suite
-    suite = load_suite(suite_file, data_root=cfg.data_root)
-    loaded = load_suite_tasks(suite, work_dir=out)
+    # Everything is read and checked before the first run trains. Under `accelerate launch`
+    # the main process writes demo data first; only it writes the study's files.
+    with main_process_first() as is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        suite_file = resolve_demo(cfg.suite, out) if cfg.suite.startswith("demo:") else cfg.suite
+        suite = load_suite(suite_file, data_root=cfg.data_root)
+        loaded = load_suite_tasks(suite, work_dir=out)
     analysis_rows = _analysis_rows(suite, loaded, cfg.analysis.max_rows_per_task)
     recipes = {
         (b.name, seed): load_recipe(
@@ -134,9 +137,10 @@ def run_study(
                         cfg.eval_batch_size,
                         device,
                     )
-                    (Path(point["output_dir"]) / "suite.json").write_text(
-                        json.dumps(sub_report, indent=2) + "\n"
-                    )
+                    if is_main:
+                        (Path(point["output_dir"]) / "suite.json").write_text(
+                            json.dumps(sub_report, indent=2) + "\n"
+                        )
                     curve_on_suite.append(_suite_numbers(sub_report))
             model, encoder, report = _evaluate_on_suite(
                 Path(full["output_dir"]) / "final",
@@ -149,7 +153,8 @@ def run_study(
             )
             q_instr = resolve_instruction(None, model.config.query_instruction)
             t_instr = resolve_instruction(None, model.config.target_instruction)
-            (run_dir / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
+            if is_main:
+                (run_dir / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
             if cfg.data_efficiency.on_suite:
                 curve_on_suite.append(_suite_numbers(report))  # fractions sorted: 1.0 is last
             numbers: dict[str, Any] = {}
@@ -172,7 +177,8 @@ def run_study(
                     seed=cfg.analysis.seed,
                 )
                 numbers = an.numbers
-                (run_dir / "analysis.json").write_text(json.dumps(numbers, indent=2) + "\n")
+                if is_main:
+                    (run_dir / "analysis.json").write_text(json.dumps(numbers, indent=2) + "\n")
                 if seed == cfg.seeds[0]:
                     projections[b.name] = an
             per_run[b.name][str(seed)] = {
@@ -204,17 +210,20 @@ def run_study(
         },
         "meta_task_order": _meta_task_order(suite),
     }
-    files = write_figures(
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    files = [out / "results.json", out / "summary.md"]
+    if not is_main:
+        return {**results, "files": [str(f) for f in files]}
+    files += write_figures(
         results,
         [projections[b.name] for b in cfg.backbones if b.name in projections],
         out,
         max_points=cfg.analysis.max_points,
         seed=cfg.analysis.seed,
     )
-    results["seconds"] = round(time.perf_counter() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(results, [Path(f).name for f in files]))
-    return {**results, "files": [str(out / "results.json"), str(out / "summary.md"), *map(str, files)]}
+    (out / "summary.md").write_text(summary_markdown(results, [Path(f).name for f in files[2:]]))
+    return {**results, "files": [str(f) for f in files]}
 
 
 def _evaluate_on_suite(

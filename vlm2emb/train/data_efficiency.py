@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm2emb.distributed import main_process_first, rank_and_world
 from vlm2emb.eval.metrics import metric_names
 
 __all__ = ["nested_subsets", "parse_fractions", "run_data_efficiency"]
@@ -92,25 +93,32 @@ def run_data_efficiency(
     if not cfg.data.eval:
         raise ConfigError("data.eval: a data-efficiency study needs evaluation data")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    examples = load_train_examples(
-        cfg.data.train,
-        media_root=cfg.data.media_root,
-        verify_images=cfg.data.verify_images,
-        max_negatives=cfg.data.max_negatives,
-        work_dir=out,
-        data_format=cfg.data.format,
-        mmeb_negatives=cfg.data.mmeb_negatives,
-    )
-    # demo: eval data is written once here instead of once per run.
-    eval_files = [str(resolve_demo(s, out)) if s.startswith("demo:") else s for s in cfg.data.eval]
-    subsets = nested_subsets(len(examples), fractions, cfg.seed)
+    # Under `accelerate launch` the main process writes demo data and the subset files first;
+    # the others read them after it (every process then trains each run together).
+    with main_process_first() as is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        examples = load_train_examples(
+            cfg.data.train,
+            media_root=cfg.data.media_root,
+            verify_images=cfg.data.verify_images,
+            max_negatives=cfg.data.max_negatives,
+            work_dir=out,
+            data_format=cfg.data.format,
+            mmeb_negatives=cfg.data.mmeb_negatives,
+        )
+        # demo: eval data is written once here instead of once per run.
+        eval_files = [str(resolve_demo(s, out)) if s.startswith("demo:") else s for s in cfg.data.eval]
+        subsets = nested_subsets(len(examples), fractions, cfg.seed)
+        for fraction, indices in subsets.items():
+            if is_main:
+                run_dir = out / f"frac-{fraction:g}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                text = "".join(json.dumps(_row(examples[i])) + "\n" for i in indices)
+                (run_dir / "train_subset.jsonl").write_text(text)
     points: list[dict[str, Any]] = []
     for fraction, indices in subsets.items():
         run_dir = out / f"frac-{fraction:g}"
-        run_dir.mkdir(parents=True, exist_ok=True)
         train_file = run_dir / "train_subset.jsonl"
-        train_file.write_text("".join(json.dumps(_row(examples[i])) + "\n" for i in indices))
         sub = copy.deepcopy(cfg)
         sub.output_dir = str(run_dir)
         sub.data.train = [str(train_file)]
@@ -140,8 +148,9 @@ def run_data_efficiency(
         "seed": cfg.seed,
         "points": points,
     }
-    (out / "data_efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(points, metric, out / "data_efficiency.png")
+    if rank_and_world()[0] == 0:
+        (out / "data_efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
+        _plot(points, metric, out / "data_efficiency.png")
     return {**result, "json": str(out / "data_efficiency.json"), "png": str(out / "data_efficiency.png")}
 
 
