@@ -361,3 +361,59 @@ def test_maxsim_equals_the_peers_own_code():
         checked += 1
     if not checked:
         pytest.skip("neither sentence-transformers' maxsim nor colpali-engine is installed")
+
+
+def test_export_format_sentence_transformers_multivector_writes_a_verified_encoder_folder(
+    multi, tiny_qwen2_vl_dir, tmp_path
+):
+    """`--format sentence-transformers-multivector`: one folder that MultiVectorEncoder loads
+    (the backbone files written once, the head as its modules) and vlm2emb still loads."""
+    from PIL import Image
+    from sentence_transformers import MultiVectorEncoder
+
+    from vlm2emb.cli import main
+    from vlm2emb.export import ExportError, export_model
+
+    multi.save_pretrained(tmp_path / "src")
+    result = export_model(tmp_path / "src", tmp_path / "mv", format="sentence-transformers-multivector")
+    checks = {v.loader: v for v in result.verifications}
+    assert checks["sentence-transformers MultiVectorEncoder"].passed
+    assert checks["vlm2emb token vectors"].passed
+    folder = tmp_path / "mv"
+    modules = json.loads((folder / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[1] for m in modules] == [
+        "Transformer",
+        "Dense",
+        "Normalize",
+        "MultiVectorMask",
+    ]
+    assert (
+        not (folder / "1_Pooling").exists() and len(list(folder.rglob("*.safetensors"))) == 3
+    )  # backbone, head, Dense
+    encoder = MultiVectorEncoder(str(folder), device="cpu")
+    image = Image.new("RGB", (48, 48), (200, 30, 90))
+    want_q = multi.encode(ITEMS, output="multivector", instruction=multi.config.query_instruction)
+    want_d = multi.encode([image, "two"], output="multivector", instruction=multi.config.target_instruction)
+    for want, got in zip(
+        [*want_q, *want_d], [*encoder.encode_query(ITEMS), *encoder.encode_document([image, "two"])]
+    ):
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-4)
+    again = EmbeddingModel.from_pretrained(folder).encode(
+        ITEMS, output="multivector", instruction=multi.config.query_instruction
+    )
+    for want, got in zip(want_q, again):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert "MultiVectorEncoder" in (folder / "README.md").read_text()
+
+    EmbeddingModel.from_pretrained(tiny_qwen2_vl_dir).save_pretrained(tmp_path / "single")
+    with pytest.raises(ExportError, match="needs a multi-vector head"):
+        export_model(tmp_path / "single", tmp_path / "x", format="sentence-transformers-multivector")
+    assert not (tmp_path / "x").exists()
+    argv = [
+        "export",
+        str(tmp_path / "src"),
+        str(tmp_path / "y"),
+        "--format",
+        "sentence-transformers-multivector",
+    ]
+    assert main([*argv, "--adapter-only"]) == 2 and not (tmp_path / "y").exists()

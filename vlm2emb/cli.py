@@ -248,7 +248,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: as stored"
     )
     p_export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    p_export.add_argument("--format", choices=["vlm2emb", "sentence-transformers"], default="vlm2emb")
+    p_export.add_argument(
+        "--format",
+        choices=["vlm2emb", "sentence-transformers", "sentence-transformers-multivector"],
+        default="vlm2emb",
+        help="sentence-transformers: also a SentenceTransformer folder; -multivector: a MultiVectorEncoder one",
+    )
     p_export.add_argument("--license", default=None, help="license id for the model card")
     p_export.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p_export.add_argument(

@@ -39,7 +39,9 @@ import torch
 from vlm2emb.model import CONFIG_NAME, MULTIVECTOR_HEAD_NAME, EmbeddingModel, first_non_finite, resolve_dtype
 
 EXPORT_MODES = ("merged", "adapter")
-EXPORT_FORMATS = ("vlm2emb", "sentence-transformers")
+EXPORT_FORMATS = ("vlm2emb", "sentence-transformers", "sentence-transformers-multivector")
+# The formats that write a sentence-transformers folder (modules.json at the root).
+_ST_FORMATS = ("sentence-transformers", "sentence-transformers-multivector")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Allowed deviation of the reloaded export from the source on the probes.
 FP32_MAX_ABS = 1e-4
@@ -176,9 +178,11 @@ def export_model(
             checkpoint's stored dtype).
         max_shard_size: Largest safetensors shard (``"5GB"``, ``"200KB"``, bytes); larger
             models get ``model.safetensors.index.json`` and several shards.
-        format: ``"vlm2emb"`` or ``"sentence-transformers"`` (a merged export that
+        format: ``"vlm2emb"``, ``"sentence-transformers"`` (a merged export that
             ``SentenceTransformer(out_dir)`` also loads: text, and images for families with
-            vlm2emb's default prompt layout, through a chat template written with it).
+            vlm2emb's default prompt layout, through a chat template written with it) or
+            ``"sentence-transformers-multivector"`` (the same, as a ``MultiVectorEncoder``
+            giving the multi-vector head's token vectors; needs ``multivector_tokens: all``).
         license: License id for the model card (default: the base model's terms apply).
         overwrite: Replace an existing ``out_dir``.
         base_model: Adapter mode: the base id to record (default: the recorded one).
@@ -195,8 +199,8 @@ def export_model(
         raise ExportError(f"mode must be one of {', '.join(EXPORT_MODES)}, got {mode!r}")
     if format not in EXPORT_FORMATS:
         raise ExportError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
-    if format == "sentence-transformers" and mode != "merged":
-        raise ExportError("--format sentence-transformers needs a merged export (not --adapter-only)")
+    if format in _ST_FORMATS and mode != "merged":
+        raise ExportError(f"--format {format} needs a merged export (not --adapter-only)")
     source = _resolve_checkpoint_dir(checkpoint)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -226,6 +230,16 @@ def export_model(
             f"{source}: --format sentence-transformers needs the single-vector head; this model has "
             "only a multi-vector head (dense_head: false)"
         )
+    if format == "sentence-transformers-multivector":
+        if model.multivector_head is None:
+            raise ExportError(
+                f"{source}: --format {format} needs a multi-vector head (model.multivector_dim)"
+            )
+        if model.config.multivector_tokens != "all":
+            raise ExportError(
+                f"{source}: --format {format}: multivector_tokens {model.config.multivector_tokens!r} has no "
+                "sentence-transformers equivalent (only 'all')"
+            )
     target = resolve_dtype(dtype) if dtype is not None else _stored_dtype(source)
     if target not in _DTYPE_NAMES:
         raise ExportError(f"--dtype: {dtype!r} is not one of fp32, bf16, fp16")
@@ -255,18 +269,26 @@ def export_model(
         model.adapter.processor.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         st_images = False
-        if format == "sentence-transformers":
+        if format in _ST_FORMATS:
             st_images = _write_sentence_transformers(model, tmp)
         del model  # free the source before the reload
+        if format == "sentence-transformers-multivector":
+            _make_multivector_pipeline(tmp)
 
         # 3. Verify by reloading what was written.
         verifications = _verify_vlm2emb(
             tmp, source, mode, target, probes, instruction, reference, reference_tokens
         )
+        idx = [i for i, p in enumerate(probes) if st_images or isinstance(p, str)]
         if format == "sentence-transformers":
-            idx = [i for i, p in enumerate(probes) if st_images or isinstance(p, str)]
             verifications.append(
                 _verify_sentence_transformers(tmp, [probes[i] for i in idx], reference[idx], target)
+            )
+        if format == "sentence-transformers-multivector":
+            verifications.append(
+                _verify_multivector_encoder(
+                    tmp, [probes[i] for i in idx], [reference_tokens[i] for i in idx], target
+                )
             )
         failed = [v for v in verifications if not v.passed]
         if failed:
@@ -531,10 +553,14 @@ def _verify_vlm2emb(
     return out
 
 
-def _compare_token_sets(ref: list[torch.Tensor], got: list[torch.Tensor], dtype: torch.dtype) -> Verification:
+def _compare_token_sets(
+    ref: list[torch.Tensor],
+    got: list[torch.Tensor],
+    dtype: torch.dtype,
+    loader: str = "vlm2emb token vectors",
+) -> Verification:
     """Every probe's token vectors ``[L_i, D]``, under :func:`_compare`'s rule per token vector;
     a probe whose token count changed fails outright."""
-    loader = "vlm2emb token vectors"
     counts = [(len(r), len(g)) for r, g in zip(ref, got)]
     if len(ref) != len(got) or any(a != b for a, b in counts):
         rule = f"the same token count per probe (source {[a for a, _ in counts]}, reload {[b for _, b in counts]})"
@@ -552,6 +578,41 @@ def _verify_sentence_transformers(
     st = SentenceTransformer(str(tmp), device="cpu", model_kwargs={"dtype": dtype}, truncate_dim=None)
     got = st.encode_query(items, convert_to_tensor=True).float().cpu()  # [n, d]
     return _compare(reference, got[:, : reference.shape[1]], dtype, "sentence-transformers")
+
+
+def _make_multivector_pipeline(tmp: Path) -> None:
+    """Turns the sentence-transformers folder ``tmp`` (the pooled pipeline) into a
+    ``MultiVectorEncoder`` folder: the same backbone files at the root (written once), then
+    the head as ``Dense``, ``Normalize`` and ``MultiVectorMask`` (:func:`multivector_encoder`)."""
+    encoder = multivector_encoder(tmp)
+    for name in ("1_Pooling", "2_Normalize"):
+        shutil.rmtree(tmp / name, ignore_errors=True)
+    modules = []
+    for idx, module in enumerate(encoder):
+        kind = type(module)
+        path = "" if idx == 0 else f"{idx}_{kind.__name__}"
+        if idx > 0:  # the root's Transformer files are vlm2emb's merged weights already
+            (tmp / path).mkdir()
+            module.save(str(tmp / path))
+        modules.append(
+            {"idx": idx, "name": str(idx), "path": path, "type": f"{kind.__module__}.{kind.__name__}"}
+        )
+    (tmp / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    st_config = json.loads((tmp / "config_sentence_transformers.json").read_text())
+    st_config |= {"model_type": "MultiVectorEncoder", "similarity_fn_name": None}
+    (tmp / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
+
+
+def _verify_multivector_encoder(
+    tmp: Path, items: list[Any], reference: list[torch.Tensor], dtype: torch.dtype
+) -> Verification:
+    from sentence_transformers import MultiVectorEncoder
+
+    encoder = MultiVectorEncoder(str(tmp), device="cpu", model_kwargs={"dtype": dtype})
+    got = encoder.encode_query(items)  # n x [L_i, D]
+    return _compare_token_sets(
+        reference, [g.float().cpu() for g in got], dtype, "sentence-transformers MultiVectorEncoder"
+    )
 
 
 def multivector_encoder(export_dir: str | os.PathLike[str], device: str = "cpu") -> Any:
@@ -865,7 +926,7 @@ def model_card(
         "license": license or UNKNOWN_LICENSE,
         "tags": ["vlm2emb", "embeddings", "vision-language", "safetensors"],
     }
-    if format == "sentence-transformers":
+    if format in _ST_FORMATS:
         front["tags"].append("sentence-transformers")
     # The hub's datasets field holds hub ids: the hf: sources (local files are listed below).
     hub_sources = [s.removeprefix("hf:").split(":")[0] for s in data.get("train", []) if s.startswith("hf:")]
@@ -934,6 +995,21 @@ def model_card(
             'queries = model.encode_query(["a handwritten digit seven"])',
             'docs = model.encode_document(["a caption"])',
             "print(model.similarity(queries, docs))",
+            "```",
+        ]
+    elif format == "sentence-transformers-multivector":
+        lines += [
+            "",
+            "With sentence-transformers' `MultiVectorEncoder` (token vectors, late interaction; the "
+            "prompts hold the instructions):",
+            "",
+            "```python",
+            "from sentence_transformers import MultiVectorEncoder",
+            "",
+            'model = MultiVectorEncoder("path/to/this/folder")',
+            'queries = model.encode_query(["a handwritten digit seven"])',
+            'docs = model.encode_document(["a caption"])',
+            "print(model.similarity(queries, docs))  # MaxSim",
             "```",
         ]
     elif mode == "merged":
