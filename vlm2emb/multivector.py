@@ -50,11 +50,13 @@ QUERY_BLOCK_TOKENS = 512
 # Query blocks are not split for padding below this many slots: each query block is one
 # more pass over every document block, and a narrow one makes a narrow GEMM.
 QUERY_BLOCK_MIN_TOKENS = 256
-# Target size of one bucketed block of token dot products (8 MiB in float32): its GEMM
-# output is still in cache when the max reads it (1.2x-1.7x faster than unbounded blocks in
-# one single-thread sweep on ragged lengths). With 2 threads on a loaded machine, blocks of
-# this size and smaller were erratic; see docs/benchmarks.md.
-BUCKET_BLOCK_ELEMENTS = 1 << 21
+# Target size of one block of token dot products without autograd (2 MiB in float32): the
+# GEMM writes it into one buffer reused by every block, still in cache when the max reads it.
+# Chosen from a single-thread sweep (2**18 to 2**21) on the benchmark's four shapes with
+# uniform lengths (2**19 was within noise of the best on each; 2**21, the previous value, was
+# 1.1x-1.3x slower there), checked on the ragged spread; see docs/benchmarks.md. With 2
+# threads on a loaded machine, small blocks were erratic.
+BUCKET_BLOCK_ELEMENTS = 1 << 19
 # A bucketed block stops growing when padding would exceed 1/8 of its slots.
 PADDING_SHARE_DIVISOR = 8
 
@@ -344,7 +346,9 @@ class _ListRows:
                 pieces.append(t)
             if n < length:
                 if self.pad == "zero" or not n:
-                    pieces.append(torch.zeros((), dtype=t.dtype, device=t.device).expand(length - n, self.dim))
+                    pieces.append(
+                        torch.zeros((), dtype=t.dtype, device=t.device).expand(length - n, self.dim)
+                    )
                 else:
                     pieces.append(t[:1].expand(length - n, self.dim))
         if out is None:
@@ -418,7 +422,9 @@ def _bucketed_maxsim(
         for flat_q, q_idx, (q_rows, lq_b) in zip(flat_qs, q_index, q_blocks):
             a = len(q_rows)
             sim = torch.mm(flat_d, flat_q.T, out=sim_buf[: c * ld_b * a * lq_b].view(c * ld_b, a * lq_b))
-            best = torch.amax(sim.view(c, ld_b, a * lq_b), dim=1, out=best_buf[: c * a * lq_b].view(c, a * lq_b))
+            best = torch.amax(
+                sim.view(c, ld_b, a * lq_b), dim=1, out=best_buf[: c * a * lq_b].view(c, a * lq_b)
+            )
             scores[q_idx, d_rows.to(device)] = best.view(c, a, lq_b).sum(dim=-1, dtype=dtype).T  # [bq, bd]
     return scores
 
