@@ -48,8 +48,12 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 # hundred columns.
 QUERY_BLOCK_TOKENS = 512
 # Query blocks are not split for padding below this many slots: each query block is one
-# more pass over every document block, and a narrow one makes a narrow GEMM.
-QUERY_BLOCK_MIN_TOKENS = 256
+# more pass over every document block, and a narrow one makes a narrow GEMM. Equal to
+# QUERY_BLOCK_TOKENS, query blocks are cut by size only: with the reused buffers, a split
+# into a ~250-column and a ~40-column GEMM (16 queries of 10-20 tokens) cost more than the
+# padding it saved (single-thread sweep of 256 against 512 on the mild and ragged spreads
+# of the four benchmark shapes; docs/benchmarks.md).
+QUERY_BLOCK_MIN_TOKENS = 512
 # Target size of one block of token dot products without autograd (2 MiB in float32): the
 # GEMM writes it into one buffer reused by every block, still in cache when the max reads it.
 # Chosen from a single-thread sweep (2**18 to 2**21) on the benchmark's four shapes with
