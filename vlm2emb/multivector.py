@@ -56,9 +56,9 @@ QUERY_BLOCK_TOKENS = 512
 QUERY_BLOCK_MIN_TOKENS = 512
 # Target size of one block of token dot products without autograd (2 MiB in float32): the
 # GEMM writes it into one buffer reused by every block, still in cache when the max reads it.
-# Chosen from a single-thread sweep (2**18 to 2**21) on the benchmark's four shapes with
-# uniform lengths (2**19 was within noise of the best on each; 2**21, the previous value, was
-# 1.1x-1.3x slower there), checked on the ragged spread; see docs/benchmarks.md. With 2
+# Chosen from single-thread sweeps (2**18 to 2**21) on the benchmark's four shapes with
+# uniform lengths (2**19 within 3 % of the best on each; 2**21, the previous value, 1.06x-1.33x
+# slower), checked on the ragged spread; see docs/benchmarks.md. With 2
 # threads on a loaded machine, small blocks were erratic.
 BUCKET_BLOCK_ELEMENTS = 1 << 19
 # A bucketed block stops growing when padding would exceed 1/8 of its slots.
@@ -468,11 +468,12 @@ def maxsim(
     under ``chunk_elements``; the result (and its gradient) is the same as computing
     everything at once. A document without any real token scores 0.
 
-    With ``bucket_by_length`` (the default) and padding present, queries and documents are
-    sorted by length and each block is padded only to its own longest member (scores come
-    back in the input order), so padding costs almost no dot products. Without padding
-    nothing changes. Bucketed scores equal the unbucketed ones up to the float rounding of
-    the sum over query tokens.
+    With ``bucket_by_length`` (the default), queries and documents are sorted by length and
+    each block is padded only to its own longest member (scores come back in the input
+    order), so padding costs almost no dot products. Without autograd, blocks reuse buffers
+    allocated once per call (equal lengths included: the sort then keeps the input order).
+    Bucketed scores equal the unbucketed ones up to the float rounding of the sum over query
+    tokens.
 
     Args:
         query: [Nq, Lq, D] query token vectors.
@@ -577,7 +578,7 @@ def maxsim_lists(
     """:func:`maxsim` of variable-length token sets (what ``encode(output="multivector")`` returns).
 
     With ``bucket_by_length`` the sets are never padded to the longest of all: each block
-    gathers its rows from one flat copy, padded to the block's own longest member.
+    is concatenated from the list itself, padded to the block's own longest member.
 
     Args:
         queries: ``Nq`` tensors ``[Lq_i, D]``.
