@@ -115,6 +115,9 @@ def test_length_bucketing_gives_the_unbucketed_scores_and_gradients(chunk_elemen
         results.append((scores.detach(), q.grad, d.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the buffered path (index_select into a reused block buffer)
+        buffered = maxsim(q_tokens, d_tokens, q_mask, d_mask, chunk_elements=chunk_elements)
+    torch.testing.assert_close(buffered, results[0][0], rtol=0, atol=1e-12)
     # float32 as used in practice: equal up to the rounding of the sum over query tokens.
     q32, d32 = [t.float() for t in queries], [t.float() for t in docs]
     torch.testing.assert_close(
@@ -128,8 +131,8 @@ def test_uniform_lengths_equal_the_formula_in_float32(small_blocks, monkeypatch)
     padded tensor's document blocks are views, a list's blocks are concatenated into one
     reused buffer, and every block's scores are written in place. Scores equal
     colpali-engine's formula in float32, for padded tensors and lists, with one block or many
-    on both sides, and with query padding on unpadded documents; gradients equal the
-    unbucketed reference's."""
+    on both sides, and with query padding on unpadded documents; gradients (padded tensors,
+    and token sets through the list's blocks) equal the unbucketed reference's."""
     import vlm2emb.multivector as mv
 
     if small_blocks:  # several query blocks and several document blocks, of uneven sizes
@@ -168,6 +171,13 @@ def test_uniform_lengths_equal_the_formula_in_float32(small_blocks, monkeypatch)
     for a, b in zip(*results):  # gradients reach ~100 here: float32 rounding is relative
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(results[1][0], formula, rtol=0, atol=1e-5)
+    # Token sets with autograd: the allocating block path, built from the list.
+    leaves = [t.clone().requires_grad_() for t in (*queries, *docs)]
+    scores = maxsim_lists(leaves[:7], leaves[7:])
+    (scores * torch.arange(77.0).view(7, 11)).sum().backward()
+    torch.testing.assert_close(scores.detach(), results[0][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack([t.grad for t in leaves[:7]]), results[0][1], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(torch.stack([t.grad for t in leaves[7:]]), results[0][2], rtol=1e-6, atol=1e-5)
 
 
 def test_embedding_rows_pad_group_and_flatten():

@@ -61,6 +61,12 @@ QUERY_BLOCK_MIN_TOKENS = 512
 # slower), checked on the ragged spread; see docs/benchmarks.md. With 2
 # threads on a loaded machine, small blocks were erratic.
 BUCKET_BLOCK_ELEMENTS = 1 << 19
+# With autograd the previous limits stay: each block's slice or gather backward writes a
+# gradient the size of all the token sets, so many small blocks cost more than cache misses
+# (2.6x slower with 2**19 blocks on 32 queries x 64 pages of 1,030 tokens, forward and
+# backward). Blocks of about 2**21 products; query blocks split for padding from 256 slots.
+TRACK_BLOCK_ELEMENTS = 1 << 21
+TRACK_QUERY_MIN_TOKENS = 256
 # A bucketed block stops growing when padding would exceed 1/8 of its slots.
 PADDING_SHARE_DIVISOR = 8
 
@@ -389,9 +395,14 @@ def _bucketed_maxsim(
     # The memory bound uses the widest query block, so every block of token dot products
     # stays under chunk_elements.
     q_budget = max(lq_max, min(QUERY_BLOCK_TOKENS, chunk_elements // ld_max))
-    q_blocks = _length_blocks(query.extents, q_budget, min_slots=QUERY_BLOCK_MIN_TOKENS)
+    min_slots, elements = (
+        (TRACK_QUERY_MIN_TOKENS, TRACK_BLOCK_ELEMENTS)
+        if track
+        else (QUERY_BLOCK_MIN_TOKENS, BUCKET_BLOCK_ELEMENTS)
+    )
+    q_blocks = _length_blocks(query.extents, q_budget, min_slots=min_slots)
     widest = max(len(rows) * length for rows, length in q_blocks)
-    d_budget = max(ld_max, min(BUCKET_BLOCK_ELEMENTS, chunk_elements) // widest)
+    d_budget = max(ld_max, min(elements, chunk_elements) // widest)
     d_blocks = _length_blocks(docs.extents, d_budget)
     device = query.flat.device if isinstance(query, _FlatRows) else query.device
     flat_qs = [query.block(rows.to(device), length, None) for rows, length in q_blocks]
@@ -511,7 +522,9 @@ def maxsim(
     if padded_docs:
         doc_mask = doc_mask.to(device, torch.bool)
         empty = ~doc_mask.any(dim=1)  # [Nd] documents without a real token score 0
-    if bucket_by_length and nq and nd:
+    # With autograd and no padding there is nothing to bucket, and the plain path's few large
+    # blocks keep the backward cheap (see TRACK_BLOCK_ELEMENTS).
+    if bucket_by_length and nq and nd and (padded_queries or padded_docs or not track):
         rows_q = torch.arange(nq, device=device) * lq  # [Nq] start of each row in the flat view
         rows_d = torch.arange(nd, device=device) * ld  # [Nd]
         if padded_queries:
