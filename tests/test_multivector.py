@@ -115,11 +115,69 @@ def test_length_bucketing_gives_the_unbucketed_scores_and_gradients(chunk_elemen
         results.append((scores.detach(), q.grad, d.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the buffered path (index_select into a reused block buffer)
+        buffered = maxsim(q_tokens, d_tokens, q_mask, d_mask, chunk_elements=chunk_elements)
+    torch.testing.assert_close(buffered, results[0][0], rtol=0, atol=1e-12)
     # float32 as used in practice: equal up to the rounding of the sum over query tokens.
     q32, d32 = [t.float() for t in queries], [t.float() for t in docs]
     torch.testing.assert_close(
         maxsim_lists(q32, d32), maxsim_lists(q32, d32, bucket_by_length=False), rtol=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("small_blocks", [True, False])
+def test_uniform_lengths_equal_the_formula_in_float32(small_blocks, monkeypatch):
+    """Equal lengths (no padding anywhere, the ViDoRe case) take the buffered block path: a
+    padded tensor's document blocks are views, a list's blocks are concatenated into one
+    reused buffer, and every block's scores are written in place. Scores equal
+    colpali-engine's formula in float32, for padded tensors and lists, with one block or many
+    on both sides, and with query padding on unpadded documents; gradients (padded tensors,
+    and token sets through the list's blocks) equal the unbucketed reference's."""
+    import vlm2emb.multivector as mv
+
+    if small_blocks:  # several query blocks and several document blocks, of uneven sizes
+        monkeypatch.setattr(mv, "QUERY_BLOCK_TOKENS", 12)
+        monkeypatch.setattr(mv, "BUCKET_BLOCK_ELEMENTS", 300)
+        monkeypatch.setattr(mv, "QUERY_BLOCK_MIN_TOKENS", 0)
+    queries = [_unit(5, 16, seed=300 + i).float() for i in range(7)]
+    docs = [_unit(9, 16, seed=400 + i).float() for i in range(11)]
+    formula = _colpali_style_scores(queries, docs)  # [7, 11]
+    torch.testing.assert_close(formula, _loop_scores(queries, docs).float(), rtol=0, atol=1e-5)
+    q, d = torch.stack(queries), torch.stack(docs)
+    with torch.no_grad():
+        got = {
+            "lists": maxsim_lists(queries, docs),
+            "tensors": maxsim(q, d),
+            "tensors, all-True masks": maxsim(
+                q, d, torch.ones(7, 5, dtype=torch.bool), torch.ones(11, 9, dtype=torch.bool)
+            ),
+            "reference": maxsim(q, d, bucket_by_length=False),
+        }
+    for name, scores in got.items():
+        assert scores.shape == (7, 11) and scores.dtype == torch.float32, name
+        torch.testing.assert_close(scores, formula, rtol=0, atol=1e-5, msg=name)
+    # Query padding, unpadded documents (the peer's formula holds: no padded document slot).
+    ragged_q = [_unit(n, 16, seed=500 + n).float() for n in (1, 5, 3, 8, 2)]
+    torch.testing.assert_close(
+        maxsim_lists(ragged_q, docs), _colpali_style_scores(ragged_q, docs), rtol=0, atol=1e-5
+    )
+    # With autograd (the allocating path): values and gradients equal the reference's.
+    results = []
+    for bucket in (False, True):
+        qg, dg = q.clone().requires_grad_(), d.clone().requires_grad_()
+        scores = maxsim(qg, dg, bucket_by_length=bucket)
+        (scores * torch.arange(77.0).view(7, 11)).sum().backward()
+        results.append((scores.detach(), qg.grad, dg.grad))
+    for a, b in zip(*results):  # gradients reach ~100 here: float32 rounding is relative
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(results[1][0], formula, rtol=0, atol=1e-5)
+    # Token sets with autograd: the allocating block path, built from the list.
+    leaves = [t.clone().requires_grad_() for t in (*queries, *docs)]
+    scores = maxsim_lists(leaves[:7], leaves[7:])
+    (scores * torch.arange(77.0).view(7, 11)).sum().backward()
+    torch.testing.assert_close(scores.detach(), results[0][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack([t.grad for t in leaves[:7]]), results[0][1], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(torch.stack([t.grad for t in leaves[7:]]), results[0][2], rtol=1e-6, atol=1e-5)
 
 
 def test_embedding_rows_pad_group_and_flatten():

@@ -48,13 +48,25 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 # hundred columns.
 QUERY_BLOCK_TOKENS = 512
 # Query blocks are not split for padding below this many slots: each query block is one
-# more pass over every document block, and a narrow one makes a narrow GEMM.
-QUERY_BLOCK_MIN_TOKENS = 256
-# Target size of one bucketed block of token dot products (8 MiB in float32): its GEMM
-# output is still in cache when the max reads it (1.2x-1.7x faster than unbounded blocks in
-# one single-thread sweep on ragged lengths). With 2 threads on a loaded machine, blocks of
-# this size and smaller were erratic; see docs/benchmarks.md.
-BUCKET_BLOCK_ELEMENTS = 1 << 21
+# more pass over every document block, and a narrow one makes a narrow GEMM. Equal to
+# QUERY_BLOCK_TOKENS, query blocks are cut by size only: with the reused buffers, a split
+# into a ~250-column and a ~40-column GEMM (16 queries of 10-20 tokens) cost more than the
+# padding it saved (single-thread sweep of 256 against 512 on the mild and ragged spreads
+# of the four benchmark shapes; docs/benchmarks.md).
+QUERY_BLOCK_MIN_TOKENS = 512
+# Target size of one block of token dot products without autograd (2 MiB in float32): the
+# GEMM writes it into one buffer reused by every block, still in cache when the max reads it.
+# Chosen from single-thread sweeps (2**18 to 2**21) on the benchmark's four shapes with
+# uniform lengths (2**19 within 3 % of the best on each; 2**21, the previous value, 1.06x-1.33x
+# slower), checked on the ragged spread; see docs/benchmarks.md. With 2
+# threads on a loaded machine, small blocks were erratic.
+BUCKET_BLOCK_ELEMENTS = 1 << 19
+# With autograd the previous limits stay: each block's slice or gather backward writes a
+# gradient the size of all the token sets, so many small blocks cost more than cache misses
+# (2.6x slower with 2**19 blocks on 32 queries x 64 pages of 1,030 tokens, forward and
+# backward). Blocks of about 2**21 products; query blocks split for padding from 256 slots.
+TRACK_BLOCK_ELEMENTS = 1 << 21
+TRACK_QUERY_MIN_TOKENS = 256
 # A bucketed block stops growing when padding would exceed 1/8 of its slots.
 PADDING_SHARE_DIVISOR = 8
 
@@ -298,9 +310,17 @@ class _FlatRows:
     extents: Tensor  # [n] int64
     fill: Tensor  # [n] int64
     real: Tensor | None = None  # [n, L] bool, for masks with holes
+    # Set when row r is exactly flat[r * dense : (r + 1) * dense] (a padded tensor without
+    # padding): a block of consecutive rows at that length is then a view.
+    dense: int | None = None
 
-    def block(self, rows: Tensor, length: int) -> Tensor:
-        """[len(rows) * length, D]: ``rows`` padded to ``length``, flattened (one gather)."""
+    def block(self, rows: Tensor, length: int, out: Tensor | None = None) -> Tensor:
+        """[len(rows) * length, D]: ``rows`` padded to ``length``, flattened (one gather,
+        into ``out`` when given, or a view of ``flat``)."""
+        if self.dense is not None and length == self.dense:
+            first, last = int(rows[0]), int(rows[-1])
+            if last - first + 1 == len(rows) and bool((rows[1:] > rows[:-1]).all()):
+                return self.flat[first * length : (last + 1) * length]
         positions = torch.arange(length, device=self.flat.device)  # [L_b]
         index = self.starts[rows].unsqueeze(1) + positions  # [b, L_b]
         if self.real is not None:
@@ -308,20 +328,65 @@ class _FlatRows:
         else:
             keep = positions < self.extents[rows].unsqueeze(1)  # [b, L_b]
         index = torch.where(keep, index, self.fill[rows].unsqueeze(1))  # [b, L_b]
-        return self.flat[index.reshape(-1)]  # [b * L_b, D]
+        if out is None:
+            return self.flat[index.reshape(-1)]  # [b * L_b, D]
+        return torch.index_select(self.flat, 0, index.reshape(-1), out=out)
+
+
+class _ListRows:
+    """Token sets kept as the caller's list (no flat copy of all of them): a padded block of
+    rows is one ``torch.cat`` of the rows' sets and their fillers, written into a reused
+    buffer when there is no autograd. Padded slots hold zeros (``pad="zero"``, queries) or a
+    copy of the set's first token (``"first"``; an empty set gets zeros, and its score is
+    zeroed by the caller)."""
+
+    def __init__(self, sets: Sequence[Tensor], dtype: torch.dtype, device: torch.device, pad: str) -> None:
+        self.sets = sets
+        self.dtype, self.device, self.pad = dtype, device, pad
+        self.dim = int(sets[0].shape[-1])
+        self.extents = torch.tensor([int(t.shape[0]) for t in sets], dtype=torch.int64)  # [n]
+
+    def block(self, rows: Tensor, length: int, out: Tensor | None = None) -> Tensor:
+        """[len(rows) * length, D]: ``rows`` padded to ``length``, flattened."""
+        pieces = []
+        for r in rows.tolist():
+            t = self.sets[r]
+            n = int(t.shape[0])
+            if n:
+                pieces.append(t)
+            if n < length:
+                if self.pad == "zero" or not n:
+                    pieces.append(
+                        torch.zeros((), dtype=t.dtype, device=t.device).expand(length - n, self.dim)
+                    )
+                else:
+                    pieces.append(t[:1].expand(length - n, self.dim))
+        if out is None:
+            return torch.cat([t.to(self.device, self.dtype) for t in pieces])
+        if any(t.device != self.device for t in pieces):
+            pieces = [t.to(self.device) for t in pieces]
+        return torch.cat(pieces, out=out)  # casts to the buffer's dtype
 
 
 def _bucketed_maxsim(
-    query: _FlatRows,
-    docs: _FlatRows,
+    query: _FlatRows | _ListRows,
+    docs: _FlatRows | _ListRows,
     chunk_elements: int,
     dtype: torch.dtype,
     track: bool,
+    work: torch.dtype,
 ) -> Tensor:
     """[Nq, Nd] MaxSim with rows sorted by length and each block padded to its own longest.
 
-    Padded query slots gather a zero vector (adds 0 to every sum); padded document slots
-    gather a copy of one of the document's own tokens (never changes a max).
+    Padded query slots hold a zero vector (adds 0 to every sum); padded document slots hold a
+    copy of one of the document's own tokens (never changes a max). Equal lengths give the
+    input order (a stable sort), and a document block of a padded tensor without padding is
+    then a view, not a copy.
+
+    The loop runs over document blocks, each built once, and inside it over the query blocks,
+    built once up front. Without autograd every block writes into buffers allocated once
+    (the document block, the GEMM output, the max), so no block pays for fresh memory, and
+    each block's scores go straight to their place in the ``[Nq, Nd]`` result.
     """
     lq_max = max(1, int(query.extents.max()))
     ld_max = max(1, int(docs.extents.max()))
@@ -330,23 +395,53 @@ def _bucketed_maxsim(
     # The memory bound uses the widest query block, so every block of token dot products
     # stays under chunk_elements.
     q_budget = max(lq_max, min(QUERY_BLOCK_TOKENS, chunk_elements // ld_max))
-    q_blocks = _length_blocks(query.extents, q_budget, min_slots=QUERY_BLOCK_MIN_TOKENS)
+    min_slots, elements = (
+        (TRACK_QUERY_MIN_TOKENS, TRACK_BLOCK_ELEMENTS)
+        if track
+        else (QUERY_BLOCK_MIN_TOKENS, BUCKET_BLOCK_ELEMENTS)
+    )
+    q_blocks = _length_blocks(query.extents, q_budget, min_slots=min_slots)
     widest = max(len(rows) * length for rows, length in q_blocks)
-    d_blocks = _length_blocks(docs.extents, max(ld_max, min(BUCKET_BLOCK_ELEMENTS, chunk_elements) // widest))
-    device = query.flat.device
-    flat_docs = [docs.block(rows.to(device), length) for rows, length in d_blocks]  # [bd * Ld_b, D] each
-    out_rows = []
-    for q_rows, lq_b in q_blocks:
-        a = len(q_rows)
-        flat_q = query.block(q_rows.to(device), lq_b)  # [bq * Lq_b, D]
+    d_budget = max(ld_max, min(elements, chunk_elements) // widest)
+    d_blocks = _length_blocks(docs.extents, d_budget)
+    device = query.flat.device if isinstance(query, _FlatRows) else query.device
+    flat_qs = [query.block(rows.to(device), length, None) for rows, length in q_blocks]
+    nq, nd = len(query.extents), len(docs.extents)
+    if track:
         cols = []
-        for flat_d, (d_rows, ld_b) in zip(flat_docs, d_blocks):
-            cols.append(_block_scores(flat_q, a, lq_b, flat_d, len(d_rows), ld_b, dtype, track))
-        out_rows.append(torch.cat(cols, dim=1))  # [bq, Nd] in sorted document order
-    q_order = torch.cat([rows for rows, _ in q_blocks]).to(device)  # [Nq]
-    d_order = torch.cat([rows for rows, _ in d_blocks]).to(device)  # [Nd]
-    # Back to the input order: sorted row k is input row order[k].
-    return torch.cat(out_rows, dim=0)[q_order.argsort()][:, d_order.argsort()]  # [Nq, Nd]
+        for d_rows, ld_b in d_blocks:
+            flat_d = docs.block(d_rows.to(device), ld_b, None)  # [bd * Ld_b, D]
+            c = len(d_rows)
+            parts = [
+                _block_scores(flat_q, len(q_rows), lq_b, flat_d, c, ld_b, dtype, track)
+                for flat_q, (q_rows, lq_b) in zip(flat_qs, q_blocks)
+            ]
+            cols.append(torch.cat(parts, dim=0))  # [Nq, bd] in sorted query order
+        q_order = torch.cat([rows for rows, _ in q_blocks]).to(device)  # [Nq]
+        d_order = torch.cat([rows for rows, _ in d_blocks]).to(device)  # [Nd]
+        # Back to the input order: sorted row k is input row order[k].
+        return torch.cat(cols, dim=1)[q_order.argsort()][:, d_order.argsort()]  # [Nq, Nd]
+    largest_d = max(len(rows) * length for rows, length in d_blocks)
+    largest_sim = max(len(rows) * length for rows, length in d_blocks) * widest
+    dim = flat_qs[0].shape[-1]
+    # Buffers reused by every block (the GEMM output is at most BUCKET_BLOCK_ELEMENTS
+    # products, or one document against the widest query block).
+    d_buf = torch.empty(largest_d * dim, dtype=work, device=device)
+    sim_buf = torch.empty(largest_sim, dtype=work, device=device)
+    best_buf = torch.empty(max(len(rows) for rows, _ in d_blocks) * widest, dtype=work, device=device)
+    scores = torch.empty(nq, nd, dtype=dtype, device=device)
+    q_index = [rows.to(device).unsqueeze(1) for rows, _ in q_blocks]  # [bq, 1] each
+    for d_rows, ld_b in d_blocks:
+        c = len(d_rows)
+        flat_d = docs.block(d_rows.to(device), ld_b, d_buf[: c * ld_b * dim].view(c * ld_b, dim))
+        for flat_q, q_idx, (q_rows, lq_b) in zip(flat_qs, q_index, q_blocks):
+            a = len(q_rows)
+            sim = torch.mm(flat_d, flat_q.T, out=sim_buf[: c * ld_b * a * lq_b].view(c * ld_b, a * lq_b))
+            best = torch.amax(
+                sim.view(c, ld_b, a * lq_b), dim=1, out=best_buf[: c * a * lq_b].view(c, a * lq_b)
+            )
+            scores[q_idx, d_rows.to(device)] = best.view(c, a, lq_b).sum(dim=-1, dtype=dtype).T  # [bq, bd]
+    return scores
 
 
 def _block_scores(
@@ -384,11 +479,12 @@ def maxsim(
     under ``chunk_elements``; the result (and its gradient) is the same as computing
     everything at once. A document without any real token scores 0.
 
-    With ``bucket_by_length`` (the default) and padding present, queries and documents are
-    sorted by length and each block is padded only to its own longest member (scores come
-    back in the input order), so padding costs almost no dot products. Without padding
-    nothing changes. Bucketed scores equal the unbucketed ones up to the float rounding of
-    the sum over query tokens.
+    With ``bucket_by_length`` (the default), queries and documents are sorted by length and
+    each block is padded only to its own longest member (scores come back in the input
+    order), so padding costs almost no dot products. Without autograd, blocks reuse buffers
+    allocated once per call (equal lengths included: the sort then keeps the input order).
+    Bucketed scores equal the unbucketed ones up to the float rounding of the sum over query
+    tokens.
 
     Args:
         query: [Nq, Lq, D] query token vectors.
@@ -426,7 +522,9 @@ def maxsim(
     if padded_docs:
         doc_mask = doc_mask.to(device, torch.bool)
         empty = ~doc_mask.any(dim=1)  # [Nd] documents without a real token score 0
-    if bucket_by_length and (padded_queries or padded_docs) and nq and nd:
+    # With autograd and no padding there is nothing to bucket, and the plain path's few large
+    # blocks keep the backward cheap (see TRACK_BLOCK_ELEMENTS).
+    if bucket_by_length and nq and nd and (padded_queries or padded_docs or not track):
         rows_q = torch.arange(nq, device=device) * lq  # [Nq] start of each row in the flat view
         rows_d = torch.arange(nd, device=device) * ld  # [Nd]
         if padded_queries:
@@ -436,7 +534,7 @@ def maxsim(
             q_rows = _FlatRows(q_flat, rows_q, _extents(q_real, lq), torch.full_like(rows_q, nq * lq), q_real)
         else:
             full = torch.full_like(rows_q, lq)
-            q_rows = _FlatRows(query.reshape(nq * lq, dim), rows_q, full, rows_q)
+            q_rows = _FlatRows(query.reshape(nq * lq, dim), rows_q, full, rows_q, dense=lq)
         if padded_docs:
             # Padded document slots gather the document's first real token (row start when
             # it has none; its score is zeroed below).
@@ -445,8 +543,9 @@ def maxsim(
                 docs.reshape(nd * ld, dim), rows_d, _extents(doc_mask, ld), rows_d + first_real, doc_mask
             )
         else:
-            d_rows = _FlatRows(docs.reshape(nd * ld, dim), rows_d, torch.full_like(rows_d, ld), rows_d)
-        scores = _bucketed_maxsim(q_rows, d_rows, chunk_elements, dtype, track)
+            full = torch.full_like(rows_d, ld)
+            d_rows = _FlatRows(docs.reshape(nd * ld, dim), rows_d, full, rows_d, dense=ld)
+        scores = _bucketed_maxsim(q_rows, d_rows, chunk_elements, dtype, track, query.dtype)
     else:
         if padded_queries:
             # A zero query token scores 0 against every document token, so zeroing the padded
@@ -481,20 +580,6 @@ def maxsim(
     return scores
 
 
-def _flat_sets(sets: Sequence[Tensor], dtype: torch.dtype, device: torch.device, pad: str) -> _FlatRows:
-    """Token sets ``[L_i, D]`` as one flat matrix plus a zero row at the end; padded slots
-    gather the zero row (``pad="zero"``, queries) or the set's first token (``"first"``)."""
-    lengths = torch.tensor([int(s.shape[0]) for s in sets], dtype=torch.int64, device=device)  # [n]
-    dim = sets[0].shape[-1]
-    flat = torch.cat([*(s.to(device, dtype) for s in sets), torch.zeros(1, dim, dtype=dtype, device=device)])
-    starts = lengths.cumsum(0) - lengths  # [n]
-    zero_row = torch.full_like(starts, flat.shape[0] - 1)
-    # An empty set has no first token; it gathers the zero row (an empty document's score
-    # is zeroed by the caller).
-    fill = zero_row if pad == "zero" else torch.where(lengths > 0, starts, zero_row)
-    return _FlatRows(flat, starts, lengths, fill)
-
-
 def maxsim_lists(
     queries: Sequence[Tensor],
     docs: Sequence[Tensor],
@@ -506,7 +591,7 @@ def maxsim_lists(
     """:func:`maxsim` of variable-length token sets (what ``encode(output="multivector")`` returns).
 
     With ``bucket_by_length`` the sets are never padded to the longest of all: each block
-    gathers its rows from one flat copy, padded to the block's own longest member.
+    is concatenated from the list itself, padded to the block's own longest member.
 
     Args:
         queries: ``Nq`` tensors ``[Lq_i, D]``.
@@ -532,10 +617,10 @@ def maxsim_lists(
     device = queries[0].device
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (*queries, *docs))
     work = compute_dtype if compute_dtype is not None else dtype
-    q_rows = _flat_sets(queries, work, device, pad="zero")
-    d_rows = _flat_sets(docs, work, device, pad="first")
-    scores = _bucketed_maxsim(q_rows, d_rows, chunk_elements, dtype, track)
-    empty = d_rows.extents == 0  # [Nd]
+    q_rows = _ListRows(queries, work, device, pad="zero")
+    d_rows = _ListRows(docs, work, device, pad="first")
+    scores = _bucketed_maxsim(q_rows, d_rows, chunk_elements, dtype, track, work)
+    empty = (d_rows.extents == 0).to(scores.device)  # [Nd]
     if bool(empty.any()):
         scores = scores.masked_fill(empty.unsqueeze(0), 0.0)
     return scores
