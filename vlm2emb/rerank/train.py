@@ -211,10 +211,15 @@ def reranker_groups(
     return groups, mask
 
 
-def group_scores(
-    model: Any, rows: Sequence[TrainExample], groups: list[list[Any]], mask: torch.Tensor
-) -> torch.Tensor:
-    """The reranker's [Q, G] scores of the filled slots (empty slots 0, masked by the loss)."""
+def group_pairs(
+    rows: Sequence[TrainExample], groups: list[list[Any]], mask: torch.Tensor
+) -> tuple[list[tuple[Any, Any]], list[str | None], torch.Tensor]:
+    """The (query, candidate) pairs of the filled slots, in row-major slot order.
+
+    Returns:
+        The pairs, each pair's instruction (the row's own; None: the model's), and [n] the
+        flat index of each pair's slot in the [Q, G] group matrix.
+    """
     pairs, instructions, where = [], [], []
     for q, (row, group) in enumerate(zip(rows, groups)):
         for g, candidate in enumerate(group):
@@ -222,10 +227,23 @@ def group_scores(
                 pairs.append((row.query, candidate))
                 instructions.append(row.instruction)
                 where.append(q * mask.shape[1] + g)
-    flat = model(model.collate_pairs(pairs, instructions))  # [n filled]
+    return pairs, instructions, torch.tensor(where, dtype=torch.int64)
+
+
+def scatter_scores(flat: torch.Tensor, where: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n] pair scores into the [Q, G] group matrix (empty slots 0, masked by the loss)."""
     scores = flat.new_zeros(mask.numel())
-    scores = scores.index_put((torch.tensor(where, device=flat.device),), flat)
+    scores = scores.index_put((where.to(flat.device),), flat)
     return scores.view(mask.shape)  # [Q, G]
+
+
+def group_scores(
+    model: Any, rows: Sequence[TrainExample], groups: list[list[Any]], mask: torch.Tensor
+) -> torch.Tensor:
+    """The reranker's [Q, G] scores of the filled slots (empty slots 0, masked by the loss)."""
+    pairs, instructions, where = group_pairs(rows, groups, mask)
+    flat = model(model.collate_pairs(pairs, instructions))  # [n filled]
+    return scatter_scores(flat, where, mask)
 
 
 @dataclass
