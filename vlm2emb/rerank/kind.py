@@ -237,6 +237,11 @@ class RerankerKind(ModelKind):
             seed=cfg.seed,
         )
         model.config.base_model = cfg.model.name_or_path  # not the shared tiny-backbone copy
+        # The blank-image pair on every image-free batch, on one process too: several processes
+        # need it (DDP waits for every trainable parameter's gradient), and with it a vision
+        # tower gets a zero gradient (AdamW moves it by its momentum) on any number of
+        # processes, so one process computes what several do.
+        model.inputs.always_run_vision = True
         if cfg.model.freeze_vision:
             tower = model.adapter.vision_tower(model.backbone)
             if tower is None:
