@@ -140,15 +140,41 @@ def test_trainer_equals_a_plain_pytorch_loop_and_final_reloads(tmp_path, digit_i
     assert json.loads((out / "final" / "vlm2emb_reranker.json").read_text())["family"] == "qwen2_vl"
 
 
+class _Saves:
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def on_save(self, state, path: Path) -> None:
+        self.paths.append(path)
+
+
+def _check_tensorboard(out: Path) -> None:
+    """The TensorBoard events hold every metrics.jsonl record's loss and accuracy."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "vlm2emb"))
+    events.Reload()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "accuracy", "lr"):
+        assert [e.step for e in events.Scalars(key)] == [r["step"] for r in records]
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([r[key] for r in records], rel=1e-6)
+
+
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, digit_images):
     """LoRA with dropout (RNG state), in-batch negatives (rows without their own), batches
-    that straddle epochs (6 rows, batch 4); stopped after step 4 as a kill leaves it."""
+    that straddle epochs (6 rows, batch 4); stopped after step 4 as a kill leaves it. The
+    first run also reports to TensorBoard and tells a callback about every save."""
     rows = _image_rows(tmp_path, digit_images, 6, negatives=0)
     data = _write(tmp_path, rows)
     ref = tmp_path / "ref"
     recipe = _recipe(ref, data, max_steps=6, save_steps=2, save_total_limit=2)
     recipe["model"]["lora"] = {"r": 4, "dropout": 0.1}
-    vlm2emb.train(recipe, progress=False)
+    recipe["train"]["report_to"] = "tensorboard"  # may change on resume: the resumed run has none
+    saves = _Saves()
+    vlm2emb.train(recipe, callbacks=[saves], progress=False)
+    assert saves.paths == [ref / "checkpoints" / f"step-{n}" for n in (2, 4, 6)] + [ref / "final"]
+    _check_tensorboard(ref)
+    recipe["train"]["report_to"] = []
     kept = sorted(p.name for p in (ref / "checkpoints").iterdir())
     assert kept == ["step-4", "step-6"]  # save_total_limit: 2, the last step's checkpoint included
 
