@@ -333,3 +333,17 @@ def test_two_processes_equal_one(single_run, mixed_data, tmp_path, config):
     # tenth of the summed learning rates (2.5e-3 over the four steps).
     assert float((diff > 2e-5).float().mean()) < 1e-3, int((diff > 2e-5).sum())
     assert float(diff.max()) < 2.5e-4, float(diff.max())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_is_refused_before_the_model_loads(mixed_data, tmp_path):
+    """ZeRO-3 would need a gathered save of the reranker's LM: refused with one line, no final/."""
+    out = tmp_path / "zero3"
+    cmd = [*accelerate_launch("zero3"), *_cli(mixed_data, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=launch_env(), cwd=REPO)
+    assert proc.returncode != 0
+    assert (
+        "vlm2emb: error: model.kind: reranker trains under DDP and DeepSpeed ZeRO-1/2; ZeRO-3" in proc.stderr
+    )
+    assert not (out / "final").exists()

@@ -7,10 +7,13 @@ batch of the same dataset whose content differs from this row's positive (in-bat
 negatives). The loss is
 :func:`~vlm2emb.rerank.loss.listwise_softmax_loss` of the reranker's scores.
 
-This is a standalone loop, not the embedder's trainer (:mod:`vlm2emb.train.loop`): one
-process, no resume, no evaluation during training (docs/rerank.md lists what is not yet
-done). It reads rows with the embedder's loader, so the same files, checks and bad-row
-policy (``data.on_bad_example``) apply.
+:func:`train_reranker` is the older standalone loop: one process, its own flat recipe and
+checkpoint layout (``vlm2emb rerank train`` and the benchmarks use it). The embedder's
+trainer (:mod:`vlm2emb.train.loop`) trains the same objective over the same groups with
+``model.kind: reranker`` (:mod:`vlm2emb.rerank.kind`, which shares :func:`reranker_groups`,
+:func:`group_pairs` and :func:`scatter_scores` with this module), on 1..N processes. Both
+read rows with the embedder's loader, so the same files, checks and bad-row policy
+(``data.on_bad_example``) apply.
 """
 
 from __future__ import annotations
