@@ -303,14 +303,19 @@ def single_run(tmp_path_factory, mixed_data) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("config", ["ddp", "zero2"])
-def test_two_processes_equal_one(single_run, mixed_data, tmp_path, config):
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("ddp", ()), ("zero2", ()), ("ddp", ("train.gradcache_chunk_size=5",))],
+    ids=["ddp", "zero2", "ddp-gradcache"],
+)
+def test_two_processes_equal_one(single_run, mixed_data, tmp_path, config, extra):
     """Same losses, accuracies and weights on 2 processes (gloo, CPU) as on one, with the
     global batch split in two. The text-only batches run the blank-image pair on both
     processes: without it DDP (its unused-parameter search off, the probe batch has images)
-    would wait for the vision tower's gradients and fail."""
+    would wait for the vision tower's gradients and fail. With GradCache each process scores
+    its pairs in chunks of 5 and reduces once, after the last chunk's backward."""
     out = tmp_path / config
-    log = _run([*accelerate_launch(config), *_cli(mixed_data, out)])
+    log = _run([*accelerate_launch(config), *_cli(mixed_data, out), *extra])
     assert "over 2 process(es)" in log
     assert "DDP searches for unused parameters" not in log
     ref_records = [json.loads(x) for x in (single_run / "metrics.jsonl").read_text().splitlines()]
@@ -347,3 +352,33 @@ def test_zero3_is_refused_before_the_model_loads(mixed_data, tmp_path):
         "vlm2emb: error: model.kind: reranker trains under DDP and DeepSpeed ZeRO-1/2; ZeRO-3" in proc.stderr
     )
     assert not (out / "final").exists()
+
+
+def test_gradcache_chunks_give_the_plain_step_gradient(tmp_path, digit_images):
+    """train.gradcache_chunk_size for the reranker: scores of 5-pair chunks without a graph,
+    then each chunk again with its cached score gradients, against one forward of all pairs
+    (same batch, collated by the trainer's collator with text-only chunks that get the
+    blank-image pair)."""
+    from vlm2emb.rerank.kind import RerankCollator, RerankStep
+
+    rows = _image_rows(tmp_path, digit_images, 4, negatives=1) + _text_rows(4)
+    examples = load_train_examples([_write(tmp_path, rows)])
+    model = Reranker.from_pretrained("tiny:qwen2_vl", seed=0).train()
+    model.inputs.always_run_vision = True
+
+    def gradient(chunk_size: int) -> tuple[float, dict[str, torch.Tensor], int]:
+        batch = RerankCollator(model.inputs, 3, seed=0, chunk_size=chunk_size)(examples)
+        step = RerankStep(model, 0.5, gradcache=chunk_size > 0)
+        loss = step.forward_loss(batch)
+        step.backward(loss, lambda t, sync: t.backward())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach()), grads, len(batch.chunks)
+
+    loss, plain, n_plain = gradient(0)
+    loss_c, chunked, n_chunks = gradient(5)
+    assert (n_plain, n_chunks) == (1, 5)  # 8 rows x 3 candidates = 24 pairs
+    assert loss_c == pytest.approx(loss, abs=1e-6)
+    assert plain.keys() == chunked.keys() and any("visual" in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(chunked[name], grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -16,6 +16,7 @@ rows and DDP averages the gradients, which is the gradient of the global batch's
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,6 @@ _EMBEDDER_KEYS = (
     "train.symmetric_loss",
     "train.matryoshka_dims",
     "train.matryoshka_weights",
-    "train.gradcache_chunk_size",
     "train.gradcache_reuse_vision",
     "train.length_buckets",
     "train.remine_steps",
@@ -68,25 +68,24 @@ class RerankBatch:
     """This process's part of a global batch of reranker groups.
 
     Attributes:
-        inputs: The backbone inputs of the filled slots' (query, candidate) pairs (+ the
-            blank-image pair of multi-process runs, dropped by ``Reranker.forward``).
+        chunks: The backbone inputs of the filled slots' (query, candidate) pairs, in pair
+            order: one chunk, or chunks of ``train.gradcache_chunk_size`` pairs (each with the
+            blank-image pair where it has no image, dropped by ``Reranker.forward``).
         where: [n] each pair's flat slot in ``mask``.
         mask: [q, G] bool, the filled slots of this process's q groups (column 0: positive).
     """
 
-    inputs: dict[str, Any]
+    chunks: list[dict[str, Any]]
     where: torch.Tensor
     mask: torch.Tensor
 
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        """The forward inputs (one chunk: the reranker scores a batch in one forward)."""
-        return [self.inputs]
-
     def real_tokens(self) -> int:
-        """Non-padding tokens (for tokens/s)."""
-        mask = self.inputs.get("attention_mask")
-        return int(mask.sum()) if mask is not None else int(self.inputs["input_ids"].numel())
+        """Non-padding tokens over all chunks (for tokens/s)."""
+        total = 0
+        for chunk in self.chunks:
+            mask = chunk.get("attention_mask")
+            total += int(mask.sum()) if mask is not None else int(chunk["input_ids"].numel())
+        return total
 
 
 class RerankCollator:
@@ -98,6 +97,7 @@ class RerankCollator:
         inputs: ``reranker.inputs`` (:class:`~vlm2emb.rerank.model.PairInputs`).
         group_size: Candidates per query.
         seed: With the batch's content, seeds the in-batch negatives.
+        chunk_size: Pairs per forward chunk (0: all of this process's pairs in one).
         rank: This process's rank.
         world_size: Processes sharing the global batch.
         media: How media are decoded (pixel bounds, frames per video).
@@ -109,10 +109,12 @@ class RerankCollator:
         group_size: int,
         seed: int,
         *,
+        chunk_size: int = 0,
         rank: int = 0,
         world_size: int = 1,
         media: Any = None,
     ) -> None:
+        self.chunk_size = chunk_size
         self.inputs = inputs
         self.group_size = group_size
         self.seed = seed
@@ -148,38 +150,94 @@ class RerankCollator:
                 decoded[id(item)] = decode_item(item, self.media)
             return decoded[id(item)]
 
+        decoded_pairs = [(decode(q), decode(c)) for q, c in pairs]
+        size = self.chunk_size or len(pairs)
         try:
-            inputs = self.inputs([(decode(q), decode(c)) for q, c in pairs], instructions)
+            chunks = [
+                self.inputs(decoded_pairs[s : s + size], instructions[s : s + size])
+                for s in range(0, len(pairs), size)
+            ]
         except (OSError, ValueError) as exc:
             sources = ", ".join(row.source for row in rows[lo:hi][:3])
             raise ValueError(f"cannot build a batch from rows {sources}...: {exc}") from exc
-        return RerankBatch(inputs=inputs, where=where, mask=local_mask)
+        return RerankBatch(chunks=chunks, where=where, mask=local_mask)
 
 
 class RerankStep(TrainingStep):
-    """The listwise softmax loss of this process's groups, in one forward.
+    """The listwise softmax loss of this process's groups.
+
+    Plain: every chunk scored with a graph. GradCache (``gradcache``, Gao et al. 2021, as the
+    embedder's :class:`~vlm2emb.gradcache.ContrastiveStep`): every chunk scored without a
+    graph, the loss backpropagated to the [n] scores only, then each chunk scored again with
+    a graph (its first pass's random state replayed, so dropout masks match) and
+    backpropagated with its scores' cached gradient. The gradient is the plain step's; only
+    one chunk's activations are alive at a time.
 
     Args:
-        model: The reranker (DDP- or DeepSpeed-wrapped, or bare).
+        model: The reranker (DDP-wrapped, or bare).
         temperature: ``rerank.temperature``.
+        gradcache: Cache the scores' gradients (``train.gradcache_chunk_size`` > 0).
+        device: Where the random state to replay lives (CPU, plus the CUDA device if any).
     """
 
-    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+    def __init__(
+        self, model: torch.nn.Module, temperature: float, *, gradcache: bool = False, device: Any = None
+    ) -> None:
         self.model = model
         self.temperature = temperature
+        self.gradcache = gradcache
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.last_accuracy: torch.Tensor | None = None
+        self._pending: tuple[list[dict[str, Any]], list[Any], torch.Tensor] | None = None
 
     def forward_loss(self, batch: RerankBatch, sync_context: Any = None) -> torch.Tensor:
+        from vlm2emb.gradcache import RngState
         from vlm2emb.rerank.loss import listwise_softmax_loss
         from vlm2emb.rerank.train import scatter_scores
 
-        flat = self.model(batch.inputs)  # [n] scores of the filled slots
+        self._pending = None
+        if self.gradcache:
+            states, parts = [], []
+            with torch.no_grad():
+                for chunk in batch.chunks:
+                    states.append(RngState(self.device))
+                    parts.append(self.model(chunk))  # [n_c]
+            flat = torch.cat(parts).requires_grad_()  # [n] a leaf: the loss's graph ends here
+            self._pending = (batch.chunks, states, flat)
+        else:
+            flat = torch.cat([self.model(chunk) for chunk in batch.chunks])  # [n] filled slots' scores
         scores = scatter_scores(flat, batch.where, batch.mask)  # [q, G]
         mask = batch.mask.to(scores.device)
         with torch.no_grad():  # the positive (column 0) ranked first in its group
             ranked = scores.detach().masked_fill(~mask, float("-inf")).argmax(dim=1)  # [q]
             self.last_accuracy = (ranked == 0).float().mean()
         return listwise_softmax_loss(scores, mask, self.temperature)
+
+    def backward(self, loss: torch.Tensor, backward: Any, sync_context: Any = None) -> None:
+        if self._pending is None:
+            backward(loss, True)
+            return
+        chunks, states, flat = self._pending
+        self._pending = None
+        loss.backward()  # d loss / d scores only: no weight is in this graph
+        grads = flat.grad.split(_scored_pairs(chunks))  # per chunk [n_c]
+        for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
+            last = i == len(chunks) - 1
+            # DDP reduces once, with the last chunk's backward; no_sync must cover the forward too.
+            with sync_context(last) if sync_context is not None else contextlib.nullcontext():
+                with state.replay():
+                    part = self.model(chunk)  # [n_c], with a graph this time
+                backward((part * grad.to(part.device)).sum(), last)
+
+    def discard(self) -> None:
+        self._pending = None
+
+
+def _scored_pairs(chunks: list[dict[str, Any]]) -> list[int]:
+    """The number of scored pairs of each chunk: its rows less the blank-image pair."""
+    from vlm2emb.inputs import DUMMY_ROWS
+
+    return [len(c["input_ids"]) - int(c.get(DUMMY_ROWS, 0)) for c in chunks]
 
 
 class RerankerKind(ModelKind):
@@ -215,6 +273,12 @@ class RerankerKind(ModelKind):
         if trainer.deepspeed and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise ConfigError(
                 "model.kind: reranker trains under DDP and DeepSpeed ZeRO-1/2; ZeRO-3 is not supported yet"
+            )
+        if trainer.deepspeed and trainer.cfg.train.gradcache_chunk_size:
+            # ZeRO's bookkeeping wants one backward per step; the per-chunk form has several.
+            raise ConfigError(
+                "train.gradcache_chunk_size: model.kind: reranker has GradCache under DDP and on one "
+                "process, not under DeepSpeed yet"
             )
         trainer.loss_fn = None  # the step holds the objective (RerankStep)
 
@@ -268,13 +332,18 @@ class RerankerKind(ModelKind):
             model.inputs,
             cfg.rerank.group_size,
             cfg.seed,
+            chunk_size=cfg.train.gradcache_chunk_size,
             rank=acc.process_index,
             world_size=acc.num_processes,
             media=trainer.media,
         )
 
     def training_step(self, trainer: Any, model: torch.nn.Module, *, probe: bool = False) -> RerankStep:
-        return RerankStep(model, trainer.cfg.rerank.temperature)
+        # A probe (which weights a step reaches) needs the plain step's graph to the weights.
+        gradcache = trainer.cfg.train.gradcache_chunk_size > 0 and not probe
+        return RerankStep(
+            model, trainer.cfg.rerank.temperature, gradcache=gradcache, device=trainer.accelerator.device
+        )
 
     def save_model(self, model: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         # The module holds its whole weights (ZeRO-3 is refused), so it saves itself; a LoRA
