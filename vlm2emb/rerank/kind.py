@@ -150,9 +150,9 @@ class RerankCollator:
                 decoded[id(item)] = decode_item(item, self.media)
             return decoded[id(item)]
 
-        decoded_pairs = [(decode(q), decode(c)) for q, c in pairs]
         size = self.chunk_size or len(pairs)
         try:
+            decoded_pairs = [(decode(q), decode(c)) for q, c in pairs]
             chunks = [
                 self.inputs(decoded_pairs[s : s + size], instructions[s : s + size])
                 for s in range(0, len(pairs), size)
