@@ -382,3 +382,32 @@ def test_gradcache_chunks_give_the_plain_step_gradient(tmp_path, digit_images):
     assert plain.keys() == chunked.keys() and any("visual" in n for n in plain)
     for name, grad in plain.items():
         torch.testing.assert_close(chunked[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tmp_path, digit_images):
+    """model.gradient_checkpointing for the reranker: one step's LoRA gradients (frozen token
+    embeddings, so the first block's input is made to require grad) equal those without."""
+    from vlm2emb.rerank.kind import RerankCollator, RerankStep
+
+    examples = load_train_examples([_write(tmp_path, _image_rows(tmp_path, digit_images, 4, negatives=2))])
+
+    def gradient(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = Reranker.from_pretrained("tiny:qwen2_vl", seed=0)
+        model.apply_lora(r=4, alpha=8, dropout=0.0, seed=0)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        # transformers marks the blocks' owners it will checkpoint.
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        model.train()
+        step = RerankStep(model, 0.5)
+        step.backward(
+            step.forward_loss(RerankCollator(model.inputs, 3, seed=0)(examples)), lambda t, _: t.backward()
+        )
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradient(False), gradient(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    # B starts at zero, so only B has a gradient at the first step: the graph reached every block.
+    assert all(g is not None and g.abs().max() > 0 for n, g in checkpointed.items() if "lora_B" in n)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)

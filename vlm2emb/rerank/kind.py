@@ -39,7 +39,6 @@ _EMBEDDER_KEYS = (
     "model.multivector_dim",
     "model.dense_head",
     "model.multivector_tokens",
-    "model.gradient_checkpointing",
     "data.query_instruction",
     "data.target_instruction",
     "train.loss",
@@ -316,6 +315,8 @@ class RerankerKind(ModelKind):
             model.apply_lora(
                 lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora, seed=cfg.seed
             )
+        if cfg.model.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
         return model.to(trainer.accelerator.device)
 
     def preflight_prepare(self, model: Any) -> Callable[[list[dict[str, Any]], list[str | None]], Any]:

@@ -31,6 +31,7 @@ from vlm2emb.model import (
     _prefetched,
     _strip_lora,
     apply_saved_lora,
+    enable_checkpointing,
     model_folder,
     resolve_dtype,
     saved_config_and_family,
@@ -596,6 +597,14 @@ class Reranker(nn.Module):
             use_dora=use_dora,
             seed=seed,
         )
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recomputes each transformer block's forward in the backward (non-reentrant), as
+        :meth:`EmbeddingModel.enable_gradient_checkpointing` does (same gradients, less memory)."""
+        if getattr(self, "_embedding_grad_hook", None) is not None:
+            self._embedding_grad_hook.remove()
+        # The base model inside the LM class (LoRA layers are injected in place).
+        self._embedding_grad_hook = enable_checkpointing(self.backbone)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_dir: str | os.PathLike[str], *, merge_lora: bool = False) -> Path:
