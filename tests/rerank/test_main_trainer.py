@@ -231,8 +231,10 @@ def test_recipe_keys_are_checked_for_the_kind(tmp_path):
         load_recipe(None, [f"data.train={data}", "model.kind=reranker", "train.loss=distill"])
     with pytest.raises(ConfigError, match=r"train\.temperature: .*use rerank\.temperature"):
         load_recipe(None, [f"data.train={data}", "model.kind=reranker", "train.temperature=0.1"])
-    with pytest.raises(ConfigError, match=r"data\.eval: .*not available for model.kind: reranker yet"):
-        load_recipe(None, [f"data.train={data}", "model.kind=reranker", f"data.eval={data}"])
+    with pytest.raises(
+        ConfigError, match=r"data\.streaming: True is not available for model.kind: reranker yet"
+    ):
+        load_recipe(None, [f"data.train={data}", "model.kind=reranker", "data.streaming=true"])
     with pytest.raises(
         ConfigError, match=r"rerank\.group_size: 8 is a reranker setting; set model\.kind: reranker"
     ):
@@ -411,3 +413,47 @@ def test_gradient_checkpointing_gives_the_same_gradient(tmp_path, digit_images):
     assert all(g is not None and g.abs().max() > 0 for n, g in checkpointed.items() if "lora_B" in n)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_evaluation_during_training_and_best(tmp_path, digit_images):
+    """data.eval with train.eval_steps: eval_before.json, eval.json and best/ as for the
+    embedder, the reranker's metrics (each row's candidates ranked by reranker score)
+    recomputed by hand from final/'s and best/'s score_pairs."""
+    rows = _image_rows(tmp_path, digit_images, 6, negatives=2)
+    eval_rows = [
+        {
+            "query": {"image": f"digit{i}.png"},
+            "candidates": [{"text": CAPTIONS[(i + k) % 10]} for k in (2, 0, 5, 7)],
+            "positive": 1,
+            "task": "digits" if i < 3 else "digits-b",
+        }
+        for i in range(6)
+    ]
+    out = tmp_path / "run"
+    recipe = _recipe(out, _write(tmp_path, rows), max_steps=4, eval_steps=2)
+    recipe["data"]["eval"] = [_write(tmp_path, eval_rows, "eval.jsonl")]
+    summary = vlm2emb.train(recipe, progress=False)
+
+    def by_hand(model_dir: Path) -> dict[str, float]:
+        model = Reranker.from_pretrained(model_dir)
+        hits, rrs = {}, {}
+        for row in eval_rows:
+            query = {"image": str(tmp_path / row["query"]["image"])}
+            scores = model.score_pairs([(query, c) for c in row["candidates"]]).tolist()
+            rank = 1 + sum(s >= scores[1] for j, s in enumerate(scores) if j != 1)  # ties: pessimistic
+            hits.setdefault(row["task"], []).append(float(rank == 1))
+            rrs.setdefault(row["task"], []).append(1.0 / rank)
+        mean = lambda d: sum(sum(v) / len(v) for v in d.values()) / len(d)  # noqa: E731
+        return {"hit@1": mean(hits), "mrr": mean(rrs)}
+
+    report = json.loads((out / "eval.json").read_text())
+    assert report == summary["eval"] and set(report["tasks"]) == {"digits", "digits-b"}
+    want = by_hand(out / "final")
+    assert report["average"]["hit@1"] == pytest.approx(want["hit@1"])
+    assert report["average"]["mrr"] == pytest.approx(want["mrr"], abs=1e-9)
+    assert (out / "eval_before.json").is_file()
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "hit@1" and best["step"] in (2, 4)
+    assert by_hand(out / "best")["hit@1"] == pytest.approx(best["value"])
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" in x]
+    assert [r["step"] for r in evals] == [2, 4]

@@ -59,7 +59,7 @@ _MOVED = {
     "data.query_instruction": "rerank.instruction",
     "train.temperature": "rerank.temperature",
 }
-_NOT_YET = ("data.eval", "data.streaming", "train.eval_steps")
+_NOT_YET = ("data.streaming",)
 
 
 @dataclass
@@ -345,6 +345,13 @@ class RerankerKind(ModelKind):
         return RerankStep(
             model, trainer.cfg.rerank.temperature, gradcache=gradcache, device=trainer.accelerator.device
         )
+
+    def evaluate(self, trainer: Any, model: Any, examples: list[Any]) -> dict[str, Any]:
+        from vlm2emb.rerank.evaluate import evaluate_reranker
+
+        # The row's own instruction, else the model's (rerank.instruction), as in training.
+        rows = [ex.as_row() for ex in examples]
+        return evaluate_reranker(model, rows, batch_size=trainer.cfg.train.eval_batch_size)
 
     def save_model(self, model: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         # The module holds its whole weights (ZeRO-3 is refused), so it saves itself; a LoRA

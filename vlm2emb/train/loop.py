@@ -363,22 +363,6 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, Any]:
-    from vlm2emb.eval import evaluate
-
-    # Same prompts as training: rows without their own instruction get the recipe's default.
-    rows = [ex.as_row(default_instruction=cfg.data.query_instruction) for ex in examples]
-    # A model with only a multi-vector head (dense_head: false) is scored by MaxSim.
-    scoring = "cosine" if model.config.dense_head else "maxsim"
-    return evaluate(
-        model,
-        rows,
-        batch_size=cfg.train.eval_batch_size,
-        target_instruction=cfg.data.target_instruction,
-        scoring=scoring,
-    )
-
-
 class _Trainer:
     """Holds the state of one run; ``run()`` does the work."""
 
@@ -1168,7 +1152,7 @@ class _Trainer:
         """
         from vlm2emb.eval import format_report
 
-        report = _evaluate(self.accelerator.unwrap_model(self.prepared), self.eval_examples, self.cfg)
+        report = self.kind.evaluate(self, self.accelerator.unwrap_model(self.prepared), self.eval_examples)
         if self.is_main:
             (self.out / name).write_text(json.dumps(report, indent=2) + "\n")
             print(f"{title}:\n" + format_report(report), flush=True)
@@ -1365,7 +1349,7 @@ class _Trainer:
                     "on_step_end", step, loss=float(loss.detach()) if stepped else None, record=step_record
                 )
             if best is not None and step % cfg.train.eval_steps == 0 and step < cfg.train.max_steps:
-                report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
+                report = self.kind.evaluate(self, acc.unwrap_model(self.prepared), self.eval_examples)
                 self._track_best(best, step, report, metrics_file)
             if refresh_due(step, cfg.train.remine_steps, cfg.train.max_steps):
                 # Before the checkpoint of this step: resuming from it then trains on the

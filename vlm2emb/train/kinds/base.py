@@ -58,13 +58,9 @@ class ModelKind(ABC):
 
     Attributes:
         name: The ``model.kind`` value.
-        has_evaluation: Whether ``data.eval`` / ``train.eval_steps`` work with this kind.
-        supports_streaming: Whether ``data.streaming`` works with this kind.
     """
 
     name: str = ""
-    has_evaluation: bool = False
-    supports_streaming: bool = False
 
     @abstractmethod
     def check_recipe(self, cfg: RecipeConfig) -> None:
@@ -105,6 +101,17 @@ class ModelKind(ABC):
         parameters a step reaches (DDP's unused-parameter search), so the loss must have a
         graph to the weights (no cached-gradient form). Any object with
         :class:`TrainingStep`'s methods will do.
+        """
+
+    @abstractmethod
+    def evaluate(self, trainer: Any, model: torch.nn.Module, examples: list[Any]) -> dict[str, Any]:
+        """Scores ``data.eval``'s local-candidate rows (:class:`~vlm2emb.data.schema.EvalExample`)
+        with the unwrapped model, on every process.
+
+        Returns:
+            ``{"tasks": {task: {metric: value, ..., "n": queries}}, "average": {metric: value,
+            ..., "n_tasks": n}}``, the form of :func:`vlm2emb.eval.evaluate` (metric names of
+            :func:`vlm2emb.eval.metrics.metric_names` for k in 1, 5, 10).
         """
 
     @abstractmethod

@@ -17,8 +17,6 @@ class EmbedderKind(ModelKind):
     """The embedder: everything the trainer did before kinds existed, moved here unchanged."""
 
     name = "embedder"
-    has_evaluation = True
-    supports_streaming = True
 
     def check_recipe(self, cfg: Any) -> None:
         refuse_non_default(
@@ -133,6 +131,22 @@ class EmbedderKind(ModelKind):
             device=trainer.accelerator.device,
             single_backward=trainer.deepspeed,
             reuse_frozen_vision=cfg.train.gradcache_reuse_vision,
+        )
+
+    def evaluate(self, trainer: Any, model: Any, examples: list[Any]) -> dict[str, Any]:
+        from vlm2emb.eval import evaluate
+
+        cfg = trainer.cfg
+        # Same prompts as training: rows without their own instruction get the recipe's default.
+        rows = [ex.as_row(default_instruction=cfg.data.query_instruction) for ex in examples]
+        # A model with only a multi-vector head (dense_head: false) is scored by MaxSim.
+        scoring = "cosine" if model.config.dense_head else "maxsim"
+        return evaluate(
+            model,
+            rows,
+            batch_size=cfg.train.eval_batch_size,
+            target_instruction=cfg.data.target_instruction,
+            scoring=scoring,
         )
 
     def save_model(self, model: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
