@@ -302,6 +302,41 @@ def apply_saved_lora(module: nn.Module, adapter_dir: Path, merge: bool) -> nn.Mo
     return module.merge_and_unload() if merge else module
 
 
+def enable_checkpointing(base: nn.Module) -> Any:
+    """Non-reentrant activation checkpointing of ``base``'s blocks (a transformers model).
+
+    Shared by :meth:`EmbeddingModel.enable_gradient_checkpointing` and the reranker's. A
+    frozen token embedding (LoRA) would give the first checkpointed block inputs without
+    grad, so the language model's input embeddings are made to require grad, and only
+    those: transformers' own switch hooks every sub-model's input embeddings, the vision
+    tower's patch embedding too, which makes a frozen tower build a graph and run a
+    backward whose gradients go nowhere.
+
+    Returns:
+        The forward hook's handle (remove it to undo), or None when the embeddings train.
+    """
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.17
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.disable_input_require_grads()
+    embeddings = base.get_input_embeddings()
+    if embeddings.weight.requires_grad:
+        return None
+
+    def require_grad(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+        output.requires_grad_(True)
+
+    return embeddings.register_forward_hook(require_grad)
+
+
+def disable_checkpointing(base: nn.Module) -> None:
+    """Undoes :func:`enable_checkpointing`'s switch (the caller removes the hook)."""
+    disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+    disable()
+
+
 class EmbeddingModel(nn.Module):
     """A vision-language model used as an embedding model.
 
@@ -1133,21 +1168,8 @@ class EmbeddingModel(nn.Module):
         the vision tower's patch embedding too, which makes a frozen tower build a graph and
         run a backward whose gradients go nowhere (tested).
         """
-        base = self.base_backbone
-        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.17
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.disable_input_require_grads()
         self._remove_embedding_grad_hook()
-        embeddings = base.get_input_embeddings()
-        if not embeddings.weight.requires_grad:
-
-            def require_grad(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
-                output.requires_grad_(True)
-
-            self._embedding_grad_hook = embeddings.register_forward_hook(require_grad)
+        self._embedding_grad_hook = enable_checkpointing(self.base_backbone)
 
     def _remove_embedding_grad_hook(self) -> None:
         hook = getattr(self, "_embedding_grad_hook", None)
@@ -1157,11 +1179,7 @@ class EmbeddingModel(nn.Module):
 
     def disable_gradient_checkpointing(self) -> None:
         """Undoes :meth:`enable_gradient_checkpointing`."""
-        base = self.base_backbone
-        disable = (
-            getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
-        )
-        disable()
+        disable_checkpointing(self.base_backbone)
         self._remove_embedding_grad_hook()
 
     # ------------------------------------------------------------------ LoRA

@@ -8,8 +8,9 @@ embedding search (:meth:`vlm2emb.EmbeddingModel.search` with ``reranker=``). The
 - :class:`Reranker` / :class:`RerankerConfig` (:mod:`vlm2emb.rerank.model`): loading,
   scoring, ``rerank``, LoRA, save/load.
 - :func:`listwise_softmax_loss` (:mod:`vlm2emb.rerank.loss`): the training objective.
-- :func:`train_reranker` / :class:`RerankTrainConfig` (:mod:`vlm2emb.rerank.train`): a
-  standalone training loop over the canonical training rows.
+- Training: a recipe with ``model.kind: reranker`` runs the embedder's trainer
+  (:mod:`vlm2emb.rerank.kind`); :func:`train_reranker` / :class:`RerankTrainConfig`
+  (:mod:`vlm2emb.rerank.train`) is the older standalone single-process loop.
 - :func:`score_rows` (:mod:`vlm2emb.rerank.score`): reranker scores written into training
   rows as ``teacher_scores``, for the embedder's ``distill`` loss.
 - :func:`evaluate_pipeline` / :func:`evaluate_suite_pipeline` (:mod:`vlm2emb.rerank.evaluate`):

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from vlm2emb.eval.cache import CachedEncoder
-from vlm2emb.eval.metrics import metric_names
+from vlm2emb.eval.metrics import metric_names, ranking_metrics
 from vlm2emb.items import resolve_instruction
 
 __all__ = [
     "RerankStage",
     "evaluate_pipeline",
+    "evaluate_reranker",
     "evaluate_suite_pipeline",
     "format_pipeline_report",
 ]
@@ -432,6 +433,60 @@ def _metrics_only(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _rounded(seconds: Mapping[str, float]) -> dict[str, float]:
     return {name: round(value, 6) for name, value in seconds.items()}
+
+
+def evaluate_reranker(
+    reranker: Any, rows: Iterable[Mapping[str, Any]], *, ks: Sequence[int] = (1, 5, 10), batch_size: int = 16
+) -> dict[str, Any]:
+    """The reranker alone: every candidate of each local-candidate row scored against its
+    query, ranked by score, metrics per task (the report form of :func:`vlm2emb.eval.evaluate`).
+
+    What the trainer reports for ``model.kind: reranker`` with ``data.eval``.
+
+    Args:
+        reranker: A :class:`~vlm2emb.rerank.Reranker` (or an object with its ``score_pairs``).
+        rows: Local-candidate evaluation rows (``query``, ``candidates``, ``positive``,
+            ``task``, ``instruction``; the reranker's own instruction when it is None).
+        ks: Cut-offs for the ``@k`` metrics.
+        batch_size: Pairs per reranker forward.
+
+    Returns:
+        ``{"tasks": {task: {metric: value, ..., "n": queries}}, "average": {metric: value,
+        ..., "n_tasks": n}}``; the average is the unweighted mean over tasks.
+
+    Raises:
+        ValueError: No rows, or a malformed row (named by its index).
+    """
+    names = metric_names(ks)
+    tasks: dict[str, list[tuple[Mapping[str, Any], list[int]]]] = {}
+    for index, row in enumerate(rows):
+        tasks.setdefault(str(row.get("task") or "default"), []).append((row, _positives(row, index)))
+    if not tasks:
+        raise ValueError("evaluate_reranker needs at least one row")
+    flat_rows = [(row, positives) for task_rows in tasks.values() for row, positives in task_rows]
+    pairs = [(row["query"], c) for row, _ in flat_rows for c in row["candidates"]]
+    instructions = [row.get("instruction") for row, _ in flat_rows for _ in row["candidates"]]
+    scores = reranker.score_pairs(pairs, instructions, batch_size=batch_size).double()  # [all pairs]
+    reports: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for task, task_rows in tasks.items():
+        per_row = []
+        for row, positives in task_rows:
+            m = len(row["candidates"])
+            per_row.append(ranking_metrics(scores[offset : offset + m][None], [positives], ks=ks))
+            offset += m
+        reports[task] = {name: float(np.mean([r[name] for r in per_row])) for name in names}
+        reports[task]["n"] = len(task_rows)
+    average: dict[str, Any] = {name: float(np.mean([r[name] for r in reports.values()])) for name in names}
+    average["n_tasks"] = len(reports)
+    return {"tasks": reports, "average": average}
+
+
+def _positives(row: Mapping[str, Any], index: int) -> list[int]:
+    """A checked row's positive candidate indices (:func:`_check_row`'s rules)."""
+    _check_row(row, index)
+    positive = row.get("positive", 0)
+    return [positive] if isinstance(positive, int) else list(positive)
 
 
 def _check_row(row: Any, index: int) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
-from vlm2emb.inputs import decode_media, token_counts
+from vlm2emb.inputs import DUMMY_ROWS, decode_media, token_counts
 from vlm2emb.items import Item
 from vlm2emb.model import (
     ADAPTER_DIR,
@@ -31,6 +31,7 @@ from vlm2emb.model import (
     _prefetched,
     _strip_lora,
     apply_saved_lora,
+    enable_checkpointing,
     model_folder,
     resolve_dtype,
     saved_config_and_family,
@@ -132,6 +133,107 @@ def _item_text(item: Item) -> str:
     return (strip_image_markers(text) or "") if count_image_markers(text) else text
 
 
+class PairInputs:
+    """(query, candidate) pairs -> backbone tensors, without the weights.
+
+    What a DataLoader worker holds to collate reranker batches (the processor and the
+    prompt settings, never the LM). :attr:`Reranker.inputs` is one.
+
+    Args:
+        adapter: The family adapter (processor, prompt format).
+        config: The reranker's config (template, instruction); read, not copied.
+        always_run_vision: Give a batch without images one blank-image pair, dropped after
+            the forward (:meth:`Reranker.forward`). Multi-process runs need it: every process
+            must run the same modules in the same order (DDP's gradient buckets, ZeRO's
+            collective weight gathers), as for the embedder's
+            :class:`~vlm2emb.inputs.InputBuilder`.
+        base_dir: Folder that relative media paths resolve against (None: the working directory).
+    """
+
+    def __init__(
+        self,
+        adapter: BackboneAdapter,
+        config: RerankerConfig,
+        *,
+        always_run_vision: bool = False,
+        base_dir: str | Path | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.always_run_vision = always_run_vision
+        self.base_dir = base_dir
+
+    def render(
+        self, query: Item, candidate: Item, instruction: str | None, decoded: dict[int, list[Any]]
+    ) -> tuple[str, list[Any]]:
+        """The prompt and images (prompt order) of one pair; media decoded into ``decoded``."""
+        # ``decoded`` caches media by item identity: a query scored against n candidates is
+        # decoded once, not n times. The caller keeps those items alive while it uses it.
+        images = []
+        for item in (query, candidate):
+            if id(item) not in decoded:
+                decoded[id(item)] = decode_media(item, self.base_dir)
+            images.append(decoded[id(item)])
+        before, between, after = _split_template(
+            self.config.template, instruction if instruction is not None else self.config.instruction
+        )
+        segments = [
+            (before, 0),
+            (_item_text(query), len(images[0])),
+            (between, 0),
+            (_item_text(candidate), len(images[1])),
+            (after, 0),
+        ]
+        return self.adapter.render_segments(segments), [*images[0], *images[1]]
+
+    def __call__(
+        self,
+        pairs: Sequence[tuple[Any, Any]],
+        instructions: str | Sequence[str | None] | None = None,
+        *,
+        _decoded: dict[int, list[Any]] | None = None,
+    ) -> dict[str, Any]:
+        """One padded backbone batch of ``pairs`` (see :meth:`Reranker.collate_pairs`)."""
+        if instructions is None or isinstance(instructions, str):
+            instructions = [instructions] * len(pairs)
+        if len(instructions) != len(pairs):
+            raise ValueError(f"got {len(instructions)} instructions for {len(pairs)} pairs")
+        decoded = {} if _decoded is None else _decoded
+        # Media are cached by the identity of parsed items, so every Item must stay alive for
+        # the whole call (a freed one's id can be reused by the next); one Item per distinct
+        # raw object, so a query repeated over its group is decoded once.
+        parsed: dict[int, Item] = {}
+
+        def parse(raw: Any) -> Item:
+            if isinstance(raw, Item):
+                return raw
+            if id(raw) not in parsed:
+                parsed[id(raw)] = Item.parse(raw)
+            return parsed[id(raw)]
+
+        items = [(parse(q), parse(c)) for q, c in pairs]  # `pairs` keeps the raw objects alive
+        prompts, images = [], []
+        for (q, c), instruction in zip(items, instructions):
+            prompt, imgs = self.render(q, c, instruction, decoded)
+            prompts.append(prompt)
+            images.append(imgs)
+        dummy = 0
+        if self.always_run_vision and not any(images):
+            # One blank-image pair runs the family's image path; its score is dropped in
+            # Reranker.forward, and the other rows do not depend on it (padding is masked).
+            from PIL import Image
+
+            blank = Item.parse(Image.new("RGB", (32, 32), (255, 255, 255)))
+            prompt, imgs = self.render(blank, Item.parse(""), None, decoded)
+            prompts.append(prompt)
+            images.append(imgs)
+            dummy = 1
+        out = self.adapter.build_inputs(prompts, images)
+        if dummy:
+            out[DUMMY_ROWS] = dummy
+        return out
+
+
 class Reranker(nn.Module):
     """A generative reranker: ``score = logit(yes) - logit(no)`` after a pair prompt.
 
@@ -156,7 +258,19 @@ class Reranker(nn.Module):
         self.adapter.configure_backbone(self.backbone)
         self.adapter.set_attention(self.backbone, config.attention)
         self.answer_ids = self._answer_ids()
-        self.base_dir: str | Path | None = None  # where relative media paths resolve
+        from vlm2emb.distributed import is_distributed
+
+        # Built inside a process group of several processes: the blank-image pair keeps them in step.
+        self.inputs = PairInputs(adapter, config, always_run_vision=is_distributed())
+
+    @property
+    def base_dir(self) -> str | Path | None:
+        """Where relative media paths resolve (None: the working directory)."""
+        return self.inputs.base_dir
+
+    @base_dir.setter
+    def base_dir(self, value: str | Path | None) -> None:
+        self.inputs.base_dir = value
 
     def _answer_ids(self) -> tuple[int, int]:
         """The first token ids of ``yes_token`` and ``no_token`` (they must differ)."""
@@ -317,24 +431,7 @@ class Reranker(nn.Module):
     def _render(
         self, query: Item, candidate: Item, instruction: str | None, decoded: dict[int, list[Any]]
     ) -> tuple[str, list[Any]]:
-        # ``decoded`` caches media by item identity: a query scored against n candidates is
-        # decoded once, not n times. The caller keeps those items alive while it uses it.
-        images = []
-        for item in (query, candidate):
-            if id(item) not in decoded:
-                decoded[id(item)] = decode_media(item, self.base_dir)
-            images.append(decoded[id(item)])
-        before, between, after = _split_template(
-            self.config.template, instruction if instruction is not None else self.config.instruction
-        )
-        segments = [
-            (before, 0),
-            (_item_text(query), len(images[0])),
-            (between, 0),
-            (_item_text(candidate), len(images[1])),
-            (after, 0),
-        ]
-        return self.adapter.render_segments(segments), [*images[0], *images[1]]
+        return self.inputs.render(query, candidate, instruction, decoded)
 
     def collate_pairs(
         self,
@@ -352,30 +449,7 @@ class Reranker(nn.Module):
         Returns:
             The backbone's input tensors (``input_ids`` [B, L], ``attention_mask`` [B, L], ...).
         """
-        if instructions is None or isinstance(instructions, str):
-            instructions = [instructions] * len(pairs)
-        if len(instructions) != len(pairs):
-            raise ValueError(f"got {len(instructions)} instructions for {len(pairs)} pairs")
-        decoded = {} if _decoded is None else _decoded
-        # Media are cached by the identity of parsed items, so every Item must stay alive for
-        # the whole call (a freed one's id can be reused by the next); one Item per distinct
-        # raw object, so a query repeated over its group is decoded once.
-        parsed: dict[int, Item] = {}
-
-        def parse(raw: Any) -> Item:
-            if isinstance(raw, Item):
-                return raw
-            if id(raw) not in parsed:
-                parsed[id(raw)] = Item.parse(raw)
-            return parsed[id(raw)]
-
-        items = [(parse(q), parse(c)) for q, c in pairs]  # `pairs` keeps the raw objects alive
-        prompts, images = [], []
-        for (q, c), instruction in zip(items, instructions):
-            prompt, imgs = self._render(q, c, instruction, decoded)
-            prompts.append(prompt)
-            images.append(imgs)
-        return self.adapter.build_inputs(prompts, images)
+        return self.inputs(pairs, instructions, _decoded=_decoded)
 
     # ------------------------------------------------------------------ scoring
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -388,7 +462,12 @@ class Reranker(nn.Module):
             [B] float32 ``logit(yes) - logit(no)``, with grad when grad is enabled.
         """
         device = self.device
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        dummy_rows = int(inputs.get(DUMMY_ROWS, 0))  # the blank-image pair of PairInputs
+        inputs = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()
+            if k != DUMMY_ROWS
+        }
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         hidden, mask = self.adapter.forward(self.backbone, inputs)  # [B, L, H], [B, L]
@@ -396,7 +475,10 @@ class Reranker(nn.Module):
         # not depend on padding side or batch mates.
         last = pool(hidden, mask, "last")  # [B, H]
         logits = self.adapter.answer_logits(self.base_lm, last, self.answer_ids)  # [B, 2]
-        return logits[:, 0] - logits[:, 1]
+        scores = logits[:, 0] - logits[:, 1]  # [B]
+        # A slice keeps the dropped row in the graph: the vision tower gets a (zero) gradient
+        # on every process, as DDP expects.
+        return scores[:-dummy_rows] if dummy_rows else scores
 
     @_grad_free
     def score_pairs(
@@ -515,6 +597,14 @@ class Reranker(nn.Module):
             use_dora=use_dora,
             seed=seed,
         )
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recomputes each transformer block's forward in the backward (non-reentrant), as
+        :meth:`EmbeddingModel.enable_gradient_checkpointing` does (same gradients, less memory)."""
+        if getattr(self, "_embedding_grad_hook", None) is not None:
+            self._embedding_grad_hook.remove()
+        # The base model inside the LM class (LoRA layers are injected in place).
+        self._embedding_grad_hook = enable_checkpointing(self.backbone)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_dir: str | os.PathLike[str], *, merge_lora: bool = False) -> Path:

@@ -7,10 +7,13 @@ batch of the same dataset whose content differs from this row's positive (in-bat
 negatives). The loss is
 :func:`~vlm2emb.rerank.loss.listwise_softmax_loss` of the reranker's scores.
 
-This is a standalone loop, not the embedder's trainer (:mod:`vlm2emb.train.loop`): one
-process, no resume, no evaluation during training (docs/rerank.md lists what is not yet
-done). It reads rows with the embedder's loader, so the same files, checks and bad-row
-policy (``data.on_bad_example``) apply.
+:func:`train_reranker` is the older standalone loop: one process, its own flat recipe and
+checkpoint layout (``vlm2emb rerank train`` and the benchmarks use it). The embedder's
+trainer (:mod:`vlm2emb.train.loop`) trains the same objective over the same groups with
+``model.kind: reranker`` (:mod:`vlm2emb.rerank.kind`, which shares :func:`reranker_groups`,
+:func:`group_pairs` and :func:`scatter_scores` with this module), on 1..N processes. Both
+read rows with the embedder's loader, so the same files, checks and bad-row policy
+(``data.on_bad_example``) apply.
 """
 
 from __future__ import annotations
@@ -211,10 +214,15 @@ def reranker_groups(
     return groups, mask
 
 
-def group_scores(
-    model: Any, rows: Sequence[TrainExample], groups: list[list[Any]], mask: torch.Tensor
-) -> torch.Tensor:
-    """The reranker's [Q, G] scores of the filled slots (empty slots 0, masked by the loss)."""
+def group_pairs(
+    rows: Sequence[TrainExample], groups: list[list[Any]], mask: torch.Tensor
+) -> tuple[list[tuple[Any, Any]], list[str | None], torch.Tensor]:
+    """The (query, candidate) pairs of the filled slots, in row-major slot order.
+
+    Returns:
+        The pairs, each pair's instruction (the row's own; None: the model's), and [n] the
+        flat index of each pair's slot in the [Q, G] group matrix.
+    """
     pairs, instructions, where = [], [], []
     for q, (row, group) in enumerate(zip(rows, groups)):
         for g, candidate in enumerate(group):
@@ -222,10 +230,23 @@ def group_scores(
                 pairs.append((row.query, candidate))
                 instructions.append(row.instruction)
                 where.append(q * mask.shape[1] + g)
-    flat = model(model.collate_pairs(pairs, instructions))  # [n filled]
+    return pairs, instructions, torch.tensor(where, dtype=torch.int64)
+
+
+def scatter_scores(flat: torch.Tensor, where: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n] pair scores into the [Q, G] group matrix (empty slots 0, masked by the loss)."""
     scores = flat.new_zeros(mask.numel())
-    scores = scores.index_put((torch.tensor(where, device=flat.device),), flat)
+    scores = scores.index_put((where.to(flat.device),), flat)
     return scores.view(mask.shape)  # [Q, G]
+
+
+def group_scores(
+    model: Any, rows: Sequence[TrainExample], groups: list[list[Any]], mask: torch.Tensor
+) -> torch.Tensor:
+    """The reranker's [Q, G] scores of the filled slots (empty slots 0, masked by the loss)."""
+    pairs, instructions, where = group_pairs(rows, groups, mask)
+    flat = model(model.collate_pairs(pairs, instructions))  # [n filled]
+    return scatter_scores(flat, where, mask)
 
 
 @dataclass

@@ -36,6 +36,8 @@ class LoraConfig:
 class ModelConfig:
     """Which backbone to load and how it embeds."""
 
+    # What is trained: embedder | reranker (vlm2emb.train.kinds registry; docs/rerank.md).
+    kind: str = "embedder"
     name_or_path: str = "tiny:qwen2_vl"
     pooling: str | None = None  # None = the family's default (mean if bidirectional, else last)
     normalize: bool = True
@@ -202,6 +204,22 @@ class TrainConfig:
 
 
 @dataclass
+class RerankConfig:
+    """The reranker's settings (``model.kind: reranker``; docs/rerank.md).
+
+    The prompt settings are saved with the model; None keeps the loaded model's own (a raw
+    VLM: the defaults of :class:`vlm2emb.rerank.RerankerConfig`).
+    """
+
+    group_size: int = 4  # candidates per query: the positive and group_size - 1 negatives
+    temperature: float = 1.0  # listwise softmax temperature (scores are logits already)
+    template: str | None = None
+    instruction: str | None = None  # instruction of rows without their own
+    yes_token: str | None = None
+    no_token: str | None = None
+
+
+@dataclass
 class RecipeConfig:
     """A whole training recipe."""
 
@@ -210,6 +228,16 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+
+    def _validate_kind(self) -> None:
+        from vlm2emb.train.kinds import get_model_kind
+
+        try:
+            kind = get_model_kind(self.model.kind)
+        except ValueError as exc:
+            raise ConfigError(f"model.kind: {exc}") from None
+        kind.check_recipe(self)
 
     def _validate_data(self) -> None:
         _validate_data_config(self.data)
@@ -367,7 +395,8 @@ class RecipeConfig:
             raise ConfigError(
                 "data.train: no training data given (a path, a list of paths or demo:digits/train)"
             )
-        self._validate_loss_args()  # last: the objective's factory reads the values checked above
+        self._validate_loss_args()  # the objective's factory reads the values checked above
+        self._validate_kind()
 
 
 def _validate_data_config(data: DataConfig) -> None:

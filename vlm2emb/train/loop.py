@@ -363,22 +363,6 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def _evaluate(model: Any, examples: list[Any], cfg: RecipeConfig) -> dict[str, Any]:
-    from vlm2emb.eval import evaluate
-
-    # Same prompts as training: rows without their own instruction get the recipe's default.
-    rows = [ex.as_row(default_instruction=cfg.data.query_instruction) for ex in examples]
-    # A model with only a multi-vector head (dense_head: false) is scored by MaxSim.
-    scoring = "cosine" if model.config.dense_head else "maxsim"
-    return evaluate(
-        model,
-        rows,
-        batch_size=cfg.train.eval_batch_size,
-        target_instruction=cfg.data.target_instruction,
-        scoring=scoring,
-    )
-
-
 class _Trainer:
     """Holds the state of one run; ``run()`` does the work."""
 
@@ -397,6 +381,10 @@ class _Trainer:
         self.tracking = False  # train.report_to trackers started
         self.finished = False  # resumed at train.max_steps with final/ in place: nothing to do
         self.last_grad_norm: torch.Tensor | None = None
+        from vlm2emb.train.kinds import get_model_kind
+
+        # What is trained (model.kind): the loop calls it where embedder and reranker differ.
+        self.kind = get_model_kind(cfg.model.kind)
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> None:
@@ -452,9 +440,9 @@ class _Trainer:
         """Runs every row through the batch preprocessing once, before the first step.
 
         The load-time check reads headers only; a JPEG cut inside its data, an image
-        whose aspect ratio the processor refuses, or anything else ``model.collate``
+        whose aspect ratio the processor refuses, or anything else the kind's preprocessing
         raises on would otherwise stop the run in the middle (both policies). The rows
-        go through the same decode and ``model.collate`` a batch does, split over the
+        go through the same decode and preprocessing a batch does, split over the
         processes; with ``skip`` the failing ones are left out and counted.
         """
         from accelerate.utils import gather_object
@@ -473,8 +461,9 @@ class _Trainer:
             gather=gather_object,
         )
         before = self.report.skipped
-        self.train_examples = preflight_filter(self.train_examples, model.collate, **common)
-        self.eval_examples = preflight_filter(self.eval_examples, model.collate, **common)
+        prepare = self.kind.preflight_prepare(model)
+        self.train_examples = preflight_filter(self.train_examples, prepare, **common)
+        self.eval_examples = preflight_filter(self.eval_examples, prepare, **common)
         if self.is_main and cfg.data.on_bad_example == "skip" and self.report.skipped > before:
             self.report.write(self.out / "data_report.json")
             print(
@@ -533,8 +522,6 @@ class _Trainer:
             return self._load_model_whole()
 
     def _load_model_whole(self) -> Any:
-        from vlm2emb.model import EmbeddingModel
-
         cfg = self.cfg
         name = cfg.model.name_or_path
         if name.startswith("tiny:") and (self.accelerator.num_processes > 1 or self.deepspeed):
@@ -547,77 +534,7 @@ class _Trainer:
                 with self._whole_model_init():
                     tiny_backbone(cfg.model.name_or_path.removeprefix("tiny:"), name, seed=cfg.seed)
             self.accelerator.wait_for_everyone()
-        model = EmbeddingModel.from_pretrained(
-            name,
-            pooling=cfg.model.pooling,
-            normalize=cfg.model.normalize,
-            attention=cfg.model.attention,
-            padding_side=cfg.model.padding_side,
-            prompt_style=cfg.model.prompt_style,
-            pack_sequences=cfg.model.pack_sequences,
-            torch_dtype=cfg.model.dtype,
-            attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code,
-            seed=cfg.seed,
-            # What the recipe records with the model, set once at load time.
-            config_overrides={
-                "base_model": cfg.model.name_or_path,
-                "query_instruction": cfg.data.query_instruction,
-                "target_instruction": cfg.data.target_instruction,
-                "temperature": cfg.train.temperature,
-                "matryoshka_dims": list(cfg.train.matryoshka_dims) or None,
-                "instructions": self._instruction_record(),
-                # Only when the recipe asks: a saved model's own head setting stays otherwise.
-                **(
-                    {
-                        "multivector_dim": cfg.model.multivector_dim,
-                        "dense_head": cfg.model.dense_head,
-                        "multivector_tokens": cfg.model.multivector_tokens,
-                    }
-                    if cfg.model.multivector_dim is not None
-                    else {}
-                ),
-            },
-        )
-        if cfg.model.freeze_vision:
-            tower = model.adapter.vision_tower(model.backbone)
-            if tower is None:
-                raise ValueError(f"model.freeze_vision: backbone {model.config.family!r} has no vision tower")
-            tower.requires_grad_(False)
-        if cfg.model.lora is not None:
-            lora = cfg.model.lora
-            model.apply_lora(
-                r=lora.r,
-                alpha=lora.alpha,
-                dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                use_dora=lora.use_dora,
-                # The adapter's init then depends on the seed alone, not on what drew
-                # random numbers before it (how and where the backbone was loaded).
-                seed=cfg.seed,
-            )
-        if cfg.model.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        if cfg.train.learnable_temperature:
-            model.enable_learnable_temperature(cfg.train.temperature, cfg.train.max_logit_scale)
-        return model.to(self.accelerator.device)
-
-    def _instruction_record(self) -> dict[str, dict[str, Any]] | None:
-        """Per task, the instructions the training rows are embedded with (None when streaming:
-        the rows are not read ahead). Rows preflight later drops are still counted."""
-        from vlm2emb.items import instruction_record, resolve_instruction
-
-        if self.cfg.data.streaming:
-            return None
-        data = self.cfg.data
-        return instruction_record(
-            (
-                ex.dataset,
-                resolve_instruction(ex.instruction, data.query_instruction),
-                resolve_instruction(ex.target_instruction, data.target_instruction),
-            )
-            for ex in self.train_examples
-        )
+        return self.kind.load_model(self, name)
 
     # ------------------------------------------------------------------ output_dir
     def _resume_dir(self) -> Path:
@@ -755,7 +672,7 @@ class _Trainer:
         return state
 
     def _save(self, target: Path, step: int, *, with_state: bool) -> None:
-        """Writes an EmbeddingModel directory (+ training state) atomically under ``target``.
+        """Writes the model's directory (the kind's layout, + training state) atomically under ``target``.
 
         Every process writes into ``.tmp-NAME`` (each its RNG state; DeepSpeed one optimizer
         shard per process), then the main process writes the manifest and renames it: a run
@@ -778,7 +695,7 @@ class _Trainer:
         state = self._full_state()
         acc.wait_for_everyone()  # every process's state files are on disk before the manifest
         if self.is_main:
-            acc.unwrap_model(self.prepared).save_pretrained(tmp, state_dict=state)
+            self.kind.save_model(acc.unwrap_model(self.prepared), tmp, state)
             from vlm2emb.train.state import library_versions
 
             trainer_state = {
@@ -1033,16 +950,10 @@ class _Trainer:
     def _setup_data(self) -> None:
         """Rows checked and loaded; the batch order planned, before the model loads, so that
         a bad row or an impossible batch plan stops the run in seconds."""
-        from vlm2emb.losses import build_loss
-
         self._load_data()
         # The objective is built here (it holds no weights) so that it can refuse rows it
         # cannot learn from before the model loads.
-        self.loss_fn = build_loss(self.cfg.train, normalize=self.cfg.model.normalize)
-        try:
-            self.loss_fn.check_examples(self.train_examples)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        self.kind.prepare_rows(self)
         if self.cfg.train.remine_steps:
             self._check_remine()
         self.sampler = self._batch_sampler()  # length keys from characters until the tokenizer is here
@@ -1208,7 +1119,7 @@ class _Trainer:
         dataset has no rows to probe before training: the search stays on.
         """
         from vlm2emb.distributed import all_true, reachable_parameters
-        from vlm2emb.gradcache import ContrastiveStep, RngState
+        from vlm2emb.gradcache import RngState
 
         cfg, acc = self.cfg, self.accelerator
         if cfg.train.ddp_find_unused_parameters is not None:
@@ -1216,9 +1127,9 @@ class _Trainer:
         rows = self.train_examples[: acc.num_processes * 2]
         if len(rows) < acc.num_processes * 2:
             return True
-        probe = ContrastiveStep(model, self.loss_fn, gradcache=False, device=acc.device)
+        probe = self.kind.training_step(self, model, probe=True)
         with RngState(acc.device).replay(), acc.autocast():
-            loss = probe.forward_loss(self._collator(model)(rows))
+            loss = probe.forward_loss(self.kind.collator(self, model)(rows))
         used = reachable_parameters(loss, self.params)
         probe.discard()
         del loss
@@ -1231,22 +1142,6 @@ class _Trainer:
             print(f"DDP searches for unused parameters each step: a step leaves out {shown}", flush=True)
         return not everything_used
 
-    def _collator(self, model: Any) -> Any:
-        """The recipe's collator: rows -> this process's ContrastiveBatch."""
-        from vlm2emb.data.collate import ContrastiveCollator
-
-        cfg, acc = self.cfg, self.accelerator
-        return ContrastiveCollator(
-            model.inputs,
-            query_instruction=cfg.data.query_instruction,
-            target_instruction=cfg.data.target_instruction,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            chunk_size=cfg.train.gradcache_chunk_size,
-            length_buckets=cfg.train.length_buckets,
-            media=self.media,
-        )
-
     def _evaluate_now(self, name: str, title: str) -> dict[str, Any]:
         """Evaluates on data.eval; the main process writes ``name`` and prints the report.
 
@@ -1255,40 +1150,33 @@ class _Trainer:
         """
         from vlm2emb.eval import format_report
 
-        report = _evaluate(self.accelerator.unwrap_model(self.prepared), self.eval_examples, self.cfg)
+        report = self.kind.evaluate(self, self.accelerator.unwrap_model(self.prepared), self.eval_examples)
         if self.is_main:
             (self.out / name).write_text(json.dumps(report, indent=2) + "\n")
             print(f"{title}:\n" + format_report(report), flush=True)
         return report
 
     def _setup_step(self, model: Any) -> tuple[Any, Any]:
-        """The objective (``train.loss`` from the registry), the collator, the loader and the
-        training step."""
-        from vlm2emb.gradcache import ContrastiveStep
-
+        """The kind's collator, the loader and the kind's training step."""
         cfg, acc = self.cfg, self.accelerator
-        loss_fn = self.loss_fn
-        if loss_fn.takes_multivector and model.multivector_head is None:
-            raise ValueError(
-                f"train.loss {cfg.train.loss!r} needs a multi-vector head: set model.multivector_dim (e.g. 128)"
-            )
-        self.collator = self._collator(model)
+        self.collator = self.kind.collator(self, model)
         if cfg.data.streaming:
             from vlm2emb.data.streaming import streaming_for
 
             loader = self._loader(
-                streaming_for(cfg, self.start_step, self.media, self.report, self.out, model.collate), None
+                streaming_for(
+                    cfg,
+                    self.start_step,
+                    self.media,
+                    self.report,
+                    self.out,
+                    self.kind.preflight_prepare(model),
+                ),
+                None,
             )
         else:
             loader = self._loader(self.train_examples, self.sampler)
-        step_fn = ContrastiveStep(
-            self.prepared,
-            loss_fn,
-            gradcache=cfg.train.gradcache_chunk_size > 0,
-            device=acc.device,
-            single_backward=self.deepspeed,
-            reuse_frozen_vision=cfg.train.gradcache_reuse_vision,
-        )
+        step_fn = self.kind.training_step(self, self.prepared)
         if self.is_main:
             chunks = cfg.train.gradcache_chunk_size
             print(
@@ -1459,7 +1347,7 @@ class _Trainer:
                     "on_step_end", step, loss=float(loss.detach()) if stepped else None, record=step_record
                 )
             if best is not None and step % cfg.train.eval_steps == 0 and step < cfg.train.max_steps:
-                report = _evaluate(acc.unwrap_model(self.prepared), self.eval_examples, cfg)
+                report = self.kind.evaluate(self, acc.unwrap_model(self.prepared), self.eval_examples)
                 self._track_best(best, step, report, metrics_file)
             if refresh_due(step, cfg.train.remine_steps, cfg.train.max_steps):
                 # Before the checkpoint of this step: resuming from it then trains on the
