@@ -1277,28 +1277,9 @@ class EmbeddingModel(nn.Module):
                 )
         elif self.logit_scale is not None:
             self.config.temperature = float(self.learned_temperature())
-        if self.has_lora and not merge_lora:
-            base = self.backbone.get_base_model()
-            if backbone_state is None:
-                base_state = base.state_dict()
-            else:  # PeftModel keys carry a "base_model.model." prefix over the base model's
-                prefix = "base_model.model."
-                base_state = {k[len(prefix) :]: v for k, v in backbone_state.items() if k.startswith(prefix)}
-            base.save_pretrained(out, state_dict=_strip_lora(base_state))
-            for peft_cfg in self.backbone.peft_config.values():
-                # The adapter's base is the directory it is saved next to (a tiny model's
-                # build folder, for one, is gone after loading).
-                peft_cfg.base_model_name_or_path = self.config.base_model
-            self.backbone.save_pretrained(str(out / ADAPTER_DIR), state_dict=backbone_state)
-        elif self.has_lora:
-            if backbone_state is not None:
-                raise ValueError("merge_lora with a gathered state dict is not supported; save unmerged")
-            import copy
-
-            merged = copy.deepcopy(self.backbone).merge_and_unload()
-            merged.save_pretrained(out)
-        else:
-            self.backbone.save_pretrained(out, state_dict=backbone_state)
+        save_lm_weights(
+            self.backbone, out, self.config.base_model, merge_lora=merge_lora, state=backbone_state
+        )
         self.adapter.processor.save_pretrained(out)
         if self.multivector_head is not None:
             self._save_multivector_head(out, state_dict)
@@ -1404,6 +1385,84 @@ def _base_checkpoint(base: str, seed: int) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="vlm2emb-tiny-") as tmp:
         tiny_backbone(base[len(TINY_PREFIX) :], tmp, seed=seed)
         yield tmp
+
+
+def save_lm_weights(
+    lm: nn.Module,
+    out: Path,
+    base_model: str,
+    *,
+    merge_lora: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Writes a transformers model's weights to ``out``, a peft-wrapped one as base + ``adapter/``.
+
+    Shared by the embedder's and the reranker's ``save_pretrained``: the folder stays a plain
+    transformers checkpoint of the base model, with the adapter (unmerged) beside it.
+
+    Args:
+        lm: The transformers model, or a peft ``PeftModel`` around it.
+        out: The existing output folder.
+        base_model: Recorded as the adapter's ``base_model_name_or_path``.
+        merge_lora: Write merged weights instead of base + adapter.
+        state: ``lm``'s full state dict (its own key names) when the live parameters are
+            DeepSpeed ZeRO-3 partitions (the trainer gathers them first).
+
+    Raises:
+        ValueError: ``merge_lora`` with a gathered ``state``.
+    """
+    if state is not None:
+        with _plain_key_names(lm):
+            _save_lm_weights(lm, out, base_model, merge_lora, state)
+    else:
+        _save_lm_weights(lm, out, base_model, merge_lora, state)
+
+
+@contextlib.contextmanager
+def _plain_key_names(lm: nn.Module) -> Iterator[None]:
+    """Saves under the class's own checkpoint key names, whatever the loading recorded.
+
+    A model loaded inside ``deepspeed.zero.Init`` (ZeRO-3 partitioned loading) records
+    transformers' legacy key renamings as well, and ``save_pretrained`` reverses every
+    recorded renaming: Qwen2-VL's language-model weights were then written as
+    ``model.model.layers...``. Without a record, transformers uses the class's default
+    mapping, as for a model built in memory.
+    """
+    base = lm.get_base_model() if hasattr(lm, "peft_config") else lm
+    missing = object()
+    saved = base.__dict__.pop("_weight_conversions", missing)
+    try:
+        yield
+    finally:
+        if saved is not missing:
+            base._weight_conversions = saved
+
+
+def _save_lm_weights(
+    lm: nn.Module, out: Path, base_model: str, merge_lora: bool, state: dict[str, torch.Tensor] | None
+) -> None:
+    if not hasattr(lm, "peft_config"):
+        lm.save_pretrained(out, state_dict=state)
+        return
+    if merge_lora:
+        if state is not None:
+            raise ValueError("merge_lora with a gathered state dict is not supported; save unmerged")
+        import copy
+
+        copy.deepcopy(lm).merge_and_unload().save_pretrained(out)
+        return
+    base = lm.get_base_model()
+    if state is None:
+        base_state = base.state_dict()
+    else:  # PeftModel keys carry a "base_model.model." prefix over the base model's
+        prefix = "base_model.model."
+        base_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    base.save_pretrained(out, state_dict=_strip_lora(base_state))
+    for peft_cfg in lm.peft_config.values():
+        # The adapter's base is the folder it is saved next to (a tiny model's build folder,
+        # for one, is gone after loading).
+        peft_cfg.base_model_name_or_path = base_model
+    lm.save_pretrained(str(out / ADAPTER_DIR), state_dict=state)
 
 
 def _strip_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

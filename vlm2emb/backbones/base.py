@@ -206,11 +206,18 @@ class BackboneAdapter:
         """
         head = lm.get_output_embeddings()
         ids = torch.tensor(list(token_ids), device=head.weight.device)
-        weight = head.weight.index_select(0, ids).float()  # [K, H]
-        logits = hidden.float() @ weight.T  # [B, K]
-        bias = getattr(head, "bias", None)
-        if bias is not None:
-            logits = logits + bias.index_select(0, ids).float()
+        if hasattr(head.weight, "ds_id"):
+            # A DeepSpeed ZeRO-3 partition: only the head's own forward gathers the whole
+            # weight (and returns its gradient to the partitions), so the whole vocabulary is
+            # scored and the K columns kept. Same logits; the row slice below would read
+            # an empty partition.
+            logits = head(hidden.to(head.weight.dtype)).float().index_select(1, ids)  # [B, K]
+        else:
+            weight = head.weight.index_select(0, ids).float()  # [K, H]
+            logits = hidden.float() @ weight.T  # [B, K]
+            bias = getattr(head, "bias", None)
+            if bias is not None:
+                logits = logits + bias.index_select(0, ids).float()
         cfg = lm.config
         cap = getattr(getattr(cfg, "text_config", cfg), "final_logit_softcapping", None)
         if cap:

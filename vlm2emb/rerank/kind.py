@@ -170,19 +170,30 @@ class RerankStep(TrainingStep):
     graph, the loss backpropagated to the [n] scores only, then each chunk scored again with
     a graph (its first pass's random state replayed, so dropout masks match) and
     backpropagated with its scores' cached gradient. The gradient is the plain step's; only
-    one chunk's activations are alive at a time.
+    one chunk's activations are alive at a time. Under DeepSpeed (``single_backward``) the
+    second pass is one backward: every chunk is scored again under activation checkpointing
+    (its random state replayed in the forward and in the recompute) and the scores' cached
+    gradients are applied to all of them at once, since ZeRO expects one backward per step.
 
     Args:
         model: The reranker (DDP-wrapped, or bare).
         temperature: ``rerank.temperature``.
         gradcache: Cache the scores' gradients (``train.gradcache_chunk_size`` > 0).
         device: Where the random state to replay lives (CPU, plus the CUDA device if any).
+        single_backward: With ``gradcache``, backpropagate all chunks in one backward.
     """
 
     def __init__(
-        self, model: torch.nn.Module, temperature: float, *, gradcache: bool = False, device: Any = None
+        self,
+        model: torch.nn.Module,
+        temperature: float,
+        *,
+        gradcache: bool = False,
+        device: Any = None,
+        single_backward: bool = False,
     ) -> None:
         self.model = model
+        self.single_backward = single_backward
         self.temperature = temperature
         self.gradcache = gradcache
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -220,6 +231,23 @@ class RerankStep(TrainingStep):
         self._pending = None
         loss.backward()  # d loss / d scores only: no weight is in this graph
         grads = flat.grad.split(_scored_pairs(chunks))  # per chunk [n_c]
+        if self.single_backward:
+            import torch.utils.checkpoint
+
+            # The engine's module (its hooks gather ZeRO-3 partitions for the recompute too).
+            module = getattr(self.model, "module", self.model)
+
+            def scored(chunk: dict[str, Any], state: Any) -> torch.Tensor:
+                with state.replay():
+                    return module(chunk)  # [n_c]
+
+            surrogate = sum(
+                (torch.utils.checkpoint.checkpoint(scored, c, s, use_reentrant=False, preserve_rng_state=False)
+                 * g.to(self.device)).sum()
+                for c, s, g in zip(chunks, states, grads)
+            )  # fmt: skip
+            backward(surrogate, True)
+            return
         for i, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
             last = i == len(chunks) - 1
             # DDP reduces once, with the last chunk's backward; no_sync must cover the forward too.
@@ -267,18 +295,7 @@ class RerankerKind(ModelKind):
             raise ConfigError(f"rerank.{exc}") from None
 
     def prepare_rows(self, trainer: Any) -> None:
-        # Any row can be learnt from (a row without negatives gets in-batch ones). ZeRO-3's
-        # partitioned weights would need a gathered save of the LM (not written yet).
-        if trainer.deepspeed and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ConfigError(
-                "model.kind: reranker trains under DDP and DeepSpeed ZeRO-1/2; ZeRO-3 is not supported yet"
-            )
-        if trainer.deepspeed and trainer.cfg.train.gradcache_chunk_size:
-            # ZeRO's bookkeeping wants one backward per step; the per-chunk form has several.
-            raise ConfigError(
-                "train.gradcache_chunk_size: model.kind: reranker has GradCache under DDP and on one "
-                "process, not under DeepSpeed yet"
-            )
+        # Any row can be learnt from (a row without negatives gets in-batch ones).
         trainer.loss_fn = None  # the step holds the objective (RerankStep)
 
     def load_model(self, trainer: Any, name_or_path: str) -> torch.nn.Module:
@@ -343,7 +360,12 @@ class RerankerKind(ModelKind):
         # A probe (which weights a step reaches) needs the plain step's graph to the weights.
         gradcache = trainer.cfg.train.gradcache_chunk_size > 0 and not probe
         return RerankStep(
-            model, trainer.cfg.rerank.temperature, gradcache=gradcache, device=trainer.accelerator.device
+            model,
+            trainer.cfg.rerank.temperature,
+            gradcache=gradcache,
+            device=trainer.accelerator.device,
+            # ZeRO's bookkeeping wants one backward per step; the per-chunk form has several.
+            single_backward=trainer.deepspeed,
         )
 
     def evaluate(self, trainer: Any, model: Any, examples: list[Any]) -> dict[str, Any]:
@@ -354,9 +376,12 @@ class RerankerKind(ModelKind):
         return evaluate_reranker(model, rows, batch_size=trainer.cfg.train.eval_batch_size)
 
     def save_model(self, model: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-        # The module holds its whole weights (ZeRO-3 is refused), so it saves itself; a LoRA
-        # run keeps its adapter unmerged in adapter/, as train_reranker does.
-        model.save_pretrained(directory)
+        # The gathered weights only where the live ones are ZeRO-3 partitions: elsewhere the
+        # module saves itself, and transformers sees its tied head (a gathered copy no longer
+        # shares storage, so the tied head would be written twice). A LoRA run keeps its
+        # adapter unmerged in adapter/, as train_reranker does.
+        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        model.save_pretrained(directory, state_dict=state_dict if partitioned else None)
 
 
 KIND = RerankerKind()

@@ -29,11 +29,11 @@ from vlm2emb.model import (
     _default_prefetch,
     _grad_free,
     _prefetched,
-    _strip_lora,
     apply_saved_lora,
     enable_checkpointing,
     model_folder,
     resolve_dtype,
+    save_lm_weights,
     saved_config_and_family,
     wrap_lora,
 )
@@ -607,7 +607,13 @@ class Reranker(nn.Module):
         self._embedding_grad_hook = enable_checkpointing(self.backbone)
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_dir: str | os.PathLike[str], *, merge_lora: bool = False) -> Path:
+    def save_pretrained(
+        self,
+        save_dir: str | os.PathLike[str],
+        *,
+        merge_lora: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Writes the LM (safetensors, with its head), the processor and ``vlm2emb_reranker.json``.
 
         The folder is also a plain transformers checkpoint of the family's
@@ -617,24 +623,19 @@ class Reranker(nn.Module):
         Args:
             save_dir: Output directory (created if missing).
             merge_lora: Write merged weights instead of base + adapter.
+            state_dict: This module's full state dict (``lm.``-prefixed keys), when the live
+                parameters are not (DeepSpeed ZeRO-3 partitions them; the trainer gathers
+                them first).
 
         Returns:
             The output directory.
         """
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self.has_lora and not merge_lora:
-            base = self.lm.get_base_model()
-            base.save_pretrained(out, state_dict=_strip_lora(base.state_dict()))
-            for peft_cfg in self.lm.peft_config.values():
-                peft_cfg.base_model_name_or_path = self.config.base_model
-            self.lm.save_pretrained(str(out / ADAPTER_DIR))
-        elif self.has_lora:
-            import copy
-
-            copy.deepcopy(self.lm).merge_and_unload().save_pretrained(out)
-        else:
-            self.lm.save_pretrained(out)
+        lm_state = None
+        if state_dict is not None:
+            lm_state = {k[len("lm.") :]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        save_lm_weights(self.lm, out, self.config.base_model, merge_lora=merge_lora, state=lm_state)
         self.adapter.processor.save_pretrained(out)
         (out / RERANKER_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         from vlm2emb._files import honour_umask
