@@ -69,6 +69,14 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.rows]
 
 
+def is_zero3_partition(param: torch.Tensor | None) -> bool:
+    """Whether ``param`` is a DeepSpeed ZeRO-3 partition (only hooks gather its whole value).
+
+    ZeRO-3 partitions every parameter of a model, so testing one parameter answers for all.
+    """
+    return hasattr(param, "ds_id")
+
+
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """Concatenates ``local`` from all processes in rank order, differentiably.
 

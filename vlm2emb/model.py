@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
+from vlm2emb.distributed import is_zero3_partition
 from vlm2emb.inputs import CONTENT_MASK, DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
 from vlm2emb.items import resolve_instruction, task_instruction
 from vlm2emb.multivector import MultiVectorEmbeddings, MultiVectorHead
@@ -237,8 +238,7 @@ def _grad_free(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        # ZeRO-3 partitions every parameter: the first one tells.
-        zero3 = hasattr(next(self.parameters(), None), "ds_id")
+        zero3 = is_zero3_partition(next(self.parameters(), None))
         with torch.no_grad() if zero3 else torch.inference_mode():
             return fn(self, *args, **kwargs)
 
@@ -1411,11 +1411,29 @@ def save_lm_weights(
     Raises:
         ValueError: ``merge_lora`` with a gathered ``state``.
     """
-    if state is not None:
-        with _plain_key_names(lm):
-            _save_lm_weights(lm, out, base_model, merge_lora, state)
-    else:
-        _save_lm_weights(lm, out, base_model, merge_lora, state)
+    with _plain_key_names(lm) if state is not None else contextlib.nullcontext():
+        if not hasattr(lm, "peft_config"):
+            lm.save_pretrained(out, state_dict=state)
+            return
+        if merge_lora:
+            if state is not None:
+                raise ValueError("merge_lora with a gathered state dict is not supported; save unmerged")
+            import copy
+
+            copy.deepcopy(lm).merge_and_unload().save_pretrained(out)
+            return
+        base = lm.get_base_model()
+        if state is None:
+            base_state = base.state_dict()
+        else:  # PeftModel keys carry a "base_model.model." prefix over the base model's
+            prefix = "base_model.model."
+            base_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        base.save_pretrained(out, state_dict=_strip_lora(base_state))
+        for peft_cfg in lm.peft_config.values():
+            # The adapter's base is the folder it is saved next to (a tiny model's build
+            # folder, for one, is gone after loading).
+            peft_cfg.base_model_name_or_path = base_model
+        lm.save_pretrained(str(out / ADAPTER_DIR), state_dict=state)
 
 
 @contextlib.contextmanager
@@ -1436,33 +1454,6 @@ def _plain_key_names(lm: nn.Module) -> Iterator[None]:
     finally:
         if saved is not missing:
             base._weight_conversions = saved
-
-
-def _save_lm_weights(
-    lm: nn.Module, out: Path, base_model: str, merge_lora: bool, state: dict[str, torch.Tensor] | None
-) -> None:
-    if not hasattr(lm, "peft_config"):
-        lm.save_pretrained(out, state_dict=state)
-        return
-    if merge_lora:
-        if state is not None:
-            raise ValueError("merge_lora with a gathered state dict is not supported; save unmerged")
-        import copy
-
-        copy.deepcopy(lm).merge_and_unload().save_pretrained(out)
-        return
-    base = lm.get_base_model()
-    if state is None:
-        base_state = base.state_dict()
-    else:  # PeftModel keys carry a "base_model.model." prefix over the base model's
-        prefix = "base_model.model."
-        base_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    base.save_pretrained(out, state_dict=_strip_lora(base_state))
-    for peft_cfg in lm.peft_config.values():
-        # The adapter's base is the folder it is saved next to (a tiny model's build folder,
-        # for one, is gone after loading).
-        peft_cfg.base_model_name_or_path = base_model
-    lm.save_pretrained(str(out / ADAPTER_DIR), state_dict=state)
 
 
 def _strip_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.registry import packing_families
+from vlm2emb.distributed import is_zero3_partition
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -206,7 +207,7 @@ class BackboneAdapter:
         """
         head = lm.get_output_embeddings()
         ids = torch.tensor(list(token_ids), device=head.weight.device)
-        if hasattr(head.weight, "ds_id"):
+        if is_zero3_partition(head.weight):
             # A DeepSpeed ZeRO-3 partition: only the head's own forward gathers the whole
             # weight (and returns its gradient to the partitions), so the whole vocabulary is
             # scored and the K columns kept. Same logits; the row slice below would read

@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from vlm2emb._typed_config import ConfigError
+from vlm2emb.distributed import is_zero3_partition
 from vlm2emb.train.kinds.base import ModelKind, TrainingStep, refuse_non_default
 
 # Recipe keys of the embedder that mean nothing to a reranker: set away from their
@@ -232,8 +234,6 @@ class RerankStep(TrainingStep):
         loss.backward()  # d loss / d scores only: no weight is in this graph
         grads = flat.grad.split(_scored_pairs(chunks))  # per chunk [n_c]
         if self.single_backward:
-            import torch.utils.checkpoint
-
             # The engine's module (its hooks gather ZeRO-3 partitions for the recompute too).
             module = getattr(self.model, "module", self.model)
 
@@ -380,7 +380,7 @@ class RerankerKind(ModelKind):
         # module saves itself, and transformers sees its tied head (a gathered copy no longer
         # shares storage, so the tied head would be written twice). A LoRA run keeps its
         # adapter unmerged in adapter/, as train_reranker does.
-        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        partitioned = is_zero3_partition(next(model.parameters(), None))
         model.save_pretrained(directory, state_dict=state_dict if partitioned else None)
 
 
