@@ -63,18 +63,19 @@ def confusers(a: int, b: int, k: int) -> list[tuple[int, int]]:
 
 def write_data(root: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    from vlm2emb.data.demo import load_digit_scans
+
+    scans, labels = load_digit_scans()
     rng = np.random.default_rng(seed)
-    by_label = {d: rng.permutation(np.flatnonzero(digits.target == d)).tolist() for d in range(10)}
+    by_label = {d: rng.permutation(np.flatnonzero(labels == d)).tolist() for d in range(10)}
     # Disjoint digit images for train and eval composites: eval images are never seen.
     held = {d: idx[: len(idx) // 5] for d, idx in by_label.items()}
     seen = {d: idx[len(idx) // 5 :] for d, idx in by_label.items()}
     (root / "images").mkdir(parents=True, exist_ok=True)
 
     def tile(i: int) -> Image.Image:
-        gray = (255 - digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        gray = (255 - scans[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").resize((28, 28), Image.Resampling.BILINEAR)
 
     def composite(name: str, pool: dict[int, list[int]]) -> tuple[str, int, int]:

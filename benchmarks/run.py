@@ -262,15 +262,16 @@ def digit_images(n: int, size: int, seed: int = 0) -> list[tuple[Any, int]]:
     """``n`` (PIL image, label) pairs of scikit-learn's 8x8 digit scans upscaled to ``size``."""
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    from vlm2emb.data.demo import load_digit_scans
+
+    scans, labels = load_digit_scans()
     rng = np.random.default_rng(seed)
     out = []
-    for i in rng.choice(len(digits.images), size=n, replace=True):
-        arr = (digits.images[i] * (255.0 / 16.0)).astype("uint8")
+    for i in rng.choice(len(scans), size=n, replace=True):
+        arr = (scans[i] * (255.0 / 16.0)).astype("uint8")
         img = Image.fromarray(arr).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        out.append((img, int(digits.target[i])))
+        out.append((img, int(labels[i])))
     return out
 
 

@@ -39,11 +39,11 @@ def tiny_qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def digit_images() -> list[Image.Image]:
     """Real images: scikit-learn's handwritten digits rendered at 32x32 RGB."""
-    from sklearn.datasets import load_digits
+    from vlm2emb.data.demo import load_digit_scans
 
-    digits = load_digits()
+    scans, _ = load_digit_scans()
     out = []
-    for pixels in digits.images[:12]:
+    for pixels in scans[:12]:
         gray = (255 - pixels * (255.0 / 16.0)).astype(np.uint8)
         out.append(Image.fromarray(gray, mode="L").resize((32, 32)).convert("RGB"))
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlm2emb.data.demo import WORDS, caption, resolve_demo, write_digits
+from vlm2emb.data.demo import WORDS, caption, load_digit_scans, resolve_demo, write_digits
 from vlm2emb.data.schema import DataError, load_eval_examples, load_train_examples
 
 
@@ -21,6 +21,33 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+def test_digit_scans_are_scikit_learns_load_digits():
+    """Read from scikit-learn's bundled file without importing it: the very arrays
+    ``load_digits`` returns (values and dtypes)."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digit_scans()
+    digits = load_digits()
+    assert images.dtype == digits.images.dtype and images.shape == (1797, 8, 8)
+    assert (images == digits.images).all()
+    assert labels.tolist() == digits.target.tolist()
+
+
+def test_writing_the_demo_data_does_not_import_scikit_learn(tmp_path):
+    """Every training process on demo: data writes it; scikit-learn's import alone took
+    about 3 s there."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vlm2emb.data.demo import write_digits; "
+        f"write_digits({str(tmp_path)!r}); print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert (tmp_path / "eval.jsonl").is_file()
 
 
 def label_of(text: str) -> int:

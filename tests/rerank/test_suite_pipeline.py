@@ -102,10 +102,11 @@ def reranker() -> Reranker:
 @pytest.fixture(scope="module")
 def digit_images() -> list[Image.Image]:  # module scope (the conftest one is per test)
     import numpy as np
-    from sklearn.datasets import load_digits
+
+    from vlm2emb.data.demo import load_digit_scans
 
     out = []
-    for pixels in load_digits().images[:6]:
+    for pixels in load_digit_scans()[0][:6]:
         gray = (255 - pixels * (255.0 / 16.0)).astype(np.uint8)
         out.append(Image.fromarray(gray, mode="L").resize((32, 32)).convert("RGB"))
     return out

@@ -38,15 +38,16 @@ MINE = {"num_negatives": 2, "top_k": 4, "max_score_ratio": None, "dedup_threshol
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two sources: 40 digit images captioned by their digit, 15 fruit text pairs."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    from vlm2emb.data.demo import load_digit_scans
 
     root = tmp_path_factory.mktemp("remine-data")
-    digits = load_digits()
+    scans, labels = load_digit_scans()
     rows = []
     for i in range(40):
-        gray = (255 - digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+        gray = (255 - scans[i] * (255.0 / 16.0)).astype(np.uint8)
         Image.fromarray(gray, mode="L").resize((32, 32)).convert("RGB").save(root / f"d{i}.png")
-        caption = f"a handwritten {NAMES[int(digits.target[i])]}"
+        caption = f"a handwritten {NAMES[int(labels[i])]}"
         rows.append({"query": {"image": f"d{i}.png"}, "positive": {"text": caption}, "dataset": "digits"})
     (root / "digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rows = [
