@@ -309,14 +309,16 @@ def single_run(tmp_path_factory, mixed_data) -> Path:
     ("config", "extra"),
     [
         ("ddp", ()),
-        ("zero2", ()),
         ("zero3", ()),
         ("ddp", ("train.gradcache_chunk_size=5",)),
         ("zero2", ("train.gradcache_chunk_size=5",)),
         ("zero3", ("train.gradcache_chunk_size=5",)),
     ],
-    ids=["ddp", "zero2", "zero3", "ddp-gradcache", "zero2-gradcache", "zero3-gradcache"],
+    # ZeRO-2 runs with GradCache only: its optimizer sharding is the embedder's (tested
+    # there without GradCache); what is the reranker's own is DeepSpeed's single backward.
+    ids=["ddp", "zero3", "ddp-gradcache", "zero2-gradcache", "zero3-gradcache"],
 )
+@pytest.mark.xdist_group("rerank-distributed")  # one worker builds single_run (--dist loadgroup)
 def test_two_processes_equal_one(single_run, mixed_data, tmp_path, config, extra):
     """Same losses, accuracies and weights on 2 processes (gloo, CPU) as on one, with the
     global batch split in two. The text-only batches run the blank-image pair on both

@@ -89,7 +89,7 @@ KILLED = ("full", "gradcache-lora-dropout")  # the rest: test_every_mode_resumes
 def test_killed_run_resumes_bit_exact(tmp_path: Path, mode: str) -> None:
     # 16 steps: after the kill at step 2 the run has 14 steps and 7 saves left, far more than
     # the few milliseconds the kill takes to land.
-    steps = ["train.max_steps=16", "train.save_steps=2", *MODES[mode]]
+    steps = ["train.max_steps=16", "train.save_steps=2", "train.save_total_limit=2", *MODES[mode]]
     ref = tmp_path / "ref"
     _run(_cmd(ref, *steps))
 
@@ -115,7 +115,12 @@ def test_killed_run_resumes_bit_exact(tmp_path: Path, mode: str) -> None:
     resumed = _run([*_cmd(killed, *steps), "train.resume_from=auto"])
     assert "Resumed from" in resumed.stdout
     _assert_same_run(ref, killed)
-    assert (killed / "checkpoints" / "step-2" / "manifest.json").is_file()
+    # save_total_limit=2 held across the kill; step-16 is the last step's checkpoint, and
+    # nothing half-written is left.
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == ["step-14", "step-16"]
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    assert (killed / "checkpoints" / "step-16" / "manifest.json").is_file()
     # Trainer state is safetensors and JSON only: nothing a resume would have to unpickle.
     pickled = [p for p in (killed / "checkpoints").rglob("*") if p.suffix in (".pkl", ".bin", ".pt", ".pth")]
     assert not pickled

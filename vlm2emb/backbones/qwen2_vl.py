@@ -18,6 +18,7 @@ from torch import nn
 
 from vlm2emb.backbones.base import CU_SEQLENS, BackboneAdapter, _modality_map, set_output_field
 from vlm2emb.backbones.lora_targets import named_projections
+from vlm2emb.backbones.pixels import qwen_vl_pixels
 from vlm2emb.backbones.varlen import use_for_packed_language_model, use_for_vision
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,7 +71,8 @@ class Qwen2VLAdapter(BackboneAdapter):
         flat = [img for per_item in images for img in per_item]
         if not flat:
             return super().build_inputs(prompts, images)
-        pixels = self.processor.image_processor(images=flat, return_tensors="pt")
+        # The processor's own pixels, without its per-image channel-first copy (pixels.py).
+        pixels = qwen_vl_pixels(self.processor.image_processor, flat)
         merge = int(self.processor.image_processor.merge_size)
         counts = (pixels["image_grid_thw"].prod(-1) // merge**2).numpy()  # [N] tokens per image
         image_id = int(self.processor.image_token_id)
