@@ -6,7 +6,7 @@ torch's antialiased uint8 resize reads channels-last data fastest. Here each ima
 [H, W, C] array is resized through its [C, H, W] *view*, by the processor's own ``resize``
 (its ``smart_resize`` target, its resampling filter), and only the resized image, usually
 much smaller than the original, is made contiguous. The processor's ``_preprocess`` then
-rescales, normalises, groups by shape and patches as it always does. The pixels equal
+rescales, normalises and patches, here on images stacked by resized shape. The pixels equal
 ``image_processor(images, return_tensors="pt")``'s exactly (tested per Qwen family and at
 the real checkpoints' settings).
 
@@ -72,6 +72,11 @@ def qwen_vl_pixels(image_processor: Any, images: Sequence[Any]) -> dict[str, Any
             kwargs["do_resize"] = False
         else:
             views = [v.contiguous() for v in views]
+        if kwargs.get("disable_grouping") is None:
+            # transformers normalises and patches CPU images one at a time (its default on
+            # the CPU); stacked by resized shape, each of those ops runs once per shape
+            # instead of once per image, on the same values (elementwise ops and copies).
+            kwargs["disable_grouping"] = False
         return dict(image_processor._preprocess(views, **kwargs))
     except (AttributeError, TypeError, KeyError):  # another transformers version's private API
         return dict(image_processor(images=list(images), return_tensors="pt"))
