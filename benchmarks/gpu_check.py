@@ -472,7 +472,7 @@ def section_encode(sizes: Sizes, results: Results, deadline: float, work: Path) 
     export_model(src, path, format="sentence-transformers", overwrite=True)
     results.put("encode", {"model_dir_s": round(time.perf_counter() - t0, 1)})
     out = results.data["encode"] | harness.bench_encode(suite, path)
-    for kind in ("text", "mixed"):
+    for kind in ("text", "mixed", "images"):
         for name, v in out[kind].items():
             if isinstance(v, dict) and "items_per_s" in v:
                 print(f"[encode] {kind} {name}: {v['items_per_s']} items/s", flush=True)
@@ -597,7 +597,7 @@ def summary(data: dict[str, Any]) -> str:
     if "error" in gc and "steps" not in gc:
         lines.append(f"| gradcache | | | | | | | | {gc['error']} |")
     enc = data.get("encode", {})
-    for kind in ("text", "mixed"):
+    for kind in ("text", "mixed", "images"):
         for name, v in enc.get(kind, {}).items():
             if isinstance(v, dict) and "items_per_s" in v:
                 ratio = v.get("speedup_vs_sentence-transformers")

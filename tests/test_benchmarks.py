@@ -161,11 +161,12 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path):
         s["median_s"] > 0 for s in steps.values()
     )
     assert data["gradcache"]["overhead_vs_plain"] > 0
-    for kind in ("text", "mixed"):
+    for kind in ("text", "mixed", "images"):
         assert data["encode"][f"{kind}_max_abs_diff_vs_st"] < 1e-4
         assert data["encode"][kind]["vlm2emb"]["items_per_s"] > 0
     table = (out / "summary.md").read_text()
     assert "| mfu lora | large/ckpt/compiled |" in table and "| encode mixed | vlm2emb |" in table
+    assert "| encode images | vlm2emb |" in table
 
 
 def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
