@@ -77,6 +77,11 @@ def is_zero3_partition(param: torch.Tensor | None) -> bool:
     return hasattr(param, "ds_id")
 
 
+def is_zero3_module(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s parameters are DeepSpeed ZeRO-3 partitions (its first one tells)."""
+    return is_zero3_partition(next(module.parameters(), None))
+
+
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """Concatenates ``local`` from all processes in rank order, differentiably.
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vlm2emb.backbones.base import ATTENTION_MODES, BackboneAdapter
-from vlm2emb.distributed import is_zero3_partition
+from vlm2emb.distributed import is_zero3_module
 from vlm2emb.inputs import CONTENT_MASK, DUMMY_ROWS, InputBuilder, RenderedItem, length_sorted_batches
 from vlm2emb.items import resolve_instruction, task_instruction
 from vlm2emb.multivector import MultiVectorEmbeddings, MultiVectorHead
@@ -238,7 +238,7 @@ def _grad_free(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        zero3 = is_zero3_partition(next(self.parameters(), None))
+        zero3 = is_zero3_module(self)
         with torch.no_grad() if zero3 else torch.inference_mode():
             return fn(self, *args, **kwargs)
 
@@ -1235,7 +1235,7 @@ class EmbeddingModel(nn.Module):
         assert self.multivector_head is not None
         prefix = "multivector_head.proj."
         if state_dict is not None:
-            weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            weights = sub_state(state_dict, prefix)
         else:
             weights = self.multivector_head.proj.state_dict()
         save_file(
@@ -1268,9 +1268,7 @@ class EmbeddingModel(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         backbone_state = None
         if state_dict is not None:
-            backbone_state = {
-                k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")
-            }
+            backbone_state = sub_state(state_dict, "backbone.")
             if "logit_scale" in state_dict:
                 self.config.temperature = float(
                     _temperature_of(state_dict["logit_scale"], self.max_logit_scale)
@@ -1427,7 +1425,7 @@ def save_lm_weights(
             base_state = base.state_dict()
         else:  # PeftModel keys carry a "base_model.model." prefix over the base model's
             prefix = "base_model.model."
-            base_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            base_state = sub_state(state, prefix)
         base.save_pretrained(out, state_dict=_strip_lora(base_state))
         for peft_cfg in lm.peft_config.values():
             # The adapter's base is the folder it is saved next to (a tiny model's build
@@ -1454,6 +1452,11 @@ def _plain_key_names(lm: nn.Module) -> Iterator[None]:
     finally:
         if saved is not missing:
             base._weight_conversions = saved
+
+
+def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, keyed without it (a submodule's state dict)."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _strip_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,10 +34,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], timeout: int = 600) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+def _run(cmd: list[str]) -> str:
+    return _run_both(cmd)[0]
+
+
+def _run_both(cmd: list[str]) -> tuple[str, str]:
+    """stdout and stderr of a run that must succeed (its output tails shown if not)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stdout, proc.stderr
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
@@ -77,12 +82,6 @@ REDUCER_WARNING = "find_unused_parameters=True was specified in DDP constructor"
 DENSE = pytest.mark.xdist_group("distributed-dense")
 LORA_GROUP = pytest.mark.xdist_group("distributed-lora")
 MAXSIM_GROUP = pytest.mark.xdist_group("distributed-maxsim")
-
-
-def _run_both(cmd: list[str]) -> tuple[str, str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -53,22 +53,26 @@ def qwen_vl_pixels(image_processor: Any, images: Sequence[Any]) -> dict[str, Any
     """
     from transformers.image_processing_backends import TorchvisionBackend
 
-    views = [_channels_last_view(img) for img in images]
-    qwen_like = hasattr(image_processor, "merge_size") and hasattr(image_processor, "patch_size")
-    if not (isinstance(image_processor, TorchvisionBackend) and qwen_like) or any(v is None for v in views):
+    def public_call() -> dict[str, Any]:
         return dict(image_processor(images=list(images), return_tensors="pt"))
+
+    qwen_like = hasattr(image_processor, "merge_size") and hasattr(image_processor, "patch_size")
+    if not (isinstance(image_processor, TorchvisionBackend) and qwen_like):
+        return public_call()
+    views = [_channels_last_view(img) for img in images]
+    if any(v is None for v in views):
+        return public_call()
     try:
         kwargs = image_processor._merge_and_standardize_kwargs(return_tensors="pt")
         image_processor._validate_preprocess_kwargs(**kwargs)
         if kwargs["do_resize"]:
-            factor = kwargs["patch_size"] * kwargs["merge_size"]
-            resize = image_processor.resize
-            views = [
-                resize(images=v[None], size=kwargs["size"], resample=kwargs["resample"], factor=factor)[
-                    0
-                ].contiguous()
-                for v in views
-            ]  # [3, h, w] each, contiguous as the processor's own resized images are
+            resize_kw = {
+                "size": kwargs["size"],
+                "resample": kwargs["resample"],
+                "factor": kwargs["patch_size"] * kwargs["merge_size"],
+            }
+            # [3, h, w] each, contiguous as the processor's own resized images are.
+            views = [image_processor.resize(images=v[None], **resize_kw)[0].contiguous() for v in views]
             kwargs["do_resize"] = False
         else:
             views = [v.contiguous() for v in views]
@@ -79,4 +83,4 @@ def qwen_vl_pixels(image_processor: Any, images: Sequence[Any]) -> dict[str, Any
             kwargs["disable_grouping"] = False
         return dict(image_processor._preprocess(views, **kwargs))
     except (AttributeError, TypeError, KeyError):  # another transformers version's private API
-        return dict(image_processor(images=list(images), return_tensors="pt"))
+        return public_call()

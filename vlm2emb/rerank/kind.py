@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint
 
 from vlm2emb._typed_config import ConfigError
-from vlm2emb.distributed import is_zero3_partition
+from vlm2emb.distributed import is_zero3_module
 from vlm2emb.train.kinds.base import ModelKind, TrainingStep, refuse_non_default
 
 # Recipe keys of the embedder that mean nothing to a reranker: set away from their
@@ -380,8 +380,7 @@ class RerankerKind(ModelKind):
         # module saves itself, and transformers sees its tied head (a gathered copy no longer
         # shares storage, so the tied head would be written twice). A LoRA run keeps its
         # adapter unmerged in adapter/, as train_reranker does.
-        partitioned = is_zero3_partition(next(model.parameters(), None))
-        model.save_pretrained(directory, state_dict=state_dict if partitioned else None)
+        model.save_pretrained(directory, state_dict=state_dict if is_zero3_module(model) else None)
 
 
 KIND = RerankerKind()

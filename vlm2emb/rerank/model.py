@@ -35,6 +35,7 @@ from vlm2emb.model import (
     resolve_dtype,
     save_lm_weights,
     saved_config_and_family,
+    sub_state,
     wrap_lora,
 )
 from vlm2emb.pooling import pool
@@ -632,9 +633,7 @@ class Reranker(nn.Module):
         """
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
-        lm_state = None
-        if state_dict is not None:
-            lm_state = {k[len("lm.") :]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        lm_state = None if state_dict is None else sub_state(state_dict, "lm.")
         save_lm_weights(self.lm, out, self.config.base_model, merge_lora=merge_lora, state=lm_state)
         self.adapter.processor.save_pretrained(out)
         (out / RERANKER_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
